@@ -1,0 +1,72 @@
+"""The ``relay`` command: ``run``, ``check``, ``schema``, ``sandbox``, ``send``.
+
+Only this module configures logging. Errors a user can fix (bad config, unreachable broker) end the program
+with one line on stderr and a non-zero exit, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from relay.config import load_config, redacted
+from relay.errors import ConfigError, RelayError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="Kafka <-> Feishu Open Platform relay")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run everything the config enables")
+    run.add_argument("--config", required=True, help="path to relay.toml")
+    run.add_argument("--with-sandbox", action="store_true",
+                     help="when no app has real credentials, start the local Feishu sandbox and use it")
+
+    check = sub.add_parser("check", help="validate a config file; one line naming the bad key on failure")
+    check.add_argument("--config", required=True)
+    check.add_argument("--print", action="store_true", help="print the effective config (secrets masked)")
+
+    sub.add_parser("schema", help="print the JSON Schema of intents and results")
+
+    sandbox = sub.add_parser("sandbox", help="run the local Feishu stand-in")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument("--time-scale", type=float, default=1.0)
+
+    send = sub.add_parser("send", help="produce one intent (JSON) to the intents topic and wait for its result")
+    send.add_argument("--config", required=True)
+    send.add_argument("intent", help="the intent as JSON, or - to read it from stdin")
+    send.add_argument("--timeout", type=float, default=30.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        if args.command == "check":
+            config = load_config(args.config)
+            if args.print:
+                print(json.dumps(redacted(config), indent=2))
+            print(f"{args.config}: ok ({len(config.apps)} app(s))")
+            return 0
+        from relay import app
+
+        return app.main(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except RelayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""The relay's TOML config, decoded strictly with msgspec.
+
+The keys of SPEC.md (``[kafka]``, ``[feishu]``, ``[[apps]]``, ``[http]``) are the public contract; the other
+sections (``[outbound]``, ``[inbound]``, ``[previews]``) are ours and documented in ``deploy/relay.example.toml``.
+
+Every key can be overridden from the environment: ``RELAY_<SECTION>__<KEY>`` (``RELAY_HTTP__PORT=8081``) and
+``RELAY_APPS__<NAME>__<KEY>`` for an app (``RELAY_APPS__DEFAULT__APP_SECRET=...``; an app named only in the
+environment is created). Values are converted to the key's type (``"8081"`` -> 8081); lists take JSON
+(``'["a","b"]'``) or commas (``a,b``); tables take JSON.
+
+Any problem raises :class:`~relay.errors.ConfigError` whose message is one line naming the key. Secrets are
+:class:`Secret` values: they print as ``'***'`` in every repr, f-string and log line, and ``reveal()`` is the
+only way to the text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import Meta
+
+from relay.errors import ConfigError
+
+ENV_PREFIX: Final = "RELAY_"
+
+
+class Secret:
+    """A secret string that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "'***'" if self._value else "''"
+
+    __str__ = __repr__
+
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Fraction = Annotated[float, Meta(gt=0, le=1)]
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{key}: must be an http(s) URL like https://open.feishu.cn, got {url!r}")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class KafkaConfig(_Section, frozen=True):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "feishu-relay"
+    intents_topics: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["feishu.intents"])
+    results_topic: str = "feishu.results"
+    dead_letter_topic: str = "feishu.dead-letter"
+    events_topic: str = "feishu.events"
+    callbacks_topic: str = "feishu.callbacks"
+    # compacted topic remembering when each URL-preview token was last updated (survives restarts)
+    preview_memory_topic: str = "feishu.relay.preview-memory"
+    client_id: str = "feishu-relay"
+    # headers copied from an intent record onto its result record, besides ``traceparent``
+    forward_headers: list[str] = msgspec.field(default_factory=list)
+    # create the relay's topics at start-up when missing (development; off where topics are managed)
+    create_topics: bool = True
+    topic_partitions: PositiveInt = 6
+    # passed to aiokafka
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise ValueError("security_protocol: must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL")
+        for server in self.bootstrap_servers.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"bootstrap_servers: entry {server.strip()!r} is not host:port")
+
+
+class FeishuConfig(_Section, frozen=True):
+    base_url: str = "https://open.feishu.cn"
+    connect_timeout: PositiveFloat = 3.0
+    request_timeout: PositiveFloat = 10.0
+    max_connections: PositiveInt = 100
+    # refresh a tenant_access_token this many seconds before it expires
+    token_refresh_margin: PositiveFloat = 600.0
+    # the share of each app's quota this replica may use (several replicas in one group: 1/N each)
+    quota_share: Fraction = 1.0
+    # buckets are sized so that burst + rate * (window + limit_jitter) <= limit for every window: the
+    # jitter covers timer overshoot, event-loop lag and network variance compressing calls at Feishu
+    limit_jitter: Annotated[float, Meta(ge=0, le=1)] = 0.15
+    # sustained rate as a share of the longest window's limit (16.25/s of 1000/min at 0.975)
+    limit_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.975
+    # divides every Feishu duration (limit windows, preview 5 s rule); only for sandbox tests, 1 for Feishu
+    time_scale: PositiveFloat = 1.0
+
+    def __post_init__(self) -> None:
+        _check_url("base_url", self.base_url)
+
+
+class AppConfig(_Section, frozen=True):
+    name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    app_id: str
+    app_secret: Secret
+    verification_token: Secret | None = None
+    encrypt_key: Secret | None = None
+    base_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.base_url is not None:
+            _check_url("base_url", self.base_url)
+
+
+class HttpConfig(_Section, frozen=True):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class OutboundConfig(_Section, frozen=True):
+    enabled: bool = True
+    # records read but not finished; past it the consumer pauses fetching
+    max_in_flight: PositiveInt = 2000
+    # a retried call gives up after this many attempts or this much time since the first, whichever first
+    max_attempts: PositiveInt = 8
+    max_retry_seconds: PositiveFloat = 300.0
+    backoff_base: PositiveFloat = 0.5
+    backoff_cap: PositiveFloat = 30.0
+    # how long a revoked partition (or SIGTERM) may drain in-flight work before offsets are committed
+    drain_timeout: PositiveFloat = 20.0
+    commit_interval: PositiveFloat = 0.5
+    session_timeout_ms: PositiveInt = 10000
+    # Kafka waits this long for a rebalance (must cover drain_timeout)
+    rebalance_timeout_ms: PositiveInt = 30000
+
+
+class InboundConfig(_Section, frozen=True):
+    enabled: bool = True
+    max_body_bytes: PositiveInt = 1 << 20
+    # accept timestamps this far back (Feishu redelivers at 15 s, 5 min, 1 h, 6 h) and ahead
+    timestamp_tolerance: PositiveFloat = 7 * 3600.0
+    future_tolerance: PositiveFloat = 300.0
+    # answer 503 if Kafka has not acknowledged the event within this many seconds (Feishu waits 3 s)
+    publish_timeout: PositiveFloat = 2.0
+    dedup_ttl: PositiveFloat = 7 * 3600.0
+    dedup_max_entries: PositiveInt = 1_000_000
+    # event_type -> topic; events not listed go to kafka.events_topic
+    routes: dict[str, str] = msgspec.field(default_factory=dict)
+    # event types answered synchronously and published to kafka.callbacks_topic
+    callback_types: list[str] = msgspec.field(
+        default_factory=lambda: ["card.action.trigger", "url.preview.get"])
+
+
+class PreviewsConfig(_Section, frozen=True):
+    # Feishu: one update per preview token per 5 s (seed page); kept slightly above with the margin
+    token_interval: PositiveFloat = 5.0
+    # URL preview API limit: 5 calls/s (seed page)
+    api_per_second: PositiveFloat = 5.0
+
+
+class Config(_Section, frozen=True):
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    feishu: FeishuConfig = msgspec.field(default_factory=FeishuConfig)
+    apps: list[AppConfig] = msgspec.field(default_factory=list)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+    inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
+    previews: PreviewsConfig = msgspec.field(default_factory=PreviewsConfig)
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for app in self.apps:
+            if app.name in seen:
+                raise ValueError(f"apps: duplicate app name {app.name!r}")
+            seen.add(app.name)
+
+    def app(self, name: str) -> AppConfig | None:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        return None
+
+    def base_url_for(self, app: AppConfig) -> str:
+        return (app.base_url or self.feishu.base_url).rstrip("/")
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Secret:
+        if isinstance(obj, Secret):
+            return obj
+        if isinstance(obj, str):
+            return Secret(obj)
+        raise ValueError(f"Expected `str`, got `{type(obj).__name__}`")
+    raise NotImplementedError(type_)
+
+
+_SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
+    "kafka": KafkaConfig, "feishu": FeishuConfig, "http": HttpConfig, "outbound": OutboundConfig,
+    "inbound": InboundConfig, "previews": PreviewsConfig,
+}
+
+
+def _env_value(raw: str, annotation: Any) -> Any:
+    """An env string as the key's type; scalars are left to msgspec's lax conversion."""
+    text = str(annotation)
+    if raw.startswith(("[", "{")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    if "list[" in text:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(cls)}
+
+
+def _env_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``data`` with every ``RELAY_*`` variable applied; unknown names raise ConfigError."""
+    data = dict(data)
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        parts = var[len(ENV_PREFIX):].split("__")
+        section = parts[0].lower()
+        if section == "apps":
+            if len(parts) != 3 or not parts[1] or not parts[2]:
+                raise ConfigError(var, "expected RELAY_APPS__<NAME>__<KEY>")
+            _apply_app_env(data, var, parts[1], parts[2].lower(), env[var])
+            continue
+        if section not in _SECTIONS or len(parts) != 2:
+            raise ConfigError(var, "expected RELAY_<SECTION>__<KEY> with a known section")
+        key = parts[1].lower()
+        types = _field_types(_SECTIONS[section])
+        if key not in types:
+            raise ConfigError(f"{section}.{key}", f"unknown key (from {var})")
+        table = data.get(section)
+        table = dict(table) if isinstance(table, dict) else {}
+        table[key] = _env_value(env[var], types[key])
+        data[section] = table
+    return data
+
+
+def _apply_app_env(data: dict[str, Any], var: str, env_name: str, key: str, value: str) -> None:
+    types = _field_types(AppConfig)
+    if key not in types or key == "name":
+        raise ConfigError(f"apps.{env_name.lower()}.{key}", f"unknown key (from {var})")
+    apps = data.get("apps")
+    apps = [dict(a) if isinstance(a, dict) else a for a in apps] if isinstance(apps, list) else []
+    for app in apps:
+        if isinstance(app, dict) and _env_key(str(app.get("name", ""))) == env_name.upper():
+            app[key] = _env_value(value, types[key])
+            break
+    else:
+        apps.append({"name": env_name.lower(), key: _env_value(value, types[key])})
+    data["apps"] = apps
+
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _key_of(path: str, data: Mapping[str, Any]) -> str:
+    """``$.apps[0].app_id`` -> ``apps[default].app_id`` (the app's name when it has one)."""
+    path = path.lstrip(".")
+
+    def name(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        apps = data.get("apps")
+        if isinstance(apps, list) and index < len(apps) and isinstance(apps[index], dict):
+            app_name = apps[index].get("name")
+            if isinstance(app_name, str):
+                return f"apps[{app_name}]"
+        return f"apps[{index}]"
+
+    return re.sub(r"^apps\[(\d+)\]", name, path)
+
+
+def _explain(err: msgspec.ValidationError, data: Mapping[str, Any]) -> ConfigError:
+    message = str(err)
+    match = _PATH.search(message)
+    key = _key_of(match.group("path"), data) if match else ""
+    why = message[: match.start()] if match else message
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", why)
+    if unknown:
+        return ConfigError(f"{key}.{unknown.group(1)}".lstrip("."), "unknown key")
+    missing = re.match(r"Object missing required field `([^`]+)`", why)
+    if missing:
+        return ConfigError(f"{key}.{missing.group(1)}".lstrip("."), "missing required key")
+    field = re.match(r"([a-z_]+): (.*)", why)
+    if field:  # a __post_init__ check names its own field
+        return ConfigError(f"{key}.{field.group(1)}".lstrip("."), field.group(2))
+    why = why.replace("`", "")
+    return ConfigError(key or "config", why[:1].lower() + why[1:])
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Decode an already-parsed TOML table (plus env overrides) into a :class:`Config`."""
+    merged = apply_env(dict(data), os.environ if env is None else env)
+    try:
+        return msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as err:
+        raise _explain(err, merged) from None
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate a config file; raises ConfigError with one line naming the key."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError("", f"cannot read config {os.fspath(path)!r}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"config {os.fspath(path)!r} is not UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("", f"{os.fspath(path)} is not valid TOML: {err}") from None
+    return parse_config(data, env)
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The config as plain data with every secret shown as ``***`` (for ``relay check --print``)."""
+
+    def enc(obj: Any) -> Any:
+        if isinstance(obj, Secret):
+            return "***" if obj else ""
+        raise NotImplementedError(type(obj))
+
+    result: dict[str, Any] = msgspec.to_builtins(config, enc_hook=enc)
+    return result
