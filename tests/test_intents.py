@@ -1,0 +1,399 @@
+"""Decoding intents: every SPEC example decodes, every rule fails once with a reason naming the field."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from relay.errors import IntentError
+from relay.intents import (
+    ApiCall,
+    ChatButtonUpdate,
+    MessageBatchSend,
+    MessageReply,
+    MessageSend,
+    Result,
+    UrlPreviewUpdate,
+    decode_intent,
+    encode_result,
+    ordering_key,
+    schema,
+)
+
+SPEC = Path("/work/shared/SPEC.md")
+
+# The SPEC examples, one per kind (copied so the test suite does not depend on a file outside the repo).
+EXAMPLES: list[dict[str, Any]] = [
+    {"kind": "message.send", "id": "n-1", "receive_id_type": "chat_id", "receive_id": "oc_1", "msg_type": "text",
+     "content": {"text": "hi"}},
+    {"kind": "message.reply", "id": "n-2", "message_id": "om_1", "chat_id": "oc_1", "msg_type": "text",
+     "content": {"text": "ok"}, "reply_in_thread": False},
+    {"kind": "message.edit", "id": "n-3", "message_id": "om_1", "msg_type": "text", "content": {"text": "edited"}},
+    {"kind": "message.recall", "id": "n-4", "message_id": "om_1"},
+    {"kind": "message.forward", "id": "n-5", "message_id": "om_1", "receive_id_type": "open_id", "receive_id": "ou_1"},
+    {"kind": "card.patch", "id": "n-6", "message_id": "om_2",
+     "content": {"config": {"update_multi": True}, "elements": []}},
+    {"kind": "message.urgent", "id": "n-7", "message_id": "om_1", "channel": "app", "user_id_type": "open_id",
+     "user_id_list": ["ou_1"]},
+    {"kind": "reaction.add", "id": "n-8", "message_id": "om_1", "emoji_type": "THUMBSUP"},
+    {"kind": "reaction.remove", "id": "n-9", "message_id": "om_1", "reaction_id": "r_1"},
+    {"kind": "pin.add", "id": "n-10", "message_id": "om_1"},
+    {"kind": "card.delay_update", "id": "n-11", "token": "c-xxx", "card": {"open_ids": ["ou_1"], "elements": []}},
+    {"kind": "ephemeral.send", "id": "n-12", "chat_id": "oc_1", "open_id": "ou_1", "card": {"elements": []}},
+    {"kind": "url_preview.update", "id": "n-13", "preview_tokens": ["952te0c8-9ccf"], "open_ids": ["ou_1"]},
+    {"kind": "chat_button.update", "id": "n-14", "chat_id": "oc_1", "user_id_type": "open_id", "user_ids": ["ou_1"],
+     "buttons": {"buttons": [{"action_type": "url_page", "text": {"text": "Open"},
+                              "multi_url": {"url": "https://example.com/"}, "button_type": "primary"}]}},
+    {"kind": "message.batch_send", "id": "n-15", "msg_type": "text", "content": {"text": "notice"},
+     "open_ids": ["ou_1", "ou_2"]},
+    {"kind": "api.call", "id": "n-16", "method": "GET", "path": "/open-apis/im/v1/messages/:message_id/read_users",
+     "path_params": {"message_id": "om_1"}, "query": {"user_id_type": "open_id"},
+     "rate": {"per_second": 50, "per_minute": 1000}},
+    # kinds the SPEC lists without an example line
+    {"kind": "pin.remove", "id": "n-17", "message_id": "om_1"},
+    {"kind": "ephemeral.delete", "id": "n-18", "message_id": "om_e"},
+]
+
+
+def enc(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+def with_(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of ``base`` with fields replaced (``...`` deletes the field)."""
+    out = {**base, **changes}
+    return {k: v for k, v in out.items() if v is not ...}
+
+
+def by_kind(kind: str) -> dict[str, Any]:
+    return next(e for e in EXAMPLES if e["kind"] == kind)
+
+
+def rejected(raw: bytes | None) -> IntentError:
+    with pytest.raises(IntentError) as info:
+        decode_intent(raw)
+    return info.value
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e["kind"])
+def test_every_example_decodes_and_keeps_its_fields(example: dict[str, Any]) -> None:
+    intent = decode_intent(enc(example))
+    as_json = msgspec.to_builtins(intent)
+    assert {k: as_json[k] for k in example} == example
+    assert intent.app == "default"
+
+
+def test_spec_examples_are_the_ones_tested() -> None:
+    if not SPEC.exists():
+        pytest.skip("SPEC.md not available")
+    lines = [line for line in SPEC.read_text().splitlines() if line.startswith('{"kind"')]
+    assert lines, "no example lines found in SPEC.md"
+    for line in lines:
+        assert json.loads(line) in EXAMPLES
+        decode_intent(line.encode())
+
+
+def test_common_fields() -> None:
+    raw = with_(by_kind("pin.add"), app="lark", order_key="k", expires_at="2030-01-02T03:04:05+08:00")
+    intent = decode_intent(enc(raw))
+    assert intent.app == "lark"
+    assert intent.order_key == "k"
+    assert intent.expires_at == datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=8)))
+    assert decode_intent(enc(by_kind("pin.add"))).expires_at is None
+
+
+def test_intents_are_frozen() -> None:
+    intent = decode_intent(enc(by_kind("pin.add")))
+    with pytest.raises(AttributeError):
+        intent.message_id = "om_2"  # type: ignore[misc]
+
+
+def test_content_may_be_the_json_string_feishu_expects() -> None:
+    intent = decode_intent(enc(with_(by_kind("message.send"), content='{"text":"hi"}')))
+    assert isinstance(intent, MessageSend)
+    assert intent.content == '{"text":"hi"}'
+
+
+def test_url_preview_open_ids_absent_and_empty_both_decode() -> None:
+    base = by_kind("url_preview.update")
+    absent = decode_intent(enc(with_(base, open_ids=...)))
+    empty = decode_intent(enc(with_(base, open_ids=[])))
+    assert isinstance(absent, UrlPreviewUpdate) and absent.open_ids is None
+    assert isinstance(empty, UrlPreviewUpdate) and empty.open_ids == []
+
+
+def test_chat_button_defaults_follow_the_seed() -> None:
+    raw = {"kind": "chat_button.update", "id": "b", "chat_id": "oc_1",
+           "buttons": {"buttons": [{"action_type": "webhook", "text": {"text": "x" * 30}, "action_map": {"a": "b"}}]}}
+    intent = decode_intent(enc(raw))
+    assert isinstance(intent, ChatButtonUpdate)
+    assert intent.user_id_type == "open_id"
+    assert intent.user_ids is None
+    assert intent.buttons is not None and intent.buttons.buttons[0].button_type == "default"
+    no_buttons = decode_intent(enc({"kind": "chat_button.update", "id": "b", "chat_id": "oc_1",
+                                    "buttons": {"buttons": []}}))
+    assert isinstance(no_buttons, ChatButtonUpdate)
+
+
+def test_batch_send_interactive_takes_card() -> None:
+    raw = {"kind": "message.batch_send", "id": "b", "msg_type": "interactive", "card": {"elements": []},
+           "department_ids": ["od_1"] * 200}
+    intent = decode_intent(enc(raw))
+    assert isinstance(intent, MessageBatchSend) and intent.card == {"elements": []}
+
+
+# (kind, changes, expected start of the reason): each Feishu rule broken once.
+RULES: list[tuple[str, dict[str, Any], str]] = [
+    ("message.send", {"receive_id_type": "phone"}, "$.receive_id_type: invalid enum value"),
+    ("message.send", {"msg_type": "video"}, "$.msg_type: invalid enum value"),
+    ("message.send", {"receive_id": ""}, "$.receive_id: expected `str` of length >= 1"),
+    ("message.send", {"content": "not json"}, "$.content: string is not JSON"),
+    ("message.send", {"content": "[1]"}, "$.content: string must encode a JSON object"),
+    ("message.send", {"content": 5}, "$.content: expected `str | object`, got `int`"),
+    ("message.reply", {"reply_in_thread": "yes"}, "$.reply_in_thread: expected `bool`"),
+    ("message.edit", {"msg_type": "interactive"}, "$.msg_type: invalid enum value"),
+    ("message.urgent", {"channel": "email"}, "$.channel: invalid enum value"),
+    ("message.urgent", {"user_id_type": "email"}, "$.user_id_type: invalid enum value"),
+    ("message.urgent", {"user_id_list": []}, "$.user_id_list: expected `array` of length >= 1"),
+    ("reaction.add", {"emoji_type": ...}, "$.emoji_type: required field missing"),
+    ("reaction.add", {"reaction_type": {"emoji_type": "OK"}}, "$.reaction_type: unknown field"),
+    ("card.delay_update", {"card": "{"}, "$.card: string is not JSON"),
+    ("ephemeral.send", {"open_id": ...}, "$.open_id: required field missing"),
+    ("url_preview.update", {"preview_tokens": []}, "$.preview_tokens: expected `array` of length >= 1"),
+    ("url_preview.update", {"preview_tokens": [f"t{i}" for i in range(11)]},
+     "$.preview_tokens: expected `array` of length <= 10"),
+    ("url_preview.update", {"preview_tokens": ["a", "b", "a"]}, "$.preview_tokens: must be distinct"),
+    ("url_preview.update", {"preview_tokens": [""]}, "$.preview_tokens[0]: expected `str` of length >= 1"),
+    ("url_preview.update", {"open_ids": [f"ou_{i}" for i in range(101)]},
+     "$.open_ids: expected `array` of length <= 100"),
+    ("chat_button.update", {"chat_id": ...}, "$.chat_id: required field missing"),
+    ("chat_button.update", {"user_id_type": "email"}, "$.user_id_type: invalid enum value"),
+    ("chat_button.update", {"user_ids": []}, "$.user_ids: expected `array` of length >= 1"),
+    ("chat_button.update", {"user_ids": [f"ou_{i}" for i in range(21)]},
+     "$.user_ids: expected `array` of length <= 20"),
+    ("chat_button.update", {"bot_id": "cli_1"}, "$.bot_id: unknown field"),
+    ("chat_button.update", {"buttons": [{"action_type": "url_page", "text": {"text": "x"}}]},
+     "$.buttons: expected `object | null`, got `array`"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "webhook", "text": {"text": "x"}}] * 3}},
+     "$.buttons.buttons: expected `array` of length <= 2"),
+    ("chat_button.update", {"buttons": {"buttons": [{"text": {"text": "x"}}]}},
+     "$.buttons.buttons[0].action_type: required field missing"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "link", "text": {"text": "x"}}]}},
+     "$.buttons.buttons[0].action_type: invalid enum value"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "webhook", "text": {"text": "x" * 31}}]}},
+     "$.buttons.buttons[0].text.text: expected `str` of length <= 30"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "webhook", "text": {"text": ""}}]}},
+     "$.buttons.buttons[0].text.text: expected `str` of length >= 1"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "webhook", "text": {"text": "x"},
+                                                     "button_type": "danger"}]}},
+     "$.buttons.buttons[0].button_type: invalid enum value"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "url_page", "text": {"text": "x"},
+                                                     "multi_url": {"pc_url": "http://example.com/"}}]}},
+     "$.buttons.buttons[0].multi_url.pc_url: expected `str` matching regex '^https://'"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "url_page", "text": {"text": "x"},
+                                                     "multi_url": {"ios_url": "https://e.com/" + "a" * 687}}]}},
+     "$.buttons.buttons[0].multi_url.ios_url: expected `str` of length <= 700"),
+    ("chat_button.update", {"buttons": {"buttons": [{"action_type": "webhook", "text": {"text": "x"},
+                                                     "action_map": {"a": 1}}]}},
+     "$.buttons.buttons[0].action_map[...]: expected `str`, got `int`"),
+    ("message.batch_send", {"open_ids": ...}, "$: give at least one target"),
+    ("message.batch_send", {"open_ids": [], "user_ids": []}, "$: give at least one target"),
+    ("message.batch_send", {"content": ...}, "$.content: required when msg_type is text"),
+    ("message.batch_send", {"card": {"elements": []}}, "$.card: only allowed when msg_type is interactive"),
+    ("message.batch_send", {"msg_type": "interactive"}, "$.card: required when msg_type is interactive"),
+    ("message.batch_send", {"department_ids": ["od"] * 201}, "$.department_ids: expected `array` of length <= 200"),
+    ("api.call", {"method": "HEAD"}, "$.method: invalid enum value"),
+    ("api.call", {"path": "/im/v1/messages"}, "$.path: expected `str` matching regex '^/open-apis/'"),
+    ("api.call", {"path_params": {}}, "$.path_params.message_id: required by the path template"),
+    ("api.call", {"path_params": {"message_id": "om_1", "chat_id": "oc"}},
+     "$.path_params.chat_id: not a :chat_id segment"),
+    ("api.call", {"path_params": {"message_id": ""}}, "$.path_params[...]: expected `str` of length >= 1"),
+    ("api.call", {"path": "/open-apis/im/v1/chats?page_size=1", "path_params": {}}, "$.path: put the query"),
+    ("api.call", {"path": "/open-apis/../admin", "path_params": {}}, "$.path: must not contain '..'"),
+    ("api.call", {"query": {"page_size": 20}}, "$.query[...]: expected `str`, got `int`"),
+    ("api.call", {"rate": ...}, "$.rate: required field missing"),
+    ("api.call", {"rate": {}}, "$.rate: give per_second and/or per_minute"),
+    ("api.call", {"rate": {"per_second": 0}}, "$.rate.per_second: expected `int` >= 1"),
+    ("api.call", {"rate": {"per_minute": -5}}, "$.rate.per_minute: expected `int` >= 1"),
+]
+
+
+@pytest.mark.parametrize(("kind", "changes", "reason"), RULES, ids=[f"{k}:{r}" for k, _, r in RULES])
+def test_each_rule_broken_once_names_the_field(kind: str, changes: dict[str, Any], reason: str) -> None:
+    base = by_kind(kind)
+    error = rejected(enc(with_(base, **changes)))
+    assert error.error == "invalid"
+    assert error.reason.startswith(reason), error.reason
+    assert error.id == base["id"]
+    assert error.kind == kind
+    assert error.app == "default"
+
+
+SEND = by_kind("message.send")
+
+# (raw value, error class, start of the reason, recovered id, recovered kind)
+BAD_SHAPES: list[tuple[bytes | None, str, str, str | None, str | None]] = [
+    (None, "decode", "value is empty", None, None),
+    (b"", "decode", "value is empty", None, None),
+    (b"\xff\xfe{}", "decode", "value is not UTF-8", None, None),
+    (b'{"kind":"message.send","id":"\xc3\x28"}', "decode", "value is not UTF-8 (invalid byte at offset 29)", None,
+     None),
+    (b"kind=message.send", "decode", "value is not JSON", None, None),
+    (b'{"kind":"message.send","id":"n-1"', "decode", "value is not JSON (Input data was truncated)", None, None),
+    (b"[1, 2]", "decode", "value is not a JSON object (got an array)", None, None),
+    (b'"n-1"', "decode", "value is not a JSON object (got a string)", None, None),
+    (b"null", "decode", "value is not a JSON object (got null)", None, None),
+    (enc({"kind": "message.shout", "id": "n-1"}), "invalid", "$.kind: unknown kind 'message.shout'", "n-1",
+     "message.shout"),
+    (enc({"id": "n-1"}), "invalid", "$.kind: required field missing", "n-1", None),
+    (enc({"kind": 7, "id": "n-1"}), "invalid", "$.kind: expected `str`", "n-1", None),
+    (enc(with_(SEND, receive_id=...)), "invalid", "$.receive_id: required field missing", "n-1", "message.send"),
+    (enc(with_(SEND, receive_id=42)), "invalid", "$.receive_id: expected `str`, got `int`", "n-1", "message.send"),
+    (enc(with_(SEND, id="x" * 51)), "invalid", "$.id: expected `str` of length <= 50", None, "message.send"),
+    (enc(with_(SEND, id="")), "invalid", "$.id: expected `str` of length >= 1", None, "message.send"),
+    (enc(with_(SEND, id=12)), "invalid", "$.id: expected `str`, got `int`", None, "message.send"),
+    (enc(with_(SEND, uuid="u-1")), "invalid", "$.uuid: unknown field", "n-1", "message.send"),
+    (enc(with_(SEND, expires_at="tomorrow")), "invalid", "$.expires_at: invalid RFC3339", "n-1", "message.send"),
+    (enc(with_(SEND, expires_at="2030-01-01T00:00:00")), "invalid",
+     "$.expires_at: expected `datetime` with a timezone component", "n-1", "message.send"),
+    (enc(with_(SEND, expires_at=1700000000)), "invalid", "$.expires_at: expected `datetime | null`, got `int`",
+     "n-1", "message.send"),
+    (enc(with_(SEND, app=None)), "invalid", "$.app: expected `str`, got `null`", "n-1", "message.send"),
+    (enc(with_(SEND, order_key="")), "invalid", "$.order_key: expected `str` of length >= 1", "n-1", "message.send"),
+]
+
+
+@pytest.mark.parametrize(("raw", "error_class", "reason", "ident", "kind"), BAD_SHAPES,
+                         ids=[r for _, _, r, _, _ in BAD_SHAPES])
+def test_bad_shapes(raw: bytes | None, error_class: str, reason: str, ident: str | None, kind: str | None) -> None:
+    error = rejected(raw)
+    assert error.error == error_class
+    assert error.reason.startswith(reason), error.reason
+    assert "\n" not in error.reason
+    assert (error.id, error.kind) == (ident, kind)
+
+
+def test_app_is_recovered_when_readable() -> None:
+    assert rejected(enc(with_(SEND, app="lark", receive_id=...))).app == "lark"
+    assert rejected(enc(with_(SEND, app=5))).app is None
+
+
+def test_reason_never_quotes_the_body() -> None:
+    secret = "s3cr3t-message-text"
+    for raw in (
+        enc(with_(SEND, content={"text": secret}, receive_id=...)),
+        enc(with_(SEND, content=secret)),
+        b'{"text":"' + secret.encode() + b'" garbage',
+        b'["' + secret.encode() + b'"]',
+    ):
+        assert secret not in rejected(raw).reason
+
+
+def test_reason_is_one_bounded_line() -> None:
+    error = rejected(enc({"kind": "k" * 10_000, "id": "n-1"}))
+    assert len(error.reason) <= 300
+    assert "\n" not in error.reason
+
+
+ORDERING: list[tuple[str, str]] = [
+    ("message.send", "oc_1"),
+    ("message.reply", "om_1"),
+    ("message.edit", "om_1"),
+    ("message.recall", "om_1"),
+    ("message.forward", "ou_1"),
+    ("card.patch", "om_2"),
+    ("message.urgent", "om_1"),
+    ("reaction.add", "om_1"),
+    ("reaction.remove", "om_1"),
+    ("pin.add", "om_1"),
+    ("pin.remove", "om_1"),
+    ("card.delay_update", "c-xxx"),
+    ("ephemeral.send", "oc_1"),
+    ("ephemeral.delete", "om_e"),
+    ("url_preview.update", "952te0c8-9ccf"),
+    ("chat_button.update", "oc_1"),
+    ("message.batch_send", "n-15"),
+    ("api.call", "/open-apis/im/v1/messages/om_1/read_users"),
+]
+
+
+@pytest.mark.parametrize(("kind", "key"), ORDERING)
+def test_default_ordering_key(kind: str, key: str) -> None:
+    assert ordering_key(decode_intent(enc(by_kind(kind)))) == key
+
+
+@pytest.mark.parametrize("kind", [k for k, _ in ORDERING])
+def test_order_key_overrides(kind: str) -> None:
+    assert ordering_key(decode_intent(enc(with_(by_kind(kind), order_key="mine")))) == "mine"
+
+
+def test_all_kinds_have_an_ordering_case() -> None:
+    assert {e["kind"] for e in EXAMPLES} == {k for k, _ in ORDERING}
+
+
+def test_reply_ordering_is_the_message_even_with_chat_id() -> None:
+    intent = decode_intent(enc(by_kind("message.reply")))
+    assert isinstance(intent, MessageReply) and intent.chat_id == "oc_1"
+    assert ordering_key(intent) == "om_1"
+
+
+def test_api_call_filled_path_quotes_values() -> None:
+    raw = with_(by_kind("api.call"), path_params={"message_id": "om/1 x"})
+    intent = decode_intent(enc(raw))
+    assert isinstance(intent, ApiCall)
+    assert intent.filled_path == "/open-apis/im/v1/messages/om%2F1%20x/read_users"
+    assert ordering_key(intent) == intent.filled_path
+
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def test_result_encodes_every_field() -> None:
+    result = Result(id="n-1", kind="message.send", app="default", status="ok", code=0, msg="success",
+                    data={"message_id": "om_9"}, http_status=200, attempts=1, log_id="L1",
+                    received_at=T0, finished_at=T0 + timedelta(milliseconds=250))
+    assert json.loads(encode_result(result)) == {
+        "id": "n-1", "kind": "message.send", "app": "default", "status": "ok", "superseded_by": None,
+        "code": 0, "msg": "success", "data": {"message_id": "om_9"}, "http_status": 200, "attempts": 1,
+        "log_id": "L1", "received_at": "2024-05-01T12:00:00Z", "finished_at": "2024-05-01T12:00:00.250000Z",
+    }
+
+
+def test_result_for_an_unreadable_intent() -> None:
+    result = Result(id=None, kind=None, app=None, status="rejected", msg="value is empty",
+                    received_at=T0, finished_at=T0)
+    out = json.loads(encode_result(result))
+    assert out["status"] == "rejected" and out["id"] is None and out["code"] is None and out["attempts"] == 0
+    assert list(out) == ["id", "kind", "app", "status", "superseded_by", "code", "msg", "data", "http_status",
+                         "attempts", "log_id", "received_at", "finished_at"]
+
+
+def test_result_refuses_naive_times() -> None:
+    with pytest.raises(ValueError, match="received_at"):
+        Result(id="n", kind="pin.add", app="default", status="ok", received_at=datetime(2024, 1, 1),
+               finished_at=T0)
+
+
+def test_result_status_is_closed() -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(
+            b'{"id":"n","kind":null,"app":null,"status":"done","received_at":"2024-01-01T00:00:00Z",'
+            b'"finished_at":"2024-01-01T00:00:00Z"}', type=Result)
+
+
+def test_schema_describes_intents_and_results() -> None:
+    doc = schema()
+    json.dumps(doc)  # serialisable
+    intent = doc["$defs"]["Intent"]
+    kinds = {m["$ref"].rsplit("/", 1)[1] for m in intent["anyOf"]}
+    assert len(kinds) == len(EXAMPLES)
+    assert intent["discriminator"]["propertyName"] == "kind"
+    assert set(intent["discriminator"]["mapping"]) == {e["kind"] for e in EXAMPLES}
+    assert set(doc["$defs"]["Result"]["properties"]["status"]["enum"]) == {
+        "ok", "partial", "superseded", "expired", "failed", "rejected"}
+    assert doc["$defs"]["MessageSend"]["properties"]["id"]["maxLength"] == 50
