@@ -55,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(redacted(config), indent=2))
             print(f"{args.config}: ok ({len(config.apps)} app(s))")
             return 0
+        if args.command == "sandbox":
+            import asyncio
+
+            from relay.sandbox import SandboxOptions, serve
+
+            asyncio.run(serve(args.host, args.port, SandboxOptions(time_scale=args.time_scale)))
+            return 0
         from relay import app
 
         return app.main(args)

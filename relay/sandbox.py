@@ -1,0 +1,1003 @@
+"""A local stand-in for the Feishu Open Platform: a real aiohttp server, strict about every documented limit.
+
+The relay's integration tests and benchmarks run against it, and ``relay run --with-sandbox`` uses it when no app
+has real credentials. It is the *referee*: it answers the way feishu-facts.md (and the seed pages, which win) say
+Feishu answers, and it logs every call so a test can prove the relay never exceeded a limit.
+
+Endpoints (every answer is ``{"code", "msg", "data"}`` JSON with an ``X-Tt-Logid`` header, except injected
+gateway faults, which answer 500/502/503 with a plain-text body like a load balancer would):
+
+- ``POST /open-apis/auth/v3/tenant_access_token/internal``: 2 h tokens (``token_ttl``); a call when the current
+  token has < 30 min (``token_refresh_window``) left mints a new one, the old one stays valid until its own expiry
+  (facts §1.1). Unknown app or wrong secret → 10014 (HTTP 400). ``apps`` empty = any credentials are accepted.
+- Every other ``/open-apis/...`` call needs ``Authorization: Bearer <token>``: missing → 99991661, unknown or
+  expired → 99991663 (HTTP 400, facts §1.3).
+- The IM APIs of SPEC.md's kind table, url_previews/batch_update and chat_button (seed pages), and a generic
+  fallback for any other ``/open-apis/...`` path (code 0, empty data) used by ``api.call``.
+- ``/_sandbox/calls`` (GET, ``?api=`` filter), ``/_sandbox/stats`` (GET), ``/_sandbox/control`` (POST a
+  ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
+  subprocess or a curious ``make run`` user.
+
+Limits (sliding windows over arrival times, see ``relay.windows``; only admitted calls count, refused ones are
+logged as throttled):
+
+=====================================  =========================  ==========================================
+what                                   limit                      answer when exceeded
+=====================================  =========================  ==========================================
+each IM API, per (app, API)            50 in any 1 s AND          HTTP 429, 99991400, ``x-ogw-ratelimit-limit``
+                                       1000 in any 60 s           and ``x-ogw-ratelimit-reset`` (facts §2.1/2.3)
+url_previews/batch_update, per app     5 in any 1 s               same (seed page)
+chat_button, per app                   10 in any 1 s              same (seed page)
+generic ``/open-apis`` fallback        ``generic_limits``         same
+send / forward per ``receive:<id>``    5 in any 1 s               HTTP 400, 230020 (facts §2.3, create/forward)
+reply per ``chat:<chat_id>``           5 in any 1 s               230020 (reply page; the chat of the replied
+  (``message:<id>`` if unknown)                                    message when the sandbox created it)
+card.patch per ``message:<id>``        5 in any 1 s               230020 (patch page)
+pin.add / pin.remove per message       5 in any 1 s               230020 (pin create/delete pages)
+ephemeral.send per                     40 in any 1 s              230020 (ephemeral send page)
+  ``ephemeral-chat:<chat_id>``
+each ``preview-token:<token>``         1 in any 5 s               230020 for the whole batch (seed page)
+=====================================  =========================  ==========================================
+
+API names (the ``api`` of a call record): ``message.send``, ``message.reply``, ``message.edit``,
+``message.recall``, ``message.forward``, ``card.patch``, ``message.urgent_app|urgent_sms|urgent_phone``,
+``reaction.add``, ``reaction.remove``, ``pin.add``, ``pin.remove``, ``card.delay_update``, ``ephemeral.send``,
+``ephemeral.delete``, ``url_preview.update``, ``chat_button.update``, ``message.batch_send``, ``api.call``,
+``auth.tenant_access_token``. Each counts in its own app-wide windows (Feishu limits per API x app); per-target
+windows are keyed by (app, API, target key). Target keys (the relay's limiter uses the same strings):
+``receive:<receive_id>``, ``chat:<chat_id>``, ``message:<message_id>``, ``ephemeral-chat:<chat_id>``,
+``preview-token:<token>``.
+
+Order of checks: authorization → app-wide window → fault injection → request validation (230001 naming the
+field) → forced target errors / timed throttles → per-target windows → ``uuid`` dedup → the operation.
+
+``time_scale`` k divides every Feishu duration (windows, token lifetime and refresh window, the 1 h ``uuid``
+window, ``throttle_target`` seconds) so tests run limits k times faster; reported ``expire`` and
+``x-ogw-ratelimit-reset`` are real seconds (the reset is rounded up to a whole second, as Feishu sends integers).
+Injected latency is network time and is not scaled. Arrival times in the call log are the unscaled clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import random
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from relay.windows import Limit, SlidingWindows
+
+log = logging.getLogger(__name__)
+
+FaultKind = Literal["http500", "http502", "http503", "code1500", "drop"]
+ALL_FAULTS: Final[tuple[FaultKind, ...]] = ("http500", "http502", "http503", "code1500", "drop")
+
+# Messages Feishu sends with each code (facts §1.3, §2.1, §4; seed pages for 230001/230027).
+MESSAGES: Final[Mapping[int, str]] = {
+    0: "success",
+    1500: "internal error",
+    10003: "invalid param",
+    10014: "app secret invalid",
+    230001: "param is invalid",
+    230002: "Bot/User can NOT be out of the chat.",
+    230011: "The message is recalled.",
+    230020: "This operation triggers the frequency limit",
+    230027: "no permission, bot not in the chat",
+    230034: "The receive_id is invalid.",
+    230049: "The message is being sent, please try again later.",
+    99991400: "request trigger frequency limit",
+    99991661: "Missing access token for authorization",
+    99991663: "Invalid access token for authorization",
+}
+
+IM_APIS: Final[frozenset[str]] = frozenset({
+    "message.send", "message.reply", "message.edit", "message.recall", "message.forward", "card.patch",
+    "message.urgent_app", "message.urgent_sms", "message.urgent_phone", "reaction.add", "reaction.remove",
+    "pin.add", "pin.remove", "card.delay_update", "ephemeral.send", "ephemeral.delete", "message.batch_send",
+})
+
+
+class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the sandbox behaves. Defaults are Feishu's documented numbers; durations are in Feishu seconds."""
+
+    apps: dict[str, str] = msgspec.field(default_factory=dict)  # app_id -> secret; empty = accept any
+    token_ttl: float = 7200.0  # facts §1.1: 2 h
+    token_refresh_window: float = 1800.0  # facts §1.1: < 30 min left → a new token
+    time_scale: float = 1.0
+    enforce_limits: bool = True  # False lifts every limit (engine-overhead benchmark)
+    im_per_second: int = 50  # facts §2.3: 1000/min & 50/s per IM API
+    im_per_minute: int = 1000
+    url_preview_per_second: int = 5  # seed url_preview_batch_update: 5 次/秒
+    chat_button_per_second: int = 10  # seed chat_button_update: 10 次/秒
+    generic_per_second: int = 50
+    generic_per_minute: int = 1000
+    target_per_second: int = 5  # facts §2.3: send/reply/forward per user or group, patch and pins per message
+    ephemeral_chat_per_second: int = 40  # facts §2.3: 40 QPS per group
+    preview_token_interval: float = 5.0  # seed url_preview_batch_update: one token 1 次/5秒
+    uuid_window: float = 3600.0  # facts §3: same uuid at most once per hour
+    latency: float = 0.0  # seconds added before every API answer (not scaled)
+    latency_jitter: float = 0.0  # plus uniform(0, jitter)
+    fault_rate: float = 0.0  # share of API calls (after the app window) answered by a fault
+    fault_kinds: tuple[FaultKind, ...] = ALL_FAULTS
+    target_errors: dict[str, int] = msgspec.field(default_factory=dict)  # target (key or bare id) -> code
+    failed_users: frozenset[str] = frozenset()  # chat_button user_ids reported in failed_user_reasons
+    chats_without_bot: frozenset[str] = frozenset()  # chat_button chat_ids answered 230027
+    seed: int | None = None  # for the fault / latency RNG
+
+
+class Call(msgspec.Struct, kw_only=True):
+    """One request as the sandbox saw and answered it."""
+
+    at: float  # arrival, the sandbox clock (unscaled)
+    method: str
+    path: str
+    api: str
+    log_id: str
+    app_id: str | None = None
+    targets: list[str] = msgspec.field(default_factory=list)
+    uuid: str | None = None
+    body: Any = None
+    status: int = 0  # 0: the connection was dropped without an answer
+    code: int | None = None
+    msg: str = ""
+    message_id: str | None = None
+    deduped: bool = False
+    throttled: bool = False  # answered 429/99991400 or 230020 for any reason
+    violation: str | None = None  # which documented limit the call broke (the relay must never cause one)
+    fault: str | None = None  # an injected fault or forced target answer
+
+
+class Message(msgspec.Struct, kw_only=True):
+    """A message the sandbox created."""
+
+    message_id: str
+    chat_id: str
+    msg_type: str
+    content: str
+    uuid: str | None = None
+    parent_id: str = ""
+    recalled: bool = False
+    edits: int = 0
+
+
+class FaultSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    fault_rate: float | None = None
+    fault_kinds: tuple[FaultKind, ...] | None = None
+    latency: float | None = None
+    latency_jitter: float | None = None
+
+
+class TargetThrottle(msgspec.Struct, forbid_unknown_fields=True):
+    target: str
+    seconds: float
+
+
+class TargetFailure(msgspec.Struct, forbid_unknown_fields=True):
+    target: str
+    code: int  # 0 clears
+
+
+class Control(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of ``POST /_sandbox/control``: every field optional, applied in this order."""
+
+    expire_tokens: bool = False
+    faults: FaultSettings | None = None
+    throttle: list[TargetThrottle] = msgspec.field(default_factory=list)
+    fail: list[TargetFailure] = msgspec.field(default_factory=list)
+    enforce_limits: bool | None = None
+
+
+# ---- Feishu request bodies: unknown fields ignored, documented rules enforced -------------------------------
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+Uuid = Annotated[str, msgspec.Meta(max_length=50)]  # facts §3: uuid ≤ 50 chars
+MsgType = Literal["text", "post", "image", "file", "audio", "media", "sticker", "interactive",
+                  "share_chat", "share_user", "system"]
+HttpsUrl = Annotated[str, msgspec.Meta(pattern=r"^https://", max_length=700)]  # seed chat_button: https, ≤ 700
+
+
+class AuthBody(msgspec.Struct):
+    app_id: str = ""
+    app_secret: str = ""
+
+
+class SendBody(msgspec.Struct):  # LO:server-docs/im-v1/message/create.md
+    receive_id: NonEmpty
+    msg_type: MsgType
+    content: str
+    uuid: Uuid | None = None
+
+
+class ReplyBody(msgspec.Struct):  # .../message/reply.md
+    msg_type: MsgType
+    content: str
+    reply_in_thread: bool = False
+    uuid: Uuid | None = None
+
+
+class EditBody(msgspec.Struct):  # .../message/update.md: text and post only
+    msg_type: Literal["text", "post"]
+    content: str
+
+
+class ForwardBody(msgspec.Struct):  # .../message/forward.md
+    receive_id: NonEmpty
+
+
+class PatchBody(msgspec.Struct):  # .../message/patch.md
+    content: str
+
+
+class UrgentBody(msgspec.Struct):  # .../message/urgent_app.md
+    user_id_list: Annotated[list[NonEmpty], msgspec.Meta(min_length=1)]
+
+
+class ReactionType(msgspec.Struct):
+    emoji_type: NonEmpty
+
+
+class ReactionBody(msgspec.Struct):  # .../message-reaction/create.md
+    reaction_type: ReactionType
+
+
+class PinBody(msgspec.Struct):  # .../pin/create.md
+    message_id: NonEmpty
+
+
+class CardUpdateBody(msgspec.Struct):  # interactive/v1/card/update
+    token: NonEmpty
+    card: dict[str, Any]
+
+
+class EphemeralSendBody(msgspec.Struct):  # ephemeral/v1/send: card messages in group chats
+    chat_id: NonEmpty
+    msg_type: Literal["interactive"]
+    card: dict[str, Any]
+    open_id: str | None = None
+    user_id: str | None = None
+    email: str | None = None
+
+
+class EphemeralDeleteBody(msgspec.Struct):
+    message_id: NonEmpty
+
+
+class UrlPreviewBody(msgspec.Struct):  # seed url_preview_batch_update
+    preview_tokens: Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=10)]
+    open_ids: Annotated[list[str], msgspec.Meta(max_length=100)] = msgspec.field(default_factory=list)
+
+
+class ButtonUrls(msgspec.Struct):  # seed chat_button_update: open_app_feed_card_url
+    url: HttpsUrl | None = None
+    android_url: HttpsUrl | None = None
+    ios_url: HttpsUrl | None = None
+    pc_url: HttpsUrl | None = None
+
+
+class ButtonText(msgspec.Struct):
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=30)]  # seed: 1..30 characters
+
+
+class Button(msgspec.Struct):  # seed: open_app_feed_card_button
+    action_type: Literal["url_page", "webhook"]
+    text: ButtonText
+    multi_url: ButtonUrls | None = None
+    button_type: Literal["default", "primary", "success"] = "default"
+    action_map: dict[str, str] | None = None
+
+
+class Buttons(msgspec.Struct):
+    buttons: Annotated[list[Button], msgspec.Meta(max_length=2)]  # seed: 0..2
+
+
+class ChatButtonBody(msgspec.Struct):  # seed chat_button_update
+    chat_id: NonEmpty
+    user_ids: Annotated[list[str], msgspec.Meta(min_length=1, max_length=20)] | None = None
+    buttons: Buttons | None = None
+
+
+class BatchSendBody(msgspec.Struct):  # message/v4/batch_send
+    msg_type: NonEmpty
+    content: dict[str, Any] | None = None
+    card: dict[str, Any] | None = None
+    open_ids: list[str] = msgspec.field(default_factory=list)
+    user_ids: list[str] = msgspec.field(default_factory=list)
+    union_ids: list[str] = msgspec.field(default_factory=list)
+    department_ids: Annotated[list[str], msgspec.Meta(max_length=200)] = msgspec.field(default_factory=list)
+
+
+S = TypeVar("S")
+_CONTENT = msgspec.json.Decoder(dict[str, Any])
+_CONTROL = msgspec.json.Decoder(Control)
+_ENCODER = msgspec.json.Encoder()
+_NO_BODY: Final = object()
+_ID_SEGMENT = re.compile(r"^(om_|oc_|ou_|on_|omt_|cli_|bm-|t-|\d+$)")
+
+
+def _status_for(code: int) -> int:
+    if code == 0:
+        return 200
+    if code == 99991400:
+        return 429
+    if code == 1500:
+        return 500
+    return 400
+
+
+def _template(path: str) -> str:
+    """``/open-apis/im/v1/messages/om_1/read_users`` → ``/open-apis/im/v1/messages/:id/read_users``."""
+    return "/".join(":id" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
+
+
+class _Refused(Exception):
+    """An answer other than success, raised from inside an operation."""
+
+    def __init__(self, code: int, msg: str | None = None, *, headers: Mapping[str, str] | None = None,
+                 data: dict[str, Any] | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.msg = msg or MESSAGES.get(code, "error")
+        self.headers = dict(headers or {})
+        self.data = data or {}
+
+
+class _Drop(Exception):
+    """Close the connection without answering."""
+
+
+class _GatewayFault(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass(slots=True)
+class _Req:
+    call: Call
+    query: Mapping[str, str]
+    match: Mapping[str, str]
+    body: Any
+    now: float
+    app_id: str
+
+
+class _Token(msgspec.Struct):
+    value: str
+    app_id: str
+    expires_at: float
+
+
+Op = Callable[[_Req], dict[str, Any]]
+
+
+class Sandbox:
+    """The Feishu stand-in. Build, ``await start()``, point the relay at the returned URL, ``await stop()``."""
+
+    def __init__(self, options: SandboxOptions | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._initial = options or SandboxOptions()
+        self._clock = clock
+        self._rng = rng or random.Random(self._initial.seed)
+        self._runner: web.AppRunner | None = None
+        self._ids = itertools.count(1)
+        self.options = self._initial
+        self.calls: list[Call] = []
+        self.token_requests = 0
+        self.messages: dict[str, Message] = {}
+        self.messages_by_uuid: dict[str, list[str]] = {}  # uuid -> ids of the messages created for it
+        self._tokens: dict[str, _Token] = {}
+        self._current: dict[str, str] = {}  # app_id -> newest token
+        self._app_windows: SlidingWindows[tuple[str, str]] = SlidingWindows()
+        self._target_windows: SlidingWindows[tuple[str, str, str]] = SlidingWindows()
+        self._uuids: dict[tuple[str, str, str, str], tuple[float, dict[str, Any]]] = {}
+        self._throttles: dict[str, float] = {}  # target -> clock time until which it answers 230020
+        self._failures: dict[str, int] = dict(self._initial.target_errors)
+        self.app = self._build_app()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0 = any free port); returns the base URL, e.g. ``http://127.0.0.1:PORT``."""
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = runner.addresses[0]
+        return f"http://{host}:{bound[1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    # ---- what tests read -------------------------------------------------------------------------------------
+
+    def calls_for(self, api: str) -> list[Call]:
+        return [c for c in self.calls if c.api == api]
+
+    def throttled_count(self) -> int:
+        """Calls answered 429/99991400 or 230020, injected or not."""
+        return sum(1 for c in self.calls if c.throttled)
+
+    def violations(self) -> list[Call]:
+        """Calls refused because they broke a documented limit. The relay must never produce one."""
+        return [c for c in self.calls if c.violation is not None]
+
+    # ---- controls --------------------------------------------------------------------------------------------
+
+    def _scaled(self, seconds: float) -> float:
+        return seconds / self.options.time_scale
+
+    def throttle_target(self, target: str, seconds: float) -> None:
+        """Answer 230020 to every call on ``target`` (a key like ``receive:oc_1`` or a bare id) for ``seconds``."""
+        self._throttles[target] = self._clock() + self._scaled(seconds)
+
+    def fail_target(self, target: str, code: int) -> None:
+        """Answer ``code`` to every call on ``target`` (key or bare id) until cleared with code 0."""
+        if code == 0:
+            self._failures.pop(target, None)
+        else:
+            self._failures[target] = code
+
+    def expire_tokens(self) -> None:
+        """Invalidate every issued token: the next API calls get 99991663, the next token request a new one."""
+        self._tokens.clear()
+        self._current.clear()
+
+    def set_faults(self, *, fault_rate: float | None = None, fault_kinds: tuple[FaultKind, ...] | None = None,
+                   latency: float | None = None, latency_jitter: float | None = None) -> None:
+        changes: dict[str, Any] = {"fault_rate": fault_rate, "fault_kinds": fault_kinds, "latency": latency,
+                                   "latency_jitter": latency_jitter}
+        self.options = msgspec.structs.replace(self.options, **{k: v for k, v in changes.items() if v is not None})
+
+    def set_enforce_limits(self, enforce: bool) -> None:
+        self.options = msgspec.structs.replace(self.options, enforce_limits=enforce)
+
+    def reset(self) -> None:
+        """Forget calls, messages, windows, uuids, throttles and faults; issued tokens stay valid."""
+        self.options = self._initial
+        self.calls.clear()
+        self.token_requests = 0
+        self.messages.clear()
+        self.messages_by_uuid.clear()
+        self._app_windows.clear()
+        self._target_windows.clear()
+        self._uuids.clear()
+        self._throttles.clear()
+        self._failures = dict(self._initial.target_errors)
+
+    def apply(self, control: Control) -> None:
+        if control.expire_tokens:
+            self.expire_tokens()
+        if control.faults is not None:
+            f = control.faults
+            self.set_faults(fault_rate=f.fault_rate, fault_kinds=f.fault_kinds, latency=f.latency,
+                            latency_jitter=f.latency_jitter)
+        for t in control.throttle:
+            self.throttle_target(t.target, t.seconds)
+        for fail in control.fail:
+            self.fail_target(fail.target, fail.code)
+        if control.enforce_limits is not None:
+            self.set_enforce_limits(control.enforce_limits)
+
+    # ---- limits ----------------------------------------------------------------------------------------------
+
+    def _app_limits(self, api: str) -> tuple[Limit, ...]:
+        o, s = self.options, self._scaled
+        if api in IM_APIS:
+            return (Limit(o.im_per_second, s(1.0)), Limit(o.im_per_minute, s(60.0)))
+        if api == "url_preview.update":
+            return (Limit(o.url_preview_per_second, s(1.0)),)
+        if api == "chat_button.update":
+            return (Limit(o.chat_button_per_second, s(1.0)),)
+        return (Limit(o.generic_per_second, s(1.0)), Limit(o.generic_per_minute, s(60.0)))
+
+    def _admit_app(self, call: Call, bucket: str, now: float) -> None:
+        if not self.options.enforce_limits:
+            return
+        refusal = self._app_windows.admit((call.app_id or "", bucket), self._app_limits(call.api), now)
+        if refusal is not None:
+            call.violation = (f"{bucket}: app-wide {refusal.limit.count} per "
+                              f"{refusal.limit.seconds * self.options.time_scale:g}s exceeded")
+            raise _Refused(99991400, headers={
+                "x-ogw-ratelimit-limit": str(refusal.limit.count),
+                "x-ogw-ratelimit-reset": str(max(1, math.ceil(refusal.retry_after))),
+            })
+
+    def _targets(self, req: _Req, targets: list[tuple[str, Limit | None]]) -> None:
+        """Record the call's targets; answer forced errors and timed throttles; admit through per-target windows."""
+        call, now = req.call, req.now
+        call.targets = [key for key, _ in targets]
+        for key in call.targets:
+            bare = key.split(":", 1)[1]
+            for name in (key, bare):
+                if self._throttles.get(name, -math.inf) > now:
+                    call.fault = f"throttle_target {name}"
+                    raise _Refused(230020)
+                if name in self._failures:
+                    call.fault = f"fail_target {name}"
+                    raise _Refused(self._failures[name])
+        if not self.options.enforce_limits:
+            return
+        limited = [(key, limit) for key, limit in targets if limit is not None]
+        for key, limit in limited:
+            refusal = self._target_windows.check((req.app_id, call.api, key), (limit,), now)
+            if refusal is not None:
+                call.violation = self._target_violation(req, key, limit)
+                raise _Refused(230020)
+        for key, limit in limited:
+            self._target_windows.admit((req.app_id, call.api, key), (limit,), now)
+
+    def _target_violation(self, req: _Req, key: str, limit: Limit) -> str:
+        scale = self.options.time_scale
+        if key.startswith("preview-token:"):
+            last = self._target_windows.last((req.app_id, req.call.api, key), limit)
+            ago = (req.now - last) * scale if last is not None else 0.0
+            return f"{key} updated {ago:.3f}s ago (at most 1 per {limit.seconds * scale:g}s)"
+        return f"{req.call.api} {key}: {limit.count} per {limit.seconds * scale:g}s exceeded"
+
+    def _per_target(self) -> Limit:
+        return Limit(self.options.target_per_second, self._scaled(1.0))
+
+    # ---- tokens ----------------------------------------------------------------------------------------------
+
+    def _issue_token(self, app_id: str, now: float) -> _Token:
+        current = self._tokens.get(self._current.get(app_id, ""))
+        if current is not None and current.expires_at - now >= self._scaled(self.options.token_refresh_window):
+            return current
+        token = _Token(value=f"t-{secrets.token_hex(16)}", app_id=app_id,
+                       expires_at=now + self._scaled(self.options.token_ttl))
+        self._tokens[token.value] = token
+        self._current[app_id] = token.value
+        for value in [v for v, t in self._tokens.items() if t.expires_at <= now]:
+            del self._tokens[value]
+        return token
+
+    def _authorize(self, request: web.Request, now: float) -> str:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or not header[7:].strip():
+            raise _Refused(99991661)
+        token = self._tokens.get(header[7:].strip())
+        if token is None or token.expires_at <= now:
+            raise _Refused(99991663)
+        return token.app_id
+
+    # ---- HTTP plumbing ---------------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors_middleware])
+        r = app.router
+        r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self._token_endpoint)
+        m = "/open-apis/im/v1/messages"
+        routes: list[tuple[str, str, str, Op]] = [
+            ("POST", m, "message.send", self._send),
+            ("POST", m + "/{message_id}/reply", "message.reply", self._reply),
+            ("PUT", m + "/{message_id}", "message.edit", self._edit),
+            ("DELETE", m + "/{message_id}", "message.recall", self._recall),
+            ("PATCH", m + "/{message_id}", "card.patch", self._patch),
+            ("POST", m + "/{message_id}/forward", "message.forward", self._forward),
+            ("PATCH", m + "/{message_id}/urgent_app", "message.urgent_app", self._urgent),
+            ("PATCH", m + "/{message_id}/urgent_sms", "message.urgent_sms", self._urgent),
+            ("PATCH", m + "/{message_id}/urgent_phone", "message.urgent_phone", self._urgent),
+            ("POST", m + "/{message_id}/reactions", "reaction.add", self._reaction_add),
+            ("DELETE", m + "/{message_id}/reactions/{reaction_id}", "reaction.remove", self._reaction_remove),
+            ("POST", "/open-apis/im/v1/pins", "pin.add", self._pin_add),
+            ("DELETE", "/open-apis/im/v1/pins/{message_id}", "pin.remove", self._pin_remove),
+            ("POST", "/open-apis/interactive/v1/card/update", "card.delay_update", self._card_update),
+            ("POST", "/open-apis/ephemeral/v1/send", "ephemeral.send", self._ephemeral_send),
+            ("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete", self._ephemeral_delete),
+            ("POST", "/open-apis/im/v2/url_previews/batch_update", "url_preview.update", self._url_preview),
+            ("PUT", "/open-apis/im/v2/chat_button", "chat_button.update", self._chat_button),
+            ("POST", "/open-apis/message/v4/batch_send/", "message.batch_send", self._batch_send),
+            ("POST", "/open-apis/message/v4/batch_send", "message.batch_send", self._batch_send),
+        ]
+        for method, path, api, op in routes:
+            r.add_route(method, path, self._handler(api, op))
+        r.add_route("*", "/open-apis/{tail:.*}", self._handler("api.call", self._generic))
+        r.add_get("/_sandbox/calls", self._control_calls)
+        r.add_get("/_sandbox/stats", self._control_stats)
+        r.add_post("/_sandbox/control", self._control)
+        r.add_post("/_sandbox/reset", self._control_reset)
+        return app
+
+    def _log_id(self) -> str:
+        return f"{time.strftime('%Y%m%d%H%M%S')}{next(self._ids):010d}{secrets.token_hex(4).upper()}"
+
+    @web.middleware
+    async def _errors_middleware(self, request: web.Request,
+                                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                                 ) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = self._json(exc.status, {"code": exc.status, "msg": exc.reason, "data": {}})
+        except Exception:
+            log.exception("sandbox: unexpected error answering %s %s", request.method, request.path)
+            response = self._json(500, {"code": 1500, "msg": MESSAGES[1500], "data": {}})
+        if "X-Tt-Logid" not in response.headers:
+            response.headers["X-Tt-Logid"] = self._log_id()
+        return response
+
+    @staticmethod
+    def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+        return web.Response(status=status, body=_ENCODER.encode(payload), headers=headers,
+                            content_type="application/json", charset="utf-8")
+
+    def _answer(self, call: Call, code: int, msg: str, data: dict[str, Any],
+                headers: Mapping[str, str] | None = None) -> web.Response:
+        call.status, call.code, call.msg = _status_for(code), code, msg
+        call.throttled = code in (99991400, 230020)
+        out = {"X-Tt-Logid": call.log_id, **(headers or {})}
+        return self._json(call.status, {"code": code, "msg": msg, "data": data}, out)
+
+    @staticmethod
+    async def _read_body(request: web.Request) -> Any:
+        raw = await request.read()
+        if not raw.strip():
+            return None
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return _NO_BODY
+
+    def _handler(self, api: str, op: Op) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._serve_api(request, api, op)
+        return handle
+
+    async def _serve_api(self, request: web.Request, api: str, op: Op) -> web.StreamResponse:
+        now = self._clock()
+        call = Call(at=now, method=request.method, path=request.path, api=api, log_id=self._log_id())
+        self.calls.append(call)
+        body = await self._read_body(request)
+        call.body = None if body is _NO_BODY else body
+        bucket = api if api != "api.call" else f"api.call {request.method} {_template(request.path)}"
+        response: web.StreamResponse
+        try:
+            app_id = self._authorize(request, now)
+            call.app_id = app_id
+            self._admit_app(call, bucket, now)
+            self._roll_fault(call)
+            data = op(_Req(call, request.query, request.match_info, body, now, app_id))
+            response = self._answer(call, 0, MESSAGES[0], data)
+        except _Refused as refused:
+            response = self._answer(call, refused.code, refused.msg, refused.data, refused.headers)
+        except _GatewayFault as fault:
+            call.status = fault.status
+            # A gateway in front of Feishu answers these, with a plain-text body, not Feishu JSON.
+            response = web.Response(status=fault.status, text=f"{fault.status} gateway error",
+                                    headers={"X-Tt-Logid": call.log_id})
+        except _Drop:
+            await self._delay()
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            log.debug("sandbox: dropped %s %s", request.method, request.path)
+            return web.Response()
+        await self._delay()
+        log.debug("sandbox: %s %s -> %s %s", call.method, call.path, call.status, call.code)
+        return response
+
+    def _roll_fault(self, call: Call) -> None:
+        o = self.options
+        if o.fault_rate <= 0 or not o.fault_kinds or self._rng.random() >= o.fault_rate:
+            return
+        kind = self._rng.choice(o.fault_kinds)
+        call.fault = kind
+        if kind == "drop":
+            raise _Drop
+        if kind == "code1500":
+            raise _Refused(1500)
+        raise _GatewayFault(int(kind[4:]))
+
+    async def _delay(self) -> None:
+        o = self.options
+        pause = o.latency + (self._rng.uniform(0, o.latency_jitter) if o.latency_jitter > 0 else 0.0)
+        if pause > 0:
+            await asyncio.sleep(pause)
+
+    # ---- token endpoint --------------------------------------------------------------------------------------
+
+    async def _token_endpoint(self, request: web.Request) -> web.StreamResponse:
+        now = self._clock()
+        call = Call(at=now, method=request.method, path=request.path, api="auth.tenant_access_token",
+                    log_id=self._log_id())
+        self.calls.append(call)
+        self.token_requests += 1
+        body = await self._read_body(request)
+        try:
+            creds = msgspec.convert(body if isinstance(body, dict) else {}, AuthBody)
+        except msgspec.ValidationError:
+            creds = AuthBody()
+        call.app_id = creds.app_id or None
+        call.body = {"app_id": creds.app_id, "app_secret": "***"}  # never keep a secret in the log
+        headers = {"X-Tt-Logid": call.log_id}
+        if not creds.app_id or not creds.app_secret:
+            call.status, call.code, call.msg = 400, 10003, MESSAGES[10003]
+            return self._json(400, {"code": 10003, "msg": MESSAGES[10003]}, headers)
+        apps = self.options.apps
+        if apps and apps.get(creds.app_id) != creds.app_secret:
+            call.status, call.code, call.msg = 400, 10014, MESSAGES[10014]
+            return self._json(400, {"code": 10014, "msg": MESSAGES[10014]}, headers)
+        token = self._issue_token(creds.app_id, now)
+        expire = int(token.expires_at - now)
+        call.status, call.code, call.msg = 200, 0, "ok"
+        return self._json(200, {"code": 0, "msg": "ok", "tenant_access_token": token.value, "expire": expire},
+                          headers)
+
+    # ---- validation helpers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _decode(req: _Req, kind: type[S]) -> S:
+        if req.body is _NO_BODY:
+            raise _Refused(230001, "param is invalid: request body is not valid JSON")
+        try:
+            return msgspec.convert({} if req.body is None else req.body, kind)
+        except msgspec.ValidationError as err:
+            raise _Refused(230001, f"param is invalid: {err}") from None
+
+    @staticmethod
+    def _content(content: str, field: str = "content") -> None:
+        try:
+            _CONTENT.decode(content)
+        except msgspec.DecodeError:
+            raise _Refused(230001, f"param is invalid: `$.{field}` must be a JSON string encoding an object") \
+                from None
+
+    @staticmethod
+    def _query(req: _Req, name: str, allowed: tuple[str, ...], default: str | None = None) -> str:
+        value = req.query.get(name, default)
+        if value is None:
+            raise _Refused(230001, f"param is invalid: query `{name}` is required")
+        if value not in allowed:
+            raise _Refused(230001, f"param is invalid: query `{name}` must be one of {', '.join(allowed)}")
+        return value
+
+    def _live(self, message_id: str) -> Message | None:
+        message = self.messages.get(message_id)
+        if message is not None and message.recalled:
+            raise _Refused(230011)
+        return message
+
+    def _dedup(self, req: _Req, uuid: str | None, scope: str) -> dict[str, Any] | None:
+        req.call.uuid = uuid
+        if uuid is None:
+            return None
+        hit = self._uuids.get((req.app_id, req.call.api, uuid, scope))
+        if hit is not None and req.now - hit[0] < self._scaled(self.options.uuid_window):
+            req.call.deduped = True
+            req.call.message_id = hit[1].get("message_id")
+            return hit[1]
+        return None
+
+    def _create(self, req: _Req, *, chat_id: str, msg_type: str, content: str, uuid: str | None,
+                scope: str, parent_id: str = "") -> dict[str, Any]:
+        message_id = f"om_{secrets.token_hex(12)}"
+        self.messages[message_id] = Message(message_id=message_id, chat_id=chat_id, msg_type=msg_type,
+                                            content=content, uuid=uuid, parent_id=parent_id)
+        req.call.message_id = message_id
+        millis = str(int(time.time() * 1000))
+        data: dict[str, Any] = {
+            "message_id": message_id, "root_id": parent_id, "parent_id": parent_id, "msg_type": msg_type,
+            "create_time": millis, "update_time": millis, "deleted": False, "updated": False, "chat_id": chat_id,
+            "sender": {"id": req.app_id, "id_type": "app_id", "sender_type": "app", "tenant_key": "sandbox"},
+            "body": {"content": content},
+        }
+        if uuid is not None:
+            self._uuids[(req.app_id, req.call.api, uuid, scope)] = (req.now, data)
+            self.messages_by_uuid.setdefault(uuid, []).append(message_id)
+        return data
+
+    # ---- operations ------------------------------------------------------------------------------------------
+
+    _RECEIVE_TYPES: Final = ("open_id", "user_id", "union_id", "email", "chat_id")
+    _USER_TYPES: Final = ("open_id", "user_id", "union_id")
+
+    def _send(self, req: _Req) -> dict[str, Any]:
+        id_type = self._query(req, "receive_id_type", self._RECEIVE_TYPES)
+        body = self._decode(req, SendBody)
+        self._content(body.content)
+        self._targets(req, [(f"receive:{body.receive_id}", self._per_target())])
+        cached = self._dedup(req, body.uuid, "")
+        if cached is not None:
+            return cached
+        chat_id = body.receive_id if id_type == "chat_id" else f"oc_p2p_{body.receive_id}"
+        return self._create(req, chat_id=chat_id, msg_type=body.msg_type, content=body.content, uuid=body.uuid,
+                            scope="")
+
+    def _reply(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        body = self._decode(req, ReplyBody)
+        self._content(body.content)
+        parent = self._live(message_id)
+        key = f"chat:{parent.chat_id}" if parent is not None else f"message:{message_id}"
+        self._targets(req, [(key, self._per_target())])
+        cached = self._dedup(req, body.uuid, "")
+        if cached is not None:
+            return cached
+        chat_id = parent.chat_id if parent is not None else f"oc_of_{message_id}"
+        return self._create(req, chat_id=chat_id, msg_type=body.msg_type, content=body.content, uuid=body.uuid,
+                            scope="", parent_id=message_id)
+
+    def _edit(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        body = self._decode(req, EditBody)
+        self._content(body.content)
+        message = self._live(message_id)
+        self._targets(req, [(f"message:{message_id}", None)])
+        if message is not None:
+            message.edits += 1
+            message.content = body.content
+        return {"message_id": message_id, "msg_type": body.msg_type, "updated": True,
+                "body": {"content": body.content}}
+
+    def _recall(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        message = self._live(message_id)
+        self._targets(req, [(f"message:{message_id}", None)])
+        if message is not None:
+            message.recalled = True
+        return {}
+
+    def _patch(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        body = self._decode(req, PatchBody)
+        self._content(body.content)
+        message = self._live(message_id)
+        self._targets(req, [(f"message:{message_id}", self._per_target())])
+        if message is not None:
+            message.content = body.content
+        return {}
+
+    def _forward(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        id_type = self._query(req, "receive_id_type", self._RECEIVE_TYPES)
+        uuid = req.query.get("uuid")
+        if uuid is not None and len(uuid) > 50:
+            raise _Refused(230001, "param is invalid: query `uuid` is longer than 50 characters")
+        body = self._decode(req, ForwardBody)
+        source = self._live(message_id)
+        self._targets(req, [(f"receive:{body.receive_id}", self._per_target())])
+        cached = self._dedup(req, uuid, body.receive_id)  # forward page: same uuid + same target
+        if cached is not None:
+            return cached
+        chat_id = body.receive_id if id_type == "chat_id" else f"oc_p2p_{body.receive_id}"
+        return self._create(req, chat_id=chat_id, msg_type=source.msg_type if source else "text",
+                            content=source.content if source else "{}", uuid=uuid, scope=body.receive_id)
+
+    def _urgent(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        self._query(req, "user_id_type", self._USER_TYPES)
+        self._decode(req, UrgentBody)
+        self._live(message_id)
+        self._targets(req, [(f"message:{message_id}", None)])
+        return {"invalid_user_id_list": []}
+
+    def _reaction_add(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        body = self._decode(req, ReactionBody)
+        self._live(message_id)
+        self._targets(req, [(f"message:{message_id}", None)])
+        return {"reaction_id": f"r_{secrets.token_hex(8)}", "action_time": str(int(time.time() * 1000)),
+                "operator": {"operator_id": req.app_id, "operator_type": "app"},
+                "reaction_type": {"emoji_type": body.reaction_type.emoji_type}}
+
+    def _reaction_remove(self, req: _Req) -> dict[str, Any]:
+        message_id = req.match["message_id"]
+        self._live(message_id)
+        self._targets(req, [(f"message:{message_id}", None)])
+        return {"reaction_id": req.match["reaction_id"]}
+
+    def _pin(self, req: _Req, message_id: str) -> dict[str, Any]:
+        message = self._live(message_id)
+        self._targets(req, [(f"message:{message_id}", self._per_target())])
+        return {"pin": {"message_id": message_id, "chat_id": message.chat_id if message else "",
+                        "operator_id": req.app_id, "operator_id_type": "app_id",
+                        "create_time": str(int(time.time() * 1000))}}
+
+    def _pin_add(self, req: _Req) -> dict[str, Any]:
+        return self._pin(req, self._decode(req, PinBody).message_id)
+
+    def _pin_remove(self, req: _Req) -> dict[str, Any]:
+        self._pin(req, req.match["message_id"])
+        return {}
+
+    def _card_update(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, CardUpdateBody)
+        self._targets(req, [(f"card-token:{body.token}", None)])
+        return {}
+
+    def _ephemeral_send(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, EphemeralSendBody)
+        if not (body.open_id or body.user_id or body.email):
+            raise _Refused(230001, "param is invalid: one of `$.open_id`, `$.user_id`, `$.email` is required")
+        limit = Limit(self.options.ephemeral_chat_per_second, self._scaled(1.0))
+        self._targets(req, [(f"ephemeral-chat:{body.chat_id}", limit)])
+        return {"message_id": f"om_{secrets.token_hex(12)}"}
+
+    def _ephemeral_delete(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, EphemeralDeleteBody)
+        self._targets(req, [(f"message:{body.message_id}", None)])
+        return {}
+
+    def _url_preview(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, UrlPreviewBody)
+        limit = Limit(1, self._scaled(self.options.preview_token_interval))
+        self._targets(req, [(f"preview-token:{t}", limit) for t in dict.fromkeys(body.preview_tokens)])
+        return {}
+
+    def _chat_button(self, req: _Req) -> dict[str, Any]:
+        self._query(req, "user_id_type", self._USER_TYPES, default="open_id")
+        body = self._decode(req, ChatButtonBody)
+        if body.chat_id in self.options.chats_without_bot:
+            raise _Refused(230027)
+        self._targets(req, [(f"chat:{body.chat_id}", None)])
+        failed = [{"error_code": 0, "error_message": "The user is not in the chat", "user_id": u}
+                  for u in body.user_ids or [] if u in self.options.failed_users]
+        return {"failed_user_reasons": failed} if failed else {}
+
+    def _batch_send(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, BatchSendBody)
+        if body.content is None and body.card is None:
+            raise _Refused(230001, "param is invalid: one of `$.content`, `$.card` is required")
+        if not (body.open_ids or body.user_ids or body.union_ids or body.department_ids):
+            raise _Refused(230001, "param is invalid: no recipients (`$.open_ids`, `$.user_ids`, `$.union_ids`, "
+                                   "`$.department_ids`)")
+        self._targets(req, [])
+        return {"message_id": f"bm-{secrets.token_hex(12)}", "invalid_department_ids": [],
+                "invalid_open_ids": [], "invalid_user_ids": [], "invalid_union_ids": []}
+
+    def _generic(self, req: _Req) -> dict[str, Any]:
+        self._targets(req, [])
+        return {}
+
+    # ---- /_sandbox ------------------------------------------------------------------------------------------
+
+    async def _control_calls(self, request: web.Request) -> web.StreamResponse:
+        api = request.query.get("api")
+        return self._json(200, self.calls_for(api) if api else self.calls)
+
+    async def _control_stats(self, request: web.Request) -> web.StreamResponse:
+        return self._json(200, {
+            "calls": len(self.calls),
+            "token_requests": self.token_requests,
+            "throttled": self.throttled_count(),
+            "violations": self.violations(),
+            "messages_by_uuid": self.messages_by_uuid,
+        })
+
+    async def _control(self, request: web.Request) -> web.StreamResponse:
+        try:
+            control = _CONTROL.decode(await request.read() or b"{}")
+        except msgspec.DecodeError as err:
+            return self._json(400, {"code": 400, "msg": f"bad control: {err}", "data": {}})
+        self.apply(control)
+        return self._json(200, {"code": 0, "msg": "ok", "data": {}})
+
+    async def _control_reset(self, request: web.Request) -> web.StreamResponse:
+        self.reset()
+        return self._json(200, {"code": 0, "msg": "ok", "data": {}})
+
+
+async def serve(host: str = "127.0.0.1", port: int = 8090, options: SandboxOptions | None = None) -> None:
+    """Run a sandbox until cancelled (``relay sandbox``)."""
+    sandbox = Sandbox(options)
+    url = await sandbox.start(host, port)
+    log.info("Feishu sandbox listening on %s (time_scale %g)", url, sandbox.options.time_scale)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await sandbox.stop()
