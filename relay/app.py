@@ -1,9 +1,223 @@
-"""Wiring and lifetime: builds every part the config enables, runs until SIGTERM/SIGINT, stops in reverse."""
+"""Wiring and lifetime: the one owner of the running relay.
+
+``relay run`` starts, in order, and stops in reverse (each only if it started): the sandbox (``--with-sandbox``
+and no real credentials), the relay's topics, the Kafka producer, the HTTP server (inbound webhooks,
+``/healthz``, ``/readyz``, ``/metrics``), the Feishu client and the outbound consumer. SIGTERM/SIGINT set one
+stop event: the consumer stops fetching, drains, commits and leaves its group; then the rest closes; exit 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import sys
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from relay.backoff import RetryPolicy
+from relay.config import AppConfig, Config, Secret, load_config
+from relay.errors import RelayError
+from relay.executor import Executor
+from relay.feishu import FeishuClient
+from relay.intents import decode_intent, ordering_key, schema
+from relay.kafka import ensure_topics, make_consumer, make_producer
+from relay.limits import Limiter
+from relay.metrics import Metrics
+from relay.outbound import Outbound
+
+log = logging.getLogger(__name__)
+
+# credentials that mean "no real app": `make run` talks to the local sandbox
+SANDBOX_APP_ID = "cli_sandbox"
+SANDBOX_SECRET = "sandbox-secret"  # noqa: S105 - a placeholder that only the local sandbox accepts
+SANDBOX_PORT = 8090
 
 
 def main(args: argparse.Namespace) -> int:
-    raise SystemExit(f"relay {args.command}: not wired yet")
+    if args.command == "schema":
+        print(json.dumps(schema(), indent=2))
+        return 0
+    if args.command == "sandbox":
+        from relay.sandbox import SandboxOptions, serve
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args.host, args.port, SandboxOptions(time_scale=args.time_scale)))
+        return 0
+    config = load_config(args.config)
+    if args.command == "send":
+        return asyncio.run(send(config, args.intent, args.timeout))
+    if args.command == "run":
+        return asyncio.run(run(config, with_sandbox=args.with_sandbox))
+    raise SystemExit(f"unknown command {args.command}")
+
+
+def uses_sandbox(config: Config) -> bool:
+    """True when no app has real credentials (none configured, or only the sandbox placeholder)."""
+    return all(app.app_id == SANDBOX_APP_ID or not app.app_secret for app in config.apps)
+
+
+def with_sandbox_url(config: Config, base_url: str) -> Config:
+    apps = config.apps or [AppConfig(name="default", app_id=SANDBOX_APP_ID, app_secret=Secret(SANDBOX_SECRET))]
+    apps = [msgspec.structs.replace(app, base_url=None) for app in apps]
+    feishu = msgspec.structs.replace(config.feishu, base_url=base_url)
+    return msgspec.structs.replace(config, feishu=feishu, apps=apps)
+
+
+def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
+    k = config.kafka
+    topics: dict[str, dict[str, str]] = {name: {} for name in k.intents_topics}
+    for name in (k.results_topic, k.dead_letter_topic, k.events_topic, k.callbacks_topic,
+                 *config.inbound.routes.values()):
+        topics.setdefault(name, {})
+    topics[k.preview_memory_topic] = {"cleanup.policy": "compact"}
+    return topics
+
+
+class Health:
+    """``/healthz``: the process is up. ``/readyz``: every enabled part has started and none has died."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.ready = False
+        self.problem: str | None = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ready and self.problem is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": self.problem or "starting"}, status=503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics.render(), content_type="text/plain")
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_text)
+
+
+async def run(config: Config, *, with_sandbox: bool = False) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = Metrics()
+    health = Health(metrics)
+    async with contextlib.AsyncExitStack() as stack:
+        if with_sandbox and uses_sandbox(config):
+            from relay.sandbox import Sandbox, SandboxOptions
+
+            sandbox = Sandbox(SandboxOptions(time_scale=config.feishu.time_scale))
+            base_url = await sandbox.start("127.0.0.1", SANDBOX_PORT)
+            stack.push_async_callback(sandbox.stop)
+            config = with_sandbox_url(config, base_url)
+            log.info("no real app credentials: using the local Feishu sandbox at %s", base_url)
+        if config.kafka.create_topics:
+            await ensure_topics(config.kafka, topics_to_create(config))
+
+        producer = make_producer(config.kafka)
+        stack.push_async_callback(producer.stop)  # safe even if start() failed half-way
+        await producer.start()
+
+        if config.http.enabled:
+            web_app = web.Application(client_max_size=config.inbound.max_body_bytes + 1)
+            health.install(web_app)
+            if config.inbound.enabled:
+                from relay.inbound import Inbound, KafkaPublisher
+
+                Inbound(config, KafkaPublisher(producer, config.inbound.publish_timeout), metrics).install(web_app)
+            runner = web.AppRunner(web_app, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, config.http.host, config.http.port).start()
+            log.info("http on %s:%d", config.http.host, config.http.port)
+
+        tasks: list[asyncio.Task[Any]] = []
+        if config.outbound.enabled:
+            client = FeishuClient(config)
+            await client.start()
+            stack.push_async_callback(client.close)
+            outbound = await start_outbound(config, client, producer, metrics, stack)
+            tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
+        health.ready = True
+        log.info("relay running (apps: %s)", ", ".join(a.name for a in config.apps) or "none")
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        for task in failed:
+            health.problem = f"{task.get_name()} died: {task.exception()}"
+            log.error("%s", health.problem, exc_info=task.exception())
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stopper.cancel()
+        log.info("relay stopped")
+    return 1 if failed else 0
+
+
+async def start_outbound(config: Config, client: FeishuClient, producer: Any, metrics: Metrics,
+                         stack: contextlib.AsyncExitStack) -> Outbound:
+    feishu = config.feishu
+    limiter = Limiter(clock=time.monotonic, sleep=asyncio.sleep, jitter=feishu.limit_jitter, utilization=feishu.limit_utilization, share=feishu.quota_share,
+                      time_scale=feishu.time_scale)
+    out = config.outbound
+    policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
+                         cap=out.backoff_cap)
+    executor = Executor(client, limiter, policy, rng=random.Random())
+    previews = None
+    try:
+        from relay.previews import KafkaPreviewMemory, PreviewCoalescer
+    except ImportError:  # pragma: no cover - the coalescer lands in its own change
+        log.warning("url_preview.update coalescing unavailable; previews are sent one by one")
+    else:
+        memory = KafkaPreviewMemory(config.kafka, producer)
+        previews = PreviewCoalescer(executor, memory, config)
+        await previews.start()
+        stack.push_async_callback(previews.stop)
+    consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
+                             rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
+    return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
+                    previews=previews)
+
+
+async def send(config: Config, text: str, timeout: float) -> int:
+    """Produce one intent and print its result record (``relay send``)."""
+    raw = (sys.stdin.read() if text == "-" else text).encode()
+    intent = decode_intent(raw)  # fail here, with the reason, rather than as a rejected result
+    from aiokafka import TopicPartition
+
+    consumer = make_consumer(config.kafka, group_id=None)
+    producer = make_producer(config.kafka)
+    try:
+        await consumer.start()
+        await producer.start()
+        results = config.kafka.results_topic
+        await ensure_topics(config.kafka, {results: {}})
+        partitions = [TopicPartition(results, p) for p in (consumer.partitions_for_topic(results) or {0})]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)
+        await producer.send_and_wait(config.kafka.intents_topics[0], raw, key=ordering_key(intent).encode())
+        print(f"sent {intent.id} to {config.kafka.intents_topics[0]}; waiting for its result", file=sys.stderr)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    if record.key == intent.id.encode() and record.value is not None:
+                        print(record.value.decode())
+                        return 0
+        raise RelayError(f"no result for {intent.id} within {timeout:.0f}s (is `relay run` running?)")
+    finally:
+        await producer.stop()
+        await consumer.stop()

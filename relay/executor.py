@@ -1,0 +1,99 @@
+"""Performs one Feishu call to its end: limits, attempts, token refresh, retries, expiry.
+
+For each attempt, in this order: check ``expires_at``; wait for the per-target then the app-wide bucket
+(retries take tokens like first attempts); check ``expires_at`` again (the wait may have been long); run the
+caller's ``before_attempt`` hook; send. Then branch on the classified outcome:
+
+    OK / PARTIAL / PERMANENT   done
+    REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
+    RETRY                      tell the limiter when Feishu throttled us (that bucket pauses and slows), then
+                               wait the jittered backoff (at least ``x-ogw-ratelimit-reset`` and at least
+                               ``min_retry_delay``) unless the policy's attempts or total time are used up
+
+The result says how many attempts were made and whether the call stopped because it expired. Nothing here
+raises for an expected answer; cancellation propagates (the caller decides what an abandoned call means).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import msgspec
+
+from relay.backoff import RetryPolicy
+from relay.calls import Call
+from relay.limits import Limiter
+from relay.outcomes import Outcome, Verdict
+
+log = logging.getLogger(__name__)
+
+# Feishu's IM frequency-limit code for a per-target limit (facts §4); 429/99991400 are app-wide
+PER_TARGET_LIMIT_CODE = 230020
+
+
+class Sender(Protocol):
+    async def send(self, app: str, call: Call) -> Outcome: ...
+
+
+class Attempted(msgspec.Struct, frozen=True):
+    """How a call ended: the last outcome, the attempts made, and whether ``expires_at`` stopped it."""
+
+    outcome: Outcome | None
+    attempts: int
+    expired: bool = False
+    exhausted: bool = False
+
+
+class Executor:
+    def __init__(self, sender: Sender, limiter: Limiter, policy: RetryPolicy, *,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rng: random.Random | None = None) -> None:
+        self._sender = sender
+        self._limiter = limiter
+        self._policy = policy
+        self._clock = clock
+        self._wall = wall
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    async def execute(self, app: str, call: Call, *, expires_at: float | None = None,
+                      min_retry_delay: float = 0.0,
+                      before_attempt: Callable[[], Awaitable[None]] | None = None) -> Attempted:
+        """Perform ``call`` for ``app``; ``expires_at`` is a wall-clock (epoch) instant."""
+        attempts = 0
+        refreshed = False
+        first = self._clock()
+        outcome: Outcome | None = None
+        while True:
+            if expires_at is not None and self._wall() >= expires_at:
+                return Attempted(outcome, attempts, expired=True)
+            await self._limiter.acquire(app, call.api, call.api_windows, call.target, call.target_windows)
+            if expires_at is not None and self._wall() >= expires_at:
+                return Attempted(outcome, attempts, expired=True)
+            if before_attempt is not None:
+                await before_attempt()
+            attempts += 1
+            outcome = await self._sender.send(app, call)
+            verdict = outcome.verdict
+            if verdict is Verdict.REFRESH:
+                if refreshed:
+                    return Attempted(outcome, attempts)
+                refreshed = True
+                continue
+            if verdict is not Verdict.RETRY:
+                return Attempted(outcome, attempts)
+            if outcome.throttled:
+                per_target = outcome.code == PER_TARGET_LIMIT_CODE and call.target is not None
+                self._limiter.throttled(app, call.api, call.target if per_target else None, outcome.retry_after)
+            delay = max(self._policy.delay(attempts, self._rng, outcome.retry_after), min_retry_delay)
+            if not self._policy.allows(attempts, first, self._clock(), delay):
+                return Attempted(outcome, attempts, exhausted=True)
+            log.debug("retrying %s for app %s in %.2fs (attempt %d: %s %s)", call.api, app, delay, attempts,
+                      outcome.code, outcome.msg)
+            await self._sleep(delay)

@@ -1,0 +1,179 @@
+"""The Feishu Open API client: one pooled aiohttp session, tenant tokens per app, one attempt per ``send``.
+
+Tokens (feishu-facts §1): ``tenant_access_token`` is fetched on demand, cached until ``expire`` minus a margin
+(``feishu.token_refresh_margin``, the Python SDK uses 10 min), and refreshed by **one** request per app however
+many calls need it at once (a shared future). When Feishu says a token is invalid (99991663/99991664/99991671)
+the client drops *that* token (compare-and-drop, so a hundred calls failing on the same stale token cause one
+refresh) and the executor retries once.
+
+``send`` never raises for an expected answer: it returns an :class:`~relay.outcomes.Outcome` (a network error
+becomes a RETRY outcome). Retrying, limits and expiry are the executor's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+import aiohttp
+import msgspec
+
+from relay.calls import Call
+from relay.config import AppConfig, Config
+from relay.outcomes import Outcome, Verdict, classify, network_error
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATH: Final = "/open-apis/auth/v3/tenant_access_token/internal"
+JSON_CONTENT: Final = "application/json; charset=utf-8"
+
+
+class _TokenAnswer(msgspec.Struct):
+    code: int = -1
+    msg: str = ""
+    tenant_access_token: str = ""
+    expire: float = 0.0
+
+
+_token_decoder: Final = msgspec.json.Decoder(_TokenAnswer)
+
+
+class TokenUnavailable(Exception):
+    """The token endpoint did not give a token; ``outcome`` says whether to retry."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.msg)
+        self.outcome = outcome
+
+
+class _Cached:
+    __slots__ = ("token", "valid_until")
+
+    def __init__(self, token: str, valid_until: float) -> None:
+        self.token = token
+        self.valid_until = valid_until
+
+
+class FeishuClient:
+    """Sends one :class:`~relay.calls.Call` for one app and classifies the answer."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self._apps: dict[str, AppConfig] = {app.name: app for app in config.apps}
+        self._tokens: dict[str, _Cached] = {}
+        self._refreshing: dict[str, asyncio.Future[str]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self.token_requests = 0
+
+    async def start(self) -> None:
+        feishu = self._config.feishu
+        timeout = aiohttp.ClientTimeout(total=feishu.request_timeout, sock_connect=feishu.connect_timeout)
+        connector = aiohttp.TCPConnector(limit=feishu.max_connections, ttl_dns_cache=300)
+        # trust_env: honour HTTP(S)_PROXY / NO_PROXY from the environment
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=True,
+                                              raise_for_status=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def knows(self, app: str) -> bool:
+        return app in self._apps
+
+    # tokens -------------------------------------------------------------------------------------------
+
+    async def token(self, app: str) -> str:
+        """A valid tenant_access_token for ``app``; at most one refresh request per app at a time."""
+        cached = self._tokens.get(app)
+        if cached is not None and self._clock() < cached.valid_until:
+            return cached.token
+        pending = self._refreshing.get(app)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._refreshing[app] = pending
+            task = asyncio.create_task(self._refresh(app, pending))
+            task.add_done_callback(lambda _: self._refreshing.pop(app, None))
+        # shield: a caller cancelled while waiting must not cancel the refresh the others share
+        return await asyncio.shield(pending)
+
+    def drop_token(self, app: str, token: str) -> None:
+        """Forget ``token`` if it is still the cached one (others may have refreshed it already)."""
+        cached = self._tokens.get(app)
+        if cached is not None and cached.token == token:
+            del self._tokens[app]
+
+    async def _refresh(self, app_name: str, result: asyncio.Future[str]) -> None:
+        try:
+            token, expire = await self._fetch_token(self._apps[app_name])
+            margin = self._config.feishu.token_refresh_margin
+            # a short-lived token (sandbox time scale) is refreshed at half its life instead
+            life = expire - margin if expire > 2 * margin else expire / 2
+            self._tokens[app_name] = _Cached(token, self._clock() + life)
+            result.set_result(token)
+        except TokenUnavailable as err:
+            result.set_exception(err)
+        except BaseException as err:  # cancellation or a bug: waiters must not hang
+            result.set_exception(TokenUnavailable(network_error(err)))
+            if isinstance(err, asyncio.CancelledError):
+                raise
+        finally:
+            if not result.done():
+                result.cancel()
+            # a stored exception nobody awaited must not be logged as "never retrieved"
+            if result.done() and not result.cancelled():
+                result.exception()
+
+    async def _fetch_token(self, app: AppConfig) -> tuple[str, float]:
+        assert self._session is not None, "FeishuClient.start() was not awaited"
+        self.token_requests += 1
+        url = self._config.base_url_for(app) + TOKEN_PATH
+        body = msgspec.json.encode({"app_id": app.app_id, "app_secret": app.app_secret.reveal()})
+        try:
+            async with self._session.post(url, data=body, headers={"Content-Type": JSON_CONTENT}) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            raise TokenUnavailable(_prefixed(network_error(err))) from None
+        try:
+            answer = _token_decoder.decode(raw)
+        except msgspec.DecodeError:
+            answer = _TokenAnswer()
+        if answer.code == 0 and answer.tenant_access_token and answer.expire > 0:
+            log.info("tenant_access_token for app %s refreshed (expires in %.0fs)", app.name, answer.expire)
+            return answer.tenant_access_token, answer.expire
+        outcome = classify(status, headers, raw, api="auth.tenant_access_token")
+        if outcome.verdict is Verdict.OK:  # code 0 but no token: treat as unreadable, permanent
+            outcome = msgspec.structs.replace(outcome, verdict=Verdict.PERMANENT, msg="no token in answer")
+        raise TokenUnavailable(_prefixed(outcome))
+
+    # calls --------------------------------------------------------------------------------------------
+
+    async def send(self, app: str, call: Call) -> Outcome:
+        """Perform ``call`` once for ``app``; every answer (and every failure to get one) is an Outcome."""
+        assert self._session is not None, "FeishuClient.start() was not awaited"
+        try:
+            token = await self.token(app)
+        except TokenUnavailable as err:
+            return err.outcome
+        url = self._config.base_url_for(self._apps[app]) + call.path
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON_CONTENT}
+        try:
+            async with self._session.request(call.method, url, params=call.query or None, data=call.body,
+                                             headers=headers) as resp:
+                raw = await resp.read()
+                outcome = classify(resp.status, resp.headers, raw, api=call.api)
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            return network_error(err)
+        if outcome.verdict is Verdict.REFRESH:
+            self.drop_token(app, token)
+        return outcome
+
+
+def _prefixed(outcome: Outcome) -> Outcome:
+    return msgspec.structs.replace(outcome, msg=f"tenant_access_token: {outcome.msg}")
+

@@ -1,0 +1,94 @@
+"""Commit bookkeeping for one partition: only the contiguous prefix of finished records is committed.
+
+Records of a partition finish out of order (different keys run concurrently, a key may wait on a limit or a
+retry). Kafka stores one offset per partition, meaning "everything before this is done". So the commit point is
+the lowest offset still pending, or one past the highest offset seen when nothing is pending. A record counts as
+finished only when its result (and dead letter, if any) is acknowledged by Kafka; a relay killed at any instant
+therefore redoes at most the records at or after the committed offset.
+
+Records finished *above* the commit point (a later key done while an earlier one still waits) would be redone
+by the next owner of the partition. To avoid repeating those calls, the commit carries them in Kafka's offset
+``metadata`` string (the technique of Confluent's parallel-consumer): a bitmap of finished offsets relative to
+the committed one. The next owner reads it back and skips those records. The bitmap is bounded by
+``MAX_METADATA`` characters (the broker's ``offset.metadata.max.bytes`` defaults to 4096); past that the
+metadata is left empty and the tail is redone, which is still at-least-once.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+from collections.abc import Iterable
+from typing import Final
+
+MAX_METADATA: Final = 4000
+_PREFIX: Final = "done1:"
+
+
+def encode_done(commit_point: int, done: Iterable[int]) -> str:
+    """Offsets finished above ``commit_point`` as commit metadata ("" when none or too many)."""
+    relative = sorted(o - commit_point for o in done if o > commit_point)
+    if not relative:
+        return ""
+    bits = bytearray((relative[-1] >> 3) + 1)
+    for r in relative:
+        bits[r >> 3] |= 1 << (r & 7)
+    text = _PREFIX + base64.b64encode(bytes(bits)).decode()
+    return text if len(text) <= MAX_METADATA else ""
+
+
+def decode_done(commit_point: int, metadata: str | None) -> set[int]:
+    """The finished offsets a previous owner recorded with ``commit_point`` (empty if none or unreadable)."""
+    if not metadata or not metadata.startswith(_PREFIX):
+        return set()
+    try:
+        bits = base64.b64decode(metadata[len(_PREFIX):], validate=True)
+    except ValueError:
+        return set()
+    return {commit_point + (i << 3) + b for i, byte in enumerate(bits) for b in range(8) if byte >> b & 1}
+
+
+class PartitionOffsets:
+    """Pending offsets of one partition and the offset that may be committed."""
+
+    __slots__ = ("_done", "_heap", "committed", "committed_metadata", "highest")
+
+    def __init__(self) -> None:
+        self._heap: list[int] = []  # pending offsets (lazy deletion: finished ones are dropped at the top)
+        self._done: set[int] = set()
+        self.highest = -1
+        self.committed: int | None = None
+        self.committed_metadata = ""
+
+    def add(self, offset: int) -> None:
+        heapq.heappush(self._heap, offset)
+        self.highest = max(self.highest, offset)
+
+    def done(self, offset: int) -> None:
+        self._done.add(offset)
+        while self._heap and self._heap[0] in self._done:
+            self._done.discard(heapq.heappop(self._heap))
+
+    @property
+    def pending(self) -> int:
+        return len(self._heap) - len(self._done)
+
+    def commit_point(self) -> int | None:
+        """The offset to commit (next record to read), or None when nothing was ever added."""
+        if self.highest < 0:
+            return None
+        return self._heap[0] if self._heap else self.highest + 1
+
+    def finished_above(self) -> set[int]:
+        """Offsets already finished above the commit point (what ``encode_done`` records)."""
+        return set(self._done)
+
+    def uncommitted(self) -> tuple[int, str] | None:
+        """(commit point, metadata) if either moved since the last successful commit, else None."""
+        point = self.commit_point()
+        if point is None:
+            return None
+        metadata = encode_done(point, self._done)
+        if (point, metadata) == (self.committed, self.committed_metadata):
+            return None
+        return point, metadata

@@ -1,0 +1,103 @@
+"""What the relay writes for each intent: one result record, and a dead letter for every rejected/failed one.
+
+Result record (results topic): key = intent ``id`` (or the source key when no id could be read), value = the
+:class:`~relay.intents.Result` JSON, headers = the intent record's ``traceparent`` and any header named in
+``kafka.forward_headers``, unchanged.
+
+Dead letter (dead-letter topic): the original value bytes and key unchanged; headers ``relay.error``
+(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted``), ``relay.reason`` (one line),
+``relay.source.topic``, ``relay.source.partition``, ``relay.source.offset``, then the original headers.
+Expired intents are reported, not dead-lettered (SPEC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+
+from relay.executor import Attempted
+from relay.intents import Result
+from relay.outcomes import Outcome, Verdict
+
+Headers = list[tuple[str, bytes]]
+
+ALWAYS_FORWARDED: Final = "traceparent"
+
+
+class Written(msgspec.Struct, frozen=True):
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers
+
+
+def utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def forwarded_headers(headers: Sequence[tuple[str, bytes]], names: Iterable[str]) -> Headers:
+    wanted = {ALWAYS_FORWARDED, *names}
+    return [(k, v) for k, v in headers if k in wanted]
+
+
+def dead_letter_headers(headers: Sequence[tuple[str, bytes]], *, error: str, reason: str, topic: str,
+                        partition: int, offset: int) -> Headers:
+    return [
+        ("relay.error", error.encode()),
+        ("relay.reason", one_line(reason).encode()),
+        ("relay.source.topic", topic.encode()),
+        ("relay.source.partition", str(partition).encode()),
+        ("relay.source.offset", str(offset).encode()),
+        *headers,
+    ]
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def feishu_reason(outcome: Outcome) -> str:
+    code = "no answer" if outcome.code is None else f"code {outcome.code}"
+    status = f" (HTTP {outcome.http_status})" if outcome.http_status is not None else ""
+    return f"Feishu {code}{status}: {outcome.msg}"
+
+
+def from_attempt(attempted: Attempted) -> tuple[str, str | None, dict[str, Any]]:
+    """(status, dead-letter error or None, result fields) for a performed call."""
+    outcome = attempted.outcome
+    fields: dict[str, Any] = {"attempts": attempted.attempts}
+    if outcome is not None:
+        fields.update(code=outcome.code, msg=outcome.msg, data=outcome.data, http_status=outcome.http_status,
+                      log_id=outcome.log_id)
+    if attempted.expired:
+        note = f" after {attempted.attempts} attempt(s)" if attempted.attempts else " before any attempt"
+        fields["msg"] = f"expires_at passed{note}"
+        return "expired", None, fields
+    assert outcome is not None
+    if outcome.verdict is Verdict.OK:
+        return "ok", None, fields
+    if outcome.verdict is Verdict.PARTIAL:
+        return "partial", None, fields
+    if attempted.exhausted:
+        fields["msg"] = f"retries exhausted after {attempted.attempts} attempt(s); last: {feishu_reason(outcome)}"
+        return "failed", "retries-exhausted", fields
+    return "failed", "feishu", fields
+
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def result_value(result: Result) -> bytes:
+    return _encoder.encode(result)
+
+
+def make_result(*, id: str, kind: str | None, app: str | None, status: str, received_at: float,
+                finished_at: float, **fields: Any) -> Result:
+    return Result(id=id, kind=kind, app=app, status=status,  # type: ignore[arg-type]  # checked by callers
+                  received_at=utc(received_at), finished_at=utc(finished_at), **fields)

@@ -1,0 +1,77 @@
+"""Commit bookkeeping: only the contiguous finished prefix of a partition is ever committed."""
+
+from __future__ import annotations
+
+import random
+
+from relay.offsets import MAX_METADATA, PartitionOffsets, decode_done, encode_done
+
+
+def test_empty_partition_has_no_commit_point() -> None:
+    assert PartitionOffsets().commit_point() is None
+
+
+def test_commit_point_is_lowest_pending() -> None:
+    p = PartitionOffsets()
+    for off in (10, 11, 12, 13):
+        p.add(off)
+    assert p.commit_point() == 10
+    p.done(12)
+    p.done(11)
+    assert p.commit_point() == 10  # 10 still pending: 11 and 12 must not be committed yet
+    p.done(10)
+    assert p.commit_point() == 13
+    p.done(13)
+    assert p.commit_point() == 14
+    assert p.pending == 0
+
+
+def test_uncommitted_reports_only_moves() -> None:
+    p = PartitionOffsets()
+    p.add(0)
+    p.done(0)
+    assert p.uncommitted() == (1, "")
+    p.committed = 1
+    assert p.uncommitted() is None
+    p.add(1)
+    assert p.uncommitted() is None  # the commit point is still 1
+    p.add(2)
+    p.done(2)  # finished above the commit point: the metadata changes, so there is something to commit
+    moved = p.uncommitted()
+    assert moved is not None and moved[0] == 1 and decode_done(1, moved[1]) == {2}
+    p.committed, p.committed_metadata = moved
+    p.done(1)
+    assert p.uncommitted() == (3, "")
+
+
+def test_random_completion_order_never_commits_past_a_pending_offset() -> None:
+    rng = random.Random(7)
+    p = PartitionOffsets()
+    offsets = list(range(1000))
+    for off in offsets:
+        p.add(off)
+    order = offsets[:]
+    rng.shuffle(order)
+    finished: set[int] = set()
+    for off in order:
+        p.done(off)
+        finished.add(off)
+        point = p.commit_point()
+        assert point is not None
+        assert all(o in finished for o in range(point))  # everything before the point is done
+        assert point == 1000 or point not in finished  # and the point itself is the first not done
+    assert p.commit_point() == 1000
+
+
+def test_done_offsets_round_trip_through_commit_metadata() -> None:
+    done = {101, 102, 107, 164, 1100}
+    text = encode_done(100, done | {99, 100})  # at or below the commit point: not recorded
+    assert decode_done(100, text) == done
+    assert encode_done(100, []) == ""
+    assert decode_done(100, "") == set()
+    assert decode_done(100, "something else") == set()
+    assert decode_done(100, "done1:!!!") == set()
+
+
+def test_too_many_done_offsets_fall_back_to_no_metadata() -> None:
+    assert encode_done(0, {MAX_METADATA * 8}) == ""  # redo the tail rather than exceed the broker's cap
