@@ -37,6 +37,7 @@ __all__ = [
     "ChatButtonUpdate",
     "ChatButtonUrls",
     "ChatButtons",
+    "Content",
     "EphemeralDelete",
     "EphemeralSend",
     "Intent",

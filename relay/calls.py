@@ -1,0 +1,270 @@
+"""The Feishu APIs the relay calls, and the pure mapping from an intent to the HTTP call that performs it.
+
+A ``Call`` is everything the I/O shell needs and nothing it has to decide: method, filled path, query, the body
+bytes exactly as Feishu expects them, the stable name of the Feishu API (the limiter's key, with the app), the
+app-wide windows of that API, and the per-target key and windows where Feishu documents one.
+
+Body encoding: the im/v1 message APIs (create, reply, update, patch) want ``content`` as a JSON *string*; an
+object given by the producer is encoded to that string, a string is passed through. The APIs that want an
+object (``message/v4/batch_send``, ``interactive/v1/card/update``, ``ephemeral/v1/send``) get the object; a
+string given by the producer is embedded as the JSON it holds (``decode_intent`` checked it is an object).
+
+Limits (facts = /work/shared/feishu-facts.md, seeds = /work/shared/seeds/): the limiter keys app-wide windows by
+(app, ``api``) and per-target windows by (app, ``api``, ``target``); both must admit a call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+from urllib.parse import quote
+
+import msgspec
+
+from relay.intents import (
+    ApiCall,
+    CardDelayUpdate,
+    CardPatch,
+    ChatButtonUpdate,
+    Content,
+    EphemeralDelete,
+    EphemeralSend,
+    Intent,
+    MessageBatchSend,
+    MessageEdit,
+    MessageForward,
+    MessageRecall,
+    MessageReply,
+    MessageSend,
+    MessageUrgent,
+    PinAdd,
+    PinRemove,
+    ReactionAdd,
+    ReactionRemove,
+    UrlPreviewUpdate,
+)
+from relay.limits import Window
+
+__all__ = [
+    "API_WINDOWS",
+    "PREVIEW_TOKEN_WINDOWS",
+    "Call",
+    "build_call",
+    "url_preview_call",
+]
+
+
+class Call(msgspec.Struct, frozen=True, kw_only=True):
+    """One HTTP request to Feishu, fully decided. ``path`` is filled and quoted; ``body`` is the exact bytes."""
+
+    method: str
+    path: str
+    query: dict[str, str] = msgspec.field(default_factory=dict)
+    body: bytes | None = None
+    api: str  # stable name of the Feishu API, e.g. "im.message.create"; api.call: "api:<METHOD> <template>"
+    api_windows: tuple[Window, ...]  # the app-wide limits of ``api``
+    target: str | None = None  # the per-target limit key, e.g. "receive:oc_1", within ``api``
+    target_windows: tuple[Window, ...] = ()
+    uuid_protected: bool = False  # Feishu performs the call at most once per hour for this uuid (facts §3)
+
+
+# --- limits -------------------------------------------------------------------------------------------------
+
+# facts §2.3 (im-v1 message create/reply/update/patch/delete/forward, reactions, pins, card/update, ephemeral,
+# batch_send): "1000/min & 50/s" -- both windows must hold.
+IM: Final = (Window(50, 1), Window(1000, 60))
+# facts §2.3 urgent_app "默认接口限流为 50 QPS", urgent_sms "1000/min & 50/s", urgent_phone assumed the same:
+# we keep the stricter pair for all three.
+URGENT: Final = IM
+# seeds/url_preview_batch_update.md: 接口频率限制 5 次/秒.
+URL_PREVIEW: Final = (Window(5, 1),)
+# seeds/url_preview_batch_update.md: "单个 token 限制更新频率为 1次/5秒" (for the coalescer, keyed by token).
+PREVIEW_TOKEN_WINDOWS: Final = (Window(1, 5),)
+# seeds/chat_button_update.md: 接口频率限制 10 次/秒.
+CHAT_BUTTON: Final = (Window(10, 1),)
+# facts §2.3 batch_send: "1000/min & 50/s".
+BATCH_SEND: Final = IM
+# facts §2.3 create/reply/forward: "≤5 QPS to the same user; ≤5 QPS to the same group"; patch: "single message
+# ≤5 QPS"; pin/unpin: "same message ≤5 QPS".
+PER_TARGET: Final = (Window(5, 1),)
+# facts §2.3 ephemeral send: "40 QPS per group".
+EPHEMERAL_CHAT: Final = (Window(40, 1),)
+
+# The app-wide windows of every named API (api.call's come from its intent).
+API_WINDOWS: Final[dict[str, tuple[Window, ...]]] = {
+    "im.message.create": IM,
+    "im.message.reply": IM,
+    "im.message.update": IM,
+    "im.message.delete": IM,
+    "im.message.forward": IM,
+    "im.message.patch": IM,
+    "im.message.urgent_app": URGENT,
+    "im.message.urgent_sms": URGENT,
+    "im.message.urgent_phone": URGENT,
+    "im.message_reaction.create": IM,
+    "im.message_reaction.delete": IM,
+    "im.pin.create": IM,
+    "im.pin.delete": IM,
+    "interactive.card.update": IM,
+    "ephemeral.send": IM,
+    "ephemeral.delete": IM,
+    "im.url_preview.batch_update": URL_PREVIEW,
+    "im.chat_button.update": CHAT_BUTTON,
+    "message.batch_send": BATCH_SEND,
+}
+
+_MESSAGES: Final = "/open-apis/im/v1/messages"
+_encoder: Final = msgspec.json.Encoder()
+
+
+def _seg(value: str) -> str:
+    """One path segment, URL-quoted (an id must never add a segment or a query)."""
+    return quote(value, safe="")
+
+
+def _json(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def _as_string(content: Content) -> str:
+    """im/v1 wants ``content`` as the JSON string of the object."""
+    return content if isinstance(content, str) else _encoder.encode(content).decode()
+
+
+def _as_object(content: Content) -> Any:
+    """v4 batch_send, card/update and ephemeral want the object itself; a string holds its JSON already."""
+    return msgspec.Raw(content.encode()) if isinstance(content, str) else content
+
+
+def _call(method: str, path: str, api: str, *, query: dict[str, str] | None = None, body: Any = None,
+          target: str | None = None, target_windows: tuple[Window, ...] = (), uuid: bool = False) -> Call:
+    return Call(
+        method=method, path=path, query=query or {}, body=None if body is None else _json(body), api=api,
+        api_windows=API_WINDOWS[api], target=target, target_windows=target_windows if target else (),
+        uuid_protected=uuid,
+    )
+
+
+def url_preview_call(tokens: Sequence[str], open_ids: Sequence[str] | None) -> Call:
+    """POST /open-apis/im/v2/url_previews/batch_update for merged requests; ``None`` or ``[]`` = everyone.
+
+    The coalescer owns the per-token 1/5 s rule (``PREVIEW_TOKEN_WINDOWS``) and the merge; this only checks the
+    seed's per-call bounds (1..10 tokens, 0..100 open_ids) so a coalescer bug fails loudly, not at Feishu.
+    """
+    if not 1 <= len(tokens) <= 10:
+        raise ValueError(f"url_preview_call: {len(tokens)} tokens (Feishu takes 1..10 per call)")
+    if open_ids is not None and len(open_ids) > 100:
+        raise ValueError(f"url_preview_call: {len(open_ids)} open_ids (Feishu takes 0..100; merge to everyone)")
+    body: dict[str, Any] = {"preview_tokens": list(tokens)}
+    if open_ids:
+        body["open_ids"] = list(open_ids)
+    return _call("POST", "/open-apis/im/v2/url_previews/batch_update", "im.url_preview.batch_update", body=body)
+
+
+def build_call(intent: Intent) -> Call:
+    """The one HTTP call that performs ``intent`` (SPEC.md "Kinds")."""
+    match intent:
+        case MessageSend():
+            return _call(
+                "POST", _MESSAGES, "im.message.create", query={"receive_id_type": intent.receive_id_type},
+                body={"receive_id": intent.receive_id, "msg_type": intent.msg_type,
+                      "content": _as_string(intent.content), "uuid": intent.id},
+                target=f"receive:{intent.receive_id}", target_windows=PER_TARGET, uuid=True,
+            )
+        case MessageReply():
+            return _call(
+                "POST", f"{_MESSAGES}/{_seg(intent.message_id)}/reply", "im.message.reply",
+                body={"content": _as_string(intent.content), "msg_type": intent.msg_type,
+                      "reply_in_thread": intent.reply_in_thread, "uuid": intent.id},
+                target=f"chat:{intent.chat_id}" if intent.chat_id else f"message:{intent.message_id}",
+                target_windows=PER_TARGET, uuid=True,
+            )
+        case MessageEdit():
+            return _call("PUT", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.update",
+                         body={"msg_type": intent.msg_type, "content": _as_string(intent.content)})
+        case MessageRecall():
+            return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.delete")
+        case MessageForward():
+            return _call(
+                "POST", f"{_MESSAGES}/{_seg(intent.message_id)}/forward", "im.message.forward",
+                query={"receive_id_type": intent.receive_id_type, "uuid": intent.id},
+                body={"receive_id": intent.receive_id},
+                target=f"receive:{intent.receive_id}", target_windows=PER_TARGET, uuid=True,
+            )
+        case CardPatch():
+            return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.patch",
+                         body={"content": _as_string(intent.content)},
+                         target=f"message:{intent.message_id}", target_windows=PER_TARGET)
+        case MessageUrgent():
+            return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}/urgent_{intent.channel}",
+                         f"im.message.urgent_{intent.channel}", query={"user_id_type": intent.user_id_type},
+                         body={"user_id_list": intent.user_id_list})
+        case ReactionAdd():
+            return _call("POST", f"{_MESSAGES}/{_seg(intent.message_id)}/reactions", "im.message_reaction.create",
+                         body={"reaction_type": {"emoji_type": intent.emoji_type}})
+        case ReactionRemove():
+            return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}/reactions/{_seg(intent.reaction_id)}",
+                         "im.message_reaction.delete")
+        case PinAdd():
+            return _call("POST", "/open-apis/im/v1/pins", "im.pin.create", body={"message_id": intent.message_id},
+                         target=f"message:{intent.message_id}", target_windows=PER_TARGET)
+        case PinRemove():
+            return _call("DELETE", f"/open-apis/im/v1/pins/{_seg(intent.message_id)}", "im.pin.delete",
+                         target=f"message:{intent.message_id}", target_windows=PER_TARGET)
+        case CardDelayUpdate():
+            return _call("POST", "/open-apis/interactive/v1/card/update", "interactive.card.update",
+                         body={"token": intent.token, "card": _as_object(intent.card)})
+        case EphemeralSend():
+            return _call("POST", "/open-apis/ephemeral/v1/send", "ephemeral.send",
+                         body={"chat_id": intent.chat_id, "open_id": intent.open_id, "msg_type": "interactive",
+                               "card": _as_object(intent.card)},
+                         target=f"ephemeral-chat:{intent.chat_id}", target_windows=EPHEMERAL_CHAT)
+        case EphemeralDelete():
+            return _call("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete",
+                         body={"message_id": intent.message_id})
+        case UrlPreviewUpdate():
+            return url_preview_call(intent.preview_tokens, intent.open_ids)
+        case ChatButtonUpdate():
+            return _chat_button_call(intent)
+        case MessageBatchSend():
+            return _batch_send_call(intent)
+        case ApiCall():
+            return _api_call(intent)
+
+
+def _chat_button_call(intent: ChatButtonUpdate) -> Call:
+    """PUT /open-apis/im/v2/chat_button (seeds/chat_button_update.md); unset optionals are left out."""
+    body: dict[str, Any] = {"chat_id": intent.chat_id}
+    if intent.user_ids is not None:
+        body["user_ids"] = intent.user_ids
+    if intent.buttons is not None:
+        body["buttons"] = intent.buttons  # structs with omit_defaults: Feishu's nesting, no nulls
+    return _call("PUT", "/open-apis/im/v2/chat_button", "im.chat_button.update",
+                 query={"user_id_type": intent.user_id_type}, body=body)
+
+
+def _batch_send_call(intent: MessageBatchSend) -> Call:
+    """POST /open-apis/message/v4/batch_send/ (trailing slash as documented); content/card as objects."""
+    body: dict[str, Any] = {"msg_type": intent.msg_type}
+    if intent.card is not None:
+        body["card"] = _as_object(intent.card)
+    if intent.content is not None:
+        body["content"] = _as_object(intent.content)
+    for name in ("open_ids", "user_ids", "union_ids", "department_ids"):
+        if ids := getattr(intent, name):
+            body[name] = ids
+    return _call("POST", "/open-apis/message/v4/batch_send/", "message.batch_send", body=body)
+
+
+def _api_call(intent: ApiCall) -> Call:
+    """Any endpoint at the intent's ``rate``: per_second → Window(n, 1 s), per_minute → Window(n, 60 s)."""
+    windows: list[Window] = []
+    if intent.rate.per_second is not None:
+        windows.append(Window(intent.rate.per_second, 1))
+    if intent.rate.per_minute is not None:
+        windows.append(Window(intent.rate.per_minute, 60))
+    return Call(
+        method=intent.method, path=intent.filled_path, query=dict(intent.query),
+        body=None if intent.body is None else _json(intent.body), api=f"api:{intent.method} {intent.path}",
+        api_windows=tuple(windows),
+    )

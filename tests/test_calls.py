@@ -1,0 +1,222 @@
+"""Intent → Feishu call: method, path, query, exact body bytes, API name, windows, target, uuid placement."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from relay.calls import API_WINDOWS, PREVIEW_TOKEN_WINDOWS, Call, build_call, url_preview_call
+from relay.intents import decode_intent
+from relay.limits import Window
+
+IM = (Window(50, 1), Window(1000, 60))
+FIVE = (Window(5, 1),)
+
+
+def call(intent: dict[str, Any]) -> Call:
+    return build_call(decode_intent(json.dumps(intent, ensure_ascii=False).encode()))
+
+
+# (intent, method, path, query, body bytes, api, api windows, target, target windows, uuid_protected)
+CASES: list[tuple[dict[str, Any], str, str, dict[str, str], bytes | None, str, tuple[Window, ...], str | None,
+                  tuple[Window, ...], bool]] = [
+    ({"kind": "message.send", "id": "n-1", "receive_id_type": "chat_id", "receive_id": "oc_1", "msg_type": "text",
+      "content": {"text": "hi"}},
+     "POST", "/open-apis/im/v1/messages", {"receive_id_type": "chat_id"},
+     b'{"receive_id":"oc_1","msg_type":"text","content":"{\\"text\\":\\"hi\\"}","uuid":"n-1"}',
+     "im.message.create", IM, "receive:oc_1", FIVE, True),
+    ({"kind": "message.reply", "id": "n-2", "message_id": "om_1", "chat_id": "oc_1", "msg_type": "text",
+      "content": {"text": "ok"}, "reply_in_thread": True},
+     "POST", "/open-apis/im/v1/messages/om_1/reply", {},
+     b'{"content":"{\\"text\\":\\"ok\\"}","msg_type":"text","reply_in_thread":true,"uuid":"n-2"}',
+     "im.message.reply", IM, "chat:oc_1", FIVE, True),
+    ({"kind": "message.reply", "id": "n-2b", "message_id": "om_1", "msg_type": "text", "content": '{"text":"ok"}'},
+     "POST", "/open-apis/im/v1/messages/om_1/reply", {},
+     b'{"content":"{\\"text\\":\\"ok\\"}","msg_type":"text","reply_in_thread":false,"uuid":"n-2b"}',
+     "im.message.reply", IM, "message:om_1", FIVE, True),
+    ({"kind": "message.edit", "id": "n-3", "message_id": "om_1", "msg_type": "text", "content": {"text": "edited"}},
+     "PUT", "/open-apis/im/v1/messages/om_1", {},
+     b'{"msg_type":"text","content":"{\\"text\\":\\"edited\\"}"}',
+     "im.message.update", IM, None, (), False),
+    ({"kind": "message.recall", "id": "n-4", "message_id": "om_1"},
+     "DELETE", "/open-apis/im/v1/messages/om_1", {}, None, "im.message.delete", IM, None, (), False),
+    ({"kind": "message.forward", "id": "n-5", "message_id": "om_1", "receive_id_type": "open_id",
+      "receive_id": "ou_1"},
+     "POST", "/open-apis/im/v1/messages/om_1/forward", {"receive_id_type": "open_id", "uuid": "n-5"},
+     b'{"receive_id":"ou_1"}', "im.message.forward", IM, "receive:ou_1", FIVE, True),
+    ({"kind": "card.patch", "id": "n-6", "message_id": "om_2",
+      "content": {"config": {"update_multi": True}, "elements": []}},
+     "PATCH", "/open-apis/im/v1/messages/om_2", {},
+     b'{"content":"{\\"config\\":{\\"update_multi\\":true},\\"elements\\":[]}"}',
+     "im.message.patch", IM, "message:om_2", FIVE, False),
+    ({"kind": "message.urgent", "id": "n-7", "message_id": "om_1", "channel": "app", "user_id_type": "open_id",
+      "user_id_list": ["ou_1"]},
+     "PATCH", "/open-apis/im/v1/messages/om_1/urgent_app", {"user_id_type": "open_id"},
+     b'{"user_id_list":["ou_1"]}', "im.message.urgent_app", IM, None, (), False),
+    ({"kind": "message.urgent", "id": "n-7b", "message_id": "om_1", "channel": "phone", "user_id_type": "user_id",
+      "user_id_list": ["u1", "u2"]},
+     "PATCH", "/open-apis/im/v1/messages/om_1/urgent_phone", {"user_id_type": "user_id"},
+     b'{"user_id_list":["u1","u2"]}', "im.message.urgent_phone", IM, None, (), False),
+    ({"kind": "message.urgent", "id": "n-7c", "message_id": "om_1", "channel": "sms", "user_id_list": ["ou_1"]},
+     "PATCH", "/open-apis/im/v1/messages/om_1/urgent_sms", {"user_id_type": "open_id"},
+     b'{"user_id_list":["ou_1"]}', "im.message.urgent_sms", IM, None, (), False),
+    ({"kind": "reaction.add", "id": "n-8", "message_id": "om_1", "emoji_type": "THUMBSUP"},
+     "POST", "/open-apis/im/v1/messages/om_1/reactions", {}, b'{"reaction_type":{"emoji_type":"THUMBSUP"}}',
+     "im.message_reaction.create", IM, None, (), False),
+    ({"kind": "reaction.remove", "id": "n-9", "message_id": "om_1", "reaction_id": "r_1"},
+     "DELETE", "/open-apis/im/v1/messages/om_1/reactions/r_1", {}, None,
+     "im.message_reaction.delete", IM, None, (), False),
+    ({"kind": "pin.add", "id": "n-10", "message_id": "om_1"},
+     "POST", "/open-apis/im/v1/pins", {}, b'{"message_id":"om_1"}', "im.pin.create", IM, "message:om_1", FIVE,
+     False),
+    ({"kind": "pin.remove", "id": "n-10b", "message_id": "om_1"},
+     "DELETE", "/open-apis/im/v1/pins/om_1", {}, None, "im.pin.delete", IM, "message:om_1", FIVE, False),
+    ({"kind": "card.delay_update", "id": "n-11", "token": "c-xxx", "card": {"open_ids": ["ou_1"], "elements": []}},
+     "POST", "/open-apis/interactive/v1/card/update", {},
+     b'{"token":"c-xxx","card":{"open_ids":["ou_1"],"elements":[]}}',
+     "interactive.card.update", IM, None, (), False),
+    ({"kind": "ephemeral.send", "id": "n-12", "chat_id": "oc_1", "open_id": "ou_1", "card": {"elements": []}},
+     "POST", "/open-apis/ephemeral/v1/send", {},
+     b'{"chat_id":"oc_1","open_id":"ou_1","msg_type":"interactive","card":{"elements":[]}}',
+     "ephemeral.send", IM, "ephemeral-chat:oc_1", (Window(40, 1),), False),
+    ({"kind": "ephemeral.delete", "id": "n-12b", "message_id": "om_e"},
+     "POST", "/open-apis/ephemeral/v1/delete", {}, b'{"message_id":"om_e"}', "ephemeral.delete", IM, None, (),
+     False),
+    ({"kind": "url_preview.update", "id": "n-13", "preview_tokens": ["952te0c8-9ccf"], "open_ids": ["ou_1"]},
+     "POST", "/open-apis/im/v2/url_previews/batch_update", {},
+     b'{"preview_tokens":["952te0c8-9ccf"],"open_ids":["ou_1"]}',
+     "im.url_preview.batch_update", (Window(5, 1),), None, (), False),
+    ({"kind": "url_preview.update", "id": "n-13b", "preview_tokens": ["t1", "t2"], "open_ids": []},
+     "POST", "/open-apis/im/v2/url_previews/batch_update", {}, b'{"preview_tokens":["t1","t2"]}',
+     "im.url_preview.batch_update", (Window(5, 1),), None, (), False),
+    ({"kind": "chat_button.update", "id": "n-14", "chat_id": "oc_1", "user_id_type": "open_id",
+      "user_ids": ["ou_1"],
+      "buttons": {"buttons": [{"action_type": "url_page", "text": {"text": "Open"},
+                               "multi_url": {"url": "https://example.com/"}, "button_type": "primary"}]}},
+     "PUT", "/open-apis/im/v2/chat_button", {"user_id_type": "open_id"},
+     b'{"chat_id":"oc_1","user_ids":["ou_1"],"buttons":{"buttons":[{"action_type":"url_page","text":{"text":"Open"},'
+     b'"multi_url":{"url":"https://example.com/"},"button_type":"primary"}]}}',
+     "im.chat_button.update", (Window(10, 1),), None, (), False),
+    ({"kind": "chat_button.update", "id": "n-14b", "chat_id": "oc_1", "user_id_type": "union_id",
+      "buttons": {"buttons": [{"action_type": "webhook", "text": {"text": "Go"}, "action_map": {"k": "v"}}]}},
+     "PUT", "/open-apis/im/v2/chat_button", {"user_id_type": "union_id"},
+     b'{"chat_id":"oc_1","buttons":{"buttons":[{"action_type":"webhook","text":{"text":"Go"},'
+     b'"action_map":{"k":"v"}}]}}',
+     "im.chat_button.update", (Window(10, 1),), None, (), False),
+    ({"kind": "chat_button.update", "id": "n-14c", "chat_id": "oc_1", "buttons": {"buttons": []}},
+     "PUT", "/open-apis/im/v2/chat_button", {"user_id_type": "open_id"},
+     b'{"chat_id":"oc_1","buttons":{"buttons":[]}}',
+     "im.chat_button.update", (Window(10, 1),), None, (), False),
+    ({"kind": "message.batch_send", "id": "n-15", "msg_type": "text", "content": {"text": "notice"},
+      "open_ids": ["ou_1", "ou_2"]},
+     "POST", "/open-apis/message/v4/batch_send/", {},
+     b'{"msg_type":"text","content":{"text":"notice"},"open_ids":["ou_1","ou_2"]}',
+     "message.batch_send", IM, None, (), False),
+    ({"kind": "message.batch_send", "id": "n-15b", "msg_type": "interactive", "card": '{"elements": []}',
+      "department_ids": ["od_1"], "union_ids": ["on_1"], "user_ids": []},
+     "POST", "/open-apis/message/v4/batch_send/", {},
+     b'{"msg_type":"interactive","card":{"elements": []},"union_ids":["on_1"],"department_ids":["od_1"]}',
+     "message.batch_send", IM, None, (), False),
+    ({"kind": "api.call", "id": "n-16", "method": "GET",
+      "path": "/open-apis/im/v1/messages/:message_id/read_users", "path_params": {"message_id": "om_1"},
+      "query": {"user_id_type": "open_id"}, "rate": {"per_second": 50, "per_minute": 1000}},
+     "GET", "/open-apis/im/v1/messages/om_1/read_users", {"user_id_type": "open_id"}, None,
+     "api:GET /open-apis/im/v1/messages/:message_id/read_users", IM, None, (), False),
+    ({"kind": "api.call", "id": "n-16b", "method": "POST", "path": "/open-apis/im/v1/chats", "body": {"name": "群"},
+      "rate": {"per_minute": 100}},
+     "POST", "/open-apis/im/v1/chats", {}, '{"name":"群"}'.encode(),
+     "api:POST /open-apis/im/v1/chats", (Window(100, 60),), None, (), False),
+    ({"kind": "api.call", "id": "n-16c", "method": "PUT", "path": "/open-apis/x/:a/y/:b",
+      "path_params": {"a": "1/2", "b": "é?"}, "body": [1, "two"], "rate": {"per_second": 3}},
+     "PUT", "/open-apis/x/1%2F2/y/%C3%A9%3F", {}, b'[1,"two"]',
+     "api:PUT /open-apis/x/:a/y/:b", (Window(3, 1),), None, (), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("intent", "method", "path", "query", "body", "api", "api_windows", "target", "target_windows", "uuid"),
+    CASES, ids=[f"{c[0]['kind']}:{c[0]['id']}" for c in CASES],
+)
+def test_build_call(intent: dict[str, Any], method: str, path: str, query: dict[str, str], body: bytes | None,
+                    api: str, api_windows: tuple[Window, ...], target: str | None,
+                    target_windows: tuple[Window, ...], uuid: bool) -> None:
+    built = call(intent)
+    assert (built.method, built.path, built.query) == (method, path, query)
+    assert built.body == body
+    assert built.api == api
+    assert built.api_windows == api_windows
+    assert (built.target, built.target_windows) == (target, target_windows)
+    assert built.uuid_protected is uuid
+
+
+def test_every_kind_is_covered() -> None:
+    kinds = {c[0]["kind"] for c in CASES}
+    assert len(kinds) == 18
+
+
+def test_content_string_is_passed_through_untouched() -> None:
+    given = '{"text": "hi",  "extra": 1}'
+    built = call({"kind": "message.send", "id": "s", "receive_id_type": "open_id", "receive_id": "ou_1",
+                  "msg_type": "text", "content": given})
+    assert built.body is not None
+    assert json.loads(built.body)["content"] == given
+
+
+def test_content_object_becomes_the_json_string() -> None:
+    card = {"config": {"update_multi": True}, "elements": [{"tag": "markdown", "content": "**中文**"}]}
+    built = call({"kind": "card.patch", "id": "p", "message_id": "om_1", "content": card})
+    assert built.body is not None
+    content = json.loads(built.body)["content"]
+    assert isinstance(content, str) and json.loads(content) == card
+
+
+def test_ids_cannot_escape_their_path_segment() -> None:
+    built = call({"kind": "message.recall", "id": "r", "message_id": "om_1/../pins?x=1"})
+    assert built.path == "/open-apis/im/v1/messages/om_1%2F..%2Fpins%3Fx%3D1"
+
+
+def test_targets_are_per_api_strings() -> None:
+    send = call({"kind": "message.send", "id": "a", "receive_id_type": "chat_id", "receive_id": "oc_9",
+                 "msg_type": "text", "content": {"text": "x"}})
+    forward = call({"kind": "message.forward", "id": "b", "message_id": "om_1", "receive_id_type": "chat_id",
+                    "receive_id": "oc_9"})
+    assert send.target == forward.target == "receive:oc_9"
+    assert send.api != forward.api  # the limiter keys targets by (app, api, target)
+
+
+def test_api_call_buckets_share_the_template() -> None:
+    def read_users(message_id: str) -> Call:
+        return call({"kind": "api.call", "id": message_id, "method": "GET",
+                     "path": "/open-apis/im/v1/messages/:message_id/read_users",
+                     "path_params": {"message_id": message_id}, "rate": {"per_second": 5}})
+
+    assert read_users("om_1").api == read_users("om_2").api
+    assert read_users("om_1").path != read_users("om_2").path
+
+
+def test_url_preview_call_for_the_coalescer() -> None:
+    everyone = url_preview_call(["a", "b"], None)
+    assert everyone.body == b'{"preview_tokens":["a","b"]}'
+    assert url_preview_call(("a",), []).body == b'{"preview_tokens":["a"]}'
+    some = url_preview_call(["a"], ("ou_1", "ou_2"))
+    assert some.body == b'{"preview_tokens":["a"],"open_ids":["ou_1","ou_2"]}'
+    assert some.api == "im.url_preview.batch_update" and some.target is None
+    assert tuple(PREVIEW_TOKEN_WINDOWS) == (Window(1, 5),)
+
+
+@pytest.mark.parametrize(("tokens", "open_ids"), [([], None), ([str(i) for i in range(11)], None),
+                                                  (["a"], [f"ou_{i}" for i in range(101)])])
+def test_url_preview_call_refuses_what_feishu_would(tokens: list[str], open_ids: list[str] | None) -> None:
+    with pytest.raises(ValueError, match="url_preview_call"):
+        url_preview_call(tokens, open_ids)
+
+
+def test_every_named_api_has_windows_inside_feishus() -> None:
+    for api, windows in API_WINDOWS.items():
+        assert windows, api
+        for window in windows:
+            assert window.limit > 0 and window.seconds > 0
+    assert API_WINDOWS["im.chat_button.update"] == (Window(10, 1),)
+    assert API_WINDOWS["im.url_preview.batch_update"] == (Window(5, 1),)
