@@ -1,0 +1,126 @@
+"""Which events were already published: a bounded TTL memory plus one in-flight publish per event.
+
+Feishu delivers at least once (redeliveries after 15 s, 5 min, 1 h, 6 h; ``im.message.receive_v1`` may even come
+again under a new event id, so its message id counts too). The relay answers a duplicate 200 without publishing
+it again. Rules, and why:
+
+* **Seen only after the broker acknowledged.** :meth:`Dedup.publish_once` marks the keys when the publish
+  succeeded; a failed publish leaves them unmarked, so Feishu's redelivery is published.
+* **One publish per event at a time.** A duplicate arriving while the first copy is being published waits for
+  that publish (under its own deadline) instead of sending a second record; when it succeeds, the duplicate is
+  answered 200 too. The publish outlives the request that started it: a request that gave up at its deadline
+  (503) leaves the publish running, and if the broker acknowledges it later the event is marked seen then, so
+  the redelivery is not published a second time.
+* **Bounded.** Entries expire after ``ttl`` seconds and the oldest go first beyond ``max_entries``; both are
+  insertion-ordered (one ``dict``), so eviction is O(1) per entry. The clock is injected.
+
+The memory is per process: consumers finish the job across restarts and replicas with the ``event_id`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    PUBLISHED = "published"
+    DUPLICATE = "duplicate"
+
+
+class PublishFailed(Exception):
+    """The publish (ours, or the concurrent first copy's) failed; the event is not marked seen."""
+
+
+class Dedup:
+    """Seen-keys memory with TTL and a size bound, and the map of publishes in flight."""
+
+    __slots__ = ("_clock", "_in_flight", "_max_entries", "_seen", "_ttl")
+
+    def __init__(self, ttl: float, max_entries: int, clock: Callable[[], float]) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._seen: dict[Hashable, float] = {}  # key -> expiry, in insertion order
+        self._in_flight: dict[Hashable, asyncio.Task[BaseException | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    @property
+    def in_flight(self) -> int:
+        return len({id(task) for task in self._in_flight.values()})
+
+    def _expire(self, now: float) -> None:
+        seen = self._seen
+        while seen:
+            key = next(iter(seen))
+            if seen[key] > now:
+                break
+            del seen[key]
+
+    def seen(self, keys: Iterable[Hashable]) -> bool:
+        """Whether any of the keys was marked within the TTL."""
+        now = self._clock()
+        self._expire(now)
+        return any(self._seen.get(key, now) > now for key in keys)
+
+    def mark(self, keys: Iterable[Hashable]) -> None:
+        """Remember the keys for the TTL from now (evicting expired, then oldest entries)."""
+        now = self._clock()
+        self._expire(now)
+        for key in keys:
+            self._seen.pop(key, None)  # re-insert at the end: the order stays the expiry order
+            self._seen[key] = now + self._ttl
+        while len(self._seen) > self._max_entries:
+            del self._seen[next(iter(self._seen))]
+
+    async def _run(self, keys: Sequence[Hashable], publish: Callable[[], Awaitable[None]]) -> BaseException | None:
+        """Publish, mark on success; the error is returned (a value) so that no waiter has to be present."""
+        try:
+            await publish()
+        except Exception as exc:
+            return exc
+        else:
+            self.mark(keys)
+            return None
+        finally:
+            for key in keys:
+                if self._in_flight.get(key) is asyncio.current_task():
+                    del self._in_flight[key]
+
+    async def publish_once(self, keys: Sequence[Hashable], publish: Callable[[], Awaitable[None]],
+                           deadline: float) -> Outcome:
+        """Publish unless seen or already being published; wait at most ``deadline`` seconds for the acknowledgement.
+
+        Raises ``TimeoutError`` at the deadline (the publish keeps going; see the module docstring) and
+        :class:`PublishFailed` when the publish failed.
+        """
+        if self.seen(keys):
+            return Outcome.DUPLICATE
+        task = next((self._in_flight[key] for key in keys if key in self._in_flight), None)
+        joined = task is not None
+        if task is None:
+            task = asyncio.create_task(self._run(keys, publish))
+            for key in keys:
+                self._in_flight[key] = task
+        # shield: a request giving up (deadline, disconnect) must not cancel the publish others may share
+        error = await asyncio.wait_for(asyncio.shield(task), deadline)
+        if error is not None:
+            raise PublishFailed(type(error).__name__) from error
+        if joined:
+            self.mark(keys)  # the first copy may have carried other keys (a new event id, same message id)
+            return Outcome.DUPLICATE
+        return Outcome.PUBLISHED
+
+    async def close(self) -> None:
+        """Cancel the publishes still in flight (at shutdown, after the server stopped taking requests)."""
+        tasks = set(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._in_flight.clear()

@@ -1,0 +1,136 @@
+"""relay.dedup: TTL and size bounds on an injected clock; one publish per event, marked only after success."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.dedup import Dedup, Outcome, PublishFailed
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ttl_expiry() -> None:
+    clock = Clock()
+    dedup = Dedup(ttl=10, max_entries=100, clock=clock)
+    assert not dedup.seen(["a"])
+    dedup.mark(["a"])
+    clock.now += 9.9
+    assert dedup.seen(["a"]) and dedup.seen(["zz", "a"])
+    clock.now += 0.2
+    assert not dedup.seen(["a"])
+    assert len(dedup) == 0  # expired entries are dropped, not just ignored
+
+
+def test_oldest_evicted_beyond_max_entries_and_remark_refreshes() -> None:
+    clock = Clock()
+    dedup = Dedup(ttl=100, max_entries=3, clock=clock)
+    for key in "abc":
+        dedup.mark([key])
+        clock.now += 1
+    dedup.mark(["a"])  # refreshed: now the newest
+    dedup.mark(["d"])
+    assert len(dedup) == 3
+    assert not dedup.seen(["b"])
+    assert dedup.seen(["a"]) and dedup.seen(["c"]) and dedup.seen(["d"])
+    clock.now += 99.5  # c expires (marked at 1002), a and d (1003) not yet
+    assert not dedup.seen(["c"]) and dedup.seen(["a"])
+
+
+async def test_marked_only_after_a_successful_publish() -> None:
+    dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
+    sent: list[str] = []
+
+    async def ok() -> None:
+        sent.append("x")
+
+    async def boom() -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(PublishFailed):
+        await dedup.publish_once(["e1"], boom, 1)
+    assert not dedup.seen(["e1"])
+    assert await dedup.publish_once(["e1"], ok, 1) is Outcome.PUBLISHED
+    assert dedup.seen(["e1"])
+    assert await dedup.publish_once(["e1"], ok, 1) is Outcome.DUPLICATE
+    assert sent == ["x"]
+
+
+async def test_concurrent_duplicates_share_one_publish() -> None:
+    dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow() -> None:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+
+    first = asyncio.create_task(dedup.publish_once(["e", "m"], slow, 5))
+    await asyncio.sleep(0)
+    # a redelivery under a new event id but the same message id joins the publish in flight
+    others = [asyncio.create_task(dedup.publish_once(keys, slow, 5)) for keys in (["e", "m"], ["e2", "m"])]
+    await asyncio.sleep(0)
+    assert dedup.in_flight == 1 and not dedup.seen(["e"])
+    release.set()
+    assert await first is Outcome.PUBLISHED
+    assert [await t for t in others] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+    assert calls == 1
+    assert dedup.seen(["e2"]) and dedup.in_flight == 0
+
+
+async def test_joiners_share_a_failure() -> None:
+    dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
+    release = asyncio.Event()
+
+    async def fails() -> None:
+        await release.wait()
+        raise ConnectionError("nope")
+
+    tasks = [asyncio.create_task(dedup.publish_once(["e"], fails, 5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, PublishFailed) for r in results)
+    assert not dedup.seen(["e"]) and dedup.in_flight == 0
+
+
+async def test_deadline_leaves_the_publish_running_and_a_late_ack_marks_seen() -> None:
+    dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
+    release = asyncio.Event()
+    calls = 0
+
+    async def late() -> None:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+
+    with pytest.raises(TimeoutError):
+        await dedup.publish_once(["e"], late, 0.01)
+    assert not dedup.seen(["e"]) and dedup.in_flight == 1
+    with pytest.raises(TimeoutError):  # the redelivery waits for the same publish, it does not send again
+        await dedup.publish_once(["e"], late, 0.01)
+    release.set()
+    await asyncio.sleep(0)
+    assert dedup.seen(["e"]) and dedup.in_flight == 0
+    assert await dedup.publish_once(["e"], late, 0.01) is Outcome.DUPLICATE
+    assert calls == 1
+
+
+async def test_close_cancels_publishes_in_flight() -> None:
+    dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(TimeoutError):
+        await dedup.publish_once(["e"], forever, 0.01)
+    await dedup.close()
+    assert dedup.in_flight == 0 and not dedup.seen(["e"])
