@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 
+# Float subtraction makes "exactly one window apart" land a hair either side (1.001 - 1.0 < 0.001); a call
+# that left the window less than a nanosecond ago is treated as gone, so an exact boundary admits.
+_EPSILON = 1e-9
+
 
 class Limit(msgspec.Struct, frozen=True):
     """At most ``count`` admitted calls in any ``seconds``-long window."""
@@ -59,7 +63,7 @@ class SlidingWindows(Generic[K]):
         times = self._times.get((key, limit))
         if times is None:
             times = self._times[(key, limit)] = deque()
-        cutoff = now - limit.seconds
+        cutoff = now - limit.seconds + _EPSILON
         while times and times[0] <= cutoff:
             times.popleft()
         return times
