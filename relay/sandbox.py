@@ -55,6 +55,10 @@ field) → forced target errors / timed throttles → per-target windows → ``u
 window, ``throttle_target`` seconds) so tests run limits k times faster; reported ``expire`` and
 ``x-ogw-ratelimit-reset`` are real seconds (the reset is rounded up to a whole second, as Feishu sends integers).
 Injected latency is network time and is not scaled. Arrival times in the call log are the unscaled clock.
+
+Faults (``fault_rate``, ``latency``) apply to API calls only, never to the token endpoint or ``/_sandbox``.
+A fault is rolled after the app-wide window admitted the call, so a faulted call still counts against the quota,
+as a retried call does at Feishu.
 """
 
 from __future__ import annotations
@@ -132,6 +136,7 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     failed_users: frozenset[str] = frozenset()  # chat_button user_ids reported in failed_user_reasons
     chats_without_bot: frozenset[str] = frozenset()  # chat_button chat_ids answered 230027
     seed: int | None = None  # for the fault / latency RNG
+    log_bodies: bool = True  # keep each call's parsed body in the log (off for long benchmarks)
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -388,6 +393,7 @@ class Sandbox:
         self._clock = clock
         self._rng = rng or random.Random(self._initial.seed)
         self._runner: web.AppRunner | None = None
+        self.url = ""  # the base URL once started
         self._ids = itertools.count(1)
         self.options = self._initial
         self.calls: list[Call] = []
@@ -416,7 +422,8 @@ class Sandbox:
             raise
         self._runner = runner
         bound = runner.addresses[0]
-        return f"http://{host}:{bound[1]}"
+        self.url = f"http://{host}:{bound[1]}"
+        return self.url
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -640,6 +647,8 @@ class Sandbox:
                 headers: Mapping[str, str] | None = None) -> web.Response:
         call.status, call.code, call.msg = _status_for(code), code, msg
         call.throttled = code in (99991400, 230020)
+        if code == 99991400 and not headers:  # a forced 99991400 still carries the headers the relay reads
+            headers = {"x-ogw-ratelimit-limit": str(self.options.im_per_second), "x-ogw-ratelimit-reset": "1"}
         out = {"X-Tt-Logid": call.log_id, **(headers or {})}
         return self._json(call.status, {"code": code, "msg": msg, "data": data}, out)
 
@@ -663,7 +672,7 @@ class Sandbox:
         call = Call(at=now, method=request.method, path=request.path, api=api, log_id=self._log_id())
         self.calls.append(call)
         body = await self._read_body(request)
-        call.body = None if body is _NO_BODY else body
+        call.body = None if body is _NO_BODY or not self.options.log_bodies else body
         bucket = api if api != "api.call" else f"api.call {request.method} {_template(request.path)}"
         response: web.StreamResponse
         try:

@@ -452,3 +452,21 @@ async def test_http_controls(make: Factory) -> None:
     async with client.session.get(f"{client.base}/_sandbox/stats") as resp:
         stats = await resp.json()
     assert stats == {"calls": 0, "token_requests": 0, "throttled": 0, "violations": [], "messages_by_uuid": {}}
+
+
+async def test_forced_codes_per_target(make: Factory) -> None:
+    sandbox, client, _ = await make(target_errors={"message:om_gone": 230011}, log_bodies=False)
+    assert (await client.react("om_gone"))[1]["code"] == 230011
+    sandbox.fail_target("om_busy", 99991400)
+    status, body, headers = await client.react("om_busy")
+    assert (status, body["code"]) == (429, 99991400) and headers["x-ogw-ratelimit-reset"] == "1"
+    sandbox.fail_target("om_busy", 0)
+    assert (await client.react("om_busy"))[1]["code"] == 0
+    assert sandbox.violations() == [] and all(c.body is None for c in sandbox.calls_for("reaction.add"))
+
+
+async def test_time_scale_shortens_token_lifetime(make: Factory) -> None:
+    _, client, clock = await make(time_scale=100.0)
+    assert (await client.login())["expire"] == 72
+    clock.advance(72)
+    assert (await client.react())[1]["code"] == 99991663
