@@ -68,11 +68,10 @@ from relay.calls import Call, url_preview_call
 from relay.config import Config, KafkaConfig
 from relay.errors import RelayError
 from relay.intents import UrlPreviewUpdate
+from relay.outcomes import Outcome, Verdict
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
-
-    from relay.outcomes import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -550,15 +549,14 @@ class KafkaPreviewMemory:
 
         from relay.kafka import make_consumer
 
+        if self._producer is None:
+            raise RuntimeError("KafkaPreviewMemory.load before start()")
+        partitions: set[int] = await self._producer.partitions_for(self.topic)  # waits for the metadata
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        remembered: dict[TokenKey, float] = {}
         consumer = make_consumer(self._cfg, group_id=None, enable_auto_commit=False)
         await consumer.start()
-        remembered: dict[TokenKey, float] = {}
         try:
-            await consumer.topics()  # fetches metadata, so partitions_for_topic knows the topic
-            partitions = consumer.partitions_for_topic(self.topic) or set()
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            if not tps:
-                return remembered
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             end: dict[TopicPartition, int] = await consumer.end_offsets(tps)
@@ -749,8 +747,6 @@ class PreviewCoalescer:
                 await self._memory.record(planned.app, planned.tokens, self._wall())
             finally:  # stamped even if the write failed: the attempt may still go out
                 self.planner.on_attempt(planned.id, self._clock())
-
-        from relay.outcomes import Verdict  # temporary: outcomes.py is being written
 
         expires_at = None
         if planned.expires_at is not None:
