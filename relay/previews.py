@@ -517,25 +517,38 @@ class KafkaPreviewMemory:
     do not survive a restart; an entry from the future (clock skew) is treated as "just now".
     """
 
-    def __init__(self, cfg: KafkaConfig, *, topic: str | None = None, load_timeout: float = 60.0) -> None:
+    def __init__(self, cfg: KafkaConfig, producer: AIOKafkaProducer | None = None, *, topic: str | None = None,
+                 load_timeout: float = 60.0) -> None:
+        """``producer``: the relay's started ``acks=all`` producer to share (not stopped here); without one,
+        :meth:`start` starts (and :meth:`stop` stops) a producer of its own."""
         self._cfg = cfg
         self.topic = topic or cfg.preview_memory_topic
         self._load_timeout = load_timeout
-        self._producer: AIOKafkaProducer | None = None
+        self._producer = producer
+        self._owned: AIOKafkaProducer | None = None
+        self._topic_ready = False
 
     async def start(self) -> None:
-        from relay.kafka import ensure_topics, make_producer
+        from relay.kafka import make_producer
 
-        if self._cfg.create_topics:
-            await ensure_topics(self._cfg, {self.topic: dict(MEMORY_TOPIC_CONFIG)})
-        producer = make_producer(self._cfg)
-        await producer.start()
-        self._producer = producer
+        await self._ensure_topic()
+        if self._producer is None:
+            self._owned = self._producer = make_producer(self._cfg)
+            await self._owned.start()
 
     async def stop(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            self._producer = None
+            await owned.stop()
+
+    async def _ensure_topic(self) -> None:
+        """Create the topic, compacted, when missing (and ``kafka.create_topics`` allows); once per instance."""
+        from relay.kafka import ensure_topics
+
+        if self._cfg.create_topics and not self._topic_ready:
+            await ensure_topics(self._cfg, {self.topic: dict(MEMORY_TOPIC_CONFIG)})
+        self._topic_ready = True
 
     async def record(self, app: str, tokens: Sequence[str], at: float) -> None:
         if self._producer is None:
@@ -550,7 +563,8 @@ class KafkaPreviewMemory:
         from relay.kafka import make_consumer
 
         if self._producer is None:
-            raise RuntimeError("KafkaPreviewMemory.load before start()")
+            raise RuntimeError("KafkaPreviewMemory.load without a producer: pass one or start() first")
+        await self._ensure_topic()
         partitions: set[int] = await self._producer.partitions_for(self.topic)  # waits for the metadata
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         remembered: dict[TokenKey, float] = {}

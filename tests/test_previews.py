@@ -21,6 +21,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from relay.calls import Call
 from relay.config import Config, FeishuConfig, KafkaConfig
 from relay.intents import UrlPreviewUpdate
+from relay.kafka import make_producer
 from relay.outcomes import Outcome, Verdict
 from relay.previews import (
     MAX_OPEN_IDS,
@@ -692,12 +693,13 @@ async def test_kafka_memory_survives_a_restart_and_is_compacted(kafka_bootstrap:
     finally:
         await first.stop()
 
-    second = KafkaPreviewMemory(cfg)  # a new process: only the topic carries the memory over
-    await second.start()
+    # a new process: only the topic carries the memory over (the app's way: its shared producer, no start())
+    producer = make_producer(cfg)
+    await producer.start()
     try:
-        remembered = await second.load()
+        remembered = await KafkaPreviewMemory(cfg, producer).load()
     finally:
-        await second.stop()
+        await producer.stop()
     assert remembered == {("default", "t1"): 2000.0, ("default", "t2"): 1000.0, ("other", "t1"): 1500.0}
 
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
