@@ -35,8 +35,8 @@ Packing and fairness
 Results (one per intent; "carried" = included in a call made after the intent was read):
 
 * A call *carries* every request pending for its tokens when it is planned, plus requests read later but
-  before an attempt whose open_ids are covered by the call's (the call, made after they were read, delivers
-  them too, per SPEC's definition of delivered).
+  before an attempt whose open_ids are covered by the call's and whose ``expires_at`` the call cannot outlive
+  (the call, made after they were read, delivers them too, per SPEC's definition of delivered).
 * When a carrying call succeeds, for each of its tokens the *latest-read* carried request is that token's
   *carrier*; the other requests carried for that token are superseded by it.
 * ``ok``: every token of the intent was delivered and the intent was its own carrier on each of them.
@@ -204,6 +204,11 @@ def _covers(call: Audience, request: Audience) -> bool:
     return call is None or (request is not None and request <= call)
 
 
+def _outlives(call_expires: float | None, intent_expires: float | None) -> bool:
+    """The call will not stop for expiry before the intent's own ``expires_at``."""
+    return call_expires is None or (intent_expires is not None and intent_expires <= call_expires)
+
+
 class PreviewPlanner:
     """Decides every URL-preview call and every url_preview intent's result; pure: time is passed in.
 
@@ -297,6 +302,8 @@ class PreviewPlanner:
                 intent = self._intents.get(ref)
                 if intent is None or (intent.expires_at is not None and intent.expires_at <= now):
                     continue
+                if not _outlives(call.planned.expires_at, intent.expires_at):
+                    continue  # the call may give up (expire) while this intent still wants its update
                 if _covers(call.audience, request.audience):
                     del token.pending[ref]
                     token.changed()
@@ -707,6 +714,8 @@ class PreviewCoalescer:
 
         The read order is the order of ``submit`` calls. Cancelling the caller withdraws the intent.
         """
+        if self._loop_task is None:
+            raise PreviewsStopped("the preview coalescer is not running")
         now = self._clock()
         expires_at = None
         if intent.expires_at is not None:

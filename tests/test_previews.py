@@ -745,3 +745,14 @@ async def test_restarted_coalescer_does_not_update_a_token_within_5_s_of_an_upda
         await after.stop()
     with pytest.raises(PreviewsStopped):
         await blocked
+
+
+def test_a_call_that_may_expire_does_not_fold_in_a_request_that_outlives_it() -> None:
+    p = planner()
+    p.add("i1", "default", ["t"], None, 2.0, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None and call.expires_at == 2.0
+    r2 = p.add("i2", "default", ["t"], None, None, 0.5)  # no expiry: the call might give up on it
+    r3 = p.add("i3", "default", ["t"], None, 1.5, 0.5)  # expires before the call does: folded
+    done = send(p, call, 1.0)
+    assert done[r3].status == "ok" and r2 not in done
