@@ -18,10 +18,14 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from relay.backoff import RetryPolicy
 from relay.calls import Call
-from relay.config import Config, FeishuConfig, KafkaConfig
+from relay.config import Config, FeishuConfig, KafkaConfig, parse_config
+from relay.executor import Executor
+from relay.feishu import FeishuClient
 from relay.intents import UrlPreviewUpdate
 from relay.kafka import make_producer
+from relay.limits import Limiter
 from relay.outcomes import Outcome, Verdict
 from relay.previews import (
     MAX_OPEN_IDS,
@@ -36,6 +40,7 @@ from relay.previews import (
     audience_of,
     merge_audience,
 )
+from relay.sandbox import Sandbox, SandboxOptions
 
 INTERVAL = 5.0
 MARGIN = 0.1
@@ -756,3 +761,42 @@ def test_a_call_that_may_expire_does_not_fold_in_a_request_that_outlives_it() ->
     r3 = p.add("i3", "default", ["t"], None, 1.5, 0.5)  # expires before the call does: folded
     done = send(p, call, 1.0)
     assert done[r3].status == "ok" and r2 not in done
+
+
+# --- end to end through the real executor, limiter and client against the sandbox (real HTTP) -----------
+
+
+async def test_burst_through_the_real_executor_makes_no_violation_at_the_sandbox() -> None:
+    scale = 10.0  # 0.5 s per token, 50 calls/s
+    box = Sandbox(SandboxOptions(apps={"cli_test": "secret"}, time_scale=scale, log_bodies=True))
+    base_url = await box.start()
+    config = parse_config({
+        "feishu": {"base_url": base_url, "time_scale": scale},
+        "apps": [{"name": "default", "app_id": "cli_test", "app_secret": "secret"}],
+    }, env={})
+    client = FeishuClient(config)
+    await client.start()
+    try:
+        limiter = Limiter.from_config(config.feishu, clock=time.monotonic, sleep=asyncio.sleep)
+        executor = Executor(client, limiter, RetryPolicy(max_attempts=5, max_seconds=30.0, base=0.05, cap=1.0))
+        coalescer = PreviewCoalescer(executor, FakeMemory(), config)
+        await coalescer.start()
+        try:
+            plan = burst(tokens=100, updates=6, seconds=1.0, rng=random.Random(3))
+
+            async def one(at: float, intent_id: str, tokens: list[str], open_ids: list[str] | None) -> PreviewResult:
+                await asyncio.sleep(at)
+                return await coalescer.submit(intent(intent_id, tokens, open_ids), time.time())
+
+            async with asyncio.timeout(40):
+                results = await asyncio.gather(*(one(*a) for a in plan))
+        finally:
+            await coalescer.stop()
+    finally:
+        await client.close()
+        await box.stop()
+    previews = box.calls_for("url_preview.update")
+    assert box.violations() == [] and box.throttled_count() == 0
+    assert {r.status for r in results} <= {"ok", "superseded"} and len(results) == len(plan)
+    assert sum(r.status == "ok" for r in results) >= 100
+    assert len(previews) < len(plan) / 3, (len(previews), len(plan))
