@@ -8,6 +8,7 @@ Feishu's code, not with themselves. (lark-oapi's Python ``AESCipher`` has no ``e
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -20,6 +21,13 @@ from Crypto.Util.Padding import pad
 from lark_oapi.core.model import RawRequest
 from lark_oapi.core.utils import AESCipher
 from lark_oapi.event.dispatcher_handler import EventDispatcherHandler
+from lark_oapi.ws import client as _lark_ws
+
+# lark-oapi's ws client creates an event loop at import and sets it as current; nothing ever closes it (an
+# "unclosed event loop" ResourceWarning at exit). The tests run their own loops, so close it here.
+if not _lark_ws.loop.is_running():
+    _lark_ws.loop.close()
+    asyncio.set_event_loop(None)
 
 ENCRYPT_KEY = "kPu8YHX2Bf-test-encrypt-key"
 TOKEN = "v-token-0123456789"
