@@ -45,12 +45,6 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "schema":
         print(json.dumps(schema(), indent=2))
         return 0
-    if args.command == "sandbox":
-        from relay.sandbox import SandboxOptions, serve
-
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args.host, args.port, SandboxOptions(time_scale=args.time_scale)))
-        return 0
     config = load_config(args.config)
     if args.command == "send":
         return asyncio.run(send(config, args.intent, args.timeout))
@@ -107,11 +101,18 @@ class Health:
 
 
 async def run(config: Config, *, with_sandbox: bool = False) -> int:
+    """``relay run``: serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    metrics = Metrics()
+    return await serve(config, stop, with_sandbox=with_sandbox)
+
+
+async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = False,
+                metrics: Metrics | None = None) -> int:
+    """Run every enabled part until ``stop`` is set (or a part dies); 0 on a clean stop."""
+    metrics = metrics or Metrics()
     health = Health(metrics)
     async with contextlib.AsyncExitStack() as stack:
         if with_sandbox and uses_sandbox(config):
@@ -167,8 +168,7 @@ async def run(config: Config, *, with_sandbox: bool = False) -> int:
 async def start_outbound(config: Config, client: FeishuClient, producer: Any, metrics: Metrics,
                          stack: contextlib.AsyncExitStack) -> Outbound:
     feishu = config.feishu
-    limiter = Limiter(clock=time.monotonic, sleep=asyncio.sleep, jitter=feishu.limit_jitter, utilization=feishu.limit_utilization, share=feishu.quota_share,
-                      time_scale=feishu.time_scale)
+    limiter = Limiter.from_config(feishu, clock=time.monotonic, sleep=asyncio.sleep)
     out = config.outbound
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
@@ -179,7 +179,9 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     except ImportError:  # pragma: no cover - the coalescer lands in its own change
         log.warning("url_preview.update coalescing unavailable; previews are sent one by one")
     else:
-        memory = KafkaPreviewMemory(config.kafka, producer)
+        memory = KafkaPreviewMemory(config.kafka)
+        await memory.start()
+        stack.push_async_callback(memory.stop)
         previews = PreviewCoalescer(executor, memory, config)
         await previews.start()
         stack.push_async_callback(previews.stop)

@@ -43,6 +43,7 @@ from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.kafka import client_settings
 from relay.metrics import Metrics
 from relay.offsets import PartitionOffsets, decode_done
+from relay.previews import PreviewsStopped
 from relay.results import (
     Headers,
     dead_letter_headers,
@@ -71,10 +72,16 @@ class Record(Protocol):
 
 
 class PreviewOutcome(Protocol):
-    status: str
-    superseded_by: str | None
-    attempts: int
-
+    @property
+    def status(self) -> str: ...
+    @property
+    def superseded_by(self) -> str | None: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def exhausted(self) -> bool: ...
+    @property
+    def reason(self) -> str | None: ...
     @property
     def outcome(self) -> Any: ...
 
@@ -163,6 +170,8 @@ class Outbound(ConsumerRebalanceListener):
             self._offsets.setdefault(tp, PartitionOffsets())
             self._jobs.setdefault(tp, set())
         await self._load_finished(assigned)
+        self._metrics.set("relay_outbound_assigned_partitions", len(self._consumer.assignment()),
+                          help="intent partitions this replica owns")
         if self._paused and assigned:
             self._consumer.pause(*assigned)  # pauses do not survive a rebalance
         log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "-")
@@ -272,14 +281,21 @@ class Outbound(ConsumerRebalanceListener):
 
     async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
         assert self._previews is not None
-        done = await self._previews.submit(intent, received)
+        try:
+            done = await self._previews.submit(intent, received)
+        except PreviewsStopped:
+            raise asyncio.CancelledError from None  # abandoned like any job stopped before its call
         job.started = True
         fields: dict[str, Any] = {"attempts": done.attempts, "superseded_by": done.superseded_by}
         outcome = done.outcome
         if outcome is not None:
             fields.update(code=outcome.code, msg=outcome.msg, data=outcome.data, http_status=outcome.http_status,
                           log_id=outcome.log_id)
-        dl_error = "feishu" if done.status == "failed" else None
+        if done.reason and (outcome is None or done.status in ("expired", "failed")):
+            fields["msg"] = done.reason
+        dl_error = None
+        if done.status == "failed":
+            dl_error = "retries-exhausted" if done.exhausted else "feishu"
         await self._finish(record, intent.id, "url_preview.update", intent.app, done.status, fields, dl_error,
                            received)
 
