@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # credentials that mean "no real app": `make run` talks to the local sandbox
 SANDBOX_APP_ID = "cli_sandbox"
-SANDBOX_SECRET = "sandbox-secret"  # noqa: S105 - a placeholder that only the local sandbox accepts
+SANDBOX_SECRET = "sandbox-secret"  # a placeholder only the local sandbox accepts
 SANDBOX_PORT = 8090
 
 
@@ -136,7 +136,7 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             if config.inbound.enabled:
                 from relay.inbound import Inbound, KafkaPublisher
 
-                Inbound(config, KafkaPublisher(producer, config.inbound.publish_timeout), metrics).install(web_app)
+                Inbound(config, KafkaPublisher(producer), metrics).install(web_app)
             runner = web.AppRunner(web_app, access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
@@ -153,7 +153,7 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         health.ready = True
         log.info("relay running (apps: %s)", ", ".join(a.name for a in config.apps) or "none")
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
         failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
         for task in failed:

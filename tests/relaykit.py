@@ -21,7 +21,7 @@ from relay.intents import decode_intent, ordering_key
 from relay.metrics import Metrics
 
 APP_ID = "cli_test"
-APP_SECRET = "test-secret"  # noqa: S105 - the sandbox's test credentials
+APP_SECRET = "test-secret"  # the sandbox's test credentials
 
 
 def config_data(bootstrap: str, prefix: str, base_url: str, *, time_scale: float = 1.0,
