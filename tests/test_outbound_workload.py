@@ -1,0 +1,175 @@
+"""Outbound under load, against the real broker and the sandbox: one result per intent, zero throttled calls,
+partition order per key, and a throttled key that does not slow the others."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from relay.sandbox import Sandbox, SandboxOptions
+from tests.relaykit import APP_ID, APP_SECRET, Collector, config_data, produce, relay_in_process, to_config
+
+pytestmark = pytest.mark.integration
+
+SCALE = 4.0  # sandbox and relay both run Feishu's windows 4x faster than real time
+MESSAGE_OPS = ("message.edit", "card.patch", "reaction.add", "pin.add", "pin.remove", "message.reply",
+               "message.urgent")
+
+
+def message_op(kind: str, message: str, seq: int) -> dict[str, Any]:
+    base: dict[str, Any] = {"kind": kind, "id": f"{message}-{seq}-{kind}", "message_id": message}
+    if kind == "message.edit":
+        base.update(msg_type="text", content={"text": f"edit {seq}"})
+    elif kind == "card.patch":
+        base.update(content={"config": {"update_multi": True}, "elements": []})
+    elif kind == "reaction.add":
+        base.update(emoji_type="THUMBSUP")
+    elif kind == "message.reply":
+        base.update(chat_id=f"oc_r{int(message[3:]) % 100}", msg_type="text", content={"text": "ok"})
+    elif kind == "message.urgent":
+        base.update(channel="app", user_id_type="open_id", user_id_list=["ou_1"])
+    return base
+
+
+def mixed_workload(rng: random.Random) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """5,000 intents of 10 kinds over 1,300 ordering keys; returns them (in produce order) and, per key, the
+    sequence of call signatures the sandbox must see in that order."""
+    lanes: dict[str, list[dict[str, Any]]] = {}
+    for m in range(500):  # 500 message keys x 7 operations, each key in its own random order
+        message = f"om_{m}"
+        ops = list(MESSAGE_OPS)
+        rng.shuffle(ops)
+        lanes[message] = [message_op(kind, message, seq) for seq, kind in enumerate(ops)]
+    for r in range(500):  # 500 receivers x 2 sends
+        receiver = f"oc_s{r}"
+        lanes[receiver] = [{"kind": "message.send", "id": f"send-{r}-{j}", "receive_id_type": "chat_id",
+                            "receive_id": receiver, "msg_type": "text", "content": {"text": str(j)}}
+                           for j in range(2)]
+    for f in range(250):
+        lanes[f"ou_f{f}"] = [{"kind": "message.forward", "id": f"fwd-{f}", "message_id": f"om_{f}",
+                              "receive_id_type": "open_id", "receive_id": f"ou_f{f}"}]
+    for e in range(250):
+        chat = f"oc_e{e % 50}"
+        lanes.setdefault(chat, []).append({"kind": "ephemeral.send", "id": f"eph-{e}", "chat_id": chat,
+                                           "open_id": f"ou_{e}", "card": {"elements": []}})
+    # interleave the lanes at random, keeping each lane's own order
+    tickets = [key for key, intents in lanes.items() for _ in intents]
+    rng.shuffle(tickets)
+    cursor: dict[str, int] = defaultdict(int)
+    ordered = []
+    for key in tickets:
+        ordered.append(lanes[key][cursor[key]])
+        cursor[key] += 1
+    expected = {key: [signature(i) for i in intents] for key, intents in lanes.items()}
+    return ordered, expected
+
+
+def signature(intent: dict[str, Any]) -> str:
+    """What identifies an intent's call in the sandbox log."""
+    kind = intent["kind"]
+    if kind in ("message.send", "message.forward", "message.reply"):
+        return f"uuid:{intent['id']}"
+    if kind == "ephemeral.send":
+        return f"ephemeral:{intent['open_id']}"
+    return f"{kind}:{intent['message_id']}"
+
+
+SANDBOX_API = {"message.urgent_app": "message.urgent"}
+
+
+def call_key_and_signature(call: Any) -> tuple[str, str] | None:
+    api = SANDBOX_API.get(call.api, call.api)
+    body = call.body if isinstance(call.body, dict) else {}
+    if api == "message.send":
+        return body.get("receive_id", ""), f"uuid:{call.uuid}"
+    if api == "message.forward":
+        return body.get("receive_id", ""), f"uuid:{call.uuid}"
+    if api == "ephemeral.send":
+        return body.get("chat_id", ""), f"ephemeral:{body.get('open_id')}"
+    found = re.search(r"om_\d+", call.path) or re.search(r"om_\d+", str(body.get("message_id", "")))
+    if found is None:
+        return None
+    if api == "message.reply":
+        return found.group(0), f"uuid:{call.uuid}"
+    return found.group(0), f"{api}:{found.group(0)}"
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    box = Sandbox(SandboxOptions(apps={APP_ID: APP_SECRET}, time_scale=SCALE, log_bodies=True))
+    await box.start()
+    yield box
+    await box.stop()
+
+
+async def test_mixed_workload_one_result_each_no_throttling_order_per_key(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox
+) -> None:
+    intents, expected = mixed_workload(random.Random(11))
+    assert len(intents) == 5000 and len({i["kind"] for i in intents}) >= 8 and len(expected) >= 500
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE,
+                                   kafka={"topic_partitions": 6}))
+    async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0], intents)
+        await results.wait_for(len(intents), timeout=240, what="results")
+
+    by_id = results.by_id()
+    assert set(by_id) == {i["id"] for i in intents}
+    assert all(len(r) == 1 for r in by_id.values()), "an intent got more than one result"
+    statuses = defaultdict(int)
+    for (r,) in by_id.values():
+        statuses[r["status"]] += 1
+    assert statuses == {"ok": len(intents)}, dict(statuses)
+
+    assert sandbox.violations() == []
+    assert sandbox.throttled_count() == 0
+
+    seen: dict[str, list[str]] = defaultdict(list)
+    for call in sorted(sandbox.calls, key=lambda c: c.at):
+        if call.api == "auth.tenant_access_token":
+            continue
+        keyed = call_key_and_signature(call)
+        assert keyed is not None, call
+        seen[keyed[0]].append(keyed[1])
+    mismatched = [key for key, sigs in expected.items() if seen.get(key) != sigs]
+    assert not mismatched, f"{len(mismatched)} keys out of order, e.g. {mismatched[0]}: " \
+                           f"{seen.get(mismatched[0])} != {expected[mismatched[0]]}"
+
+
+async def _others_rate(kafka_bootstrap: str, prefix: str, throttle_hot: bool) -> tuple[float, float]:
+    """Run 200 sends to 100 receivers plus 5 to a hot receiver; (others' intents/s, hot key's last finish)."""
+    box = Sandbox(SandboxOptions(apps={APP_ID: APP_SECRET}, time_scale=2.0))
+    await box.start()
+    try:
+        if throttle_hot:
+            box.throttle_target("receive:oc_hot", 20.0)  # sandbox seconds at time scale 2: 10 s of real time
+        config = to_config(config_data(kafka_bootstrap, prefix, box.url, time_scale=2.0,
+                                       outbound={"max_attempts": 100, "max_retry_seconds": 120.0}))
+        hot = [{"kind": "message.send", "id": f"hot-{j}", "receive_id_type": "chat_id", "receive_id": "oc_hot",
+                "msg_type": "text", "content": {"text": "x"}} for j in range(5)]
+        others = [{"kind": "message.send", "id": f"o-{j}", "receive_id_type": "chat_id",
+                   "receive_id": f"oc_{j % 100}", "msg_type": "text", "content": {"text": "x"}} for j in range(200)]
+        async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+            await produce(kafka_bootstrap, config.kafka.intents_topics[0], hot + others)
+            await results.wait_for(205, timeout=120, what="results")
+        by_id = {k: v[0] for k, v in results.by_id().items()}
+        assert all(r["status"] == "ok" for r in by_id.values())
+        assert box.violations() == []
+        calls = sorted((c for c in box.calls if c.api == "message.send" and not c.throttled), key=lambda c: c.at)
+        other_times = [c.at for c in calls if c.uuid and c.uuid.startswith("o-")]
+        hot_done = max(c.at for c in calls if c.uuid and c.uuid.startswith("hot-"))
+        return len(other_times) / (other_times[-1] - other_times[0]), hot_done - other_times[0]
+    finally:
+        await box.stop()
+
+
+async def test_a_throttled_key_does_not_hold_back_the_others(kafka_bootstrap: str, topic_prefix: str) -> None:
+    base_rate, _ = await _others_rate(kafka_bootstrap, topic_prefix + ".base", throttle_hot=False)
+    rate, hot_done = await _others_rate(kafka_bootstrap, topic_prefix + ".hot", throttle_hot=True)
+    assert hot_done >= 9.0, "the hot key was not held by its 230020s"
+    assert rate >= 0.85 * base_rate, f"others ran at {rate:.1f}/s with a throttled key vs {base_rate:.1f}/s"
