@@ -66,12 +66,15 @@ def with_sandbox_url(config: Config, base_url: str) -> Config:
 
 
 def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
+    """Every topic the relay reads or writes, with the settings it relies on."""
+    from relay.inbound import inbound_topics
+    from relay.previews import MEMORY_TOPIC_CONFIG
+
     k = config.kafka
-    topics: dict[str, dict[str, str]] = {name: {} for name in k.intents_topics}
-    for name in (k.results_topic, k.dead_letter_topic, k.events_topic, k.callbacks_topic,
-                 *config.inbound.routes.values()):
-        topics.setdefault(name, {})
-    topics[k.preview_memory_topic] = {"cleanup.policy": "compact"}
+    topics: dict[str, dict[str, str]] = {name: {} for name in (*k.intents_topics, k.results_topic,
+                                                                k.dead_letter_topic)}
+    topics.update(inbound_topics(config))  # events may be as large as the body cap
+    topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
     return topics
 
 

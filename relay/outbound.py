@@ -47,6 +47,7 @@ from relay.previews import PreviewsStopped
 from relay.results import (
     Headers,
     dead_letter_headers,
+    dead_letter_reason,
     forwarded_headers,
     from_attempt,
     make_result,
@@ -318,7 +319,7 @@ class Outbound(ConsumerRebalanceListener):
             sends.append(self._send(kafka.results_topic, id.encode(), result_value(result),
                                     forwarded_headers(headers, kafka.forward_headers)))
         if dl_error is not None:
-            reason = str(fields.get("msg") or status)
+            reason = dead_letter_reason(dl_error, fields)
             sends.append(self._send(kafka.dead_letter_topic, record.key, record.value or b"",
                                     dead_letter_headers(headers, error=dl_error, reason=reason,
                                                         topic=record.topic, partition=record.partition,

@@ -62,6 +62,14 @@ def one_line(text: str, limit: int = 500) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def dead_letter_reason(error: str, fields: dict[str, Any]) -> str:
+    """``relay.reason``: the relay's own reason, or Feishu's code, HTTP status and msg for a refusal."""
+    if error == "feishu" and fields.get("code") is not None:
+        status = f" (HTTP {fields['http_status']})" if fields.get("http_status") is not None else ""
+        return f"Feishu code {fields['code']}{status}: {fields.get('msg') or ''}"
+    return str(fields.get("msg") or error)
+
+
 def feishu_reason(outcome: Outcome) -> str:
     code = "no answer" if outcome.code is None else f"code {outcome.code}"
     status = f" (HTTP {outcome.http_status})" if outcome.http_status is not None else ""

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from relay import app
 from relay.config import Config, parse_config
 from relay.intents import decode_intent, ordering_key
+from relay.kafka import ensure_topics
 from relay.metrics import Metrics
 
 APP_ID = "cli_test"
@@ -78,6 +79,11 @@ def to_toml(data: dict[str, Any]) -> str:
             lines.extend(f"{k} = {value(v)}" for k, v in row.items())
             lines.append("")
     return "\n".join(lines)
+
+
+async def create_relay_topics(config: Config) -> None:
+    """The topics ``relay run`` would create, created now (for a test that reads them before it starts)."""
+    await ensure_topics(config.kafka, app.topics_to_create(config))
 
 
 @contextlib.asynccontextmanager
@@ -169,6 +175,16 @@ class Collector:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                           auto_offset_reset="earliest")
         await self._consumer.start()
+        try:
+            await self._assign()
+        except BaseException:
+            await self._consumer.stop()
+            raise
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _assign(self) -> None:
+        assert self._consumer is not None
         partitions = self._consumer.partitions_for_topic(self.topic)
         for _ in range(50):
             if partitions:
@@ -180,8 +196,6 @@ class Collector:
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run())
-        return self
 
     async def _run(self) -> None:
         assert self._consumer is not None
