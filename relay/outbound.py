@@ -39,7 +39,7 @@ from relay.calls import build_call
 from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
-from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
+from relay.intents import Intent, UrlPreviewUpdate, decode_intent, encode_result, ordering_key
 from relay.kafka import client_settings
 from relay.metrics import Metrics
 from relay.offsets import PartitionOffsets, decode_done
@@ -51,7 +51,6 @@ from relay.results import (
     forwarded_headers,
     from_attempt,
     make_result,
-    result_value,
 )
 
 log = logging.getLogger(__name__)
@@ -316,7 +315,7 @@ class Outbound(ConsumerRebalanceListener):
         if id is not None:
             result = make_result(id=id, kind=kind, app=app, status=status, received_at=received, finished_at=now,
                                  **fields)
-            sends.append(self._send(kafka.results_topic, id.encode(), result_value(result),
+            sends.append(self._send(kafka.results_topic, id.encode(), encode_result(result),
                                     forwarded_headers(headers, kafka.forward_headers)))
         if dl_error is not None:
             reason = dead_letter_reason(dl_error, fields)

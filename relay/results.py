@@ -98,13 +98,6 @@ def from_attempt(attempted: Attempted) -> tuple[str, str | None, dict[str, Any]]
     return "failed", "feishu", fields
 
 
-_encoder: Final = msgspec.json.Encoder()
-
-
-def result_value(result: Result) -> bytes:
-    return _encoder.encode(result)
-
-
 def make_result(*, id: str, kind: str | None, app: str | None, status: str, received_at: float,
                 finished_at: float, **fields: Any) -> Result:
     return Result(id=id, kind=kind, app=app, status=status,  # type: ignore[arg-type]  # checked by callers
