@@ -64,9 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(serve(args.host, args.port, SandboxOptions(time_scale=args.time_scale)))
             return 0
+        from aiokafka.errors import KafkaError
+
         from relay import app
 
-        return app.main(args)
+        try:
+            return app.main(args)
+        except KafkaError as err:
+            # e.g. "Unable to bootstrap from [...]": the broker is down or the address is wrong
+            raise RelayError(f"Kafka: {err}") from None
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,47 @@
+"""The ``relay`` command's wiring: schema, unreachable Kafka, sandbox selection, topics created."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from relay.app import topics_to_create, uses_sandbox, with_sandbox_url
+from relay.config import parse_config
+
+
+def test_schema_prints_intents_and_results() -> None:
+    proc = subprocess.run([sys.executable, "-m", "relay", "schema"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    assert {"Intent", "Result"} <= set(schema["$defs"])
+
+
+def test_run_with_kafka_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n[http]\nenabled = false\n')
+    proc = subprocess.run([sys.executable, "-m", "relay", "run", "--config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: Kafka: ")
+
+
+def test_sandbox_only_without_real_credentials() -> None:
+    placeholder = parse_config({"apps": [{"name": "default", "app_id": "cli_sandbox", "app_secret": "x"}]}, env={})
+    real = parse_config({"apps": [{"name": "default", "app_id": "cli_a1b2", "app_secret": "x"}]}, env={})
+    assert uses_sandbox(placeholder) and uses_sandbox(parse_config({}, env={}))
+    assert not uses_sandbox(real)
+    local = with_sandbox_url(parse_config({}, env={}), "http://127.0.0.1:8090")
+    assert local.feishu.base_url == "http://127.0.0.1:8090" and local.app("default") is not None
+
+
+def test_topics_to_create_cover_every_topic_with_its_settings() -> None:
+    config = parse_config({"inbound": {"routes": {"im.message.receive_v1": "msgs"}}}, env={})
+    topics = topics_to_create(config)
+    k = config.kafka
+    assert {*k.intents_topics, k.results_topic, k.dead_letter_topic, k.events_topic, k.callbacks_topic, "msgs",
+            k.preview_memory_topic} == set(topics)
+    assert "compact" in topics[k.preview_memory_topic]["cleanup.policy"]
+    assert int(topics[k.events_topic]["max.message.bytes"]) > config.inbound.max_body_bytes
