@@ -182,7 +182,7 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     except ImportError:  # pragma: no cover - the coalescer lands in its own change
         log.warning("url_preview.update coalescing unavailable; previews are sent one by one")
     else:
-        memory = KafkaPreviewMemory(config.kafka)
+        memory = KafkaPreviewMemory(config.kafka, producer)
         await memory.start()
         stack.push_async_callback(memory.stop)
         previews = PreviewCoalescer(executor, memory, config)
