@@ -1,0 +1,524 @@
+"""Bucket sizing, token-bucket arithmetic and the limiter, all in virtual time.
+
+The simulations run callers on an event loop whose clock only moves when every task is asleep: the selector
+jumps the clock to the next timer instead of blocking. So 10 minutes of backlog take a fraction of a second, the
+limiter's injected ``clock``/``sleep`` are the loop's own, and a timer overshoot is just a longer sleep.
+Every sliding window of the recorded call times is then checked (closed windows: calls exactly ``T`` apart count
+as being in the same window, the stricter reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import selectors
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import pytest
+from aiolimiter import AsyncLimiter
+
+from relay.config import FeishuConfig
+from relay.limits import BucketShape, Limiter, TokenBucket, Window, size_bucket
+
+T = TypeVar("T")
+
+IM = (Window(50, 1.0), Window(1000, 60.0))
+PER_TARGET = (Window(5, 1.0),)
+URL_PREVIEW = (Window(5, 1.0),)
+JITTER = 0.15
+UTILIZATION = 0.975
+MINUTES = 10
+DURATION = MINUTES * 60.0
+
+
+# --- virtual time --------------------------------------------------------------------------------------------
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Polls without blocking and advances the virtual clock by the loop's timeout instead."""
+
+    def __init__(self, clock: list[float], tick: float) -> None:
+        super().__init__()
+        self._clock = clock
+        self._tick = tick
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(0)
+        if events:
+            return events
+        if timeout is None:
+            raise RuntimeError("virtual time: every task waits on something that no timer will wake")
+        if timeout > 0:
+            # a real clock always moves; without the microsecond a timer set a few ulps ahead never comes due
+            self._clock[0] += max(timeout, 1e-6)
+        else:
+            self._clock[0] += self._tick
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """Time stands still while anything is runnable, unless ``tick`` says each loop turn costs that much."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self._virtual = [0.0]
+        super().__init__(_JumpingSelector(self._virtual, tick))
+
+    def time(self) -> float:
+        return self._virtual[0]
+
+
+def run_virtual(main: Callable[[], Coroutine[Any, Any, T]], tick: float = 0.0) -> T:
+    loop = VirtualTimeLoop(tick)
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def overshooting(rng: random.Random, most: float) -> Callable[[float], Awaitable[None]]:
+    """A sleep that wakes late by up to ``most`` seconds, like a busy event loop."""
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds + rng.uniform(0.0, most))
+
+    return sleep
+
+
+# --- the window checker --------------------------------------------------------------------------------------
+
+
+def busiest(times: Sequence[float], seconds: float) -> int:
+    """The most calls in any closed window ``[t, t + seconds]`` (two pointers over the sorted times)."""
+    ordered = sorted(times)
+    most = 0
+    first = 0
+    for last, t in enumerate(ordered):
+        while ordered[first] < t - seconds:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def violations(times: Sequence[float], windows: Sequence[Window]) -> list[str]:
+    found = []
+    for window in windows:
+        count = busiest(times, window.seconds)
+        if count > window.limit:
+            found.append(f"{count} calls in a {window.seconds}s window (limit {window.limit})")
+    return found
+
+
+def test_checker_counts_sliding_not_fixed_windows() -> None:
+    # 10 calls at the end of one second and 10 at the start of the next: fixed buckets say 10, sliding says 20
+    times = [0.95 + i * 0.001 for i in range(10)] + [1.0 + i * 0.001 for i in range(10)]
+    assert busiest(times, 1.0) == 20
+    assert violations(times, (Window(19, 1.0),)) == ["20 calls in a 1.0s window (limit 19)"]
+    assert busiest([0.0, 1.0], 1.0) == 2  # closed: exactly T apart is inside
+    assert busiest([0.0, 1.0 + 1e-9], 1.0) == 1
+
+
+# --- sizing --------------------------------------------------------------------------------------------------
+
+
+def _shape(windows: Sequence[Window], **kw: float) -> BucketShape:
+    return size_bucket(windows, jitter=JITTER, utilization=UTILIZATION, **kw)
+
+
+def _holds(shape: BucketShape, windows: Sequence[Window], *, share: float = 1.0, time_scale: float = 1.0) -> bool:
+    return all(shape.burst + shape.rate * (w.seconds / time_scale + JITTER) <= math.floor(w.limit * share) + 1e-9
+               for w in windows)
+
+
+def test_im_shape() -> None:
+    shape = _shape(IM)
+    assert shape.burst == 22
+    assert shape.rate == pytest.approx(16.25)
+    assert 22 + 16.25 * 1.15 <= 50 and 22 + 16.25 * 60.15 <= 1000
+    assert _holds(shape, IM)
+
+
+def test_small_limit_falls_back_to_burst_one() -> None:
+    shape = _shape(PER_TARGET)
+    assert shape.burst == 1 and shape.rate == pytest.approx(4 / 1.15)
+    assert _holds(shape, PER_TARGET)
+    # a limit of 1: spaced (T + jitter) / utilization apart, never two in one window
+    one = _shape((Window(1, 1.0),))
+    assert one.burst == 1 and one.rate == pytest.approx(UTILIZATION / 1.15)
+
+
+def test_share_and_time_scale_scale_the_windows() -> None:
+    half = _shape(IM, share=0.5)
+    assert half.burst == 11 and half.rate == pytest.approx(8.125)
+    assert _holds(half, IM, share=0.5)
+    assert _shape((Window(5, 1.0),), share=1 / 3).burst == 1  # floor(5/3) = 1 call per second, then r from 0
+    fast = _shape(IM, time_scale=10)
+    assert _holds(fast, IM, time_scale=10)
+    assert fast.burst == 1 and fast.rate == pytest.approx(999 / 6.15)
+    with pytest.raises(ValueError, match="leaves no call"):
+        _shape(PER_TARGET, share=0.1)
+    with pytest.raises(ValueError, match="at least one window"):
+        _shape(())
+
+
+# --- token bucket arithmetic ---------------------------------------------------------------------------------
+
+
+def test_reservations_queue_fifo_in_debt() -> None:
+    bucket = TokenBucket(rate=10.0, burst=2, now=0.0)
+    assert [bucket.reserve(0.0) for _ in range(4)] == [0.0, 0.0, pytest.approx(0.1), pytest.approx(0.2)]
+    assert bucket.tokens(0.0) == pytest.approx(-2)
+    assert bucket.delay(0.0) == pytest.approx(0.3)
+    assert bucket.reserve(0.25) == pytest.approx(0.05)  # behind the debt, not a fresh slot
+    assert bucket.tokens(10.0) == 2  # refills to burst, no further
+    assert bucket.is_full(10.0)
+
+
+def test_take_only_when_free_and_stale_times_do_not_refill_twice() -> None:
+    bucket = TokenBucket(rate=2.0, burst=1, now=0.0)
+    assert bucket.take(0.0)
+    assert not bucket.take(0.4)
+    assert bucket.take(0.5)
+    assert bucket.tokens(0.1) == pytest.approx(0.0)  # an earlier time is the bucket's own time
+    assert bucket.delay(0.5) == pytest.approx(0.5)
+
+
+def test_penalize_pauses_then_slows_then_recovers() -> None:
+    rate = 10.0
+    bucket = TokenBucket(rate=rate, burst=5, now=0.0)
+    bucket.penalize(0.0, 2.0, slow_factor=0.5, recovery=30.0)
+    assert not bucket.is_full(100.0 - 99)  # paused
+    assert bucket.reserve(0.0) == pytest.approx(2.0)  # nothing before the reset Feishu gave
+    assert bucket.reserve(0.0) == pytest.approx(2.0 + 1 / (rate * 0.5), rel=0.01)  # slowed to half
+    # over the 30 s ramp the average rate is 0.75 of nominal; then nominal again
+    bucket = TokenBucket(rate=rate, burst=1, now=0.0)
+    bucket.penalize(0.0, 2.0, slow_factor=0.5, recovery=30.0)
+    instants = [bucket.reserve(0.0) for _ in range(int(0.75 * rate * 30) + 1)]
+    assert instants[0] == pytest.approx(2.0)
+    assert instants[-1] == pytest.approx(32.0, abs=0.11)
+    assert instants[-1] - instants[-2] == pytest.approx(1 / rate, rel=0.02)
+    after = [bucket.reserve(0.0) for _ in range(3)]
+    assert after[1] - after[0] == pytest.approx(1 / rate)
+    assert bucket.is_full(40.0)
+
+
+def test_penalize_twice_slows_further_and_pause_never_shortens() -> None:
+    bucket = TokenBucket(rate=8.0, burst=1, now=0.0)
+    bucket.penalize(0.0, 5.0)
+    bucket.penalize(1.0, 1.0)  # a shorter reset does not cut the first pause
+    assert bucket.delay(1.0) == pytest.approx(4.0)
+    bucket.reserve(1.0)
+    assert bucket.delay(5.0) == pytest.approx(1 / (8.0 * 0.25), rel=0.05)  # a quarter, recovering already
+
+
+def test_set_shape_changes_rate_and_clamps_tokens() -> None:
+    bucket = TokenBucket(rate=10.0, burst=10, now=0.0)
+    bucket.set_shape(5.0, 3, now=0.0)
+    assert bucket.tokens(0.0) == 3
+    for _ in range(3):
+        bucket.reserve(0.0)
+    assert bucket.reserve(0.0) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        bucket.set_shape(0.0, 1)
+
+
+# --- simulations ---------------------------------------------------------------------------------------------
+
+
+def _limiter(sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, **kw: Any) -> Limiter:
+    return Limiter(jitter=JITTER, utilization=UTILIZATION, clock=now, sleep=sleep, **kw)
+
+
+async def _backlog(
+    limiter: Limiter,
+    api_windows: Sequence[Window],
+    *,
+    workers: int,
+    duration: float = DURATION,
+    api: str = "im.message",
+    targets: Callable[[int, int], str | None] = lambda worker, n: None,
+    target_windows: Sequence[Window] = (),
+) -> dict[str | None, list[float]]:
+    """``workers`` callers acquiring back to back until ``duration``; call instants by target."""
+    calls: dict[str | None, list[float]] = {}
+
+    async def worker(index: int) -> None:
+        n = 0
+        while True:
+            target = targets(index, n)
+            await limiter.acquire("app", api, api_windows, target, target_windows if target else ())
+            t = now()
+            if t >= duration:
+                return
+            calls.setdefault(target, []).append(t)
+            n += 1
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+    return calls
+
+
+def _all(calls: dict[str | None, list[float]]) -> list[float]:
+    return [t for times in calls.values() for t in times]
+
+
+@pytest.mark.parametrize("overshoot", [0.0, 0.02])
+def test_im_backlog_keeps_every_window_and_uses_the_minute_quota(overshoot: float) -> None:
+    sleep = overshooting(random.Random(7), overshoot) if overshoot else asyncio.sleep
+    calls = run_virtual(lambda: _backlog(_limiter(sleep), IM, workers=64))
+    times = _all(calls)
+    assert violations(times, IM) == []
+    assert len(times) >= 0.97 * MINUTES * 1000
+    assert busiest(times, 60.0) >= 0.97 * 1000
+
+
+def test_naive_sizing_breaks_both_windows() -> None:
+    """AsyncLimiter(50, 1)-like sizing (burst 50 at 50/s), through the same checker: it can fail."""
+
+    async def main() -> list[float]:
+        bucket = TokenBucket(rate=50.0, burst=50, now=now())
+        times: list[float] = []
+
+        async def caller() -> None:
+            while True:
+                await asyncio.sleep(bucket.reserve(now()))
+                if now() >= 120.0:
+                    return
+                times.append(now())
+
+        await asyncio.gather(*(caller() for _ in range(64)))
+        return times
+
+    times = run_virtual(main)
+    assert busiest(times, 1.0) >= 99  # 50 at once, 50 more by the end of the same second
+    assert busiest(times, 60.0) > 2500  # the minute limit is gone after 20 s
+    assert len(violations(times, IM)) == 2
+
+
+def test_aiolimiter_itself_lets_100_through_in_one_second() -> None:
+    async def main() -> list[float]:
+        limiter = AsyncLimiter(50, 1)
+        times: list[float] = []
+
+        async def caller() -> None:
+            while now() < 5.0:
+                async with limiter:
+                    times.append(now())
+
+        await asyncio.gather(*(caller() for _ in range(64)))
+        return times
+
+    times = run_virtual(main, tick=1e-6)  # aiolimiter polls until time moves: let each loop turn cost 1 µs
+    assert busiest(times, 1.0) > 90
+
+
+@pytest.mark.parametrize("overshoot", [0.0, 0.02])
+def test_url_preview_like_api(overshoot: float) -> None:
+    sleep = overshooting(random.Random(11), overshoot) if overshoot else asyncio.sleep
+    limiter = _limiter(sleep)
+    calls = run_virtual(lambda: _backlog(limiter, URL_PREVIEW, workers=16, api="im.url_preview"))
+    times = _all(calls)
+    assert violations(times, URL_PREVIEW) == []
+    shape = limiter.shape(URL_PREVIEW)
+    assert len(times) >= 0.97 * (shape.burst + shape.rate * DURATION)
+
+
+@pytest.mark.parametrize("overshoot", [0.0, 0.02])
+def test_hot_targets_keep_their_windows_under_an_app_backlog(overshoot: float) -> None:
+    """Per-target 5/1 s while the app-wide queue is long: the target's calls must not bunch after the queue."""
+    sleep = overshooting(random.Random(3), overshoot) if overshoot else asyncio.sleep
+    limiter = _limiter(sleep)
+
+    def targets(worker: int, n: int) -> str:
+        if worker < 24:
+            return f"hot-{worker % 3}"  # 8 callers on each of 3 hot chats
+        return f"chat-{worker}-{n}"  # a stream of fresh chats keeps the app queue long
+
+    calls = run_virtual(lambda: _backlog(limiter, IM, workers=96, targets=targets, target_windows=PER_TARGET))
+    assert violations(_all(calls), IM) == []
+    assert len(_all(calls)) >= 0.97 * MINUTES * 1000
+    for hot in ("hot-0", "hot-1", "hot-2"):
+        assert violations(calls[hot], PER_TARGET) == [], hot
+    assert limiter.stats().target_buckets < 200
+
+
+@pytest.mark.parametrize("overshoot", [0.0, 0.02])
+def test_one_target_alone_gets_its_bucket_rate(overshoot: float) -> None:
+    sleep = overshooting(random.Random(5), overshoot) if overshoot else asyncio.sleep
+    limiter = _limiter(sleep)
+    calls = run_virtual(lambda: _backlog(limiter, IM, workers=8, targets=lambda w, n: "chat",
+                                         target_windows=PER_TARGET))
+    times = calls["chat"]
+    assert violations(times, PER_TARGET) == []
+    shape = limiter.shape(PER_TARGET)
+    # each call waits for the next token, then for its own overshoot: the overshoot is lost time
+    expected = 1 + DURATION / (1 / shape.rate + overshoot / 2)
+    assert len(times) >= 0.97 * expected
+
+
+def test_half_share_halves_throughput_and_keeps_windows() -> None:
+    full = _all(run_virtual(lambda: _backlog(_limiter(), IM, workers=32)))
+    half = _all(run_virtual(lambda: _backlog(_limiter(share=0.5), IM, workers=32)))
+    assert violations(half, (Window(25, 1.0), Window(500, 60.0))) == []
+    assert len(half) == pytest.approx(len(full) / 2, rel=0.01)
+
+
+def test_set_share_applies_to_live_buckets() -> None:
+    async def main() -> tuple[list[float], list[float]]:
+        limiter = _limiter()
+        before = _all(await _backlog(limiter, IM, workers=32, duration=120.0))
+        limiter.set_share(0.5)
+        assert limiter.bucket(("app", "app", "im.message")).rate == pytest.approx(8.125)  # type: ignore[union-attr]
+        start = now()
+        after = await _backlog(limiter, IM, workers=32, duration=start + 120.0)
+        return before, [t - start for t in _all(after)]
+
+    before, after = run_virtual(main)
+    assert violations(after, (Window(25, 1.0), Window(500, 60.0))) == []
+    assert len(after) == pytest.approx(len(before) / 2, rel=0.05)
+
+
+def test_time_scale_shrinks_windows() -> None:
+    limiter = _limiter(time_scale=10.0)
+    times = _all(run_virtual(lambda: _backlog(limiter, IM, workers=32, duration=60.0)))
+    scaled = (Window(50, 0.1), Window(1000, 6.0))
+    assert violations(times, scaled) == []
+    assert len(times) >= 0.97 * 1000 * 10  # ten scaled minutes in one real one
+
+
+def test_from_config() -> None:
+    limiter = Limiter.from_config(FeishuConfig(quota_share=0.5), clock=lambda: 0.0, sleep=asyncio.sleep)
+    assert limiter.share == 0.5
+    assert limiter.shape(IM).burst == 11 and limiter.shape(IM).rate == pytest.approx(8.125)
+
+
+# --- limiter behaviour ---------------------------------------------------------------------------------------
+
+
+def test_target_first_does_not_burn_app_tokens() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        await limiter.acquire("a", "im", IM, "chat", PER_TARGET)
+        app = limiter.bucket(("app", "a", "im"))
+        assert app is not None and app.tokens(now()) == 21
+        # three more for the same chat: they wait on the chat, the app bucket is untouched meanwhile
+        waiting = [asyncio.create_task(limiter.acquire("a", "im", IM, "chat", PER_TARGET)) for _ in range(3)]
+        for _ in range(5):
+            await asyncio.sleep(0)  # let them all reach their waits; virtual time stands still meanwhile
+        assert now() == 0.0
+        assert app.tokens(now()) == 21  # the waiters took nothing from the app bucket
+        waits = await asyncio.gather(*waiting)
+        gap = 1 / limiter.shape(PER_TARGET).rate
+        assert waits == pytest.approx([gap, 2 * gap, 3 * gap], abs=1e-5)
+
+    run_virtual(main)
+
+
+def test_app_throttle_pauses_and_slows_the_app_bucket_only() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        await limiter.acquire("a", "im", IM)
+        await limiter.acquire("a", "other", IM)
+        limiter.throttled("a", "im", retry_after=3.0)
+        assert await limiter.acquire("a", "im", IM) == pytest.approx(3.0)
+        assert await limiter.acquire("a", "other", IM) == 0.0
+        app = limiter.bucket(("app", "a", "im"))
+        assert app is not None and not app.is_full(now() + 10.0)  # still recovering
+        assert app.is_full(now() + 31.0)
+        assert limiter.stats().throttles == 1
+
+    run_virtual(main)
+
+
+def test_target_throttle_pauses_that_target_only() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        await limiter.acquire("a", "im", IM, "chat", PER_TARGET)
+        await asyncio.sleep(5.0)
+        limiter.throttled("a", "im", "chat", retry_after=None)  # 230020 without a reset: the default pause
+        assert await limiter.acquire("a", "im", IM, "other", PER_TARGET) == 0.0
+        assert await limiter.acquire("a", "im", IM, "chat", PER_TARGET) == pytest.approx(1.0)
+        # an evicted target's bucket is created again to hold the penalty
+        await asyncio.sleep(60.0)
+        limiter.throttled("a", "im", "gone", retry_after=2.0)
+        assert await limiter.acquire("a", "im", IM, "gone", PER_TARGET) == pytest.approx(2.0)
+        limiter.throttled("a", "never-used")  # nothing to slow: logged, no error
+
+    run_virtual(main)
+
+
+def test_throttle_while_waiting_on_the_app_retakes() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        for _ in range(22):
+            await limiter.acquire("a", "im", IM)  # drain the app burst: the next call waits ~1/16.25 s
+        task = asyncio.create_task(limiter.acquire("a", "im", IM, "chat", PER_TARGET))
+        await asyncio.sleep(0.01)
+        limiter.throttled("a", "im", "chat", retry_after=0.5)
+        waited = await task
+        assert waited >= 0.5
+        assert limiter.stats().retakes == 1
+
+    run_virtual(main)
+
+
+def test_cancelled_acquire_leaves_buckets_working() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        for _ in range(22):
+            await limiter.acquire("a", "im", IM, f"c{_}", PER_TARGET)
+        waiting = [asyncio.create_task(limiter.acquire("a", "im", IM, "chat", PER_TARGET)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(t.cancelled() for t in waiting)
+        # the lost reservation only delays the next caller; the target's lock and counters are released
+        assert await limiter.acquire("a", "im", IM, "chat", PER_TARGET) < 0.2
+        times = _all(await _backlog(limiter, IM, workers=16, duration=now() + 60.0))
+        assert violations(times, IM) == []
+
+    run_virtual(main)
+
+
+def test_idle_targets_are_evicted() -> None:
+    """100k distinct chats, one call each: memory follows the recently active ones."""
+
+    async def main() -> None:
+        clock = [0.0]
+        limiter = Limiter(jitter=JITTER, utilization=UTILIZATION, clock=lambda: clock[0], sleep=asyncio.sleep)
+        big = (Window(10**9, 1.0),)
+        most = 0
+        for i in range(100_000):
+            clock[0] += 0.01
+            assert await limiter.acquire("a", "im", big, f"chat-{i}", PER_TARGET) == 0.0
+            most = max(most, limiter.stats().target_buckets)
+        stats = limiter.stats()
+        assert most < 100  # a bucket refills in 0.29 s: about 30 are not full at any time
+        assert stats.evictions > 99_900 and stats.acquires == 100_000 and stats.waits == 0
+
+    asyncio.run(main())
+
+
+def test_target_needs_windows() -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError, match="needs its windows"):
+            await _limiter().acquire("a", "im", IM, "chat")
+
+    run_virtual(main)
+
+
+def test_stats_count_waits() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        for _ in range(24):
+            await limiter.acquire("a", "im", IM)
+        stats = limiter.stats()
+        assert (stats.app_buckets, stats.acquires, stats.waits) == (1, 24, 2)
+        assert stats.waited_seconds == pytest.approx(2 / 16.25)
+
+    run_virtual(main)
