@@ -522,3 +522,26 @@ def test_stats_count_waits() -> None:
         assert stats.waited_seconds == pytest.approx(2 / 16.25)
 
     run_virtual(main)
+
+
+def test_a_draining_app_queue_does_not_bunch_a_chat() -> None:
+    """A chat's token taken early and spent after a long app queue would bunch: the queue drains at 16/s."""
+
+    async def main(limiter: Limiter) -> list[float]:
+        times: list[float] = []
+
+        async def flood(i: int) -> None:
+            await limiter.acquire("a", "im", IM, f"other-{i}", PER_TARGET)
+
+        async def hot() -> None:
+            for _ in range(4):
+                await limiter.acquire("a", "im", IM, "chat", PER_TARGET)
+                times.append(now())
+
+        await asyncio.gather(*(flood(i) for i in range(300)), *(hot() for _ in range(8)))
+        return times
+
+    limiter = _limiter()
+    times = run_virtual(lambda: main(limiter))
+    assert len(times) == 32 and min(times) > 15.0  # they really waited behind the flood
+    assert violations(times, PER_TARGET) == []
