@@ -80,3 +80,19 @@ async def test_unreachable_feishu_is_a_retry_outcome() -> None:
 async def test_log_id_and_data_come_back(client: FeishuClient) -> None:
     outcome = await client.send("default", send_call(3))
     assert outcome.log_id and outcome.data["message_id"].startswith("om_")
+
+
+async def test_proxy_from_the_environment_is_read_once_per_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pw@proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "open.larksuite.com")
+    data = config_data("127.0.0.1:9092", "unused", "https://open.feishu.cn")
+    data["apps"].append({"name": "lark", "app_id": "cli_2", "app_secret": "s",
+                         "base_url": "https://open.larksuite.com"})
+    feishu = FeishuClient(to_config(data))
+    await feishu.start()
+    try:
+        proxy, auth = feishu._proxies["https://open.feishu.cn"]
+        assert str(proxy) == "http://proxy.internal:3128" and auth is not None and auth.login == "user"
+        assert feishu._proxies["https://open.larksuite.com"] == (None, None)  # NO_PROXY honoured
+    finally:
+        await feishu.close()
