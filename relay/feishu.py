@@ -70,6 +70,9 @@ class FeishuClient:
         self._refreshing: dict[str, asyncio.Future[str]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[str, tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+        # at most one request per pooled connection: waiting here is cheaper than in aiohttp's connector, whose
+        # waiters each carry a timeout and are woken one by one on every release
+        self._slots = asyncio.Semaphore(config.feishu.max_connections)
         self.token_requests = 0
 
     async def start(self) -> None:
@@ -177,9 +180,9 @@ class FeishuClient:
         proxy, proxy_auth = self._proxies.get(base, (None, None))
         headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON_CONTENT}
         try:
-            async with self._session.request(call.method, base + call.path, params=call.query or None,
-                                             data=call.body, headers=headers, proxy=proxy,
-                                             proxy_auth=proxy_auth) as resp:
+            async with self._slots, self._session.request(
+                    call.method, base + call.path, params=call.query or None, data=call.body, headers=headers,
+                    proxy=proxy, proxy_auth=proxy_auth) as resp:
                 raw = await resp.read()
                 outcome = classify(resp.status, resp.headers, raw, api=call.api)
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
