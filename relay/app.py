@@ -68,7 +68,7 @@ def with_sandbox_url(config: Config, base_url: str) -> Config:
 def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     """Every topic the relay reads or writes, with the settings it relies on."""
     from relay.inbound import inbound_topics
-    from relay.previews import MEMORY_TOPIC_CONFIG
+    from relay.preview_memory import MEMORY_TOPIC_CONFIG
 
     k = config.kafka
     topics: dict[str, dict[str, str]] = {name: {} for name in (*k.intents_topics, k.results_topic,
@@ -178,7 +178,8 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     executor = Executor(client, limiter, policy, rng=random.Random())
     previews = None
     try:
-        from relay.previews import KafkaPreviewMemory, PreviewCoalescer
+        from relay.preview_memory import KafkaPreviewMemory
+        from relay.previews import PreviewCoalescer
     except ImportError:  # pragma: no cover - the coalescer lands in its own change
         log.warning("url_preview.update coalescing unavailable; previews are sent one by one")
     else:

@@ -49,7 +49,8 @@ windows are keyed by (app, API, target key). Target keys (the relay's limiter us
 ``preview-token:<token>``.
 
 Order of checks: authorization → app-wide window → fault injection → request validation (230001 naming the
-field) → forced target errors / timed throttles → per-target windows → ``uuid`` dedup → the operation.
+field; the body rules are the structs of ``relay.sandbox_bodies``) → forced target errors / timed throttles →
+per-target windows → ``uuid`` dedup → the operation.
 
 ``time_scale`` k divides every Feishu duration (windows, token lifetime and refresh window, the 1 h ``uuid``
 window, ``throttle_target`` seconds) so tests run limits k times faster; reported ``expire`` and
@@ -73,11 +74,28 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
 
+from relay.sandbox_bodies import (
+    AuthBody,
+    BatchSendBody,
+    CardUpdateBody,
+    ChatButtonBody,
+    EditBody,
+    EphemeralDeleteBody,
+    EphemeralSendBody,
+    ForwardBody,
+    PatchBody,
+    PinBody,
+    ReactionBody,
+    ReplyBody,
+    SendBody,
+    UrgentBody,
+    UrlPreviewBody,
+)
 from relay.windows import Limit, SlidingWindows
 
 log = logging.getLogger(__name__)
@@ -201,127 +219,7 @@ class Control(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enforce_limits: bool | None = None
 
 
-# ---- Feishu request bodies: unknown fields ignored, documented rules enforced -------------------------------
-
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-Uuid = Annotated[str, msgspec.Meta(max_length=50)]  # facts §3: uuid ≤ 50 chars
-MsgType = Literal["text", "post", "image", "file", "audio", "media", "sticker", "interactive",
-                  "share_chat", "share_user", "system"]
-HttpsUrl = Annotated[str, msgspec.Meta(pattern=r"^https://", max_length=700)]  # seed chat_button: https, ≤ 700
-
-
-class AuthBody(msgspec.Struct):
-    app_id: str = ""
-    app_secret: str = ""
-
-
-class SendBody(msgspec.Struct):  # LO:server-docs/im-v1/message/create.md
-    receive_id: NonEmpty
-    msg_type: MsgType
-    content: str
-    uuid: Uuid | None = None
-
-
-class ReplyBody(msgspec.Struct):  # .../message/reply.md
-    msg_type: MsgType
-    content: str
-    reply_in_thread: bool = False
-    uuid: Uuid | None = None
-
-
-class EditBody(msgspec.Struct):  # .../message/update.md: text and post only
-    msg_type: Literal["text", "post"]
-    content: str
-
-
-class ForwardBody(msgspec.Struct):  # .../message/forward.md
-    receive_id: NonEmpty
-
-
-class PatchBody(msgspec.Struct):  # .../message/patch.md
-    content: str
-
-
-class UrgentBody(msgspec.Struct):  # .../message/urgent_app.md
-    user_id_list: Annotated[list[NonEmpty], msgspec.Meta(min_length=1)]
-
-
-class ReactionType(msgspec.Struct):
-    emoji_type: NonEmpty
-
-
-class ReactionBody(msgspec.Struct):  # .../message-reaction/create.md
-    reaction_type: ReactionType
-
-
-class PinBody(msgspec.Struct):  # .../pin/create.md
-    message_id: NonEmpty
-
-
-class CardUpdateBody(msgspec.Struct):  # interactive/v1/card/update
-    token: NonEmpty
-    card: dict[str, Any]
-
-
-class EphemeralSendBody(msgspec.Struct):  # ephemeral/v1/send: card messages in group chats
-    chat_id: NonEmpty
-    msg_type: Literal["interactive"]
-    card: dict[str, Any]
-    open_id: str | None = None
-    user_id: str | None = None
-    email: str | None = None
-
-
-class EphemeralDeleteBody(msgspec.Struct):
-    message_id: NonEmpty
-
-
-class UrlPreviewBody(msgspec.Struct):  # seed url_preview_batch_update
-    preview_tokens: Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=10)]
-    open_ids: Annotated[list[str], msgspec.Meta(max_length=100)] = msgspec.field(default_factory=list)
-
-
-class ButtonUrls(msgspec.Struct):  # seed chat_button_update: open_app_feed_card_url
-    url: HttpsUrl | None = None
-    android_url: HttpsUrl | None = None
-    ios_url: HttpsUrl | None = None
-    pc_url: HttpsUrl | None = None
-
-
-class ButtonText(msgspec.Struct):
-    text: Annotated[str, msgspec.Meta(min_length=1, max_length=30)]  # seed: 1..30 characters
-
-
-class Button(msgspec.Struct):  # seed: open_app_feed_card_button
-    action_type: Literal["url_page", "webhook"]
-    text: ButtonText
-    multi_url: ButtonUrls | None = None
-    button_type: Literal["default", "primary", "success"] = "default"
-    action_map: dict[str, str] | None = None
-
-
-class Buttons(msgspec.Struct):
-    buttons: Annotated[list[Button], msgspec.Meta(max_length=2)]  # seed: 0..2
-
-
-class ChatButtonBody(msgspec.Struct):  # seed chat_button_update
-    chat_id: NonEmpty
-    user_ids: Annotated[list[str], msgspec.Meta(min_length=1, max_length=20)] | None = None
-    buttons: Buttons | None = None
-
-
-class BatchSendBody(msgspec.Struct):  # message/v4/batch_send
-    msg_type: NonEmpty
-    content: dict[str, Any] | None = None
-    card: dict[str, Any] | None = None
-    open_ids: list[str] = msgspec.field(default_factory=list)
-    user_ids: list[str] = msgspec.field(default_factory=list)
-    union_ids: list[str] = msgspec.field(default_factory=list)
-    department_ids: Annotated[list[str], msgspec.Meta(max_length=200)] = msgspec.field(default_factory=list)
-
-
 S = TypeVar("S")
-_CONTENT = msgspec.json.Decoder(dict[str, Any])
 _CONTROL = msgspec.json.Decoder(Control)
 _ENCODER = msgspec.json.Encoder()
 _NO_BODY: Final = object()
@@ -759,14 +657,6 @@ class Sandbox:
             raise _Refused(230001, f"param is invalid: {err}") from None
 
     @staticmethod
-    def _content(content: str, field: str = "content") -> None:
-        try:
-            _CONTENT.decode(content)
-        except msgspec.DecodeError:
-            raise _Refused(230001, f"param is invalid: `$.{field}` must be a JSON string encoding an object") \
-                from None
-
-    @staticmethod
     def _query(req: _Req, name: str, allowed: tuple[str, ...], default: str | None = None) -> str:
         value = req.query.get(name, default)
         if value is None:
@@ -818,7 +708,6 @@ class Sandbox:
     def _send(self, req: _Req) -> dict[str, Any]:
         id_type = self._query(req, "receive_id_type", self._RECEIVE_TYPES)
         body = self._decode(req, SendBody)
-        self._content(body.content)
         self._targets(req, [(f"receive:{body.receive_id}", self._per_target())])
         cached = self._dedup(req, body.uuid, "")
         if cached is not None:
@@ -830,7 +719,6 @@ class Sandbox:
     def _reply(self, req: _Req) -> dict[str, Any]:
         message_id = req.match["message_id"]
         body = self._decode(req, ReplyBody)
-        self._content(body.content)
         parent = self._live(message_id)
         key = f"chat:{parent.chat_id}" if parent is not None else f"message:{message_id}"
         self._targets(req, [(key, self._per_target())])
@@ -844,7 +732,6 @@ class Sandbox:
     def _edit(self, req: _Req) -> dict[str, Any]:
         message_id = req.match["message_id"]
         body = self._decode(req, EditBody)
-        self._content(body.content)
         message = self._live(message_id)
         self._targets(req, [(f"message:{message_id}", None)])
         if message is not None:
@@ -864,7 +751,6 @@ class Sandbox:
     def _patch(self, req: _Req) -> dict[str, Any]:
         message_id = req.match["message_id"]
         body = self._decode(req, PatchBody)
-        self._content(body.content)
         message = self._live(message_id)
         self._targets(req, [(f"message:{message_id}", self._per_target())])
         if message is not None:
@@ -931,8 +817,6 @@ class Sandbox:
 
     def _ephemeral_send(self, req: _Req) -> dict[str, Any]:
         body = self._decode(req, EphemeralSendBody)
-        if not (body.open_id or body.user_id or body.email):
-            raise _Refused(230001, "param is invalid: one of `$.open_id`, `$.user_id`, `$.email` is required")
         limit = Limit(self.options.ephemeral_chat_per_second, self._scaled(1.0))
         self._targets(req, [(f"ephemeral-chat:{body.chat_id}", limit)])
         return {"message_id": f"om_{secrets.token_hex(12)}"}
@@ -959,12 +843,7 @@ class Sandbox:
         return {"failed_user_reasons": failed} if failed else {}
 
     def _batch_send(self, req: _Req) -> dict[str, Any]:
-        body = self._decode(req, BatchSendBody)
-        if body.content is None and body.card is None:
-            raise _Refused(230001, "param is invalid: one of `$.content`, `$.card` is required")
-        if not (body.open_ids or body.user_ids or body.union_ids or body.department_ids):
-            raise _Refused(230001, "param is invalid: no recipients (`$.open_ids`, `$.user_ids`, `$.union_ids`, "
-                                   "`$.department_ids`)")
+        self._decode(req, BatchSendBody)
         self._targets(req, [])
         return {"message_id": f"bm-{secrets.token_hex(12)}", "invalid_department_ids": [],
                 "invalid_open_ids": [], "invalid_user_ids": [], "invalid_union_ids": []}

@@ -1,5 +1,5 @@
-"""URL-preview coalescing: the pure planner (injected time), the coalescer over a fake executor, and the
-5-second memory against the real Kafka broker."""
+"""URL-preview coalescing: the pure planner (injected time), the coalescer over a fake executor, and a
+restarted coalescer over the 5-second memory on the real Kafka broker (the memory alone: test_preview_memory)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from relay.backoff import RetryPolicy
 from relay.calls import Call
@@ -24,22 +22,11 @@ from relay.config import Config, FeishuConfig, KafkaConfig, parse_config
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.intents import UrlPreviewUpdate
-from relay.kafka import make_producer
 from relay.limits import Limiter
 from relay.outcomes import Outcome, Verdict
-from relay.previews import (
-    MAX_OPEN_IDS,
-    Finished,
-    KafkaPreviewMemory,
-    PlannedCall,
-    PreviewCoalescer,
-    PreviewMemory,
-    PreviewPlanner,
-    PreviewResult,
-    PreviewsStopped,
-    audience_of,
-    merge_audience,
-)
+from relay.preview_memory import KafkaPreviewMemory, PreviewMemory
+from relay.preview_planner import MAX_OPEN_IDS, Finished, PlannedCall, PreviewPlanner, audience_of, merge_audience
+from relay.previews import PreviewCoalescer, PreviewResult, PreviewsStopped
 from relay.sandbox import Sandbox, SandboxOptions
 
 INTERVAL = 5.0
@@ -678,43 +665,11 @@ async def test_cancelled_submit_withdraws_the_intent() -> None:
         assert executor.calls == []
 
 
-# --- the memory against the real broker ------------------------------------------------------------------
+# --- the coalescer over the memory on the real broker ----------------------------------------------------
 
 
 def memory_config(bootstrap: str, topic: str) -> KafkaConfig:
     return KafkaConfig(bootstrap_servers=bootstrap, preview_memory_topic=topic, topic_partitions=3)
-
-
-@pytest.mark.integration
-async def test_kafka_memory_survives_a_restart_and_is_compacted(kafka_bootstrap: str, topic_prefix: str) -> None:
-    cfg = memory_config(kafka_bootstrap, f"{topic_prefix}.memory")
-    first = KafkaPreviewMemory(cfg)
-    await first.start()  # creates the topic, compacted
-    try:
-        assert await first.load() == {}
-        await first.record("default", ["t1", "t2"], 1000.0)
-        await first.record("default", ["t1"], 2000.0)
-        await first.record("other", ["t1"], 1500.0)
-    finally:
-        await first.stop()
-
-    # a new process: only the topic carries the memory over (the app's way: its shared producer, no start())
-    producer = make_producer(cfg)
-    await producer.start()
-    try:
-        remembered = await KafkaPreviewMemory(cfg, producer).load()
-    finally:
-        await producer.stop()
-    assert remembered == {("default", "t1"): 2000.0, ("default", "t2"): 1000.0, ("other", "t1"): 1500.0}
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, cfg.preview_memory_topic)])
-    finally:
-        await admin.close()
-    entries = {name: value for name, value, *_ in described[0].resources[0][4]}
-    assert entries["cleanup.policy"] == "compact,delete"
 
 
 @pytest.mark.integration
