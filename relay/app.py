@@ -32,6 +32,8 @@ from relay.kafka import ensure_topics, make_consumer, make_producer
 from relay.limits import Limiter
 from relay.metrics import Metrics
 from relay.outbound import Outbound
+from relay.preview_memory import KafkaPreviewMemory
+from relay.previews import PreviewCoalescer
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +178,12 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
     executor = Executor(client, limiter, policy, rng=random.Random())
-    previews = None
-    try:
-        from relay.preview_memory import KafkaPreviewMemory
-        from relay.previews import PreviewCoalescer
-    except ImportError:  # pragma: no cover - the coalescer lands in its own change
-        log.warning("url_preview.update coalescing unavailable; previews are sent one by one")
-    else:
-        memory = KafkaPreviewMemory(config.kafka, producer)
-        await memory.start()
-        stack.push_async_callback(memory.stop)
-        previews = PreviewCoalescer(executor, memory, config)
-        await previews.start()
-        stack.push_async_callback(previews.stop)
+    memory = KafkaPreviewMemory(config.kafka, producer)
+    await memory.start()
+    stack.push_async_callback(memory.stop)
+    previews = PreviewCoalescer(executor, memory, config)
+    await previews.start()  # loads the 5-second memory before any intent is read
+    stack.push_async_callback(previews.stop)
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
     return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
