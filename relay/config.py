@@ -151,6 +151,8 @@ class OutboundConfig(_Section, frozen=True):
     enabled: bool = True
     # records read but not finished; past it the consumer pauses fetching
     max_in_flight: PositiveInt = 2000
+    # the same for one partition: a partition over it pauses alone (a hot key's backlog stays on its partition)
+    max_in_flight_per_partition: PositiveInt = 500
     # a retried call gives up after this many attempts or this much time since the first, whichever first
     max_attempts: PositiveInt = 8
     max_retry_seconds: PositiveFloat = 300.0

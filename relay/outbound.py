@@ -11,8 +11,11 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_in
   job waits for the previous job of its key), so their calls are attempted in partition order. Different keys
   run concurrently: a key waiting on its own limit or on a retry never holds back the others.
   ``url_preview.update`` intents skip the lanes: they are merged by the preview coalescer.
-* **Bounded work.** At most ``outbound.max_in_flight`` records are read but unfinished; past that the consumer
-  pauses fetching (and re-pauses after a rebalance, since Kafka forgets pauses) and resumes at half.
+* **Bounded work.** At most ``outbound.max_in_flight`` records are read but unfinished, and at most
+  ``outbound.max_in_flight_per_partition`` of one partition. A partition over its share is paused alone (resumed at
+  half), so a hot key with a long backlog on its limit holds back only the keys that share its partition, and only
+  once that partition's share is used; past the global cap every partition pauses. Pauses are re-applied after a
+  rebalance, since Kafka forgets them.
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped.
@@ -122,7 +125,9 @@ class Outbound(ConsumerRebalanceListener):
         self._jobs: dict[TopicPartition, set[Job]] = {}
         self._lanes: dict[tuple[TopicPartition, str], asyncio.Task[None]] = {}
         self._inflight = 0
-        self._paused = False
+        self._inflight_by_tp: dict[TopicPartition, int] = {}
+        self._all_paused = False  # the global cap was reached; cleared at half
+        self._paused: set[TopicPartition] = set()
         self._admin: AIOKafkaAdminClient | None = None
         self.finished = 0  # records finished (result acknowledged), for progress lines and tests
 
@@ -172,8 +177,9 @@ class Outbound(ConsumerRebalanceListener):
         await self._load_finished(assigned)
         self._metrics.set("relay_outbound_assigned_partitions", len(self._consumer.assignment()),
                           help="intent partitions this replica owns")
-        if self._paused and assigned:
-            self._consumer.pause(*assigned)  # pauses do not survive a rebalance
+        repause = self._paused & set(assigned)
+        if repause:
+            self._consumer.pause(*repause)  # pauses do not survive a rebalance
         log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "-")
 
     async def _load_finished(self, assigned: list[TopicPartition]) -> None:
@@ -196,13 +202,24 @@ class Outbound(ConsumerRebalanceListener):
     # dispatch -----------------------------------------------------------------------------------------
 
     def _backpressure(self) -> None:
-        if not self._paused and self._inflight >= self._out.max_in_flight:
-            self._consumer.pause(*self._consumer.assignment())
-            self._paused = True
-        elif self._paused and self._inflight <= self._out.max_in_flight // 2:
-            self._consumer.resume(*self._consumer.assignment())
-            self._paused = False
+        assigned = self._consumer.assignment()
+        cap, per = self._out.max_in_flight, self._out.max_in_flight_per_partition
+        if self._inflight >= cap:
+            self._all_paused = True
+        elif self._all_paused and self._inflight <= cap // 2:
+            self._all_paused = False
+        if self._all_paused:
+            wanted = set(assigned)
+        else:
+            wanted = {tp for tp in assigned
+                      if (n := self._inflight_by_tp.get(tp, 0)) >= per or (tp in self._paused and n > per // 2)}
+        if pause := wanted - self._paused:
+            self._consumer.pause(*pause)
+        if resume := (self._paused - wanted) & assigned:
+            self._consumer.resume(*resume)
+        self._paused = wanted
         self._metrics.set("relay_outbound_in_flight", self._inflight, help="records read but not finished")
+        self._metrics.set("relay_outbound_paused_partitions", len(wanted), help="partitions paused for backpressure")
 
     def _dispatch(self, tp: TopicPartition, record: Record) -> None:
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
@@ -233,6 +250,7 @@ class Outbound(ConsumerRebalanceListener):
         job.task = task
         self._jobs.setdefault(tp, set()).add(job)
         self._inflight += 1
+        self._inflight_by_tp[tp] = self._inflight_by_tp.get(tp, 0) + 1
         if lane is not None:
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done, lane))
@@ -257,6 +275,11 @@ class Outbound(ConsumerRebalanceListener):
             self.finished += 1
         finally:
             self._inflight -= 1
+            left = self._inflight_by_tp.get(job.tp, 0) - 1
+            if left > 0:
+                self._inflight_by_tp[job.tp] = left
+            else:
+                self._inflight_by_tp.pop(job.tp, None)
             jobs = self._jobs.get(job.tp)
             if jobs is not None:
                 jobs.discard(job)
@@ -388,6 +411,7 @@ class Outbound(ConsumerRebalanceListener):
 
     def _forget(self, tps: list[TopicPartition]) -> None:
         gone = set(tps)
+        self._paused -= gone
         for tp in gone:
             self._offsets.pop(tp, None)
             self._jobs.pop(tp, None)

@@ -3,6 +3,7 @@ partition order per key, and a throttled key that does not slow the others."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from collections import defaultdict
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from relay.sandbox import Sandbox, SandboxOptions
 from tests.relaykit import APP_ID, APP_SECRET, Collector, config_data, produce, relay_in_process, to_config
@@ -173,3 +175,45 @@ async def test_a_throttled_key_does_not_hold_back_the_others(kafka_bootstrap: st
     rate, hot_done = await _others_rate(kafka_bootstrap, topic_prefix + ".hot", throttle_hot=True)
     assert hot_done >= 9.0, "the hot key was not held by its 230020s"
     assert rate >= 0.85 * base_rate, f"others ran at {rate:.1f}/s with a throttled key vs {base_rate:.1f}/s"
+
+
+async def test_a_hot_key_backlog_pauses_only_its_own_partition(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox
+) -> None:
+    """600 sends to one chat (3.5/s per chat x 4) exceed the global in-flight cap of 300; with a per-partition share
+    of 100 only the hot partition pauses, so sends to chats on other partitions, produced afterwards, all finish
+    while the hot key still has most of its backlog. (A single global pause would hold them until the hot key had
+    drained to half the cap: at most 150 of its 600 left.)"""
+    partitions = 4
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE,
+                                   kafka={"topic_partitions": partitions},
+                                   outbound={"max_in_flight": 300, "max_in_flight_per_partition": 100}))
+    partitioner = DefaultPartitioner()
+    all_partitions = list(range(partitions))
+
+    def partition(key: str) -> int:
+        return int(partitioner(key.encode(), all_partitions, all_partitions))
+
+    hot_partition = partition("oc_hot")
+    others = [f"oc_{i}" for i in range(2000) if partition(f"oc_{i}") != hot_partition][:300]
+    hot = [{"kind": "message.send", "id": f"hot-{j}", "receive_id_type": "chat_id", "receive_id": "oc_hot",
+            "msg_type": "text", "content": {"text": "x"}} for j in range(600)]
+    cold = [{"kind": "message.send", "id": f"cold-{c}", "receive_id_type": "chat_id", "receive_id": c,
+             "msg_type": "text", "content": {"text": "x"}} for c in others]
+    topic = config.kafka.intents_topics[0]
+    async with relay_in_process(config) as metrics, Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, topic, hot)
+        for _ in range(400):  # until the hot partition is paused with its share in flight
+            if metrics.value("relay_outbound_paused_partitions") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert metrics.value("relay_outbound_paused_partitions") == 1
+        await produce(kafka_bootstrap, topic, cold)
+        for _ in range(1200):  # at most 120 s
+            if all(f"cold-{c}" in results.by_id() for c in others):
+                break
+            await asyncio.sleep(0.1)
+        hot_done = sum(1 for id in results.by_id() if id.startswith("hot-"))
+    assert all(f"cold-{c}" in results.by_id() for c in others)
+    assert hot_done <= 300, f"the hot key had {600 - hot_done} left when the others were done"
+    assert sandbox.violations() == []
