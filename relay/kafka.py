@@ -65,6 +65,9 @@ def make_consumer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": MAX_REQUEST_SIZE,
+        # the broker holds a fetch up to this long when the fetched partitions have nothing new; a partition
+        # resumed after backpressure waits for that fetch to come back (default 500 ms stalled resumed partitions)
+        "fetch_max_wait_ms": 100,
         **overrides,
     }
     return AIOKafkaConsumer(**settings)

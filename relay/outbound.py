@@ -143,7 +143,8 @@ class Outbound(ConsumerRebalanceListener):
         try:
             while not stop.is_set():
                 self._backpressure()
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=500)
+                # while anything is paused, come back soon to resume it as work finishes
+                batch = await self._consumer.getmany(timeout_ms=20 if self._paused else 200, max_records=500)
                 for tp, records in batch.items():
                     for record in records:
                         self._dispatch(tp, record)
@@ -346,8 +347,11 @@ class Outbound(ConsumerRebalanceListener):
                                     dead_letter_headers(headers, error=dl_error, reason=reason,
                                                         topic=record.topic, partition=record.partition,
                                                         offset=record.offset)))
-        await asyncio.gather(*sends)
-        latency = now - received
+        if len(sends) == 1:
+            await sends[0]  # the common case: no gather (and no extra task) per record
+        else:
+            await asyncio.gather(*sends)
+        latency = self._wall() - received  # read -> result acknowledged
         self._metrics.inc("relay_intents_total", help="intents finished, by kind and status",
                           kind=kind or "unknown", status=status)
         self._metrics.observe("relay_intent_seconds", latency, help="read to result written", status=status)
