@@ -28,7 +28,7 @@ from relay.errors import RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.intents import decode_intent, ordering_key, schema
-from relay.kafka import ensure_topics, make_consumer, make_producer
+from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
 from relay.limits import Limiter
 from relay.metrics import Metrics
 from relay.outbound import Outbound
@@ -73,8 +73,9 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     from relay.preview_memory import MEMORY_TOPIC_CONFIG
 
     k = config.kafka
-    topics: dict[str, dict[str, str]] = {name: {} for name in (*k.intents_topics, k.results_topic,
-                                                                k.dead_letter_topic)}
+    large = {"max.message.bytes": str(MAX_REQUEST_SIZE)}  # a dead letter carries the whole intent plus headers
+    topics: dict[str, dict[str, str]] = {name: {} for name in k.intents_topics}
+    topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
     return topics
