@@ -83,12 +83,16 @@ class PartitionOffsets:
         """Offsets already finished above the commit point (what ``encode_done`` records)."""
         return set(self._done)
 
-    def uncommitted(self) -> tuple[int, str] | None:
-        """(commit point, metadata) if either moved since the last successful commit, else None."""
+    def uncommitted(self, also_done: Iterable[int] = ()) -> tuple[int, str] | None:
+        """(commit point, metadata) if either moved since the last successful commit, else None.
+
+        ``also_done``: offsets known finished but not yet read here (a previous owner's finished set): they stay
+        in the metadata until this owner reaches them, so a second rebalance or a crash still skips them.
+        """
         point = self.commit_point()
         if point is None:
             return None
-        metadata = encode_done(point, self._done)
+        metadata = encode_done(point, self._done.union(also_done))
         if (point, metadata) == (self.committed, self.committed_metadata):
             return None
         return point, metadata

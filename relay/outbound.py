@@ -96,13 +96,18 @@ class Previews(Protocol):
 class Job:
     """One record being handled. ``started``: a call was attempted or the result is being written."""
 
-    __slots__ = ("offset", "started", "task", "tp")
+    __slots__ = ("app", "id", "kind", "offset", "received", "record", "started", "task", "tp")
 
-    def __init__(self, tp: TopicPartition, offset: int) -> None:
+    def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
-        self.offset = offset
+        self.record = record
+        self.offset = record.offset
+        self.received = received
         self.started = False
         self.task: asyncio.Task[None] | None = None
+        self.id: str | None = None
+        self.kind: str | None = None
+        self.app: str | None = None
 
 
 class Outbound(ConsumerRebalanceListener):
@@ -137,8 +142,18 @@ class Outbound(ConsumerRebalanceListener):
         """Consume until ``stop`` is set, then drain, commit and leave the group."""
         self._admin = AIOKafkaAdminClient(**client_settings(self._config.kafka))
         await self._admin.start()
-        self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
-        await self._consumer.start()
+        try:
+            self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
+            await self._consumer.start()
+            try:
+                await self._consume(stop)
+            finally:
+                await asyncio.wait_for(self._consumer.stop(), 30)
+        finally:
+            await self._admin.close()
+        log.info("outbound stopped: %d records finished", self.finished)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         committer = asyncio.create_task(self._commit_loop(), name="relay-committer")
         try:
             while not stop.is_set():
@@ -150,15 +165,12 @@ class Outbound(ConsumerRebalanceListener):
                         self._dispatch(tp, record)
         finally:
             committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):  # its own errors are logged in the loop
                 await committer
             owned = list(self._offsets)
             await self._drain(owned)
             await self._commit(owned)
             self._forget(owned)
-            await asyncio.wait_for(self._consumer.stop(), 30)
-            await self._admin.close()
-            log.info("outbound stopped: %d records finished", self.finished)
 
     # rebalance listener (runs in aiokafka's coordinator task, between fetches) -----------------------------
 
@@ -172,15 +184,21 @@ class Outbound(ConsumerRebalanceListener):
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in owned))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        # aiokafka hands out records of the new partitions while this callback awaits: hold them (synchronously,
+        # before the first await) until we know which records the previous owner already finished
+        if assigned:
+            self._consumer.pause(*assigned)
         for tp in assigned:
             self._offsets.setdefault(tp, PartitionOffsets())
             self._jobs.setdefault(tp, set())
-        await self._load_finished(assigned)
+        try:
+            await self._load_finished(assigned)
+        finally:
+            # pauses do not survive a rebalance: those wanted for backpressure stay, the rest resume
+            if resume := set(assigned) - self._paused:
+                self._consumer.resume(*resume)
         self._metrics.set("relay_outbound_assigned_partitions", len(self._consumer.assignment()),
                           help="intent partitions this replica owns")
-        repause = self._paused & set(assigned)
-        if repause:
-            self._consumer.pause(*repause)  # pauses do not survive a rebalance
         log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "-")
 
     async def _load_finished(self, assigned: list[TopicPartition]) -> None:
@@ -231,7 +249,7 @@ class Outbound(ConsumerRebalanceListener):
             offsets.done(record.offset)
             return
         received = self._wall()
-        job = Job(tp, record.offset)
+        job = Job(tp, record, received)
         lane: tuple[TopicPartition, str] | None = None
         coro: Coroutine[Any, Any, None]
         try:
@@ -242,6 +260,7 @@ class Outbound(ConsumerRebalanceListener):
         except IntentError as err:
             coro = self._reject(job, record, err, received)
         else:
+            job.id, job.kind, job.app = intent.id, intent_kind(intent), intent.app
             if isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
                 coro = self._preview(job, record, intent, received)
             else:
@@ -262,14 +281,15 @@ class Outbound(ConsumerRebalanceListener):
 
     async def _run_job(self, job: Job, coro: Awaitable[None]) -> None:
         try:
-            await coro
-        except asyncio.CancelledError:
-            raise  # abandoned: its offset stays uncommitted and it is redone by the next owner
-        except Exception:
-            # a bug, not an outcome: leave the offset uncommitted (the partition's lag shows it) and say so
-            log.exception("%s[%d]@%d: unexpected error; the record stays uncommitted", job.tp.topic,
-                          job.tp.partition, job.offset)
-        else:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise  # abandoned: its offset stays uncommitted and it is redone by the next owner
+            except Exception as err:
+                # a bug, not an outcome: report it as this intent's failure rather than freeze the partition
+                log.exception("%s[%d]@%d: unexpected error", job.tp.topic, job.tp.partition, job.offset)
+                if not await self._internal_failure(job, err):
+                    return
             offsets = self._offsets.get(job.tp)
             if offsets is not None:
                 offsets.done(job.offset)
@@ -328,6 +348,18 @@ class Outbound(ConsumerRebalanceListener):
         fields = {"msg": err.reason, "attempts": 0}
         await self._finish(record, err.id, err.kind, err.app, "rejected", fields, err.error, received)
 
+    async def _internal_failure(self, job: Job, err: Exception) -> bool:
+        """A ``failed`` result and a dead letter (``relay.error=internal``); False if even that fails."""
+        job.started = True
+        fields = {"msg": f"internal error: {type(err).__name__}: {err}", "attempts": 0}
+        try:
+            await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received)
+        except Exception:
+            log.exception("%s[%d]@%d: could not report the error; the record stays uncommitted", job.tp.topic,
+                          job.tp.partition, job.offset)
+            return False
+        return True
+
     # writing results --------------------------------------------------------------------------------
 
     async def _finish(self, record: Record, id: str | None, kind: str | None, app: str | None, status: str,
@@ -368,20 +400,28 @@ class Outbound(ConsumerRebalanceListener):
                 await future
                 return
             except KafkaError as err:
-                log.warning("writing to %s failed (%s); retrying in %.1fs", topic, err, delay)
+                # never dropped: the record's offset waits. A non-retriable error (too large, not authorized)
+                # needs an operator, so it is logged as an error and counted rather than retried quietly.
+                self._metrics.inc("relay_outbound_write_errors_total", help="failed result/dead-letter writes",
+                                  topic=topic, retriable=str(err.retriable).lower())
+                level = logging.WARNING if err.retriable else logging.ERROR
+                log.log(level, "writing to %s failed (%s); retrying in %.1fs", topic, err, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 5.0 if err.retriable else 30.0)
 
     # commits ------------------------------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
         while True:
             await asyncio.sleep(self._out.commit_interval)
-            await self._commit(list(self._offsets))
+            try:
+                await self._commit(list(self._offsets))
+            except Exception:  # a bug must not silently stop all commits
+                log.exception("periodic commit failed; retrying at the next interval")
 
     async def _commit(self, tps: list[TopicPartition]) -> None:
         moves = {tp: move for tp in tps if (o := self._offsets.get(tp)) is not None
-                 and (move := o.uncommitted()) is not None}
+                 and (move := o.uncommitted(also_done=self._skip.get(tp, ()))) is not None}
         if not moves:
             return
         try:

@@ -1,11 +1,12 @@
 """What the relay writes for each intent: one result record, and a dead letter for every rejected/failed one.
 
-Result record (results topic): key = intent ``id`` (or the source key when no id could be read), value = the
+Result record (results topic), written whenever the intent's ``id`` can be read: key = ``id``, value = the
 :class:`~relay.intents.Result` JSON, headers = the intent record's ``traceparent`` and any header named in
 ``kafka.forward_headers``, unchanged.
 
 Dead letter (dead-letter topic): the original value bytes and key unchanged; headers ``relay.error``
-(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted``), ``relay.reason`` (one line),
+(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted``, and ``internal`` for a relay bug reported as the
+intent's failure rather than freezing its partition), ``relay.reason`` (one line),
 ``relay.source.topic``, ``relay.source.partition``, ``relay.source.offset``, then the original headers.
 Expired intents are reported, not dead-lettered (SPEC).
 """

@@ -75,3 +75,15 @@ def test_done_offsets_round_trip_through_commit_metadata() -> None:
 
 def test_too_many_done_offsets_fall_back_to_no_metadata() -> None:
     assert encode_done(0, {MAX_METADATA * 8}) == ""  # redo the tail rather than exceed the broker's cap
+
+
+def test_a_previous_owners_finished_set_stays_in_the_metadata_until_reached() -> None:
+    # the previous owner committed 100 with {105, 110} finished; we have read and finished 100..104 only
+    p = PartitionOffsets()
+    for off in range(100, 105):
+        p.add(off)
+        p.done(off)
+    move = p.uncommitted(also_done={105, 110})
+    assert move is not None and move[0] == 105
+    assert decode_done(105, move[1]) == {110}  # 105 is the commit point itself: it will be skipped when read
+    assert p.uncommitted(also_done=()) == (105, "")  # without it, a second rebalance would redo 110

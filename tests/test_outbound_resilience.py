@@ -272,3 +272,30 @@ async def test_bad_intents_are_rejected_with_a_reason(
         if id is not None:
             assert by_id[id]["status"] == "rejected" and word.lower() in by_id[id]["msg"].lower()
     assert not sandbox.calls, "a bad intent reached Feishu"
+
+
+async def test_an_internal_error_fails_its_intent_and_the_partition_moves_on(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.outbound
+
+    real_build_call = relay.outbound.build_call
+
+    def build_call(intent: Any) -> Any:
+        if intent.id == "boom":
+            raise RuntimeError("a bug")
+        return real_build_call(intent)
+
+    monkeypatch.setattr(relay.outbound, "build_call", build_call)
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE))
+    async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results, \
+            Collector(kafka_bootstrap, config.kafka.dead_letter_topic) as dead:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0],
+                      [send("boom", "oc_x"), send("after", "oc_x")])
+        await results.wait_for(2, timeout=30)
+        await dead.wait_for(1, timeout=30, distinct_ids=False)
+    by_id = {k: v[0] for k, v in results.by_id().items()}
+    assert by_id["boom"]["status"] == "failed" and by_id["boom"]["msg"].startswith("internal error: RuntimeError")
+    assert by_id["after"]["status"] == "ok"
+    (letter,) = dead.records
+    assert dict(letter.headers)["relay.error"] == b"internal"
