@@ -6,6 +6,13 @@ many calls need it at once (a shared future). When Feishu says a token is invali
 the client drops *that* token (compare-and-drop, so a hundred calls failing on the same stale token cause one
 refresh) and the executor retries once.
 
+A refresh that fails (a wrong ``app_secret``, an unreachable or throttled token endpoint) is remembered per app
+for a hold: Feishu's ``retry_after`` when it gave one, else :data:`FAILED_TOKEN_HOLD` real seconds. During the hold
+every call of that app is answered with the same outcome at once, without a request, so a thousand in-flight
+jobs cause one token request per hold, not a storm. A token-endpoint outcome never slows an API's bucket
+(``throttled`` is cleared: the limit hit was the token endpoint's), but keeps ``retry_after`` (the remaining hold
+while held) so the executor waits it out.
+
 ``send`` never raises for an expected answer: it returns an :class:`~relay.outcomes.Outcome` (a network error
 becomes a RETRY outcome). Retrying, limits and expiry are the executor's job.
 """
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_PATH: Final = "/open-apis/auth/v3/tenant_access_token/internal"
 JSON_CONTENT: Final = "application/json; charset=utf-8"
+# seconds (real, not scaled by time_scale) a failed token refresh is answered from memory when Feishu gave no reset
+FAILED_TOKEN_HOLD: Final = 2.0
 
 
 class _TokenAnswer(msgspec.Struct):
@@ -68,6 +77,8 @@ class FeishuClient:
         self._apps: dict[str, AppConfig] = {app.name: app for app in config.apps}
         self._tokens: dict[str, _Cached] = {}
         self._refreshing: dict[str, asyncio.Future[str]] = {}
+        self._refresh_tasks: set[asyncio.Task[None]] = set()
+        self._failed: dict[str, tuple[float, Outcome]] = {}  # app -> (held until, the failed refresh's outcome)
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[str, tuple[URL | None, aiohttp.BasicAuth | None]] = {}
         # at most one request per pooled connection: waiting here is cheaper than in aiohttp's connector, whose
@@ -92,6 +103,15 @@ class FeishuClient:
                                               raise_for_status=False)
 
     async def close(self) -> None:
+        """Cancel and await in-flight token refreshes (their waiters get a RETRY outcome), then close the session."""
+        tasks, waiting = list(self._refresh_tasks), list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for future in waiting:  # a task cancelled before it ever ran set nothing
+            if not future.done():
+                future.set_exception(TokenUnavailable(_prefixed(network_error(asyncio.CancelledError()))))
+                future.exception()  # retrieved: nobody may be waiting
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -102,15 +122,27 @@ class FeishuClient:
     # tokens -------------------------------------------------------------------------------------------
 
     async def token(self, app: str) -> str:
-        """A valid tenant_access_token for ``app``; at most one refresh request per app at a time."""
+        """A valid tenant_access_token for ``app``; at most one refresh request per app at a time.
+
+        Raises :class:`TokenUnavailable`, without a request, while a failed refresh is held (module doc).
+        """
+        now = self._clock()
         cached = self._tokens.get(app)
-        if cached is not None and self._clock() < cached.valid_until:
+        if cached is not None and now < cached.valid_until:
             return cached.token
+        failed = self._failed.get(app)
+        if failed is not None:
+            until, outcome = failed
+            if now < until:
+                raise TokenUnavailable(_held(outcome, until - now))
+            del self._failed[app]
         pending = self._refreshing.get(app)
         if pending is None:
             pending = asyncio.get_running_loop().create_future()
             self._refreshing[app] = pending
             task = asyncio.create_task(self._refresh(app, pending))
+            self._refresh_tasks.add(task)
+            task.add_done_callback(self._refresh_tasks.discard)
             task.add_done_callback(lambda _: self._refreshing.pop(app, None))
         # shield: a caller cancelled while waiting must not cancel the refresh the others share
         return await asyncio.shield(pending)
@@ -128,19 +160,29 @@ class FeishuClient:
             # a short-lived token (sandbox time scale) is refreshed at half its life instead
             life = expire - margin if expire > 2 * margin else expire / 2
             self._tokens[app_name] = _Cached(token, self._clock() + life)
+            self._failed.pop(app_name, None)
             result.set_result(token)
         except TokenUnavailable as err:
-            result.set_exception(err)
-        except BaseException as err:  # cancellation or a bug: waiters must not hang
-            result.set_exception(TokenUnavailable(network_error(err)))
-            if isinstance(err, asyncio.CancelledError):
-                raise
+            result.set_exception(TokenUnavailable(self._hold(app_name, err.outcome)))
+        except asyncio.CancelledError as err:  # close(): waiters must not hang, and nothing is held
+            result.set_exception(TokenUnavailable(_prefixed(network_error(err))))
+            raise
+        except Exception as err:  # a bug: waiters must not hang, and must not all retry it back to back
+            log.exception("token refresh for app %s failed", app_name)
+            result.set_exception(TokenUnavailable(self._hold(app_name, _prefixed(network_error(err)))))
         finally:
             if not result.done():
                 result.cancel()
             # a stored exception nobody awaited must not be logged as "never retrieved"
             if result.done() and not result.cancelled():
                 result.exception()
+
+    def _hold(self, app_name: str, outcome: Outcome) -> Outcome:
+        """Remember a failed refresh for its hold; the outcome its waiters get."""
+        hold = outcome.retry_after or FAILED_TOKEN_HOLD
+        self._failed[app_name] = (self._clock() + hold, outcome)
+        log.warning("tenant_access_token for app %s unavailable, held for %.1fs: %s", app_name, hold, outcome.msg)
+        return _held(outcome, hold)
 
     async def _fetch_token(self, app: AppConfig) -> tuple[str, float]:
         assert self._session is not None, "FeishuClient.start() was not awaited"
@@ -193,5 +235,13 @@ class FeishuClient:
 
 
 def _prefixed(outcome: Outcome) -> Outcome:
-    return msgspec.structs.replace(outcome, msg=f"tenant_access_token: {outcome.msg}")
+    """A token-endpoint outcome: named as such, and never a reason to slow the API's bucket."""
+    return msgspec.structs.replace(outcome, msg=f"tenant_access_token: {outcome.msg}", throttled=False)
+
+
+def _held(outcome: Outcome, remaining: float) -> Outcome:
+    """The failed refresh's outcome answered during its hold: a RETRY waits at least until the hold ends."""
+    if outcome.verdict is not Verdict.RETRY:
+        return outcome
+    return msgspec.structs.replace(outcome, retry_after=remaining)
 

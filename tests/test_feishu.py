@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 from relay.calls import Call, build_call
-from relay.feishu import FeishuClient
+from relay.feishu import FAILED_TOKEN_HOLD, FeishuClient
 from relay.intents import decode_intent
 from relay.outcomes import Verdict
 from relay.sandbox import Sandbox, SandboxOptions
@@ -96,3 +97,98 @@ async def test_proxy_from_the_environment_is_read_once_per_base_url(monkeypatch:
         assert feishu._proxies["https://open.larksuite.com"] == (None, None)  # NO_PROXY honoured
     finally:
         await feishu.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_wrong_secret_causes_one_token_request_per_hold(sandbox: Sandbox) -> None:
+    data = config_data("127.0.0.1:9092", "unused", sandbox.url)
+    data["apps"][0]["app_secret"] = "wrong"
+    clock = FakeClock()
+    feishu = FeishuClient(to_config(data), clock=clock)
+    await feishu.start()
+    try:
+        first = await asyncio.gather(*(feishu.send("default", send_call(i)) for i in range(200)))
+        assert {(o.verdict, o.code) for o in first} == {(Verdict.PERMANENT, 10014)}
+        assert sandbox.token_requests == 1
+        clock.now += FAILED_TOKEN_HOLD - 0.1  # still held: answered from memory
+        held = await asyncio.gather(*(feishu.send("default", send_call(i)) for i in range(200)))
+        assert {(o.verdict, o.code) for o in held} == {(Verdict.PERMANENT, 10014)}
+        assert all(o.msg.startswith("tenant_access_token:") and not o.throttled for o in held)
+        assert sandbox.token_requests == 1
+        clock.now += 0.2  # the hold is over: one more request, then held again
+        again = await asyncio.gather(*(feishu.send("default", send_call(i)) for i in range(200)))
+        assert {o.code for o in again} == {10014}
+        assert sandbox.token_requests == 2 and feishu.token_requests == 2
+    finally:
+        await feishu.close()
+
+
+class TokenServer:
+    """A real HTTP token endpoint: 429 / 99991400 with a 3 s reset, or hanging while ``hang`` is set."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests = 0
+        self.hang = asyncio.Event()
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        self.arrived.set()
+        if self.hang.is_set():
+            await self.release.wait()  # until the fixture's teardown (aiohttp does not cancel on disconnect)
+        return web.json_response({"code": 99991400, "msg": "request trigger frequency limit"}, status=429,
+                                 headers={"x-ogw-ratelimit-reset": "3"})
+
+
+@pytest.fixture
+async def token_server() -> AsyncIterator[TokenServer]:
+    server = TokenServer()
+    app = web.Application()
+    app.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", server.token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield server
+    server.release.set()
+    await runner.cleanup()
+
+
+async def test_a_throttled_token_endpoint_waits_its_reset_but_never_slows_the_api(token_server: TokenServer) -> None:
+    clock = FakeClock()
+    feishu = FeishuClient(to_config(config_data("127.0.0.1:9092", "unused", token_server.url)), clock=clock)
+    await feishu.start()
+    try:
+        outcomes = await asyncio.gather(*(feishu.send("default", send_call(i)) for i in range(50)))
+        assert {(o.verdict, o.code, o.throttled, o.retry_after) for o in outcomes} == {
+            (Verdict.RETRY, 99991400, False, 3.0)}  # the executor waits 3 s; no API bucket is penalized
+        clock.now += 1.0
+        held = await feishu.send("default", send_call(0))
+        assert held.retry_after == pytest.approx(2.0) and not held.throttled  # the rest of the hold
+        assert token_server.requests == 1
+        clock.now += 2.5
+        await feishu.send("default", send_call(0))
+        assert token_server.requests == 2
+    finally:
+        await feishu.close()
+
+
+async def test_close_cancels_a_refresh_in_flight(token_server: TokenServer) -> None:
+    token_server.hang.set()
+    feishu = FeishuClient(to_config(config_data("127.0.0.1:9092", "unused", token_server.url)))
+    await feishu.start()
+    sends = [asyncio.create_task(feishu.send("default", send_call(i))) for i in range(3)]
+    await asyncio.wait_for(token_server.arrived.wait(), 5.0)
+    await asyncio.wait_for(feishu.close(), 5.0)
+    outcomes = await asyncio.wait_for(asyncio.gather(*sends), 5.0)
+    assert {o.verdict for o in outcomes} == {Verdict.RETRY}
+    assert not feishu._refresh_tasks and not feishu._refreshing
