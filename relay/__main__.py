@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             config = load_config(args.config)
+            from relay.app import check_limits
+
+            check_limits(config)
             if args.print:
                 print(json.dumps(redacted(config), indent=2))
             print(f"{args.config}: ok ({len(config.apps)} app(s))")

@@ -23,8 +23,9 @@ import msgspec
 from aiohttp import web
 
 from relay.backoff import RetryPolicy
+from relay.calls import check_share
 from relay.config import AppConfig, Config, Secret, load_config
-from relay.errors import RelayError
+from relay.errors import ConfigError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.intents import decode_intent, ordering_key, schema
@@ -51,8 +52,22 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "send":
         return asyncio.run(send(config, args.intent, args.timeout))
     if args.command == "run":
+        check_limits(config)
         return asyncio.run(run(config, with_sandbox=args.with_sandbox))
     raise SystemExit(f"unknown command {args.command}")
+
+
+def check_limits(config: Config) -> None:
+    """Raise ConfigError when ``feishu.quota_share`` leaves a built-in app-wide window with no call per replica.
+
+    ``relay run`` and ``relay check`` both call it, so a share too small for URL previews (5/s: under 0.2)
+    fails at startup in one line instead of inside the limiter once the first such intent arrives.
+    """
+    f = config.feishu
+    try:
+        check_share(f.quota_share, f.time_scale, f.limit_jitter, f.limit_utilization)
+    except ValueError as err:
+        raise ConfigError("feishu.quota_share", str(err)) from None
 
 
 def uses_sandbox(config: Config) -> bool:

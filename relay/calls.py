@@ -11,6 +11,9 @@ string given by the producer is embedded as the JSON it holds (``decode_intent``
 
 Limits (facts = /work/shared/feishu-facts.md, seeds = /work/shared/seeds/): the limiter keys app-wide windows by
 (app, ``api``) and per-target windows by (app, ``api``, ``target``); both must admit a call.
+
+:func:`check_share` says at startup whether a replica's ``quota_share`` leaves a call in every built-in app-wide
+window (a per-target window is never shared: one target lives on one partition, so on one replica).
 """
 
 from __future__ import annotations
@@ -43,13 +46,14 @@ from relay.intents import (
     ReactionRemove,
     UrlPreviewUpdate,
 )
-from relay.limits import Window
+from relay.limits import Window, share_leaves_no_call, size_bucket
 
 __all__ = [
     "API_WINDOWS",
     "PREVIEW_TOKEN_WINDOWS",
     "Call",
     "build_call",
+    "check_share",
     "url_preview_call",
 ]
 
@@ -112,6 +116,26 @@ API_WINDOWS: Final[dict[str, tuple[Window, ...]]] = {
     "im.chat_button.update": CHAT_BUTTON,
     "message.batch_send": BATCH_SEND,
 }
+
+
+
+def check_share(share: float, time_scale: float, jitter: float, utilization: float) -> None:
+    """Raise ValueError, naming the API and window, when ``share`` leaves no call in a built-in app-wide window.
+
+    The smallest is URL previews' 5 in 1 s, so a share under 0.2 fails. Each window must keep at least one call
+    after ``floor(limit * share)``, and every bucket must be sizeable with these settings.
+    """
+    for api, windows in API_WINDOWS.items():
+        window = share_leaves_no_call(windows, share)
+        if window is not None:
+            raise ValueError(
+                f"{share:g} of {api}'s {window.limit} calls per {window.seconds:g} s leaves no call per replica "
+                f"(needs at least {1 / window.limit:.3g})")
+        try:
+            size_bucket(windows, jitter=jitter, utilization=utilization, share=share, time_scale=time_scale)
+        except ValueError as err:
+            raise ValueError(f"{api}: {err}") from None
+
 
 _MESSAGES: Final = "/open-apis/im/v1/messages"
 _encoder: Final = msgspec.json.Encoder()

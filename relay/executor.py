@@ -12,6 +12,10 @@ caller's ``before_attempt`` hook; send. Then branch on the classified outcome:
 
 The result says how many attempts were made and whether the call stopped because it expired. Nothing here
 raises for an expected answer; cancellation propagates (the caller decides what an abandoned call means).
+
+A call whose windows the limiter cannot keep at this replica's quota share (an ``api.call`` at 3/s with a share
+of 0.25: no call at all per replica) is not admissible: :meth:`Executor.admissible` says why, and the caller
+rejects the intent instead of executing it (``execute`` would raise ValueError from the limiter).
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ class Executor:
         self._wall = wall
         self._sleep = sleep
         self._rng = rng or random.Random()
+
+    def admissible(self, call: Call) -> str | None:
+        """Why ``call`` can never go at this replica (one line, for a ``rejected`` result), or None when it can.
+
+        Not admissible: no app-wide window, or this replica's quota share of one of ``call.api_windows`` leaves
+        no call (``floor(limit * share) == 0``). Per-target windows are never shared, so they always admit.
+        Check before :meth:`execute`, which raises ValueError for such a call.
+        """
+        return self._limiter.admissible(call.api, call.api_windows, call.target_windows)
 
     async def execute(self, app: str, call: Call, *, expires_at: float | None = None,
                       min_retry_delay: float = 0.0,

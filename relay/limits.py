@@ -9,6 +9,10 @@ margin for the lag between our clock and Feishu's (timer overshoot, event-loop l
 :class:`TokenBucket` is pure arithmetic over a ``now`` argument (reservation based, like Go's ``x/time/rate``):
 deterministic and testable without sleeping. :class:`Limiter` keys buckets by ``("app", app, api)`` and
 ``("target", app, api, target)`` and only sequences awaits around them, with the clock and sleep injected.
+
+A replica's ``share`` of the quota applies to app-wide buckets only: Feishu counts those over every replica of
+the consumer group. A target (a chat, a user, a message) is reached through one ordering key, so one partition,
+so one replica: its bucket is sized for the whole per-target limit.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ class BucketShape(msgspec.Struct, frozen=True):
 
     rate: float
     burst: int
+
+
+def share_leaves_no_call(windows: Sequence[Window], share: float) -> Window | None:
+    """The first of ``windows`` in which ``share`` of the limit floors to no call at all, else None."""
+    for window in windows:
+        if math.floor(window.limit * share + 1e-9) < 1:  # 0.1 * 30 must floor to 3, not 2
+            return window
+    return None
 
 
 def size_bucket(
@@ -87,10 +99,10 @@ def size_bucket(
     for window in windows:
         if window.seconds <= 0 or window.limit <= 0:
             raise ValueError(f"size_bucket: window {window.limit}/{window.seconds}s must be positive")
-        limit = math.floor(window.limit * share + 1e-9)  # 0.1 * 30 must floor to 3, not 2
-        if limit < 1:
+        if share_leaves_no_call((window,), share):
             raise ValueError(
                 f"size_bucket: share {share} of {window.limit} calls per {window.seconds}s leaves no call")
+        limit = math.floor(window.limit * share + 1e-9)  # 0.1 * 30 must floor to 3, not 2
         scaled.append((limit, window.seconds / time_scale))
     rate = utilization * min(limit / seconds for limit, seconds in scaled)
     burst = math.floor(min(limit - rate * (seconds + jitter) for limit, seconds in scaled) + 1e-9)
@@ -284,9 +296,10 @@ class Limiter:
     """Every Feishu call waits here first: the app-wide bucket of its API and, if any, its target's bucket.
 
     Buckets are created on first use from the windows the caller passes (sized by :func:`size_bucket` with this
-    limiter's jitter, utilization, share and time scale). App buckets live as long as the limiter (a few per
-    configured app); a target's bucket is forgotten once it is idle and full, which is indistinguishable from
-    keeping it, so memory follows the targets active in the last second or so, not all targets ever seen.
+    limiter's jitter, utilization and time scale; app-wide buckets at this replica's ``share``, target buckets at
+    the whole limit). App buckets live as long as the limiter (a few per configured app); a target's bucket is
+    forgotten once it is idle and full, which is indistinguishable from keeping it, so memory follows the targets
+    active in the last second or so, not all targets ever seen.
 
     Retries take tokens like first attempts (SPEC). :meth:`throttled` slows the bucket Feishu complained about.
     """
@@ -315,10 +328,10 @@ class Limiter:
         self._default_pause = default_pause / time_scale
         self._slow_factor = slow_factor
         self._recovery = recovery / time_scale
-        self._shapes: dict[tuple[Window, ...], BucketShape] = {}
+        self._shapes: dict[tuple[tuple[Window, ...], float], BucketShape] = {}
         self._apps: dict[BucketKey, _Entry] = {}
         self._targets: OrderedDict[BucketKey, _Entry] = OrderedDict()  # least recently used first
-        self._target_windows: dict[tuple[str, str], tuple[Window, ...]] = {}
+        self._target_windows: dict[tuple[str, str], tuple[Window, ...]] = {}  # (app, api) -> its last windows
         self._acquires = 0
         self._waits = 0
         self._waited = 0.0
@@ -336,15 +349,37 @@ class Limiter:
     def share(self) -> float:
         return self._share
 
-    def shape(self, windows: Sequence[Window]) -> BucketShape:
-        """The bucket this limiter sizes for ``windows``."""
-        key = tuple(windows)
+    def shape(self, windows: Sequence[Window], *, target: bool = False) -> BucketShape:
+        """The bucket this limiter sizes for ``windows``: app-wide at its share, a ``target``'s at the whole."""
+        share = 1.0 if target else self._share
+        key = (tuple(windows), share)
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = size_bucket(
-                key, jitter=self._jitter, utilization=self._utilization, share=self._share,
+                key[0], jitter=self._jitter, utilization=self._utilization, share=share,
                 time_scale=self._time_scale)
         return shape
+
+    def admissible(self, api: str, api_windows: Sequence[Window], target_windows: Sequence[Window] = ()) -> str | None:
+        """Why a call with these windows can never be admitted here (one line), or None when it can.
+
+        A call is not admissible when it has no app-wide window, or when this replica's share of one of its
+        app-wide windows leaves no call (``floor(limit * share) == 0``); :meth:`acquire` raises ValueError for
+        such a call, so check first.
+        """
+        if not api_windows:
+            return f"{api} has no rate limit window"
+        window = share_leaves_no_call(api_windows, self._share)
+        if window is not None:
+            return (f"{api}: quota_share {self._share:g} of {window.limit} calls per {window.seconds:g} s leaves "
+                    f"no call at this replica (needs a share of at least {1 / window.limit:.3g})")
+        for shape_windows, target in ((api_windows, False), (target_windows, True)):
+            if shape_windows:
+                try:
+                    self.shape(shape_windows, target=target)
+                except ValueError as err:
+                    return f"{api}: {err}"
+        return None
 
     def bucket(self, key: BucketKey) -> TokenBucket | None:
         """The live bucket under ``key`` (``("app", app, api)`` or ``("target", app, api, target)``), if any."""
@@ -369,7 +404,8 @@ class Limiter:
         token it waited for is still there; only a penalty arriving meanwhile sends it round again, and the app
         token it took is then lost (under-use, never over-use).
 
-        Cancellation is safe at every await: a reservation already made is simply not used.
+        Raises ValueError for windows no bucket can keep (see :meth:`admissible`). Cancellation is safe at every
+        await: a reservation already made is simply not used.
         """
         start = self._clock()
         app_entry = self._app_entry(app, api, api_windows)
@@ -425,11 +461,13 @@ class Limiter:
         entry.bucket.penalize(now, pause, slow_factor=self._slow_factor, recovery=self._recovery)
 
     def set_share(self, share: float) -> None:
-        """Re-size every bucket for a new share of the app quota (replicas joined or left the group)."""
+        """Re-size the app-wide buckets for a new share of the app quota (replicas joined or left the group).
+
+        Target buckets keep their size: a target lives on one replica whatever the share.
+        """
         self._share = share
-        self._shapes.clear()
         now = self._clock()
-        for entry in (*self._apps.values(), *self._targets.values()):
+        for entry in self._apps.values():
             shape = self.shape(entry.windows)
             entry.bucket.set_shape(shape.rate, shape.burst, now)
 
@@ -448,21 +486,21 @@ class Limiter:
         key: BucketKey = ("app", app, api)
         entry = self._apps.get(key)
         if entry is None:
-            entry = self._apps[key] = self._new_entry(tuple(windows))
+            entry = self._apps[key] = self._new_entry(tuple(windows), target=False)
         return entry
 
     def _target_entry(self, key: BucketKey, windows: tuple[Window, ...]) -> _Entry:
         now = self._clock()
         entry = self._targets.get(key)
         if entry is None:
-            entry = self._targets[key] = self._new_entry(windows)
+            entry = self._targets[key] = self._new_entry(windows, target=True)
         else:
             self._targets.move_to_end(key)
         self._evict(now, 2)
         return entry
 
-    def _new_entry(self, windows: tuple[Window, ...]) -> _Entry:
-        shape = self.shape(windows)
+    def _new_entry(self, windows: tuple[Window, ...], *, target: bool) -> _Entry:
+        shape = self.shape(windows, target=target)
         return _Entry(TokenBucket(shape.rate, shape.burst, self._clock()), windows)
 
     def _evict(self, now: float, budget: int) -> None:

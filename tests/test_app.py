@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay.app import topics_to_create, uses_sandbox, with_sandbox_url
+import pytest
+
+from relay.app import check_limits, topics_to_create, uses_sandbox, with_sandbox_url
 from relay.config import parse_config
+from relay.errors import ConfigError
 
 
 def test_schema_prints_intents_and_results() -> None:
@@ -45,3 +48,22 @@ def test_topics_to_create_cover_every_topic_with_its_settings() -> None:
             k.preview_memory_topic} == set(topics)
     assert "compact" in topics[k.preview_memory_topic]["cleanup.policy"]
     assert int(topics[k.events_topic]["max.message.bytes"]) > config.inbound.max_body_bytes
+
+
+def test_check_limits_refuses_a_share_that_leaves_url_previews_no_call() -> None:
+    check_limits(parse_config({"feishu": {"quota_share": 0.2}}, env={}))
+    with pytest.raises(ConfigError) as caught:
+        check_limits(parse_config({"feishu": {"quota_share": 0.1}}, env={}))
+    assert caught.value.key == "feishu.quota_share" and "im.url_preview.batch_update" in caught.value.why
+
+
+def test_check_and_run_refuse_a_share_too_small_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    # an unreachable broker too: run must refuse the share before it ever tries Kafka
+    path.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n[feishu]\nquota_share = 0.1\n')
+    for command in ("check", "run"):
+        proc = subprocess.run([sys.executable, "-m", "relay", command, "--config", str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        assert proc.stderr.startswith("config error: feishu.quota_share: ") and "url_preview" in proc.stderr

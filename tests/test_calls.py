@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from relay.calls import API_WINDOWS, PREVIEW_TOKEN_WINDOWS, Call, build_call, url_preview_call
+from relay.calls import API_WINDOWS, PREVIEW_TOKEN_WINDOWS, Call, build_call, check_share, url_preview_call
 from relay.intents import decode_intent
 from relay.limits import Window
 
@@ -184,6 +184,18 @@ def test_targets_are_per_api_strings() -> None:
                     "receive_id": "oc_9"})
     assert send.target == forward.target == "receive:oc_9"
     assert send.api != forward.api  # the limiter keys targets by (app, api, target)
+
+
+def test_check_share_names_the_api_and_window_that_gets_no_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_share(1.0, 1.0, 0.15, 0.975)
+    check_share(0.2, 10.0, 0.15, 0.975)  # 1 URL preview per second per replica: still a call
+    with pytest.raises(ValueError, match=r"im\.url_preview\.batch_update's 5 calls per 1 s leaves no call"):
+        check_share(0.19, 1.0, 0.15, 0.975)
+    # with URL previews excused, chat buttons (10/s) are the next window a small share empties
+    monkeypatch.delitem(API_WINDOWS, "im.url_preview.batch_update")
+    check_share(0.1, 1.0, 0.15, 0.975)
+    with pytest.raises(ValueError, match=r"im\.chat_button\.update's 10 calls per 1 s"):
+        check_share(0.09, 1.0, 0.15, 0.975)
 
 
 def test_api_call_buckets_share_the_template() -> None:

@@ -136,3 +136,17 @@ async def test_min_retry_delay_and_before_attempt_hook() -> None:
     done = await executor(script, clock)[0].execute("default", CALL, min_retry_delay=5.0, before_attempt=hook)
     assert done.attempts == 2 and hooked == script.times
     assert script.times[1] - script.times[0] >= 5.0
+
+
+async def test_admissible_rejects_what_this_replicas_share_cannot_send() -> None:
+    clock = Clock()
+    limiter = Limiter(jitter=0.15, utilization=0.975, share=0.25, clock=clock, sleep=clock.sleep)
+    ex = Executor(Script([], clock), limiter, RetryPolicy(max_attempts=1, max_seconds=1, base=0.5, cap=1.0),
+                  clock=clock, wall=clock, sleep=clock.sleep)
+    assert ex.admissible(CALL) is None  # 50/s * 0.25, and the chat's 5/s is never shared
+    tiny = msgspec.structs.replace(CALL, api="api:GET /open-apis/x", api_windows=(Window(3, 1),), target=None,
+                                   target_windows=())
+    reason = ex.admissible(tiny)
+    assert reason is not None and reason.startswith("api:GET /open-apis/x: quota_share 0.25 of 3 calls per 1 s")
+    with pytest.raises(ValueError):  # what execute would do with it: the engine must ask first
+        await ex.execute("default", tiny)

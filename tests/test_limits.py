@@ -21,7 +21,7 @@ import pytest
 from aiolimiter import AsyncLimiter
 
 from relay.config import FeishuConfig
-from relay.limits import BucketShape, Limiter, TokenBucket, Window, size_bucket
+from relay.limits import BucketShape, Limiter, TokenBucket, Window, share_leaves_no_call, size_bucket
 
 T = TypeVar("T")
 
@@ -546,3 +546,36 @@ def test_a_draining_app_queue_does_not_bunch_a_chat() -> None:
     times = run_virtual(lambda: main(limiter))
     assert len(times) == 32 and min(times) > 15.0  # they really waited behind the flood
     assert violations(times, PER_TARGET) == []
+
+
+# --- shares --------------------------------------------------------------------------------------------------
+
+
+def test_share_sizes_app_buckets_only() -> None:
+    """A target lives on one replica: a share that would leave a chat no call (5 * 0.1) sizes only app buckets."""
+
+    async def main() -> None:
+        limiter = _limiter(share=0.1)
+        await limiter.acquire("a", "im", IM, "chat", PER_TARGET)
+        target = limiter.bucket(("target", "a", "im", "chat"))
+        app = limiter.bucket(("app", "a", "im"))
+        assert target is not None and app is not None
+        assert (target.rate, target.burst) == (pytest.approx(4 / 1.15), 1)  # the whole 5/s
+        assert limiter.shape(PER_TARGET, target=True) == _limiter().shape(PER_TARGET)
+        assert app.rate == pytest.approx(0.975 * 100 / 60)  # floor(1000 * 0.1) per minute
+        limiter.set_share(0.5)
+        assert app.rate == pytest.approx(8.125)
+        assert target.rate == pytest.approx(4 / 1.15)  # unchanged by the share
+
+    run_virtual(main)
+
+
+def test_admissible_says_why_a_share_leaves_no_call() -> None:
+    limiter = _limiter(share=0.1)
+    assert limiter.admissible("im", IM, PER_TARGET) is None
+    reason = limiter.admissible("im.url_preview", URL_PREVIEW)
+    assert reason is not None and "im.url_preview" in reason and "5 calls per 1 s" in reason
+    assert "\n" not in reason
+    assert limiter.admissible("api:GET /x", ()) == "api:GET /x has no rate limit window"
+    assert share_leaves_no_call(IM, 0.001) == Window(50, 1.0)
+    assert share_leaves_no_call(IM, 0.02) is None
