@@ -10,7 +10,17 @@ object (``message/v4/batch_send``, ``interactive/v1/card/update``, ``ephemeral/v
 string given by the producer is embedded as the JSON it holds (``decode_intent`` checked it is an object).
 
 Limits (facts = /work/shared/feishu-facts.md, seeds = /work/shared/seeds/): the limiter keys app-wide windows by
-(app, ``api``) and per-target windows by (app, ``api``, ``target``); both must admit a call.
+(app, ``api``) and per-target windows by (app, ``target``); both must admit a call. Feishu's "≤5 QPS to the same
+user; ≤5 QPS to the same group" counts send, reply and forward together (facts §2.3), so the three name a
+recipient the same way:
+
+    send / forward to receive_id_type chat_id      ``chat:<chat_id>``
+    send / forward to a user                       ``user:<receive_id_type>:<id>``
+    reply                                          ``chat:<chat_id>`` when the intent gives it, else
+                                                   ``message:<message_id>`` (the chat is not known)
+    card.patch, pin.add, pin.remove                ``message:<message_id>`` ("single message ≤5 QPS"; one
+                                                   bucket for a message across patch and pins: conservative)
+    ephemeral.send                                 ``ephemeral-chat:<chat_id>`` (its own 40/s per group)
 
 :func:`check_share` says at startup whether a replica's ``quota_share`` leaves a call in every built-in app-wide
 window (a per-target window is never shared: one target lives on one partition, so on one replica).
@@ -54,6 +64,7 @@ __all__ = [
     "Call",
     "build_call",
     "check_share",
+    "recipient",
     "url_preview_call",
 ]
 
@@ -67,7 +78,7 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     body: bytes | None = None
     api: str  # stable name of the Feishu API, e.g. "im.message.create"; api.call: "api:<METHOD> <template>"
     api_windows: tuple[Window, ...]  # the app-wide limits of ``api``
-    target: str | None = None  # the per-target limit key, e.g. "receive:oc_1", within ``api``
+    target: str | None = None  # the per-target limit key shared by every API, e.g. "chat:oc_1" (module doc)
     target_windows: tuple[Window, ...] = ()
     uuid_protected: bool = False  # Feishu performs the call at most once per hour for this uuid (facts §3)
 
@@ -137,6 +148,13 @@ def check_share(share: float, time_scale: float, jitter: float, utilization: flo
             raise ValueError(f"{api}: {err}") from None
 
 
+def recipient(receive_id_type: str, receive_id: str) -> str:
+    """The per-target key of a send or forward: ``chat:<id>`` for a chat, ``user:<id type>:<id>`` for a user."""
+    if receive_id_type == "chat_id":
+        return f"chat:{receive_id}"
+    return f"user:{receive_id_type}:{receive_id}"
+
+
 _MESSAGES: Final = "/open-apis/im/v1/messages"
 _encoder: Final = msgspec.json.Encoder()
 
@@ -193,7 +211,7 @@ def build_call(intent: Intent) -> Call:
                 "POST", _MESSAGES, "im.message.create", query={"receive_id_type": intent.receive_id_type},
                 body={"receive_id": intent.receive_id, "msg_type": intent.msg_type,
                       "content": _as_string(intent.content), "uuid": intent.id},
-                target=f"receive:{intent.receive_id}", target_windows=PER_TARGET, uuid=True,
+                target=recipient(intent.receive_id_type, intent.receive_id), target_windows=PER_TARGET, uuid=True,
             )
         case MessageReply():
             return _call(
@@ -213,7 +231,7 @@ def build_call(intent: Intent) -> Call:
                 "POST", f"{_MESSAGES}/{_seg(intent.message_id)}/forward", "im.message.forward",
                 query={"receive_id_type": intent.receive_id_type, "uuid": intent.id},
                 body={"receive_id": intent.receive_id},
-                target=f"receive:{intent.receive_id}", target_windows=PER_TARGET, uuid=True,
+                target=recipient(intent.receive_id_type, intent.receive_id), target_windows=PER_TARGET, uuid=True,
             )
         case CardPatch():
             return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.patch",

@@ -8,7 +8,7 @@ margin for the lag between our clock and Feishu's (timer overshoot, event-loop l
 
 :class:`TokenBucket` is pure arithmetic over a ``now`` argument (reservation based, like Go's ``x/time/rate``):
 deterministic and testable without sleeping. :class:`Limiter` keys buckets by ``("app", app, api)`` and
-``("target", app, api, target)`` and only sequences awaits around them, with the clock and sleep injected.
+``("target", app, target)`` and only sequences awaits around them, with the clock and sleep injected.
 
 A replica's ``share`` of the quota applies to app-wide buckets only: Feishu counts those over every replica of
 the consumer group. A target (a chat, a user, a message) is reached through one ordering key, so one partition,
@@ -282,6 +282,21 @@ class LimiterStats(msgspec.Struct, frozen=True):
     retakes: int
 
 
+def stricter(*window_sets: Sequence[Window]) -> tuple[Window, ...]:
+    """One set of windows that keeps every given set: per window length, the smallest limit (sorted by length).
+
+    A bucket sized for the result admits no more than a bucket sized for any one of the sets would, in every
+    window of every set.
+    """
+    tightest: dict[float, int] = {}
+    for windows in window_sets:
+        for window in windows:
+            limit = tightest.get(window.seconds)
+            if limit is None or window.limit < limit:
+                tightest[window.seconds] = window.limit
+    return tuple(Window(limit, seconds) for seconds, limit in sorted(tightest.items()))
+
+
 class _Entry:
     __slots__ = ("bucket", "lock", "users", "windows")
 
@@ -300,6 +315,13 @@ class Limiter:
     the whole limit). App buckets live as long as the limiter (a few per configured app); a target's bucket is
     forgotten once it is idle and full, which is indistinguishable from keeping it, so memory follows the targets
     active in the last second or so, not all targets ever seen.
+
+    Target buckets are keyed by (app, target), not by API: Feishu's 5/s for a chat counts message create, reply
+    and forward together (facts §2.3), so the callers give every API that reaches the same recipient the same
+    target string (see :mod:`relay.calls`). When calls of one target bring different windows, the bucket keeps
+    the stricter of all it has seen (:func:`stricter`, per window length the smaller limit): the first caller
+    creates it from its windows, a later caller with other windows re-sizes it for both. Under-use for a target
+    reached by APIs with different per-target limits is the price; over-use never happens.
 
     Retries take tokens like first attempts (SPEC). :meth:`throttled` slows the bucket Feishu complained about.
     """
@@ -382,7 +404,7 @@ class Limiter:
         return None
 
     def bucket(self, key: BucketKey) -> TokenBucket | None:
-        """The live bucket under ``key`` (``("app", app, api)`` or ``("target", app, api, target)``), if any."""
+        """The live bucket under ``key`` (``("app", app, api)`` or ``("target", app, target)``), if any."""
         entry = self._apps.get(key) or self._targets.get(key)
         return entry.bucket if entry else None
 
@@ -416,7 +438,7 @@ class Limiter:
             if not windows:
                 raise ValueError(f"acquire: target {target!r} of {api} needs its windows")
             self._target_windows[(app, api)] = windows
-            entry = self._target_entry(("target", app, api, target), windows)
+            entry = self._target_entry(("target", app, target), windows)
             entry.users += 1
             try:
                 async with entry.lock:
@@ -441,16 +463,16 @@ class Limiter:
         """Feishu throttled a call: slow the bucket it counts against.
 
         Give ``target`` for a per-target refusal (230020: that chat or user is over 5/s, perhaps because other
-        bots share it), none for an app-wide one (HTTP 429 / 99991400). Nothing is due for ``retry_after``
-        seconds (Feishu's ``x-ogw-ratelimit-reset``; a default pause without one), then the bucket's rate recovers
-        gradually.
+        bots share it), none for an app-wide one (HTTP 429 / 99991400). The target's bucket is the one every API
+        reaching that target shares. Nothing is due for ``retry_after`` seconds (Feishu's
+        ``x-ogw-ratelimit-reset``; a default pause without one), then the bucket's rate recovers gradually.
         """
         now = self._clock()
         pause = self._default_pause if retry_after is None else retry_after
         self._throttles += 1
         entry: _Entry | None
         if target is not None:
-            key: BucketKey = ("target", app, api, target)
+            key: BucketKey = ("target", app, target)
             windows = self._target_windows.get((app, api))
             entry = self._targets.get(key) or (self._target_entry(key, windows) if windows else None)
         else:
@@ -493,9 +515,15 @@ class Limiter:
         now = self._clock()
         entry = self._targets.get(key)
         if entry is None:
-            entry = self._targets[key] = self._new_entry(windows, target=True)
+            entry = self._targets[key] = self._new_entry(stricter(windows), target=True)
         else:
             self._targets.move_to_end(key)
+            if windows != entry.windows:  # another API reaching the same target: keep the stricter of both
+                merged = stricter(entry.windows, windows)
+                if merged != entry.windows:
+                    shape = self.shape(merged, target=True)
+                    entry.bucket.set_shape(shape.rate, shape.burst, now)
+                    entry.windows = merged
         self._evict(now, 2)
         return entry
 

@@ -26,7 +26,7 @@ CASES: list[tuple[dict[str, Any], str, str, dict[str, str], bytes | None, str, t
       "content": {"text": "hi"}},
      "POST", "/open-apis/im/v1/messages", {"receive_id_type": "chat_id"},
      b'{"receive_id":"oc_1","msg_type":"text","content":"{\\"text\\":\\"hi\\"}","uuid":"n-1"}',
-     "im.message.create", IM, "receive:oc_1", FIVE, True),
+     "im.message.create", IM, "chat:oc_1", FIVE, True),
     ({"kind": "message.reply", "id": "n-2", "message_id": "om_1", "chat_id": "oc_1", "msg_type": "text",
       "content": {"text": "ok"}, "reply_in_thread": True},
      "POST", "/open-apis/im/v1/messages/om_1/reply", {},
@@ -45,7 +45,7 @@ CASES: list[tuple[dict[str, Any], str, str, dict[str, str], bytes | None, str, t
     ({"kind": "message.forward", "id": "n-5", "message_id": "om_1", "receive_id_type": "open_id",
       "receive_id": "ou_1"},
      "POST", "/open-apis/im/v1/messages/om_1/forward", {"receive_id_type": "open_id", "uuid": "n-5"},
-     b'{"receive_id":"ou_1"}', "im.message.forward", IM, "receive:ou_1", FIVE, True),
+     b'{"receive_id":"ou_1"}', "im.message.forward", IM, "user:open_id:ou_1", FIVE, True),
     ({"kind": "card.patch", "id": "n-6", "message_id": "om_2",
       "content": {"config": {"update_multi": True}, "elements": []}},
      "PATCH", "/open-apis/im/v1/messages/om_2", {},
@@ -177,13 +177,27 @@ def test_ids_cannot_escape_their_path_segment() -> None:
     assert built.path == "/open-apis/im/v1/messages/om_1%2F..%2Fpins%3Fx%3D1"
 
 
-def test_targets_are_per_api_strings() -> None:
+def test_send_reply_forward_to_one_recipient_share_a_target() -> None:
+    """Feishu's 5/s per chat or user counts send, reply and forward together: one target string for all three."""
     send = call({"kind": "message.send", "id": "a", "receive_id_type": "chat_id", "receive_id": "oc_9",
                  "msg_type": "text", "content": {"text": "x"}})
     forward = call({"kind": "message.forward", "id": "b", "message_id": "om_1", "receive_id_type": "chat_id",
                     "receive_id": "oc_9"})
-    assert send.target == forward.target == "receive:oc_9"
-    assert send.api != forward.api  # the limiter keys targets by (app, api, target)
+    reply = call({"kind": "message.reply", "id": "c", "message_id": "om_1", "chat_id": "oc_9", "msg_type": "text",
+                  "content": {"text": "x"}})
+    assert send.target == forward.target == reply.target == "chat:oc_9"
+    assert len({send.api, forward.api, reply.api}) == 3  # the limiter keys targets by (app, target) only
+    to_user = call({"kind": "message.send", "id": "d", "receive_id_type": "union_id", "receive_id": "on_1",
+                    "msg_type": "text", "content": {"text": "x"}})
+    forward_to_user = call({"kind": "message.forward", "id": "e", "message_id": "om_1",
+                            "receive_id_type": "union_id", "receive_id": "on_1"})
+    assert to_user.target == forward_to_user.target == "user:union_id:on_1"
+    patch = call({"kind": "card.patch", "id": "f", "message_id": "om_1", "content": {"elements": []}})
+    pin = call({"kind": "pin.add", "id": "g", "message_id": "om_1"})
+    assert patch.target == pin.target == "message:om_1"
+    ephemeral = call({"kind": "ephemeral.send", "id": "h", "chat_id": "oc_9", "open_id": "ou_1",
+                      "card": {"elements": []}})
+    assert ephemeral.target == "ephemeral-chat:oc_9" and ephemeral.target_windows == (Window(40, 1),)
 
 
 def test_check_share_names_the_api_and_window_that_gets_no_call(monkeypatch: pytest.MonkeyPatch) -> None:

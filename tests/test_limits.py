@@ -21,7 +21,7 @@ import pytest
 from aiolimiter import AsyncLimiter
 
 from relay.config import FeishuConfig
-from relay.limits import BucketShape, Limiter, TokenBucket, Window, share_leaves_no_call, size_bucket
+from relay.limits import BucketShape, Limiter, TokenBucket, Window, share_leaves_no_call, size_bucket, stricter
 
 T = TypeVar("T")
 
@@ -548,7 +548,7 @@ def test_a_draining_app_queue_does_not_bunch_a_chat() -> None:
     assert violations(times, PER_TARGET) == []
 
 
-# --- shares --------------------------------------------------------------------------------------------------
+# --- shares and shared targets -------------------------------------------------------------------------------
 
 
 def test_share_sizes_app_buckets_only() -> None:
@@ -557,7 +557,7 @@ def test_share_sizes_app_buckets_only() -> None:
     async def main() -> None:
         limiter = _limiter(share=0.1)
         await limiter.acquire("a", "im", IM, "chat", PER_TARGET)
-        target = limiter.bucket(("target", "a", "im", "chat"))
+        target = limiter.bucket(("target", "a", "chat"))
         app = limiter.bucket(("app", "a", "im"))
         assert target is not None and app is not None
         assert (target.rate, target.burst) == (pytest.approx(4 / 1.15), 1)  # the whole 5/s
@@ -579,3 +579,65 @@ def test_admissible_says_why_a_share_leaves_no_call() -> None:
     assert limiter.admissible("api:GET /x", ()) == "api:GET /x has no rate limit window"
     assert share_leaves_no_call(IM, 0.001) == Window(50, 1.0)
     assert share_leaves_no_call(IM, 0.02) is None
+
+
+def test_stricter_keeps_every_window() -> None:
+    assert stricter(PER_TARGET, (Window(40, 1.0),)) == PER_TARGET
+    assert stricter((Window(40, 1.0),), IM, PER_TARGET) == (Window(5, 1.0), Window(1000, 60.0))
+    assert stricter((Window(1000, 60.0), Window(50, 1.0))) == IM  # sorted by length
+
+
+def test_one_target_with_different_windows_keeps_the_stricter() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        forty = (Window(40, 1.0),)
+        await limiter.acquire("a", "ephemeral", IM, "t", forty)
+        bucket = limiter.bucket(("target", "a", "t"))
+        assert bucket is not None and bucket.rate == pytest.approx(limiter.shape(forty, target=True).rate)
+        await limiter.acquire("a", "im", IM, "t", PER_TARGET)  # a stricter caller re-sizes it
+        assert limiter.bucket(("target", "a", "t")) is bucket
+        assert (bucket.rate, bucket.burst) == (pytest.approx(4 / 1.15), 1)
+        await asyncio.sleep(0.5)
+        await limiter.acquire("a", "ephemeral", IM, "t", forty)  # a laxer one does not loosen it again
+        assert (bucket.rate, bucket.burst) == (pytest.approx(4 / 1.15), 1)
+
+    run_virtual(main)
+
+
+@pytest.mark.parametrize("overshoot", [0.0, 0.02, JITTER])
+def test_send_reply_forward_to_one_chat_share_its_five_per_second(overshoot: float) -> None:
+    """Feishu counts create, reply and forward to one chat together: 5 in any 1 s for all three (facts §2.3)."""
+    sleep = overshooting(random.Random(13), overshoot) if overshoot else asyncio.sleep
+    limiter = _limiter(sleep)
+
+    async def main() -> dict[str, list[float]]:
+        calls: dict[str, list[float]] = {}
+
+        async def worker(api: str) -> None:
+            while True:
+                await limiter.acquire("a", api, IM, "chat:oc_1", PER_TARGET)
+                if now() >= 10.0:
+                    return
+                calls.setdefault(api, []).append(now())
+
+        apis = ("im.message.create", "im.message.reply", "im.message.forward")
+        await asyncio.gather(*(worker(api) for api in apis for _ in range(4)))
+        return calls
+
+    calls = run_virtual(main)
+    assert len(calls) == 3 and all(len(times) >= 5 for times in calls.values())  # every API got its turns
+    times = [t for ts in calls.values() for t in ts]
+    assert violations(times, PER_TARGET) == []
+    assert len(times) >= 0.95 * (1 + 10.0 / (1 / limiter.shape(PER_TARGET, target=True).rate + overshoot / 2))
+    assert limiter.stats().target_buckets == 1
+
+
+def test_a_230020_on_reply_slows_the_chat_for_send_too() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET)
+        await asyncio.sleep(5.0)
+        limiter.throttled("a", "im.message.reply", "chat:oc_1", retry_after=2.0)
+        assert await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET) == pytest.approx(2.0)
+
+    run_virtual(main)
