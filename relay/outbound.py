@@ -316,8 +316,13 @@ class Outbound(ConsumerRebalanceListener):
         async def started() -> None:
             job.started = True
 
-        attempted = await self._executor.execute(intent.app, build_call(intent), expires_at=expires_at,
-                                                 before_attempt=started)
+        call = build_call(intent)
+        unsendable = self._executor.admissible(call)
+        if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
+            err = IntentError(f"rate: {unsendable}", id=intent.id, kind=intent_kind(intent), app=intent.app)
+            await self._reject(job, record, err, received)
+            return
+        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
         await self._finish(record, intent.id, intent_kind(intent), intent.app, status, fields, dl_error,

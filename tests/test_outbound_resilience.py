@@ -299,3 +299,19 @@ async def test_an_internal_error_fails_its_intent_and_the_partition_moves_on(
     assert by_id["after"]["status"] == "ok"
     (letter,) = dead.records
     assert dict(letter.headers)["relay.error"] == b"internal"
+
+
+async def test_an_api_call_rate_this_replica_cannot_send_is_rejected(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox
+) -> None:
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE,
+                                   feishu={"quota_share": 0.5}))
+    slow = {"kind": "api.call", "id": "slow", "method": "GET", "path": "/open-apis/im/v1/chats",
+            "rate": {"per_second": 1}}
+    fine = {**slow, "id": "fine", "rate": {"per_second": 10}}
+    async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0], [slow, fine])
+        await results.wait_for(2, timeout=30)
+    by_id = {k: v[0] for k, v in results.by_id().items()}
+    assert by_id["slow"]["status"] == "rejected" and "quota_share" in by_id["slow"]["msg"]
+    assert by_id["fine"]["status"] == "ok"
