@@ -2,7 +2,9 @@
 
 For each attempt, in this order: check ``expires_at``; wait for the per-target then the app-wide bucket
 (retries take tokens like first attempts); check ``expires_at`` again (the wait may have been long); run the
-caller's ``before_attempt`` hook; send. Then branch on the classified outcome:
+caller's ``before_attempt`` hook; send — and right before the request leaves, the limiter's send-time guard
+(``Limiter.admit``) holds it if a stall made it late enough to bunch with later calls. Then branch on the
+classified outcome:
 
     OK / PARTIAL / PERMANENT   done
     REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
@@ -21,6 +23,7 @@ rejects the intent instead of executing it (``execute`` would raise ValueError f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -40,8 +43,13 @@ log = logging.getLogger(__name__)
 PER_TARGET_LIMIT_CODE = 230020
 
 
+Admit = Callable[[], Awaitable[None]]
+
+
 class Sender(Protocol):
-    async def send(self, app: str, call: Call) -> Outcome: ...
+    async def send(self, app: str, call: Call, admit: Admit | None = None) -> Outcome:
+        """One attempt; ``admit`` is awaited right before the request leaves (the limiter's send-time guard)."""
+        ...
 
 
 class Attempted(msgspec.Struct, frozen=True):
@@ -92,7 +100,8 @@ class Executor:
             if before_attempt is not None:
                 await before_attempt()
             attempts += 1
-            outcome = await self._sender.send(app, call)
+            outcome = await self._sender.send(app, call, functools.partial(
+                self._limiter.admit, app, call.api, call.api_windows, call.target, call.target_windows))
             verdict = outcome.verdict
             if verdict is Verdict.REFRESH:
                 if refreshed:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import aiohttp
@@ -211,8 +211,12 @@ class FeishuClient:
 
     # calls --------------------------------------------------------------------------------------------
 
-    async def send(self, app: str, call: Call) -> Outcome:
-        """Perform ``call`` once for ``app``; every answer (and every failure to get one) is an Outcome."""
+    async def send(self, app: str, call: Call,
+                   admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+        """Perform ``call`` once for ``app``; every answer (and every failure to get one) is an Outcome.
+
+        ``admit`` is awaited after a pooled connection is ours, just before the request is written: waiting for a
+        connection must not make a call late enough to bunch with the calls granted after it."""
         assert self._session is not None, "FeishuClient.start() was not awaited"
         try:
             token = await self.token(app)
@@ -222,11 +226,14 @@ class FeishuClient:
         proxy, proxy_auth = self._proxies.get(base, (None, None))
         headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON_CONTENT}
         try:
-            async with self._slots, self._session.request(
-                    call.method, base + call.path, params=call.query or None, data=call.body, headers=headers,
-                    proxy=proxy, proxy_auth=proxy_auth) as resp:
-                raw = await resp.read()
-                outcome = classify(resp.status, resp.headers, raw, api=call.api)
+            async with self._slots:
+                if admit is not None:
+                    await admit()
+                async with self._session.request(
+                        call.method, base + call.path, params=call.query or None, data=call.body,
+                        headers=headers, proxy=proxy, proxy_auth=proxy_auth) as resp:
+                    raw = await resp.read()
+                    outcome = classify(resp.status, resp.headers, raw, api=call.api)
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             return network_error(err)
         if outcome.verdict is Verdict.REFRESH:

@@ -18,6 +18,7 @@ so one replica: its bucket is sized for the whole per-target limit.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 from collections import OrderedDict
@@ -280,6 +281,7 @@ class LimiterStats(msgspec.Struct, frozen=True):
     throttles: int
     evictions: int
     retakes: int
+    guarded: int = 0  # sends held back by the send log (only after a stall)
 
 
 def stricter(*window_sets: Sequence[Window]) -> tuple[Window, ...]:
@@ -297,11 +299,66 @@ def stricter(*window_sets: Sequence[Window]) -> tuple[Window, ...]:
     return tuple(Window(limit, seconds) for seconds, limit in sorted(tightest.items()))
 
 
-class _Entry:
-    __slots__ = ("bucket", "lock", "users", "windows")
+class SendLog:
+    """When calls were actually sent, checked against the windows right before the next one goes.
 
-    def __init__(self, bucket: TokenBucket, windows: tuple[Window, ...]) -> None:
+    The token bucket bounds when calls are *granted*. A call granted on time but sent late — the event loop
+    stalled (GC, a busy host), or it waited for a pooled connection — would go out together with the calls granted
+    after it, and a stall of half a second flushes a burst that Feishu counts in one window. This log is the hard
+    guarantee on *send* times: at most ``limit`` sends in any window of ``span`` seconds (the window plus the
+    jitter margin). It costs a bisect per send and binds only after such a stall; the bucket keeps the pace.
+    """
+
+    __slots__ = ("_longest", "_spans", "_start", "_times")
+
+    def __init__(self, spans: Sequence[tuple[int, float]]) -> None:
+        self.spans = spans
+        self._times: list[float] = []
+        self._start = 0  # times before it are older than the longest span
+
+    @property
+    def spans(self) -> tuple[tuple[int, float], ...]:
+        """(limit, span seconds) per window."""
+        return self._spans
+
+    @spans.setter
+    def spans(self, spans: Sequence[tuple[int, float]]) -> None:
+        self._spans = tuple(spans)
+        self._longest = max((span for _, span in self._spans), default=0.0)
+
+    def delay(self, now: float) -> float:
+        """Seconds until a send keeps every window within its limit (0: send now)."""
+        longest = self._longest
+        times, start = self._times, self._start
+        while start < len(times) and times[start] <= now - longest:
+            start += 1
+        if start > 1024 and start * 2 > len(times):  # compact now and then, not on every send
+            del times[:start]
+            start = 0
+        self._start = start
+        wait = 0.0
+        for limit, span in self._spans:
+            inside = len(times) - bisect.bisect_right(times, now - span, lo=start)
+            if inside >= limit:  # the limit-th most recent send must leave the window first
+                wait = max(wait, times[len(times) - limit] + span - now)
+        return wait
+
+    def record(self, now: float) -> None:
+        if self._times and now < self._times[-1]:
+            now = self._times[-1]  # a clock never runs backwards here; keep the list sorted
+        self._times.append(now)
+
+    def idle(self, now: float) -> bool:
+        """No send within the longest span: forgetting this log changes nothing."""
+        return not self._times or self._times[-1] <= now - self._longest
+
+
+class _Entry:
+    __slots__ = ("bucket", "lock", "log", "users", "windows")
+
+    def __init__(self, bucket: TokenBucket, windows: tuple[Window, ...], log: SendLog) -> None:
         self.bucket = bucket
+        self.log = log
         self.windows = windows
         self.lock = asyncio.Lock()  # target buckets only: one caller of a target at a time (see acquire)
         self.users = 0
@@ -360,6 +417,7 @@ class Limiter:
         self._throttles = 0
         self._evictions = 0
         self._retakes = 0
+        self._guarded = 0  # sends the send log held back (after an event-loop stall)
 
     @classmethod
     def from_config(cls, feishu: FeishuConfig, *, clock: Clock, sleep: Sleep) -> Limiter:
@@ -492,12 +550,13 @@ class Limiter:
         for entry in self._apps.values():
             shape = self.shape(entry.windows)
             entry.bucket.set_shape(shape.rate, shape.burst, now)
+            entry.log.spans = tuple(self._spans(entry.windows, target=False))
 
     def stats(self) -> LimiterStats:
         return LimiterStats(
             app_buckets=len(self._apps), target_buckets=len(self._targets), acquires=self._acquires,
             waits=self._waits, waited_seconds=self._waited, throttles=self._throttles, evictions=self._evictions,
-            retakes=self._retakes)
+            retakes=self._retakes, guarded=self._guarded)
 
     async def _take(self, bucket: TokenBucket) -> None:
         wait = bucket.reserve(self._clock())
@@ -524,12 +583,38 @@ class Limiter:
                     shape = self.shape(merged, target=True)
                     entry.bucket.set_shape(shape.rate, shape.burst, now)
                     entry.windows = merged
+                    entry.log.spans = tuple(self._spans(merged, target=True))
         self._evict(now, 2)
         return entry
 
     def _new_entry(self, windows: tuple[Window, ...], *, target: bool) -> _Entry:
         shape = self.shape(windows, target=target)
-        return _Entry(TokenBucket(shape.rate, shape.burst, self._clock()), windows)
+        return _Entry(TokenBucket(shape.rate, shape.burst, self._clock()), windows,
+                      SendLog(self._spans(windows, target=target)))
+
+    def _spans(self, windows: Sequence[Window], *, target: bool) -> list[tuple[int, float]]:
+        """The send log's (limit, span) per window: this replica's share of the limit (app-wide windows only),
+        over the scaled window plus the jitter margin, like the bucket's sizing."""
+        share = 1.0 if target else self._share
+        return [(max(1, math.floor(w.limit * share)), w.seconds / self._time_scale + self._jitter) for w in windows]
+
+    async def admit(self, app: str, api: str, api_windows: Sequence[Window], target: str | None = None,
+                    target_windows: Sequence[Window] = ()) -> None:
+        """Right before the request leaves (after :meth:`acquire` and after a pooled connection is held): wait
+        until sending now keeps the app's and the target's windows, and record the send. See :class:`SendLog`."""
+        entries = [self._app_entry(app, api, api_windows)]
+        if target is not None:
+            key: BucketKey = ("target", app, target)
+            entries.append(self._targets.get(key) or self._target_entry(key, tuple(target_windows)))
+        while True:
+            now = self._clock()
+            wait = max(entry.log.delay(now) for entry in entries)
+            if wait <= _DUE:
+                for entry in entries:
+                    entry.log.record(now)
+                return
+            self._guarded += 1
+            await self._sleep(wait)
 
     def _evict(self, now: float, budget: int) -> None:
         """Look at the ``budget`` least recently used targets: forget the idle full ones, requeue the rest.
@@ -539,7 +624,7 @@ class Limiter:
         """
         for _ in range(min(budget, len(self._targets) - 1)):
             key, entry = next(iter(self._targets.items()))
-            if entry.users == 0 and entry.bucket.is_full(now):
+            if entry.users == 0 and entry.bucket.is_full(now) and entry.log.idle(now):
                 del self._targets[key]
                 self._evictions += 1
             else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import pytest
@@ -46,7 +46,9 @@ class Script:
         self.clock = clock
         self.times: list[float] = []
 
-    async def send(self, app: str, call: Call) -> Outcome:
+    async def send(self, app: str, call: Call, admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+        if admit is not None:
+            await admit()
         self.times.append(self.clock.now)
         return self.answers.pop(0)
 

@@ -21,7 +21,16 @@ import pytest
 from aiolimiter import AsyncLimiter
 
 from relay.config import FeishuConfig
-from relay.limits import BucketShape, Limiter, TokenBucket, Window, share_leaves_no_call, size_bucket, stricter
+from relay.limits import (
+    BucketShape,
+    Limiter,
+    SendLog,
+    TokenBucket,
+    Window,
+    share_leaves_no_call,
+    size_bucket,
+    stricter,
+)
 
 T = TypeVar("T")
 
@@ -641,3 +650,53 @@ def test_a_230020_on_reply_slows_the_chat_for_send_too() -> None:
         assert await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET) == pytest.approx(2.0)
 
     run_virtual(main)
+
+
+# --- the send-time guard ---------------------------------------------------------------------------------------
+
+
+def test_send_log_holds_the_next_send_until_the_window_has_room() -> None:
+    log = SendLog([(5, 1.15)])
+    for t in (0.0, 0.1, 0.2, 0.3, 0.4):
+        assert log.delay(t) == 0.0
+        log.record(t)
+    assert log.delay(0.5) == pytest.approx(0.65)  # the first send leaves the 1.15 s window at 1.15
+    assert log.delay(1.15) == pytest.approx(0.0, abs=1e-9)
+    assert not log.idle(1.0) and log.idle(1.6)
+
+
+def test_send_log_checks_every_window() -> None:
+    log = SendLog([(3, 1.0), (4, 10.0)])
+    for t in (0.0, 0.1, 0.2):
+        log.record(t)
+    assert log.delay(0.3) == pytest.approx(0.7)  # the 1 s window is full
+    log.record(1.5)
+    assert log.delay(2.0) == pytest.approx(8.0)  # 4 in the 10 s window: the first leaves at 10.0
+
+
+def test_a_stall_between_grant_and_send_cannot_bunch_calls_past_the_windows() -> None:
+    """Callers are granted on time by the bucket, then an event-loop stall holds every send for 3 s. Without the
+    send-time guard the late calls go out together (a burst over 50 in one second); with it, every window holds."""
+
+    async def main(guarded: bool) -> list[float]:
+        limiter = Limiter(jitter=0.15, utilization=0.975, clock=now, sleep=asyncio.sleep)
+        sends: list[float] = []
+        stall_until = 6.0  # every call granted in [3, 6) is sent late, at 6.0
+
+        async def caller() -> None:
+            while now() < 20.0:
+                await limiter.acquire("app", "im", IM)
+                if 3.0 <= now() < stall_until:
+                    await asyncio.sleep(stall_until - now())
+                if guarded:
+                    await limiter.admit("app", "im", IM)
+                sends.append(now())
+
+        await asyncio.gather(*(caller() for _ in range(100)))
+        return sends
+
+    bunched = run_virtual(lambda: main(guarded=False))
+    assert busiest(bunched, 1.0) > 50  # the checker sees the burst the stall makes
+    held = run_virtual(lambda: main(guarded=True))
+    assert busiest(held, 1.0) <= 50 and busiest(held, 60.0) <= 1000
+    assert len(held) >= 0.9 * len(bunched)  # the guard only delays the bunched calls
