@@ -134,6 +134,8 @@ class Outbound(ConsumerRebalanceListener):
         self._all_paused = False  # the global cap was reached; cleared at half
         self._paused: set[TopicPartition] = set()
         self._admin: AIOKafkaAdminClient | None = None
+        self._rebalancing = False  # between revoke and assign: no periodic commits
+        self._periodic: asyncio.Task[None] | None = None  # the periodic commit in flight
         self.finished = 0  # records finished (result acknowledged), for progress lines and tests
 
     # lifetime -----------------------------------------------------------------------------------------
@@ -167,6 +169,9 @@ class Outbound(ConsumerRebalanceListener):
             committer.cancel()
             with contextlib.suppress(BaseException):  # its own errors are logged in the loop
                 await committer
+            if self._periodic is not None and not self._periodic.done():
+                self._periodic.cancel()  # no retry of a stale periodic commit after the final one
+                await asyncio.wait([self._periodic])
             owned = list(self._offsets)
             await self._drain(owned)
             await self._commit(owned)
@@ -175,6 +180,13 @@ class Outbound(ConsumerRebalanceListener):
     # rebalance listener (runs in aiokafka's coordinator task, between fetches) -----------------------------
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # a periodic commit still retrying (aiokafka retries after a retriable error, outside its commit lock)
+        # could land after ours and move an offset back: stop it first. A request already on the wire is shielded
+        # inside aiokafka and completes under its lock before ours is sent; only its retry is prevented.
+        self._rebalancing = True
+        if self._periodic is not None and not self._periodic.done():
+            self._periodic.cancel()
+            await asyncio.wait([self._periodic])
         owned = [tp for tp in revoked if tp in self._offsets]
         if not owned:
             return
@@ -194,6 +206,7 @@ class Outbound(ConsumerRebalanceListener):
         try:
             await self._load_finished(assigned)
         finally:
+            self._rebalancing = False
             # pauses do not survive a rebalance: those wanted for backpressure stay, the rest resume
             if resume := set(assigned) - self._paused:
                 self._consumer.resume(*resume)
@@ -419,10 +432,12 @@ class Outbound(ConsumerRebalanceListener):
     async def _commit_loop(self) -> None:
         while True:
             await asyncio.sleep(self._out.commit_interval)
-            try:
-                await self._commit(list(self._offsets))
-            except Exception:  # a bug must not silently stop all commits
-                log.exception("periodic commit failed; retrying at the next interval")
+            if self._rebalancing:
+                continue  # the revoke listener commits what it owns; nothing stale may land after it
+            self._periodic = asyncio.create_task(self._commit(list(self._offsets)))
+            await asyncio.wait([self._periodic])  # returns, never raises, also when revocation cancels it
+            if not self._periodic.cancelled() and (err := self._periodic.exception()) is not None:
+                log.error("periodic commit failed; retrying at the next interval", exc_info=err)
 
     async def _commit(self, tps: list[TopicPartition]) -> None:
         moves = {tp: move for tp in tps if (o := self._offsets.get(tp)) is not None
