@@ -29,9 +29,10 @@ each IM API, per (app, API)            50 in any 1 s AND          HTTP 429, 9999
 url_previews/batch_update, per app     5 in any 1 s               same (seed page)
 chat_button, per app                   10 in any 1 s              same (seed page)
 generic ``/open-apis`` fallback        ``generic_limits``         same
-send / forward per ``receive:<id>``    5 in any 1 s               HTTP 400, 230020 (facts §2.3, create/forward)
-reply per ``chat:<chat_id>``           5 in any 1 s               230020 (reply page; the chat of the replied
-  (``message:<id>`` if unknown)                                    message when the sandbox created it)
+send / forward / reply per recipient   5 in any 1 s, shared by    HTTP 400, 230020 (facts §2.3: "≤5 QPS to the
+  (``receive:<id>``, reply's             the three APIs             same user; ≤5 QPS to the same group"; a reply
+  ``chat:<chat_id>``)                                               counts in the chat of the replied message when
+  (reply: ``message:<id>`` if unknown)                              the sandbox created it)
 card.patch per ``message:<id>``        5 in any 1 s               230020 (patch page)
 pin.add / pin.remove per message       5 in any 1 s               230020 (pin create/delete pages)
 ephemeral.send per                     40 in any 1 s              230020 (ephemeral send page)
@@ -44,9 +45,10 @@ API names (the ``api`` of a call record): ``message.send``, ``message.reply``, `
 ``reaction.add``, ``reaction.remove``, ``pin.add``, ``pin.remove``, ``card.delay_update``, ``ephemeral.send``,
 ``ephemeral.delete``, ``url_preview.update``, ``chat_button.update``, ``message.batch_send``, ``api.call``,
 ``auth.tenant_access_token``. Each counts in its own app-wide windows (Feishu limits per API x app); per-target
-windows are keyed by (app, API, target key). Target keys (the relay's limiter uses the same strings):
-``receive:<receive_id>``, ``chat:<chat_id>``, ``message:<message_id>``, ``ephemeral-chat:<chat_id>``,
-``preview-token:<token>``.
+windows are keyed by (app, API, target key), except a recipient's (``receive:<id>`` and ``chat:<id>`` name the same
+window for the same id: a user or a group gets at most 5 per second whichever API reaches it). Target keys, also
+what ``throttle_target``/``fail_target`` take: ``receive:<receive_id>``, ``chat:<chat_id>``,
+``message:<message_id>``, ``ephemeral-chat:<chat_id>``, ``preview-token:<token>``.
 
 Order of checks: authorization → app-wide window → fault injection → request validation (230001 naming the
 field; the body rules are the structs of ``relay.sandbox_bodies``) → forced target errors / timed throttles →
@@ -439,17 +441,23 @@ class Sandbox:
             return
         limited = [(key, limit) for key, limit in targets if limit is not None]
         for key, limit in limited:
-            refusal = self._target_windows.check((req.app_id, call.api, key), (limit,), now)
+            refusal = self._target_windows.check(self._window_key(req, key), (limit,), now)
             if refusal is not None:
                 call.violation = self._target_violation(req, key, limit)
                 raise _Refused(230020)
         for key, limit in limited:
-            self._target_windows.admit((req.app_id, call.api, key), (limit,), now)
+            self._target_windows.admit(self._window_key(req, key), (limit,), now)
+
+    def _window_key(self, req: _Req, key: str) -> tuple[str, str, str]:
+        kind, _, bare = key.partition(":")
+        if kind in ("receive", "chat"):  # a recipient: one window whichever API reaches it (module docstring)
+            return (req.app_id, "recipient", bare)
+        return (req.app_id, req.call.api, key)
 
     def _target_violation(self, req: _Req, key: str, limit: Limit) -> str:
         scale = self.options.time_scale
         if key.startswith("preview-token:"):
-            last = self._target_windows.last((req.app_id, req.call.api, key), limit)
+            last = self._target_windows.last(self._window_key(req, key), limit)
             ago = (req.now - last) * scale if last is not None else 0.0
             return f"{key} updated {ago:.3f}s ago (at most 1 per {limit.seconds * scale:g}s)"
         return f"{req.call.api} {key}: {limit.count} per {limit.seconds * scale:g}s exceeded"

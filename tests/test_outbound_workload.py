@@ -217,3 +217,30 @@ async def test_a_hot_key_backlog_pauses_only_its_own_partition(
     assert all(f"cold-{c}" in results.by_id() for c in others)
     assert hot_done <= 300, f"the hot key had {600 - hot_done} left when the others were done"
     assert sandbox.violations() == []
+
+
+async def test_send_reply_and_forward_to_one_group_share_its_five_per_second(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox
+) -> None:
+    """Three lanes reach group oc_g at once: sends (keyed by oc_g), forwards (their own order_key) and replies
+    (keyed by the parent message). Feishu allows the group 5 per second whichever API is used; the sandbox counts
+    them together, and so must the relay's per-target bucket."""
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE))
+    topic = config.kafka.intents_topics[0]
+    first = {"kind": "message.send", "id": "parent", "receive_id_type": "chat_id", "receive_id": "oc_g",
+             "msg_type": "text", "content": {"text": "parent"}}
+    async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, topic, [first])
+        await results.wait_for(1, timeout=30)
+        parent = results.by_id()["parent"][0]["data"]["message_id"]
+        burst: list[dict[str, Any]] = []
+        for i in range(20):
+            burst.append({**first, "id": f"s-{i}", "content": {"text": str(i)}})
+            burst.append({"kind": "message.forward", "id": f"f-{i}", "message_id": parent,
+                          "receive_id_type": "chat_id", "receive_id": "oc_g", "order_key": "forwards"})
+            burst.append({"kind": "message.reply", "id": f"r-{i}", "message_id": parent, "chat_id": "oc_g",
+                          "msg_type": "text", "content": {"text": "re"}})
+        await produce(kafka_bootstrap, topic, burst)
+        await results.wait_for(61, timeout=120)
+    assert all(r[0]["status"] == "ok" for r in results.by_id().values())
+    assert sandbox.violations() == [] and sandbox.throttled_count() == 0

@@ -470,3 +470,17 @@ async def test_time_scale_shortens_token_lifetime(make: Factory) -> None:
     assert (await client.login())["expire"] == 72
     clock.advance(72)
     assert (await client.react())[1]["code"] == 99991663
+
+
+async def test_send_reply_and_forward_share_a_recipients_five_per_second(make: Factory) -> None:
+    """facts §2.3: at most 5 per second to the same group (or user), whichever API reaches it."""
+    sandbox, client, _clock = await make()
+    codes = [(await client.send("oc_g"))[1]["code"] for _ in range(2)]
+    parent = sandbox.calls_for("message.send")[0].message_id  # a message the sandbox knows is in oc_g
+    reply = {"msg_type": "text", "content": json.dumps({"text": "ok"})}
+    codes += [(await client.call("POST", f"{MESSAGES}/{parent}/reply", reply))[1]["code"] for _ in range(2)]
+    forward = {"receive_id": "oc_g"}
+    codes += [(await client.call("POST", f"{MESSAGES}/om_other/forward", forward,
+                                 {"receive_id_type": "chat_id"}))[1]["code"] for _ in range(2)]
+    assert codes == [0, 0, 0, 0, 0, 230020]  # the clock stood still: six calls to one group in one second
+    assert sandbox.violations()[-1].api == "message.forward"
