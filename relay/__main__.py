@@ -7,6 +7,7 @@ with one line on stderr and a non-zero exit, never a stack trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -35,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     sandbox = sub.add_parser("sandbox", help="run the local Feishu stand-in")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8090)
-    sandbox.add_argument("--time-scale", type=float, default=1.0)
+    sandbox.add_argument("--time-scale", type=float, default=None, help="divides every Feishu duration (default 1)")
+    sandbox.add_argument("--options", default="{}",
+                         help='any SandboxOptions as JSON, e.g. \'{"fault_rate": 0.1, "latency": 0.01}\'')
 
     send = sub.add_parser("send", help="produce one intent (JSON) to the intents topic and wait for its result")
     send.add_argument("--config", required=True)
@@ -63,9 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sandbox":
             import asyncio
 
+            import msgspec
+
             from relay.sandbox import SandboxOptions, serve
 
-            asyncio.run(serve(args.host, args.port, SandboxOptions(time_scale=args.time_scale)))
+            try:
+                options = msgspec.json.decode(args.options, type=SandboxOptions)
+            except msgspec.DecodeError as err:  # ValidationError included: names the bad option
+                raise RelayError(f"--options: {err}") from None
+            if args.time_scale is not None:
+                options = msgspec.structs.replace(options, time_scale=args.time_scale)
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(serve(args.host, args.port, options))
             return 0
         from aiokafka.errors import KafkaError
 

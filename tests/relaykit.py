@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -20,6 +22,7 @@ from relay.config import Config, parse_config
 from relay.intents import decode_intent, ordering_key
 from relay.kafka import ensure_topics
 from relay.metrics import Metrics
+from relay.sandbox import Call as SandboxCall
 
 APP_ID = "cli_test"
 APP_SECRET = "test-secret"  # the sandbox's test credentials
@@ -104,6 +107,43 @@ async def relay_in_process(config: Config) -> AsyncIterator[Metrics]:
         stop.set()
         code = await asyncio.wait_for(task, 60)
         assert code == 0, f"relay exited with {code}"
+
+
+class SandboxProcess:
+    """The sandbox as a child process (``relay sandbox --options``), for tests whose zero-violation check must not
+    depend on the relay's event loop: in one process, a loop that lags reads a backlog of requests in one turn and
+    the sandbox stamps them as arriving together, which Feishu's own servers would not."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.url = ""
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "--log-level", "WARNING", "sandbox", "--port", str(port),
+            "--options", msgspec.json.encode(self.options).decode())
+        self.url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"{self.url}/_sandbox/stats") as resp:
+                        if resp.status == 200:
+                            return self.url
+                await asyncio.sleep(0.05)
+        raise AssertionError("the sandbox child did not start")
+
+    async def calls(self) -> list[SandboxCall]:
+        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/_sandbox/calls") as resp:
+            return msgspec.json.decode(await resp.read(), type=list[SandboxCall])
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
 
 
 class RelayProcess:
