@@ -194,6 +194,7 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
     executor = Executor(client, limiter, policy, rng=random.Random())
+    metrics.collect(lambda m: export_outbound(m, limiter, client))
     memory = KafkaPreviewMemory(config.kafka, producer)
     await memory.start()
     stack.push_async_callback(memory.stop)
@@ -204,6 +205,19 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
     return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
                     previews=previews)
+
+
+def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) -> None:
+    """The limiter's and the client's running totals, read at each ``/metrics`` scrape."""
+    stats = limiter.stats()
+    metrics.set_total("relay_feishu_throttled_total", stats.throttles,
+                      help="answers 429/99991400/230020 (each slowed a bucket); should stay 0")
+    metrics.set_total("relay_feishu_token_requests_total", client.token_requests, help="tenant token requests")
+    metrics.set_total("relay_limiter_waits_total", stats.waits, help="calls that waited for a bucket")
+    metrics.set_total("relay_limiter_waited_seconds_total", stats.waited_seconds, help="time calls waited")
+    metrics.set_total("relay_limiter_guarded_total", stats.guarded,
+                      help="sends held by the send-time guard (after an event-loop stall)")
+    metrics.set("relay_limiter_target_buckets", stats.target_buckets, help="per-target buckets alive")
 
 
 async def send(config: Config, text: str, timeout: float) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Final
 
 Labels = tuple[tuple[str, str], ...]
@@ -31,6 +32,7 @@ class Metrics:
     """Counters, gauges and histograms; one instance per process, passed to whoever counts."""
 
     def __init__(self) -> None:
+        self._collectors: list[Callable[[Metrics], None]] = []
         self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
         self._gauges: dict[str, dict[Labels, float]] = defaultdict(dict)
         self._hist: dict[str, dict[Labels, list[float]]] = defaultdict(dict)
@@ -38,6 +40,16 @@ class Metrics:
 
     def inc(self, name: str, amount: float = 1.0, help: str = "", **labels: str) -> None:
         self._counters[name][_labels(labels)] += amount
+        if help:
+            self._help.setdefault(name, help)
+
+    def collect(self, collector: Callable[[Metrics], None]) -> None:
+        """Call ``collector(self)`` before every render: for values another part keeps (limiter, client)."""
+        self._collectors.append(collector)
+
+    def set_total(self, name: str, value: float, help: str = "", **labels: str) -> None:
+        """Set a counter to a running total kept elsewhere (it only ever grows there)."""
+        self._counters[name][_labels(labels)] = value
         if help:
             self._help.setdefault(name, help)
 
@@ -61,6 +73,8 @@ class Metrics:
         return self._counters.get(name, {}).get(key, 0.0)
 
     def render(self) -> str:
+        for collector in self._collectors:
+            collector(self)
         lines: list[str] = []
         for kind, table in (("counter", self._counters), ("gauge", self._gauges)):
             for name in sorted(table):

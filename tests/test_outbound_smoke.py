@@ -24,19 +24,22 @@ async def test_one_send_gets_one_ok_result(kafka_bootstrap: str, topic_prefix: s
     config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url))
     intent = {"kind": "message.send", "id": "n-1", "receive_id_type": "chat_id", "receive_id": "oc_1",
               "msg_type": "text", "content": {"text": "hi"}}
-    async with relay_in_process(config):
+    async with relay_in_process(config) as metrics:
         await produce(kafka_bootstrap, config.kafka.intents_topics[0], [intent, b"not json"],
                       headers=[("traceparent", b"00-abc-def-01")])
         async with Collector(kafka_bootstrap, config.kafka.results_topic) as results, \
                 Collector(kafka_bootstrap, config.kafka.dead_letter_topic) as dead:
             await results.wait_for(1, 30)
             await dead.wait_for(1, 30, distinct_ids=False)
+        scrape = metrics.render()
     (result,) = results.by_id()["n-1"]
     assert result["status"] == "ok", result
     assert result["data"]["message_id"].startswith("om_")
     assert dict(results.records[0].headers) == {"traceparent": b"00-abc-def-01"}
     sends = sandbox.calls_for("message.send")
     assert len(sends) == 1 and sends[0].uuid == "n-1"
+    assert "relay_feishu_token_requests_total 1" in scrape and "relay_feishu_throttled_total 0" in scrape
+    assert 'relay_intents_total{kind="message.send",status="ok"} 1' in scrape
     (poison,) = dead.records
     assert poison.value == b"not json"
     assert dict(poison.headers)["relay.error"] == b"decode"
