@@ -46,7 +46,7 @@ from relay.intents import Intent, UrlPreviewUpdate, decode_intent, encode_result
 from relay.kafka import client_settings
 from relay.metrics import Metrics
 from relay.offsets import PartitionOffsets, decode_done
-from relay.previews import PreviewsStopped
+from relay.previews import PreviewCoalescer, PreviewsStopped
 from relay.results import (
     Headers,
     dead_letter_headers,
@@ -74,25 +74,6 @@ class Record(Protocol):
     headers: Any
 
 
-class PreviewOutcome(Protocol):
-    @property
-    def status(self) -> str: ...
-    @property
-    def superseded_by(self) -> str | None: ...
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def exhausted(self) -> bool: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def outcome(self) -> Any: ...
-
-
-class Previews(Protocol):
-    async def submit(self, intent: UrlPreviewUpdate, received_at: float) -> PreviewOutcome: ...
-
-
 class Job:
     """One record being handled. ``started``: a call was attempted or the result is being written."""
 
@@ -113,7 +94,7 @@ class Job:
 class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
-                 previews: Previews | None = None, wall: Callable[[], float] = time.time,
+                 previews: PreviewCoalescer | None = None, wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._out = config.outbound
@@ -332,13 +313,13 @@ class Outbound(ConsumerRebalanceListener):
         call = build_call(intent)
         unsendable = self._executor.admissible(call)
         if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
-            err = IntentError(f"rate: {unsendable}", id=intent.id, kind=intent_kind(intent), app=intent.app)
+            err = IntentError(f"rate: {unsendable}", id=intent.id, kind=job.kind, app=intent.app)
             await self._reject(job, record, err, received)
             return
         attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
-        await self._finish(record, intent.id, intent_kind(intent), intent.app, status, fields, dl_error,
+        await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received)
 
     async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
@@ -358,7 +339,7 @@ class Outbound(ConsumerRebalanceListener):
         dl_error = None
         if done.status == "failed":
             dl_error = "retries-exhausted" if done.exhausted else "feishu"
-        await self._finish(record, intent.id, "url_preview.update", intent.app, done.status, fields, dl_error,
+        await self._finish(record, intent.id, job.kind, intent.app, done.status, fields, dl_error,
                            received)
 
     async def _reject(self, job: Job, record: Record, err: IntentError, received: float) -> None:

@@ -21,7 +21,7 @@ import msgspec
 
 from relay.executor import Attempted
 from relay.intents import Result
-from relay.outcomes import Outcome, Verdict
+from relay.outcomes import Verdict
 
 Headers = list[tuple[str, bytes]]
 
@@ -66,15 +66,15 @@ def one_line(text: str, limit: int = 500) -> str:
 def dead_letter_reason(error: str, fields: dict[str, Any]) -> str:
     """``relay.reason``: the relay's own reason, or Feishu's code, HTTP status and msg for a refusal."""
     if error == "feishu" and fields.get("code") is not None:
-        status = f" (HTTP {fields['http_status']})" if fields.get("http_status") is not None else ""
-        return f"Feishu code {fields['code']}{status}: {fields.get('msg') or ''}"
+        return feishu_reason(fields["code"], fields.get("http_status"), fields.get("msg") or "")
     return str(fields.get("msg") or error)
 
 
-def feishu_reason(outcome: Outcome) -> str:
-    code = "no answer" if outcome.code is None else f"code {outcome.code}"
-    status = f" (HTTP {outcome.http_status})" if outcome.http_status is not None else ""
-    return f"Feishu {code}{status}: {outcome.msg}"
+def feishu_reason(code: int | None, http_status: int | None, msg: str) -> str:
+    """``Feishu code 230001 (HTTP 400): param is invalid`` (``no answer`` when Feishu did not answer)."""
+    said = "no answer" if code is None else f"code {code}"
+    status = f" (HTTP {http_status})" if http_status is not None else ""
+    return f"Feishu {said}{status}: {msg}"
 
 
 def from_attempt(attempted: Attempted) -> tuple[str, str | None, dict[str, Any]]:
@@ -94,7 +94,8 @@ def from_attempt(attempted: Attempted) -> tuple[str, str | None, dict[str, Any]]
     if outcome.verdict is Verdict.PARTIAL:
         return "partial", None, fields
     if attempted.exhausted:
-        fields["msg"] = f"retries exhausted after {attempted.attempts} attempt(s); last: {feishu_reason(outcome)}"
+        last = feishu_reason(outcome.code, outcome.http_status, outcome.msg)
+        fields["msg"] = f"retries exhausted after {attempted.attempts} attempt(s); last: {last}"
         return "failed", "retries-exhausted", fields
     return "failed", "feishu", fields
 

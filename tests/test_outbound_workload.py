@@ -225,12 +225,14 @@ async def test_a_hot_key_backlog_pauses_only_its_own_partition(
             await asyncio.sleep(0.05)
         assert metrics.value("relay_outbound_paused_partitions") == 1
         await produce(kafka_bootstrap, topic, cold)
+        wanted = {f"cold-{c}" for c in others}
         for _ in range(1200):  # at most 120 s
-            if all(f"cold-{c}" in results.by_id() for c in others):
+            if wanted <= results.by_id().keys():  # decode the results once per poll, not once per key
                 break
             await asyncio.sleep(0.1)
-        hot_done = sum(1 for id in results.by_id() if id.startswith("hot-"))
-    assert all(f"cold-{c}" in results.by_id() for c in others)
+        finished = results.by_id().keys()
+        hot_done = sum(1 for id in finished if id.startswith("hot-"))
+    assert wanted <= finished
     assert hot_done <= 300, f"the hot key had {600 - hot_done} left when the others were done"
     assert sandbox.violations() == []
 
