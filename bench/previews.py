@@ -28,9 +28,9 @@ from pathlib import Path
 # runnable as a plain script from anywhere: the package is the parent directory
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from relay.buckets import size_bucket
 from relay.calls import URL_PREVIEW
 from relay.config import Config
-from relay.limits import size_bucket
 from relay.sandbox import Sandbox, SandboxOptions
 from tests.relaykit import APP_ID, APP_SECRET, Collector, config_data, relay_in_process, to_config
 from tests.test_previews_e2e import Analysis, analyse, plan_burst, produce_timed

@@ -4,21 +4,24 @@ The tree is the architecture (leaves first):
 
     errors           the one root error, with a ``retriable`` flag
     config           the TOML config, env overrides, secrets masked
-    intents          the intent union (msgspec, tagged on ``kind``) and the result record
-    limits           token buckets sized for Feishu's counting windows
+    intents          the intent union (msgspec, tagged on ``kind``)
+    buckets          pure limit arithmetic: Feishu's windows, bucket sizing, the token bucket, the send log
+    limits           the limiter: per-target then app-wide buckets, awaited before every call
     calls            intent -> Feishu HTTP call (path, body, which limits apply)
-    outcomes         one pure function classifying every Feishu answer
+    outcomes         one pure function classifying every Feishu answer; how a call ended
+    results          the result record and the dead letter written for each intent
     backoff          jittered exponential backoff and the retry budget
     offsets          per-partition commit bookkeeping
     feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
+    executor         one call to its end: limits, attempts, token refresh, retries, expiry
+    previews/        url_preview.update under the 1-per-5-s token rule: planner (pure), memory (Kafka), coalescer
     outbound         the consumer: keyed lanes, limits, retries, results, dead letters, commits
-    preview_planner  which url_preview calls to make and which intent each finishes (pure)
-    preview_memory   the 5-second memory of preview updates, in a compacted Kafka topic
-    previews         url_preview.update coalescing under the 1-per-5-s token rule (the async shell)
     events           inbound crypto, signatures, envelopes and typed event views
+    dedup            the inbound seen-set
     inbound          the webhook server: verify, publish, dedup, answer
-    sandbox_bodies   the Feishu request bodies the sandbox accepts, each documented rule in the type
-    sandbox          a local stand-in for the Feishu Open Platform
+    sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows
+    metrics          counters, gauges and histograms in the Prometheus text format
+    kafka            aiokafka clients built from the config
     app              wiring and lifetime (imported only by __main__)
 """
 

@@ -28,13 +28,13 @@ from relay.config import AppConfig, Config, Secret, load_config
 from relay.errors import ConfigError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
-from relay.intents import decode_intent, ordering_key, schema
+from relay.intents import decode_intent, ordering_key
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
 from relay.limits import Limiter
 from relay.metrics import Metrics
 from relay.outbound import Outbound
-from relay.preview_memory import KafkaPreviewMemory
-from relay.previews import PreviewCoalescer
+from relay.previews import KafkaPreviewMemory, PreviewCoalescer
+from relay.results import schema
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def with_sandbox_url(config: Config, base_url: str) -> Config:
 def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     """Every topic the relay reads or writes, with the settings it relies on."""
     from relay.inbound import inbound_topics
-    from relay.preview_memory import MEMORY_TOPIC_CONFIG
+    from relay.previews import MEMORY_TOPIC_CONFIG
 
     k = config.kafka
     large = {"max.message.bytes": str(MAX_REQUEST_SIZE)}  # a dead letter carries the whole intent plus headers

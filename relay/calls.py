@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from relay.buckets import Window, share_leaves_no_call, size_bucket
 from relay.intents import (
     ApiCall,
     CardDelayUpdate,
@@ -56,7 +57,6 @@ from relay.intents import (
     ReactionRemove,
     UrlPreviewUpdate,
 )
-from relay.limits import Window, share_leaves_no_call, size_bucket
 
 __all__ = [
     "API_WINDOWS",

@@ -186,8 +186,6 @@ class InboundConfig(_Section, frozen=True):
 class PreviewsConfig(_Section, frozen=True):
     # Feishu: one update per preview token per 5 s (seed page); kept slightly above with the margin
     token_interval: PositiveFloat = 5.0
-    # URL preview API limit: 5 calls/s (seed page)
-    api_per_second: PositiveFloat = 5.0
 
 
 class Config(_Section, frozen=True):

@@ -3,8 +3,7 @@
     RelayError                 retriable = False unless a subclass says otherwise
     ├── ConfigError            the config file or an env override is wrong (names the key)
     ├── IntentError            an intent record cannot be performed as written (names the field)
-    ├── SignatureError         an inbound request failed verification (short reason, no body)
-    └── FeishuUnavailable      network error, timeout or 5xx talking to Feishu (retriable)
+    └── SignatureError         an inbound request failed verification (short reason, no body)
 
 Expected outcomes of a Feishu call (throttled, refused, token expired) are *values* (see
 ``outcomes``), not exceptions; these errors are for what a caller cannot branch around.
@@ -50,9 +49,3 @@ class SignatureError(RelayError):
         super().__init__(reason)
         self.reason = reason
         self.status = status
-
-
-class FeishuUnavailable(RelayError):
-    """The call did not get a Feishu answer (network, timeout, dropped connection)."""
-
-    retriable: ClassVar[bool] = True

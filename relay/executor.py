@@ -30,12 +30,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import msgspec
-
 from relay.backoff import RetryPolicy
 from relay.calls import Call
 from relay.limits import Limiter
-from relay.outcomes import Outcome, Verdict
+from relay.outcomes import Attempted, Outcome, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +48,6 @@ class Sender(Protocol):
     async def send(self, app: str, call: Call, admit: Admit | None = None) -> Outcome:
         """One attempt; ``admit`` is awaited right before the request leaves (the limiter's send-time guard)."""
         ...
-
-
-class Attempted(msgspec.Struct, frozen=True):
-    """How a call ended: the last outcome, the attempts made, and whether ``expires_at`` stopped it."""
-
-    outcome: Outcome | None
-    attempts: int
-    expired: bool = False
-    exhausted: bool = False
 
 
 class Executor:

@@ -1,4 +1,4 @@
-"""Intents (what a producer asks Feishu to do) and results (what happened): the outbound wire contract.
+"""Intents: what a producer asks Feishu to do, the outbound wire contract (results are :mod:`relay.results`).
 
 One intent is one Kafka record whose value is a JSON object tagged by ``kind`` (SPEC.md "Outbound"). Every
 kind is a strict, frozen ``msgspec.Struct`` (unknown fields are an error: a typo must not silently drop a
@@ -13,7 +13,6 @@ Decisions worth knowing:
 * ``decode_intent`` raises ``IntentError`` with ``error="decode"`` when the value is not a UTF-8 JSON object at
   all and ``error="invalid"`` otherwise; the reason is one line that names the field and never quotes the body.
   ``id``/``kind``/``app`` are recovered leniently when readable, so a ``rejected`` result can still be keyed.
-* ``Result`` always carries every field (``omit_defaults=False``): consumers see ``null`` rather than absence.
 """
 
 from __future__ import annotations
@@ -53,12 +52,9 @@ __all__ = [
     "Rate",
     "ReactionAdd",
     "ReactionRemove",
-    "Result",
     "UrlPreviewUpdate",
     "decode_intent",
-    "encode_result",
     "ordering_key",
-    "schema",
 ]
 
 # --- field types --------------------------------------------------------------------------------------------
@@ -481,53 +477,3 @@ def ordering_key(intent: Intent) -> str:
             return intent.filled_path
         case _:
             return intent.message_id
-
-
-# --- results ------------------------------------------------------------------------------------------------
-
-Status = Literal["ok", "partial", "superseded", "expired", "failed", "rejected"]
-
-
-class Result(msgspec.Struct, kw_only=True, omit_defaults=False):
-    """One per intent on the results topic, key = ``id`` (SPEC.md "Result record"); every field always present.
-
-    ``code``/``msg`` are Feishu's when Feishu answered; otherwise ``code`` is null and ``msg`` is the relay's
-    reason (rejected, expired, failed without an answer). Times must be timezone-aware (encoded as RFC 3339).
-    """
-
-    id: str | None
-    kind: str | None
-    app: str | None
-    status: Status
-    superseded_by: str | None = None
-    code: int | None = None
-    msg: str | None = None
-    data: Any = None
-    http_status: int | None = None
-    attempts: int = 0
-    log_id: str | None = None
-    received_at: AwareTime
-    finished_at: AwareTime
-
-    def __post_init__(self) -> None:
-        for name in ("received_at", "finished_at"):
-            if getattr(self, name).tzinfo is None:
-                raise ValueError(f"{name}: must be timezone-aware (RFC 3339 needs an offset)")
-
-
-_result_encoder: Final = msgspec.json.Encoder()
-
-
-def encode_result(result: Result) -> bytes:
-    """The JSON value of a result record."""
-    return _result_encoder.encode(result)
-
-
-def schema() -> dict[str, Any]:
-    """JSON Schema (2020-12) of the contract: ``$defs.Intent`` (tagged on ``kind``) and ``$defs.Result``."""
-    (intent, _), components = msgspec.json.schema_components((Intent, Result), ref_template="#/$defs/{name}")
-    return {  # ``Result`` (a struct) is already among the components; the union ``Intent`` is not
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "feishu-relay intents and results",
-        "$defs": {**components, "Intent": intent},
-    }

@@ -1,14 +1,7 @@
-"""Token buckets sized for Feishu's counting windows, and the limiter that owns them.
+"""The limiter: every Feishu call waits here for its app-wide bucket and, if any, its target's bucket.
 
-Feishu counts calls in sliding windows: the IM APIs admit at most 50 calls in *any* 1 s **and** 1000 in *any*
-60 s, per app and API; a chat or user takes at most 5 calls in any 1 s; URL previews 5 in any 1 s (SPEC "Limits",
-feishu-facts §2). A token bucket of rate ``r`` and burst ``b`` lets at most ``b + r*T`` calls through in any window
-of length ``T``, so :func:`size_bucket` picks ``(r, b)`` that keep that bound under every window an API has, with a
-margin for the lag between our clock and Feishu's (timer overshoot, event-loop lag, network variance).
-
-:class:`TokenBucket` is pure arithmetic over a ``now`` argument (reservation based, like Go's ``x/time/rate``):
-deterministic and testable without sleeping. :class:`Limiter` keys buckets by ``("app", app, api)`` and
-``("target", app, target)`` and only sequences awaits around them, with the clock and sleep injected.
+:class:`Limiter` keys buckets by ``("app", app, api)`` and ``("target", app, target)`` and only sequences awaits
+around the pure arithmetic of :mod:`relay.buckets`, with the clock and sleep injected.
 
 A replica's ``share`` of the quota applies to app-wide buckets only: Feishu counts those over every replica of
 the consumer group. A target (a chat, a user, a message) is reached through one ordering key, so one partition,
@@ -18,252 +11,22 @@ so one replica: its bucket is sized for the whole per-target limit.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import msgspec
+
+from relay.buckets import DUE, BucketShape, SendLog, TokenBucket, Window, share_leaves_no_call, size_bucket, stricter
 
 if TYPE_CHECKING:
     from relay.config import FeishuConfig
 
 log = logging.getLogger(__name__)
 
-# A reservation is "due" this close to its instant: asyncio fires timers up to one clock resolution early and
-# float sums drift by ulps; a microsecond is nothing next to the jitter margin.
-_DUE: Final = 1e-6
-# A penalized bucket never slows below this share of its nominal rate (repeated 429s halve it each time).
-_MIN_SLOW: Final = 1 / 64
-
-
-class Window(msgspec.Struct, frozen=True):
-    """Feishu admits at most ``limit`` calls in any ``seconds``-long window."""
-
-    limit: int
-    seconds: float
-
-
-class BucketShape(msgspec.Struct, frozen=True):
-    """A token bucket's sustained ``rate`` (tokens per second) and ``burst`` (capacity, whole tokens)."""
-
-    rate: float
-    burst: int
-
-
-def share_leaves_no_call(windows: Sequence[Window], share: float) -> Window | None:
-    """The first of ``windows`` in which ``share`` of the limit floors to no call at all, else None."""
-    for window in windows:
-        if math.floor(window.limit * share + 1e-9) < 1:  # 0.1 * 30 must floor to 3, not 2
-            return window
-    return None
-
-
-def size_bucket(
-    windows: Sequence[Window],
-    *,
-    jitter: float,
-    utilization: float,
-    share: float = 1.0,
-    time_scale: float = 1.0,
-) -> BucketShape:
-    """The fastest bucket that keeps every window, ``jitter`` seconds of lag included.
-
-    Each window is first scaled: ``seconds / time_scale`` (sandbox tests run Feishu's clock faster) and
-    ``floor(limit * share)`` (a replica's fraction of the app quota; the floor keeps the replicas' sum within it).
-
-    A bucket ``(r, b)`` admits at most ``b + r*T`` calls whose *scheduled* instants fall in any window of length
-    ``T``. A call reaches Feishu up to ``jitter`` seconds after its instant, so calls Feishu sees in a window of
-    length ``T`` were scheduled within ``T + jitter``. Every window ``(limit, T)`` therefore needs::
-
-        b + r * (T + jitter) <= limit
-
-    The sustained rate is what the tightest window allows on average, less a margin:
-    ``r = utilization * min(limit / T)``. The burst takes what the constraint leaves:
-    ``b = floor(min(limit - r * (T + jitter)))``. For IM (50/1 s and 1000/60 s, jitter 0.15, utilization 0.975):
-    ``r = 0.975 * 1000/60 = 16.25/s`` and ``b = floor(min(50 - 18.69, 1000 - 977.44)) = 22``; a backlog then sends
-    22 at once and 16.25/s after, 97.7 % of the minute quota.
-
-    A bucket needs ``b >= 1`` to admit anything, so when the formula leaves less, ``b = 1`` and the rate drops to
-    the largest with ``1 + r * (T + jitter) <= limit`` in every window (5 in 1 s: ``r = 4 / 1.15 = 3.48/s``).
-    A window of limit 1 would force ``r = 0`` under that bound; there the integer count is what matters: calls
-    ``1/r`` apart never put two in a span of ``T + jitter`` when ``r * (T + jitter) < 1``, so
-    ``r = utilization / (T + jitter)``.
-
-    Raises ValueError when there is no window or the share leaves a window with no call at all.
-    """
-    if not windows:
-        raise ValueError("size_bucket: at least one window is needed")
-    scaled: list[tuple[int, float]] = []
-    for window in windows:
-        if window.seconds <= 0 or window.limit <= 0:
-            raise ValueError(f"size_bucket: window {window.limit}/{window.seconds}s must be positive")
-        if share_leaves_no_call((window,), share):
-            raise ValueError(
-                f"size_bucket: share {share} of {window.limit} calls per {window.seconds}s leaves no call")
-        limit = math.floor(window.limit * share + 1e-9)  # 0.1 * 30 must floor to 3, not 2
-        scaled.append((limit, window.seconds / time_scale))
-    rate = utilization * min(limit / seconds for limit, seconds in scaled)
-    burst = math.floor(min(limit - rate * (seconds + jitter) for limit, seconds in scaled) + 1e-9)
-    if burst >= 1:
-        return BucketShape(rate=rate, burst=burst)
-    rate = min(rate, *((max(limit - 1, utilization) / (seconds + jitter)) for limit, seconds in scaled))
-    return BucketShape(rate=rate, burst=1)
-
-
-class TokenBucket:
-    """A reservation-based token bucket over an explicit clock (pure arithmetic, no I/O).
-
-    The bucket holds up to ``burst`` tokens and refills at ``rate`` per second. :meth:`reserve` always takes a
-    token, letting the count go negative: the debt makes reservations queue first come, first served, each told
-    when its token is due. A caller that is cancelled after reserving loses its token, which only under-uses.
-
-    :meth:`penalize` is for when Feishu throttles us anyway: nothing is due before the pause ends, and the
-    refill rate drops (to ``slow_factor`` of its current value) then recovers linearly to nominal over
-    ``recovery`` seconds, so a bucket that was too fast finds its way back gently instead of hammering.
-
-    Every method takes ``now``; times before the bucket's own clock are treated as that clock (never refilled
-    twice).
-    """
-
-    __slots__ = ("_burst", "_last", "_rate", "_slow", "_tokens")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError(f"TokenBucket: rate {rate} must be > 0 and burst {burst} >= 1")
-        self._rate = rate
-        self._burst = burst
-        self._tokens = float(burst)  # as of self._last, which may lie ahead while paused
-        self._last = now
-        # (start, duration, factor): the rate is nominal * factor at start, rising linearly to nominal
-        self._slow: tuple[float, float, float] | None = None
-
-    @property
-    def rate(self) -> float:
-        """The nominal refill rate (tokens per second)."""
-        return self._rate
-
-    @property
-    def burst(self) -> int:
-        return self._burst
-
-    def tokens(self, now: float) -> float:
-        """Tokens available at ``now`` (negative while reservations are queued)."""
-        self._advance(now)
-        return self._tokens
-
-    def reserve(self, now: float) -> float:
-        """Take one token; return how long to wait before the call (0 when it may go now)."""
-        self._advance(now)
-        self._tokens -= 1.0
-        return self._due_in(now, -self._tokens)
-
-    def delay(self, now: float) -> float:
-        """How long until a token is free, without taking one."""
-        self._advance(now)
-        return self._due_in(now, 1.0 - self._tokens)
-
-    def take(self, now: float) -> bool:
-        """Take a token only if one is free now."""
-        if self.delay(now) > _DUE:
-            return False
-        self._tokens -= 1.0
-        return True
-
-    def penalize(self, now: float, pause: float, *, slow_factor: float = 0.5, recovery: float = 30.0) -> None:
-        """Feishu said "too many": nothing is due before ``now + pause``, then the rate recovers from slow.
-
-        Reservations already handed out keep their instants (a caller may already be sleeping on one); new ones
-        queue after the pause, behind the debt. At most one token is waiting when the pause ends, so the bucket
-        restarts with a single call, not a burst.
-        """
-        self._advance(now)
-        start = max(self._last, now + max(pause, 0.0))
-        factor = max(_MIN_SLOW, slow_factor * self._factor(now))
-        self._tokens = min(self._tokens, 1.0)
-        self._last = start
-        self._slow = (start, recovery, factor) if recovery > 0 and factor < 1.0 else None
-
-    def set_shape(self, rate: float, burst: int, now: float | None = None) -> None:
-        """Change rate and burst (a replica's share of the quota changed); ``now`` settles the refill so far."""
-        if rate <= 0 or burst < 1:
-            raise ValueError(f"TokenBucket: rate {rate} must be > 0 and burst {burst} >= 1")
-        if now is not None:
-            self._advance(now)
-        self._rate = rate
-        self._burst = burst
-        self._tokens = min(self._tokens, float(burst))
-
-    def is_full(self, now: float) -> bool:
-        """Full, not paused and not slowed: forgetting the bucket and creating it again changes nothing."""
-        self._advance(now)
-        return self._tokens >= self._burst and self._slow is None and self._last <= now
-
-    def __repr__(self) -> str:
-        return f"TokenBucket(rate={self._rate:.4g}, burst={self._burst}, tokens={self._tokens:.3g})"
-
-    # The rate at time t is rate * g(t); g is piecewise linear (factor until start, ramp to 1, then 1), so its
-    # integral and that integral's inverse have closed forms.
-
-    def _factor(self, t: float) -> float:
-        if self._slow is None:
-            return 1.0
-        start, duration, factor = self._slow
-        u = t - start
-        if u <= 0:
-            return factor
-        if u >= duration:
-            return 1.0
-        return factor + (1.0 - factor) * u / duration
-
-    def _integral(self, u: float) -> float:
-        """``∫ g`` from the slow's start to ``start + u`` (``u`` may be negative)."""
-        assert self._slow is not None
-        _, duration, factor = self._slow
-        if u <= 0:
-            return factor * u
-        if u <= duration:
-            return factor * u + (1.0 - factor) * u * u / (2.0 * duration)
-        return duration * (1.0 + factor) / 2.0 + (u - duration)
-
-    def _inverse(self, y: float) -> float:
-        """The ``u`` with ``_integral(u) == y``."""
-        assert self._slow is not None
-        _, duration, factor = self._slow
-        if y <= 0:
-            return y / factor
-        top = duration * (1.0 + factor) / 2.0
-        if y <= top:
-            a = (1.0 - factor) / (2.0 * duration)
-            # u = (-f + sqrt(f^2 + 4ay)) / 2a, written to stay exact as a -> 0
-            return 2.0 * y / (factor + math.sqrt(factor * factor + 4.0 * a * y))
-        return duration + (y - top)
-
-    def _advance(self, now: float) -> None:
-        if now <= self._last:
-            return
-        if self._slow is None:
-            gained = self._rate * (now - self._last)
-        else:
-            start = self._slow[0]
-            gained = self._rate * (self._integral(now - start) - self._integral(self._last - start))
-            if now >= start + self._slow[1]:
-                self._slow = None
-        self._tokens = min(float(self._burst), self._tokens + gained)
-        self._last = now
-
-    def _due_in(self, now: float, missing: float) -> float:
-        """Seconds from ``now`` until ``missing`` more tokens have accrued after ``self._last``."""
-        if missing <= 0:
-            return max(0.0, self._last - now)
-        if self._slow is None:
-            return self._last + missing / self._rate - now
-        start = self._slow[0]
-        u = self._inverse(self._integral(self._last - start) + missing / self._rate)
-        return start + u - now
-
+__all__ = ["BucketShape", "Limiter", "LimiterStats", "TokenBucket", "Window", "size_bucket", "stricter"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -282,75 +45,6 @@ class LimiterStats(msgspec.Struct, frozen=True):
     evictions: int
     retakes: int
     guarded: int = 0  # sends held back by the send log (only after a stall)
-
-
-def stricter(*window_sets: Sequence[Window]) -> tuple[Window, ...]:
-    """One set of windows that keeps every given set: per window length, the smallest limit (sorted by length).
-
-    A bucket sized for the result admits no more than a bucket sized for any one of the sets would, in every
-    window of every set.
-    """
-    tightest: dict[float, int] = {}
-    for windows in window_sets:
-        for window in windows:
-            limit = tightest.get(window.seconds)
-            if limit is None or window.limit < limit:
-                tightest[window.seconds] = window.limit
-    return tuple(Window(limit, seconds) for seconds, limit in sorted(tightest.items()))
-
-
-class SendLog:
-    """When calls were actually sent, checked against the windows right before the next one goes.
-
-    The token bucket bounds when calls are *granted*. A call granted on time but sent late — the event loop
-    stalled (GC, a busy host), or it waited for a pooled connection — would go out together with the calls granted
-    after it, and a stall of half a second flushes a burst that Feishu counts in one window. This log is the hard
-    guarantee on *send* times: at most ``limit`` sends in any window of ``span`` seconds (the window plus the
-    jitter margin). It costs a bisect per send and binds only after such a stall; the bucket keeps the pace.
-    """
-
-    __slots__ = ("_longest", "_spans", "_start", "_times")
-
-    def __init__(self, spans: Sequence[tuple[int, float]]) -> None:
-        self.spans = spans
-        self._times: list[float] = []
-        self._start = 0  # times before it are older than the longest span
-
-    @property
-    def spans(self) -> tuple[tuple[int, float], ...]:
-        """(limit, span seconds) per window."""
-        return self._spans
-
-    @spans.setter
-    def spans(self, spans: Sequence[tuple[int, float]]) -> None:
-        self._spans = tuple(spans)
-        self._longest = max((span for _, span in self._spans), default=0.0)
-
-    def delay(self, now: float) -> float:
-        """Seconds until a send keeps every window within its limit (0: send now)."""
-        longest = self._longest
-        times, start = self._times, self._start
-        while start < len(times) and times[start] <= now - longest:
-            start += 1
-        if start > 1024 and start * 2 > len(times):  # compact now and then, not on every send
-            del times[:start]
-            start = 0
-        self._start = start
-        wait = 0.0
-        for limit, span in self._spans:
-            inside = len(times) - bisect.bisect_right(times, now - span, lo=start)
-            if inside >= limit:  # the limit-th most recent send must leave the window first
-                wait = max(wait, times[len(times) - limit] + span - now)
-        return wait
-
-    def record(self, now: float) -> None:
-        if self._times and now < self._times[-1]:
-            now = self._times[-1]  # a clock never runs backwards here; keep the list sorted
-        self._times.append(now)
-
-    def idle(self, now: float) -> bool:
-        """No send within the longest span: forgetting this log changes nothing."""
-        return not self._times or self._times[-1] <= now - self._longest
 
 
 class _Entry:
@@ -502,7 +196,7 @@ class Limiter:
                 async with entry.lock:
                     while True:
                         wait = entry.bucket.delay(self._clock())
-                        if wait > _DUE:
+                        if wait > DUE:
                             await self._sleep(wait)
                         await self._take(app_entry.bucket)
                         if entry.bucket.take(self._clock()):
@@ -540,18 +234,6 @@ class Limiter:
             return
         entry.bucket.penalize(now, pause, slow_factor=self._slow_factor, recovery=self._recovery)
 
-    def set_share(self, share: float) -> None:
-        """Re-size the app-wide buckets for a new share of the app quota (replicas joined or left the group).
-
-        Target buckets keep their size: a target lives on one replica whatever the share.
-        """
-        self._share = share
-        now = self._clock()
-        for entry in self._apps.values():
-            shape = self.shape(entry.windows)
-            entry.bucket.set_shape(shape.rate, shape.burst, now)
-            entry.log.spans = tuple(self._spans(entry.windows, target=False))
-
     def stats(self) -> LimiterStats:
         return LimiterStats(
             app_buckets=len(self._apps), target_buckets=len(self._targets), acquires=self._acquires,
@@ -560,7 +242,7 @@ class Limiter:
 
     async def _take(self, bucket: TokenBucket) -> None:
         wait = bucket.reserve(self._clock())
-        if wait > _DUE:
+        if wait > DUE:
             await self._sleep(wait)
 
     def _app_entry(self, app: str, api: str, windows: Sequence[Window]) -> _Entry:
@@ -609,7 +291,7 @@ class Limiter:
         while True:
             now = self._clock()
             wait = max(entry.log.delay(now) for entry in entries)
-            if wait <= _DUE:
+            if wait <= DUE:
                 for entry in entries:
                     entry.log.record(now)
                 return

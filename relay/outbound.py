@@ -1,6 +1,6 @@
 """The outbound consumer: intents in, Feishu calls made, one result per intent out.
 
-Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_integration.py``):
+Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_resilience.py``):
 
 * **Nothing lost.** A record's offset is committed only after its result (and dead letter, if any) is
   acknowledged by Kafka (``acks=all``). Offsets are committed as the contiguous finished prefix of each
@@ -42,15 +42,16 @@ from relay.calls import build_call
 from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
-from relay.intents import Intent, UrlPreviewUpdate, decode_intent, encode_result, ordering_key
+from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.kafka import client_settings
 from relay.metrics import Metrics
 from relay.offsets import PartitionOffsets, decode_done
-from relay.previews import PreviewCoalescer, PreviewsStopped
+from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
 from relay.results import (
     Headers,
     dead_letter_headers,
     dead_letter_reason,
+    encode_result,
     forwarded_headers,
     from_attempt,
     make_result,

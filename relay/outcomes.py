@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import msgspec
 
-__all__ = ["Outcome", "Verdict", "classify", "network_error"]
+__all__ = ["Attempted", "Outcome", "Verdict", "classify", "network_error"]
 
 
 class Verdict(enum.Enum):
@@ -54,6 +54,15 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     log_id: str | None = None
     retry_after: float | None = None  # seconds, from ``x-ogw-ratelimit-reset``
     throttled: bool = False  # a rate limit was hit: the bucket must slow down, not just wait
+
+
+class Attempted(msgspec.Struct, frozen=True):
+    """How a call ended: the last outcome, the attempts made, and whether ``expires_at`` stopped it."""
+
+    outcome: Outcome | None
+    attempts: int
+    expired: bool = False
+    exhausted: bool = False
 
 
 class _Rule(msgspec.Struct, frozen=True):

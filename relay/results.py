@@ -1,40 +1,78 @@
 """What the relay writes for each intent: one result record, and a dead letter for every rejected/failed one.
 
 Result record (results topic), written whenever the intent's ``id`` can be read: key = ``id``, value = the
-:class:`~relay.intents.Result` JSON, headers = the intent record's ``traceparent`` and any header named in
-``kafka.forward_headers``, unchanged.
+:class:`Result` JSON (every field always present: consumers see ``null`` rather than absence), headers = the
+intent record's ``traceparent`` and any header named in ``kafka.forward_headers``, unchanged.
 
 Dead letter (dead-letter topic): the original value bytes and key unchanged; headers ``relay.error``
 (``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted``, and ``internal`` for a relay bug reported as the
 intent's failure rather than freezing its partition), ``relay.reason`` (one line),
 ``relay.source.topic``, ``relay.source.partition``, ``relay.source.offset``, then the original headers.
-Expired intents are reported, not dead-lettered (SPEC).
+Expired intents are reported, not dead-lettered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
-from relay.executor import Attempted
-from relay.intents import Result
-from relay.outcomes import Verdict
+from relay.intents import AwareTime, Intent
+from relay.outcomes import Attempted, Verdict
+
+Status = Literal["ok", "partial", "superseded", "expired", "failed", "rejected"]
+
+
+class Result(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """One per intent on the results topic, key = ``id``; every field always present.
+
+    ``code``/``msg`` are Feishu's when Feishu answered; otherwise ``code`` is null and ``msg`` is the relay's
+    reason (rejected, expired, failed without an answer). Times must be timezone-aware (encoded as RFC 3339).
+    """
+
+    id: str | None
+    kind: str | None
+    app: str | None
+    status: Status
+    superseded_by: str | None = None
+    code: int | None = None
+    msg: str | None = None
+    data: Any = None
+    http_status: int | None = None
+    attempts: int = 0
+    log_id: str | None = None
+    received_at: AwareTime
+    finished_at: AwareTime
+
+    def __post_init__(self) -> None:
+        for name in ("received_at", "finished_at"):
+            if getattr(self, name).tzinfo is None:
+                raise ValueError(f"{name}: must be timezone-aware (RFC 3339 needs an offset)")
+
+
+_result_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_result(result: Result) -> bytes:
+    """The JSON value of a result record."""
+    return _result_encoder.encode(result)
+
+
+def schema() -> dict[str, Any]:
+    """JSON Schema (2020-12) of the contract: ``$defs.Intent`` (tagged on ``kind``) and ``$defs.Result``."""
+    (intent, _), components = msgspec.json.schema_components((Intent, Result), ref_template="#/$defs/{name}")
+    return {  # ``Result`` (a struct) is already among the components; the union ``Intent`` is not
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "feishu-relay intents and results",
+        "$defs": {**components, "Intent": intent},
+    }
+
 
 Headers = list[tuple[str, bytes]]
 
 ALWAYS_FORWARDED: Final = "traceparent"
-
-
-class Written(msgspec.Struct, frozen=True):
-    """One record to produce."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: Headers
 
 
 def utc(epoch: float) -> datetime:

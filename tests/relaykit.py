@@ -22,7 +22,7 @@ from relay.config import Config, parse_config
 from relay.intents import decode_intent, ordering_key
 from relay.kafka import ensure_topics
 from relay.metrics import Metrics
-from relay.sandbox import Call as SandboxCall
+from relay.sandbox import CallRecord
 
 APP_ID = "cli_test"
 APP_SECRET = "test-secret"  # the sandbox's test credentials
@@ -136,9 +136,9 @@ class SandboxProcess:
                 await asyncio.sleep(0.05)
         raise AssertionError("the sandbox child did not start")
 
-    async def calls(self) -> list[SandboxCall]:
+    async def calls(self) -> list[CallRecord]:
         async with aiohttp.ClientSession() as http, http.get(f"{self.url}/_sandbox/calls") as resp:
-            return msgspec.json.decode(await resp.read(), type=list[SandboxCall])
+            return msgspec.json.decode(await resp.read(), type=list[CallRecord])
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from relay.buckets import Window
 from relay.calls import API_WINDOWS, PREVIEW_TOKEN_WINDOWS, Call, build_call, check_share, url_preview_call
 from relay.intents import decode_intent
-from relay.limits import Window
 
 IM = (Window(50, 1), Window(1000, 60))
 FIVE = (Window(5, 1),)

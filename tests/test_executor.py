@@ -9,9 +9,10 @@ import msgspec
 import pytest
 
 from relay.backoff import RetryPolicy
+from relay.buckets import Window
 from relay.calls import Call
 from relay.executor import Executor
-from relay.limits import Limiter, Window
+from relay.limits import Limiter
 from relay.outcomes import Outcome, Verdict
 
 CALL = Call(method="POST", path="/open-apis/im/v1/messages", query={}, body=b"{}", api="im.message.create",

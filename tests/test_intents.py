@@ -17,13 +17,11 @@ from relay.intents import (
     MessageBatchSend,
     MessageReply,
     MessageSend,
-    Result,
     UrlPreviewUpdate,
     decode_intent,
-    encode_result,
     ordering_key,
-    schema,
 )
+from relay.results import Result, encode_result, schema
 
 SPEC = Path("/work/shared/SPEC.md")
 

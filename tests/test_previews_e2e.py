@@ -5,7 +5,7 @@ What "delivered by a later call" can be observed as, from outside the relay:
 * *read time*: ``received_at`` of the intent's result, the relay's wall clock when it dispatched the record
   (before ``submit``); converted to this host's monotonic clock (the sandbox's clock) with one offset taken
   here. Relay and sandbox share the host, so the two clocks are the same clocks.
-* *call time*: the sandbox's arrival time of the call (``Call.at``, monotonic). A call is made before it
+* *call time*: the sandbox's arrival time of the call (``CallRecord.at``, monotonic). A call is made before it
   arrives, so "arrived after the read" is necessary for "made after the read"; it could be fooled only by a call
   already on the wire at the read (a local HTTP hop, about a millisecond).
 * *which call*: a result's ``log_id`` is the ``X-Tt-Logid`` of the call that finished it (the sandbox logs it),
@@ -35,7 +35,7 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from relay.sandbox import Call, Sandbox, SandboxOptions
+from relay.sandbox import CallRecord, Sandbox, SandboxOptions
 from tests.relaykit import (
     APP_ID,
     APP_SECRET,
@@ -127,7 +127,7 @@ class SeenCall:
     ok: bool
 
 
-def seen_calls(calls: Sequence[Call]) -> list[SeenCall]:
+def seen_calls(calls: Sequence[CallRecord]) -> list[SeenCall]:
     out = []
     for c in calls:
         if c.api != API:

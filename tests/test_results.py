@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import msgspec
 
-from relay.executor import Attempted
-from relay.intents import encode_result
-from relay.outcomes import Outcome, Verdict
-from relay.results import dead_letter_headers, dead_letter_reason, forwarded_headers, from_attempt, make_result
+from relay.outcomes import Attempted, Outcome, Verdict
+from relay.results import (
+    dead_letter_headers,
+    dead_letter_reason,
+    encode_result,
+    forwarded_headers,
+    from_attempt,
+    make_result,
+)
 
 
 def outcome(verdict: Verdict, code: int | None = 0, msg: str = "success") -> Outcome:

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from relay.sandbox import Sandbox, SandboxOptions
-from relay.windows import Limit, SlidingWindows
+from relay.sandbox.windows import Limit, SlidingWindows
 
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 MESSAGES = "/open-apis/im/v1/messages"

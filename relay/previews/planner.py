@@ -4,7 +4,7 @@ Pure: no I/O, time passed in, so every rule below is tested with an injected clo
 keeps, per ``(app, token)``, the pending requests and the time of the last update; the async shell around it
 is :class:`relay.previews.PreviewCoalescer`.
 
-The rules (SPEC.md "url_preview.update"; issue 4):
+The rules (SPEC.md "url_preview.update"):
 
 Merging
     The pending requests for one token are merged into the token's next call: the union of their open_ids, or
@@ -56,7 +56,7 @@ MAX_OPEN_IDS: Final = 100
 # How long a token whose call raised (not an answer: e.g. the memory write failed) rests before it is retried.
 ERROR_HOLD: Final = 1.0
 
-Status = Literal["ok", "superseded", "failed", "expired"]
+PreviewStatus = Literal["ok", "superseded", "failed", "expired"]
 # The merged audience of a token: a set of open_ids, or None for everyone in the chat.
 Audience = frozenset[str] | None
 TokenKey = tuple[str, str]  # (app, token)
@@ -97,7 +97,7 @@ class Finished(msgspec.Struct, frozen=True):
     """An intent's result as the planner knows it (the shell adds the call's outcome and attempts)."""
 
     ref: int
-    status: Status
+    status: PreviewStatus
     superseded_by: str | None = None
     reason: str | None = None
 
@@ -303,7 +303,7 @@ class PreviewPlanner:
                     if not intent.owed:
                         finished.append(self._finish_delivered(intent))
             elif not delivered:
-                status: Status = "expired" if expired else "failed"
+                status: PreviewStatus = "expired" if expired else "failed"
                 for request in carried:
                     intent = self._intents.get(request.ref)
                     if intent is not None:
@@ -429,7 +429,7 @@ class PreviewPlanner:
         _, by = max(intent.superseders)
         return self._finish(intent, "superseded", superseded_by=by)
 
-    def _finish(self, intent: _IntentState, status: Status, *, superseded_by: str | None = None,
+    def _finish(self, intent: _IntentState, status: PreviewStatus, *, superseded_by: str | None = None,
                 reason: str | None = None) -> Finished:
         del self._intents[intent.ref]
         for token in intent.owed:

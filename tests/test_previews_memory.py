@@ -8,7 +8,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from relay.config import KafkaConfig
 from relay.kafka import make_producer
-from relay.preview_memory import KafkaPreviewMemory
+from relay.previews.memory import KafkaPreviewMemory
 
 
 @pytest.mark.integration

@@ -5,13 +5,13 @@ Feishu lets each preview token be updated once per 5 s and the batch API be call
 they emit a ``url_preview.update`` intent whenever their data changes, often many per second per token. Three
 pieces turn that stream into the fewest calls Feishu accepts:
 
-* :class:`~relay.preview_planner.PreviewPlanner` (pure, injected time, no I/O) keeps, per ``(app, token)``, the
+* :class:`~relay.previews.planner.PreviewPlanner` (pure, injected time, no I/O) keeps, per ``(app, token)``, the
   pending requests and the time of the last update; it decides which calls to make and which intent each call
-  finishes. The rules (merging, spacing, packing, results) are in the docstring of :mod:`relay.preview_planner`.
-* :class:`~relay.preview_memory.KafkaPreviewMemory` remembers "token T was updated at t" in a compacted Kafka
+  finishes. The rules (merging, spacing, packing, results) are in the docstring of :mod:`relay.previews.planner`.
+* :class:`~relay.previews.memory.KafkaPreviewMemory` remembers "token T was updated at t" in a compacted Kafka
   topic, written and acknowledged before each attempt is sent and read back at start-up, so a restarted relay
   never updates a token within 5 s of an update made just before a crash
-  (:class:`~relay.preview_memory.PreviewMemory` is the Protocol; tests use an in-memory fake).
+  (:class:`~relay.previews.memory.PreviewMemory` is the Protocol; tests use an in-memory fake).
 * :class:`PreviewCoalescer`, here, is the async shell: ``submit`` an intent, await its :class:`PreviewResult`;
   one background loop asks the planner for calls and runs each through the executor.
 """
@@ -32,8 +32,8 @@ from relay.config import Config
 from relay.errors import RelayError
 from relay.intents import UrlPreviewUpdate
 from relay.outcomes import Outcome, Verdict
-from relay.preview_memory import PreviewMemory
-from relay.preview_planner import Finished, PlannedCall, PreviewPlanner, Status
+from relay.previews.memory import PreviewMemory
+from relay.previews.planner import Finished, PlannedCall, PreviewPlanner, PreviewStatus
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,14 @@ MAX_WAITING_CALLS: Final = 2
 
 
 class PreviewResult(msgspec.Struct, frozen=True, kw_only=True):
-    """One url_preview intent's result (rules in :mod:`relay.preview_planner`): ``outcome``/``attempts`` of
+    """One url_preview intent's result (rules in :mod:`relay.previews.planner`): ``outcome``/``attempts`` of
     the call that finished it.
 
     ``reason`` is the relay's own reason when there is no Feishu answer to quote (``expired``); ``exhausted``
     says a ``failed`` call ran out of retries rather than being refused.
     """
 
-    status: Status
+    status: PreviewStatus
     superseded_by: str | None = None
     outcome: Outcome | None = None
     attempts: int = 0

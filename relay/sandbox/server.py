@@ -18,7 +18,7 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
   ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
   subprocess or a curious ``make run`` user.
 
-Limits (sliding windows over arrival times, see ``relay.windows``; only admitted calls count, refused ones are
+Limits (sliding windows over arrival times, see ``relay.sandbox.windows``; only admitted calls count, refused ones are
 logged as throttled):
 
 =====================================  =========================  ==========================================
@@ -51,7 +51,7 @@ what ``throttle_target``/``fail_target`` take: ``receive:<receive_id>``, ``chat:
 ``message:<message_id>``, ``ephemeral-chat:<chat_id>``, ``preview-token:<token>``.
 
 Order of checks: authorization → app-wide window → fault injection → request validation (230001 naming the
-field; the body rules are the structs of ``relay.sandbox_bodies``) → forced target errors / timed throttles →
+field; the body rules are the structs of ``relay.sandbox.bodies``) → forced target errors / timed throttles →
 per-target windows → ``uuid`` dedup → the operation.
 
 ``time_scale`` k divides every Feishu duration (windows, token lifetime and refresh window, the 1 h ``uuid``
@@ -81,7 +81,7 @@ from typing import Any, Final, Literal, TypeVar
 import msgspec
 from aiohttp import web
 
-from relay.sandbox_bodies import (
+from relay.sandbox.bodies import (
     AuthBody,
     BatchSendBody,
     CardUpdateBody,
@@ -98,7 +98,7 @@ from relay.sandbox_bodies import (
     UrgentBody,
     UrlPreviewBody,
 )
-from relay.windows import Limit, SlidingWindows
+from relay.sandbox.windows import Limit, SlidingWindows
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     log_bodies: bool = True  # keep each call's parsed body in the log (off for long benchmarks)
 
 
-class Call(msgspec.Struct, kw_only=True):
+class CallRecord(msgspec.Struct, kw_only=True):
     """One request as the sandbox saw and answered it."""
 
     at: float  # arrival, the sandbox clock (unscaled)
@@ -267,7 +267,7 @@ class _GatewayFault(Exception):
 
 @dataclass(slots=True)
 class _Req:
-    call: Call
+    call: CallRecord
     query: Mapping[str, str]
     match: Mapping[str, str]
     body: Any
@@ -296,7 +296,7 @@ class Sandbox:
         self.url = ""  # the base URL once started
         self._ids = itertools.count(1)
         self.options = self._initial
-        self.calls: list[Call] = []
+        self.calls: list[CallRecord] = []
         self.token_requests = 0
         self.messages: dict[str, Message] = {}
         self.messages_by_uuid: dict[str, list[str]] = {}  # uuid -> ids of the messages created for it
@@ -332,14 +332,14 @@ class Sandbox:
 
     # ---- what tests read -------------------------------------------------------------------------------------
 
-    def calls_for(self, api: str) -> list[Call]:
+    def calls_for(self, api: str) -> list[CallRecord]:
         return [c for c in self.calls if c.api == api]
 
     def throttled_count(self) -> int:
         """Calls answered 429/99991400 or 230020, injected or not."""
         return sum(1 for c in self.calls if c.throttled)
 
-    def violations(self) -> list[Call]:
+    def violations(self) -> list[CallRecord]:
         """Calls refused because they broke a documented limit. The relay must never produce one."""
         return [c for c in self.calls if c.violation is not None]
 
@@ -412,7 +412,7 @@ class Sandbox:
             return (Limit(o.chat_button_per_second, s(1.0)),)
         return (Limit(o.generic_per_second, s(1.0)), Limit(o.generic_per_minute, s(60.0)))
 
-    def _admit_app(self, call: Call, bucket: str, now: float) -> None:
+    def _admit_app(self, call: CallRecord, bucket: str, now: float) -> None:
         if not self.options.enforce_limits:
             return
         refusal = self._app_windows.admit((call.app_id or "", bucket), self._app_limits(call.api), now)
@@ -549,7 +549,7 @@ class Sandbox:
         return web.Response(status=status, body=_ENCODER.encode(payload), headers=headers,
                             content_type="application/json", charset="utf-8")
 
-    def _answer(self, call: Call, code: int, msg: str, data: dict[str, Any],
+    def _answer(self, call: CallRecord, code: int, msg: str, data: dict[str, Any],
                 headers: Mapping[str, str] | None = None) -> web.Response:
         call.status, call.code, call.msg = _status_for(code), code, msg
         call.throttled = code in (99991400, 230020)
@@ -575,7 +575,7 @@ class Sandbox:
 
     async def _serve_api(self, request: web.Request, api: str, op: Op) -> web.StreamResponse:
         now = self._clock()
-        call = Call(at=now, method=request.method, path=request.path, api=api, log_id=self._log_id())
+        call = CallRecord(at=now, method=request.method, path=request.path, api=api, log_id=self._log_id())
         self.calls.append(call)
         body = await self._read_body(request)
         call.body = None if body is _NO_BODY or not self.options.log_bodies else body
@@ -606,7 +606,7 @@ class Sandbox:
         log.debug("sandbox: %s %s -> %s %s", call.method, call.path, call.status, call.code)
         return response
 
-    def _roll_fault(self, call: Call) -> None:
+    def _roll_fault(self, call: CallRecord) -> None:
         o = self.options
         if o.fault_rate <= 0 or not o.fault_kinds or self._rng.random() >= o.fault_rate:
             return
@@ -628,7 +628,7 @@ class Sandbox:
 
     async def _token_endpoint(self, request: web.Request) -> web.StreamResponse:
         now = self._clock()
-        call = Call(at=now, method=request.method, path=request.path, api="auth.tenant_access_token",
+        call = CallRecord(at=now, method=request.method, path=request.path, api="auth.tenant_access_token",
                     log_id=self._log_id())
         self.calls.append(call)
         self.token_requests += 1

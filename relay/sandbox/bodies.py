@@ -2,7 +2,7 @@
 
 Unknown fields are ignored, as at Feishu; every limit is written next to its field with the doc it came from
 (feishu-facts.md, the Open Platform pages named in each class comment, the seed pages, which win). A body that
-breaks a rule fails once, at ``msgspec.convert``, with a message naming the field; :mod:`relay.sandbox` answers
+breaks a rule fails once, at ``msgspec.convert``, with a message naming the field; :mod:`relay.sandbox.server` answers
 it with 230001.
 """
 

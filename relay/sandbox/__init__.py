@@ -1,0 +1,34 @@
+"""A local stand-in for the Feishu Open Platform, strict about every documented limit (the tests' referee).
+
+    server    the aiohttp server: tokens, the APIs the relay calls, limits, faults, the call log, /_sandbox
+    bodies    the request bodies it accepts, each documented rule in the type
+    windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
+"""
+
+from relay.sandbox.server import (
+    ALL_FAULTS,
+    CallRecord,
+    Control,
+    FaultKind,
+    FaultSettings,
+    Message,
+    Sandbox,
+    SandboxOptions,
+    TargetFailure,
+    TargetThrottle,
+    serve,
+)
+
+__all__ = [
+    "ALL_FAULTS",
+    "CallRecord",
+    "Control",
+    "FaultKind",
+    "FaultSettings",
+    "Message",
+    "Sandbox",
+    "SandboxOptions",
+    "TargetFailure",
+    "TargetThrottle",
+    "serve",
+]

@@ -1,0 +1,321 @@
+"""The URL-preview coalescer over a fake executor, and a restarted coalescer over the 5-second memory on the real
+Kafka broker (the memory alone: test_previews_memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from relay.backoff import RetryPolicy
+from relay.calls import Call
+from relay.config import Config, FeishuConfig, KafkaConfig, parse_config
+from relay.executor import Executor
+from relay.feishu import FeishuClient
+from relay.intents import UrlPreviewUpdate
+from relay.limits import Limiter
+from relay.outcomes import Outcome, Verdict
+from relay.previews.coalescer import PreviewCoalescer, PreviewResult, PreviewsStopped
+from relay.previews.memory import KafkaPreviewMemory, PreviewMemory
+from relay.sandbox import Sandbox, SandboxOptions
+from tests.test_previews_planner import burst
+
+INTERVAL = 5.0
+MARGIN = 0.1
+SPACING = INTERVAL + MARGIN
+# --- the coalescer over a fake executor ------------------------------------------------------------------
+
+
+class FakeAttempted(msgspec.Struct, frozen=True):
+    outcome: Outcome | None
+    attempts: int
+    expired: bool = False
+    exhausted: bool = False
+
+
+OK = Outcome(verdict=Verdict.OK, http_status=200, code=0, msg="success")
+INVALID = Outcome(verdict=Verdict.PERMANENT, http_status=400, code=230001, msg="param is invalid")
+THROTTLED = Outcome(verdict=Verdict.RETRY, http_status=429, code=99991400, msg="request trigger frequency limit")
+
+
+class FakeExecutor:
+    """Sends nothing: spaces calls at ``rate``/s (as the limiter would), runs ``before_attempt``, records the
+    attempt time per token, and answers OK, PERMANENT for calls holding a token in ``bad``, or RETRY once (then
+    OK after ``min_retry_delay``) for calls holding a token in ``flaky``."""
+
+    def __init__(self, rate: float, *, bad: frozenset[str] = frozenset(), flaky: frozenset[str] = frozenset(),
+                 latency: float = 0.002) -> None:
+        self.interval = 1.0 / rate
+        self.bad = bad
+        self.flaky = flaky
+        self.latency = latency
+        self.next_slot = 0.0
+        self.attempts: dict[str, list[float]] = defaultdict(list)
+        self.calls: list[tuple[float, list[str], list[str] | None]] = []
+        self.min_retry_delays: set[float] = set()
+
+    async def _slot(self) -> None:
+        now = time.monotonic()
+        at = max(now, self.next_slot)
+        self.next_slot = at + self.interval
+        if at > now:
+            await asyncio.sleep(at - now)
+
+    async def execute(self, app: str, call: Call, *, expires_at: float | None = None, min_retry_delay: float = 0.0,
+                      before_attempt: Callable[[], Awaitable[None]] | None = None) -> FakeAttempted:
+        assert call.body is not None and call.api == "im.url_preview.batch_update"
+        body = json.loads(call.body)
+        tokens: list[str] = body["preview_tokens"]
+        self.min_retry_delays.add(min_retry_delay)
+        attempts = 0
+        while True:
+            await self._slot()
+            if expires_at is not None and time.time() >= expires_at:
+                return FakeAttempted(None, attempts, expired=True)
+            assert before_attempt is not None
+            await before_attempt()
+            attempts += 1
+            now = time.monotonic()
+            for token in tokens:
+                self.attempts[token].append(now)
+            self.calls.append((now, tokens, body.get("open_ids")))
+            await asyncio.sleep(self.latency)
+            if set(tokens) & self.bad:
+                return FakeAttempted(INVALID, attempts)
+            if set(tokens) & self.flaky and attempts == 1:
+                await asyncio.sleep(min_retry_delay)
+                continue
+            return FakeAttempted(OK, attempts)
+
+
+class FakeMemory:
+    def __init__(self, remembered: dict[tuple[str, str], float] | None = None) -> None:
+        self.remembered = dict(remembered or {})
+        self.writes = 0
+
+    async def load(self) -> dict[tuple[str, str], float]:
+        return dict(self.remembered)
+
+    async def record(self, app: str, tokens: Sequence[str], at: float) -> None:
+        self.writes += 1
+        for token in tokens:
+            self.remembered[(app, token)] = at
+
+
+SCALE = 50.0  # the 5 s rule becomes 0.1 s, 5 calls/s becomes 250/s
+
+
+def scaled_config() -> Config:
+    return Config(feishu=FeishuConfig(time_scale=SCALE))
+
+
+def intent(intent_id: str, tokens: list[str], open_ids: list[str] | None = None,
+           expires_at: datetime | None = None) -> UrlPreviewUpdate:
+    return UrlPreviewUpdate(id=intent_id, preview_tokens=tokens, open_ids=open_ids, expires_at=expires_at)
+
+
+@contextlib.asynccontextmanager
+async def running(executor: FakeExecutor, memory: PreviewMemory | None = None,
+                  config: Config | None = None) -> AsyncIterator[PreviewCoalescer]:
+    """A started coalescer (the scaled config, a 20 ms margin), stopped on exit.
+
+    A context manager, not a fixture: async fixtures run on the session loop, the tests on their own.
+    """
+    coalescer = PreviewCoalescer(executor, memory or FakeMemory(), config or scaled_config(), margin=0.02)
+    await coalescer.start()
+    try:
+        yield coalescer
+    finally:
+        await coalescer.stop()
+
+
+async def test_coalescer_burst_keeps_the_rule_and_calls_far_less_than_intents() -> None:
+    executor = FakeExecutor(rate=5 * SCALE)
+    memory = FakeMemory()
+    async with running(executor, memory) as coalescer:
+        rng = random.Random(11)
+        plan = burst(tokens=300, updates=8, seconds=0.5, rng=rng)
+        submitted: dict[str, tuple[list[str], float]] = {}
+        results: dict[str, PreviewResult] = {}
+
+        async def one(at: float, intent_id: str, tokens: list[str], open_ids: list[str] | None) -> None:
+            await asyncio.sleep(at)
+            submitted[intent_id] = (tokens, time.monotonic())
+            results[intent_id] = await coalescer.submit(intent(intent_id, tokens, open_ids), time.time())
+
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(one(*a) for a in plan))
+
+        interval = 5.0 / SCALE
+        for token, times in executor.attempts.items():
+            assert all(b - a >= interval for a, b in itertools.pairwise(times)), token
+        assert len(results) == len(plan)
+        last: dict[str, tuple[float, str]] = {}
+        for intent_id, (tokens, at) in submitted.items():
+            for token in tokens:
+                last[token] = max(last.get(token, (at, intent_id)), (at, intent_id))
+        for token, (at, intent_id) in last.items():
+            assert executor.attempts[token][-1] >= at  # delivered by a call made after it was read
+            assert results[intent_id].status in ("ok", "superseded")
+            if all(last[t][1] == intent_id for t in submitted[intent_id][0]):
+                assert results[intent_id].status == "ok"
+        assert {r.status for r in results.values()} <= {"ok", "superseded"}
+        assert all(r.outcome == OK and r.attempts == 1 for r in results.values())
+        assert len(executor.calls) < len(plan) / 5
+        assert all(1 <= len(tokens) <= 10 for _, tokens, _ in executor.calls)
+        assert memory.writes == len(executor.calls)  # written before every attempt
+        assert coalescer.planner.pending_intents == 0
+
+
+async def test_coalescer_failure_fails_the_carried_intents_with_the_feishu_outcome() -> None:
+    executor = FakeExecutor(rate=5 * SCALE, bad=frozenset({"bad"}))
+    async with running(executor) as coalescer:
+        bad1 = asyncio.create_task(coalescer.submit(intent("b1", ["bad"], ["ou_1"]), time.time()))
+        bad2 = asyncio.create_task(coalescer.submit(intent("b2", ["bad"], ["ou_2"]), time.time()))
+        good = asyncio.create_task(coalescer.submit(intent("g", ["good"], ["ou_3"]), time.time()))
+        results = await asyncio.gather(bad1, bad2, good)
+        assert [r.status for r in results] == ["failed", "failed", "ok"]
+        assert results[0].outcome == INVALID and results[0].reason == "230001 param is invalid"
+        assert not results[0].exhausted
+
+
+async def test_coalescer_retries_no_sooner_than_the_token_interval() -> None:
+    executor = FakeExecutor(rate=5 * SCALE, flaky=frozenset({"t"}))
+    async with running(executor) as coalescer:
+        result = await coalescer.submit(intent("i", ["t"]), time.time())
+        assert result.status == "ok" and result.attempts == 2
+        assert executor.min_retry_delays == {coalescer.spacing}
+        first, second = executor.attempts["t"]
+        assert second - first >= 5.0 / SCALE
+
+
+async def test_coalescer_expired_intent_is_not_sent() -> None:
+    executor = FakeExecutor(rate=5 * SCALE)
+    async with running(executor, FakeMemory({("default", "t"): time.time()})) as coalescer:
+        soon = datetime.now(UTC) + timedelta(seconds=0.03)  # before t's interval ends
+        result = await coalescer.submit(intent("i", ["t"], expires_at=soon), time.time())
+        assert result.status == "expired" and result.outcome is None and result.attempts == 0
+        assert executor.calls == []
+
+
+async def test_coalescer_honours_the_remembered_update_and_stops_cleanly() -> None:
+    executor = FakeExecutor(rate=5.0)
+    wall = time.time()
+    memory = FakeMemory({("default", "t"): wall - 1.0, ("default", "old"): wall - 60.0})
+    coalescer = PreviewCoalescer(executor, memory, Config(), margin=0.1)  # real time: 5 s
+    await coalescer.start()
+    try:
+        assert coalescer.planner.earliest_update("default", "old") == float("-inf")  # long past: not kept
+        blocked = asyncio.create_task(coalescer.submit(intent("i1", ["t"]), time.time()))
+        free = await coalescer.submit(intent("i2", ["u"]), time.time())
+        assert free.status == "ok"
+        assert not blocked.done()
+        assert coalescer.planner.earliest_update("default", "t") >= time.monotonic() + 3.5
+    finally:
+        await coalescer.stop()
+    with pytest.raises(PreviewsStopped):
+        await blocked
+    assert [tokens for _, tokens, _ in executor.calls] == [["u"]]
+
+
+async def test_cancelled_submit_withdraws_the_intent() -> None:
+    executor = FakeExecutor(rate=5 * SCALE)
+    async with running(executor, FakeMemory({("default", "t"): time.time()})) as coalescer:
+        task = asyncio.create_task(coalescer.submit(intent("i", ["t"]), time.time()))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert coalescer.planner.pending_intents == 0
+        await asyncio.sleep(0.15)
+        assert executor.calls == []
+
+
+# --- the coalescer over the memory on the real broker ----------------------------------------------------
+
+
+def memory_config(bootstrap: str, topic: str) -> KafkaConfig:
+    return KafkaConfig(bootstrap_servers=bootstrap, preview_memory_topic=topic, topic_partitions=3)
+
+
+@pytest.mark.integration
+async def test_restarted_coalescer_does_not_update_a_token_within_5_s_of_an_update_before_the_crash(
+        kafka_bootstrap: str, topic_prefix: str) -> None:
+    cfg = memory_config(kafka_bootstrap, f"{topic_prefix}.memory")
+    config = Config(kafka=cfg)  # real time: 5 s per token
+    before = KafkaPreviewMemory(cfg)
+    await before.start()
+    executor = FakeExecutor(rate=5.0)
+    crashed = PreviewCoalescer(executor, before, config, margin=0.1)
+    await crashed.start()
+    try:
+        assert (await crashed.submit(intent("i1", ["t"]), time.time())).status == "ok"
+        updated = executor.attempts["t"][-1]
+    finally:  # "crash": the in-process memory is gone, the topic is not
+        await crashed.stop()
+        await before.stop()
+
+    after = KafkaPreviewMemory(cfg)
+    await after.start()
+    restarted = PreviewCoalescer(executor, after, config, margin=0.1)
+    try:
+        await restarted.start()
+        assert restarted.planner.earliest_update("default", "t") >= updated + 5.0
+        blocked = asyncio.create_task(restarted.submit(intent("i2", ["t"]), time.time()))
+        other = await restarted.submit(intent("i3", ["u"]), time.time())
+        assert other.status == "ok"
+        await asyncio.sleep(0.2)
+        assert not blocked.done() and executor.attempts["t"] == [updated]
+    finally:
+        await restarted.stop()
+        await after.stop()
+    with pytest.raises(PreviewsStopped):
+        await blocked
+
+
+# --- end to end through the real executor, limiter and client against the sandbox (real HTTP) -----------
+
+
+async def test_burst_through_the_real_executor_makes_no_violation_at_the_sandbox() -> None:
+    scale = 10.0  # 0.5 s per token, 50 calls/s
+    box = Sandbox(SandboxOptions(apps={"cli_test": "secret"}, time_scale=scale, log_bodies=True))
+    base_url = await box.start()
+    config = parse_config({
+        "feishu": {"base_url": base_url, "time_scale": scale},
+        "apps": [{"name": "default", "app_id": "cli_test", "app_secret": "secret"}],
+    }, env={})
+    client = FeishuClient(config)
+    await client.start()
+    try:
+        limiter = Limiter.from_config(config.feishu, clock=time.monotonic, sleep=asyncio.sleep)
+        executor = Executor(client, limiter, RetryPolicy(max_attempts=5, max_seconds=30.0, base=0.05, cap=1.0))
+        coalescer = PreviewCoalescer(executor, FakeMemory(), config)
+        await coalescer.start()
+        try:
+            plan = burst(tokens=100, updates=6, seconds=1.0, rng=random.Random(3))
+
+            async def one(at: float, intent_id: str, tokens: list[str], open_ids: list[str] | None) -> PreviewResult:
+                await asyncio.sleep(at)
+                return await coalescer.submit(intent(intent_id, tokens, open_ids), time.time())
+
+            async with asyncio.timeout(40):
+                results = await asyncio.gather(*(one(*a) for a in plan))
+        finally:
+            await coalescer.stop()
+    finally:
+        await client.close()
+        await box.stop()
+    previews = box.calls_for("url_preview.update")
+    assert box.violations() == [] and box.throttled_count() == 0
+    assert {r.status for r in results} <= {"ok", "superseded"} and len(results) == len(plan)
+    assert sum(r.status == "ok" for r in results) >= 100
+    assert len(previews) < len(plan) / 3, (len(previews), len(plan))
