@@ -2,8 +2,10 @@
 
 For each attempt, in this order: check ``expires_at``; wait for the per-target then the app-wide bucket
 (retries take tokens like first attempts); check ``expires_at`` again (the wait may have been long); run the
-caller's ``before_attempt`` hook; send — and right before the request leaves, the limiter's send-time guard
-(``Limiter.admit``) holds it if a stall made it late enough to bunch with later calls. Then branch on the
+caller's ``before_attempt`` hook; send — and right before the request leaves (a pooled connection held), the
+limiter's send-time guard (``Limiter.admit``) holds it if a stall made it late enough to bunch with later calls,
+then the executor's ``gate`` (may this process still call Feishu at all?) and the caller's ``before_send`` hook
+run; an exception from either stops the call before anything is written and propagates. Then branch on the
 classified outcome:
 
     OK / PARTIAL / PERMANENT   done
@@ -54,7 +56,8 @@ class Executor:
     def __init__(self, sender: Sender, limiter: Limiter, policy: RetryPolicy, *,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, gate: Callable[[], None] | None = None) -> None:
+        """``gate`` is called right before every request is written; it raises to stop the call (module doc)."""
         self._sender = sender
         self._limiter = limiter
         self._policy = policy
@@ -62,6 +65,7 @@ class Executor:
         self._wall = wall
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._gate = gate
 
     def admissible(self, call: Call) -> str | None:
         """Why ``call`` can never go at this replica (one line, for a ``rejected`` result), or None when it can.
@@ -74,8 +78,13 @@ class Executor:
 
     async def execute(self, app: str, call: Call, *, expires_at: float | None = None,
                       min_retry_delay: float = 0.0,
-                      before_attempt: Callable[[], Awaitable[None]] | None = None) -> Attempted:
-        """Perform ``call`` for ``app``; ``expires_at`` is a wall-clock (epoch) instant."""
+                      before_attempt: Callable[[], Awaitable[None]] | None = None,
+                      before_send: Callable[[], Awaitable[None]] | None = None) -> Attempted:
+        """Perform ``call`` for ``app``; ``expires_at`` is a wall-clock (epoch) instant.
+
+        ``before_attempt`` runs after the limiter's waits, before each attempt; ``before_send`` right before each
+        request is written (after the send-time guard and the gate), the instant an attempt really leaves.
+        """
         attempts = 0
         refreshed = False
         first = self._clock()
@@ -89,8 +98,7 @@ class Executor:
             if before_attempt is not None:
                 await before_attempt()
             attempts += 1
-            outcome = await self._sender.send(app, call, functools.partial(
-                self._limiter.admit, app, call.api, call.api_windows, call.target, call.target_windows))
+            outcome = await self._sender.send(app, call, functools.partial(self._admit, app, call, before_send))
             verdict = outcome.verdict
             if verdict is Verdict.REFRESH:
                 if refreshed:
@@ -108,3 +116,11 @@ class Executor:
             log.debug("retrying %s for app %s in %.2fs (attempt %d: %s %s)", call.api, app, delay, attempts,
                       outcome.code, outcome.msg)
             await self._sleep(delay)
+
+    async def _admit(self, app: str, call: Call, before_send: Callable[[], Awaitable[None]] | None) -> None:
+        """Right before the request is written: the send-time guard, the gate, the caller's hook (module doc)."""
+        await self._limiter.admit(app, call.api, call.api_windows, call.target, call.target_windows)
+        if self._gate is not None:
+            self._gate()
+        if before_send is not None:
+            await before_send()

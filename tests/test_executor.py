@@ -153,3 +153,33 @@ async def test_admissible_rejects_what_this_replicas_share_cannot_send() -> None
     assert reason is not None and reason.startswith("api:GET /open-apis/x: quota_share 0.25 of 3 calls per 1 s")
     with pytest.raises(ValueError):  # what execute would do with it: the engine must ask first
         await ex.execute("default", tiny)
+
+
+async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it() -> None:
+    clock = Clock()
+    script = Script([outcome(Verdict.OK)], clock)
+    order: list[str] = []
+
+    class Stopped(Exception):
+        pass
+
+    open_gate = True
+
+    def gate() -> None:
+        order.append("gate")
+        if not open_gate:
+            raise Stopped
+
+    async def before_send() -> None:
+        order.append("before_send")
+
+    limiter = Limiter(jitter=0.0, utilization=0.975, clock=clock, sleep=clock.sleep)
+    policy = RetryPolicy(max_attempts=3, max_seconds=60.0, base=0.5, cap=8.0)
+    ex = Executor(script, limiter, policy, clock=clock, wall=clock, sleep=clock.sleep, rng=random.Random(1),
+                  gate=gate)
+    done = await ex.execute("default", CALL, before_send=before_send)
+    assert done.attempts == 1 and order == ["gate", "before_send"] and len(script.times) == 1
+    open_gate = False
+    with pytest.raises(Stopped):
+        await ex.execute("default", CALL, before_send=before_send)
+    assert len(script.times) == 1, "a closed gate let a request out"
