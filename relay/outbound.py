@@ -44,6 +44,7 @@ from relay.errors import IntentError
 from relay.executor import Executor
 from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.kafka import client_settings
+from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
 from relay.offsets import PartitionOffsets, decode_done
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
@@ -95,8 +96,10 @@ class Job:
 class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
-                 previews: PreviewCoalescer | None = None, wall: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 previews: PreviewCoalescer | None = None, membership: Membership | None = None,
+                 wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic) -> None:
+        """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
+        without a group coordinator."""
         self._config = config
         self._out = config.outbound
         self._consumer = consumer
@@ -105,6 +108,7 @@ class Outbound(ConsumerRebalanceListener):
         self._metrics = metrics
         self._apps = frozenset(known_apps)
         self._previews = previews
+        self._membership = membership
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
@@ -127,9 +131,11 @@ class Outbound(ConsumerRebalanceListener):
         self._admin = AIOKafkaAdminClient(**client_settings(self._config.kafka))
         await self._admin.start()
         try:
-            self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
-            await self._consumer.start()
+            await self._consumer.start()  # not subscribed yet: returns without joining the group
             try:
+                if self._membership is not None:
+                    watch(self._consumer, self._membership)  # before the first JoinGroup, so its SyncGroup counts
+                self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
                 await self._consume(stop)
             finally:
                 await asyncio.wait_for(self._consumer.stop(), 30)
@@ -141,9 +147,18 @@ class Outbound(ConsumerRebalanceListener):
         committer = asyncio.create_task(self._commit_loop(), name="relay-committer")
         try:
             while not stop.is_set():
+                if self._standing() is not Standing.VALID:
+                    assert self._membership is not None
+                    await self._membership.changed(timeout=0.2)  # nothing is fetched or dispatched meanwhile
+                    continue
                 self._backpressure()
                 # while anything is paused, come back soon to resume it as work finishes
                 batch = await self._consumer.getmany(timeout_ms=20 if self._paused else 200, max_records=500)
+                if batch and await self._settled(stop) is not Standing.VALID:
+                    # fetched as the membership ended: these partitions are revoked and re-read by their owner
+                    log.info("dropped %d fetched records: membership %s", sum(map(len, batch.values())),
+                             self._standing().value)
+                    continue
                 for tp, records in batch.items():
                     for record in records:
                         self._dispatch(tp, record)
@@ -155,9 +170,22 @@ class Outbound(ConsumerRebalanceListener):
                 self._periodic.cancel()  # no retry of a stale periodic commit after the final one
                 await asyncio.wait([self._periodic])
             owned = list(self._offsets)
-            await self._drain(owned)
-            await self._commit(owned)
+            if self._standing() is Standing.LOST:
+                await self._abandon(owned)
+            else:
+                await self._drain(owned)
+                await self._commit(owned)
             self._forget(owned)
+
+    def _standing(self) -> Standing:
+        return Standing.VALID if self._membership is None else self._membership.standing()
+
+    async def _settled(self, stop: asyncio.Event) -> Standing:
+        """The membership once it is not UNCONFIRMED (waiting for the coordinator's answer), or when stopping."""
+        while (standing := self._standing()) is Standing.UNCONFIRMED and not stop.is_set():
+            assert self._membership is not None
+            await self._membership.changed(timeout=0.2)
+        return standing
 
     # rebalance listener (runs in aiokafka's coordinator task, between fetches) -----------------------------
 
@@ -172,8 +200,13 @@ class Outbound(ConsumerRebalanceListener):
         owned = [tp for tp in revoked if tp in self._offsets]
         if not owned:
             return
-        await self._drain(owned)
-        await self._commit(owned)
+        if (standing := self._standing()) is not Standing.VALID:
+            # we may be out already and another replica may own these: no call, no result, no commit from here
+            log.warning("membership %s at revocation: abandoning instead of draining", standing.value)
+            await self._abandon(owned)
+        else:
+            await self._drain(owned)
+            await self._commit(owned)
         self._forget(owned)
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in owned))
 
@@ -280,6 +313,9 @@ class Outbound(ConsumerRebalanceListener):
                 await coro
             except asyncio.CancelledError:
                 raise  # abandoned: its offset stays uncommitted and it is redone by the next owner
+            except MembershipLost:
+                self._count_abandoned(1)  # abandoned like a cancelled job: another replica may own it now
+                return
             except Exception as err:
                 # a bug, not an outcome: report it as this intent's failure rather than freeze the partition
                 log.exception("%s[%d]@%d: unexpected error", job.tp.topic, job.tp.partition, job.offset)
@@ -354,6 +390,8 @@ class Outbound(ConsumerRebalanceListener):
         fields = {"msg": f"internal error: {type(err).__name__}: {err}", "attempts": 0}
         try:
             await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received)
+        except MembershipLost:
+            return False
         except Exception:
             log.exception("%s[%d]@%d: could not report the error; the record stays uncommitted", job.tp.topic,
                           job.tp.partition, job.offset)
@@ -364,6 +402,8 @@ class Outbound(ConsumerRebalanceListener):
 
     async def _finish(self, record: Record, id: str | None, kind: str | None, app: str | None, status: str,
                       fields: dict[str, Any], dl_error: str | None, received: float) -> None:
+        if self._membership is not None:
+            await self._membership.wait()  # raises MembershipLost: the record may be another replica's now
         now = self._wall()
         headers: Headers = [(k, v) for k, v in (record.headers or ())]
         kafka = self._config.kafka
@@ -422,6 +462,8 @@ class Outbound(ConsumerRebalanceListener):
                 log.error("periodic commit failed; retrying at the next interval", exc_info=err)
 
     async def _commit(self, tps: list[TopicPartition]) -> None:
+        if self._standing() is Standing.LOST:
+            return  # the broker would refuse it (or, after a reset generation, take it from a non-member)
         moves = {tp: move for tp in tps if (o := self._offsets.get(tp)) is not None
                  and (move := o.uncommitted(also_done=self._skip.get(tp, ()))) is not None}
         if not moves:
@@ -454,6 +496,21 @@ class Outbound(ConsumerRebalanceListener):
             await asyncio.wait(pending, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
                  len(abandoned), len(done) - len(abandoned), len(pending))
+
+    async def _abandon(self, tps: list[TopicPartition]) -> None:
+        """Cancel every job of ``tps``, started or not: no call, no result; their offsets stay uncommitted."""
+        tasks = [job.task for tp in tps for job in self._jobs.get(tp, ()) if job.task is not None
+                 and not job.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._count_abandoned(len(tasks))
+        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(tasks), len(tps))
+
+    def _count_abandoned(self, n: int) -> None:
+        self._metrics.inc("relay_outbound_abandoned_total", n,
+                          help="jobs abandoned because this replica's group membership lapsed (no call, no result)")
 
     def _forget(self, tps: list[TopicPartition]) -> None:
         gone = set(tps)
