@@ -19,6 +19,15 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped.
+* **No work for partitions this replica may have lost** (``relay.membership``). Kafka fences only the commits
+  of a member it dropped; the relay fences its own calls and writes with a lease renewed by the coordinator's
+  answers. A replica frozen past its session timeout (SIGSTOP, a paused VM), or cut off from the coordinator,
+  makes no Feishu call (the executor's gate, right before each request is written) and writes no result or dead
+  letter (checked before each write) until a heartbeat confirms it again; when the coordinator says it is out,
+  every job of its partitions is abandoned, not drained: no call, no result, no commit (a revocation while the
+  lease is not valid does the same), and nothing is fetched or dispatched until partitions are assigned again.
+  The new owner redoes those records. What remains is what a kill leaves: a call already made whose result was
+  not written in time is made again by the new owner (uuid kinds are deduplicated by Feishu; the rest may repeat).
 
 Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
 letters; they never stop a partition.
@@ -147,17 +156,18 @@ class Outbound(ConsumerRebalanceListener):
         committer = asyncio.create_task(self._commit_loop(), name="relay-committer")
         try:
             while not stop.is_set():
-                if self._standing() is not Standing.VALID:
+                valid = self._standing() is Standing.VALID
+                if valid:
+                    self._backpressure()
+                # while anything is paused, come back soon to resume it as work finishes. Polled also while the
+                # membership is not valid: aiokafka leaves the group and will not rejoin after max_poll_interval
+                # without a poll
+                batch = await self._consumer.getmany(timeout_ms=20 if valid and self._paused else 200,
+                                                     max_records=500)
+                if batch and self._standing() is not Standing.VALID:
+                    self._unread(batch)  # nothing is dispatched until the membership is confirmed
                     assert self._membership is not None
-                    await self._membership.changed(timeout=0.2)  # nothing is fetched or dispatched meanwhile
-                    continue
-                self._backpressure()
-                # while anything is paused, come back soon to resume it as work finishes
-                batch = await self._consumer.getmany(timeout_ms=20 if self._paused else 200, max_records=500)
-                if batch and await self._settled(stop) is not Standing.VALID:
-                    # fetched as the membership ended: these partitions are revoked and re-read by their owner
-                    log.info("dropped %d fetched records: membership %s", sum(map(len, batch.values())),
-                             self._standing().value)
+                    await self._membership.changed(timeout=0.2)
                     continue
                 for tp, records in batch.items():
                     for record in records:
@@ -180,12 +190,12 @@ class Outbound(ConsumerRebalanceListener):
     def _standing(self) -> Standing:
         return Standing.VALID if self._membership is None else self._membership.standing()
 
-    async def _settled(self, stop: asyncio.Event) -> Standing:
-        """The membership once it is not UNCONFIRMED (waiting for the coordinator's answer), or when stopping."""
-        while (standing := self._standing()) is Standing.UNCONFIRMED and not stop.is_set():
-            assert self._membership is not None
-            await self._membership.changed(timeout=0.2)
-        return standing
+    def _unread(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Seek back over records fetched while the membership is not valid: they are fetched again once it is
+        confirmed, or (lost) read by the partition's next owner from the committed offset."""
+        for tp, records in batch.items():
+            with contextlib.suppress(IllegalStateError):  # already revoked: the new assignment starts afresh
+                self._consumer.seek(tp, records[0].offset)
 
     # rebalance listener (runs in aiokafka's coordinator task, between fetches) -----------------------------
 

@@ -148,6 +148,8 @@ async def test_a_replica_frozen_past_its_session_makes_no_call_for_the_partition
     assert not late, f"{len(late)} results for lost partitions were written after the wake, e.g. {late[0].key!r}"
 
     calls = sandbox.calls
+    lost_work = [c for c in calls if c.app_id == A_ID and c.at >= woken_at and "/om_p1_" in c.path]
+    assert not lost_work, f"A called Feishu for {len(lost_work)} phase-1 records after waking"
     assert all(len(performed(calls, i["message_id"])) == 1 for i in later), "a phase-3 reaction was not done once"
     assert any(c.app_id == A_ID and c.at >= woken_at for c in calls), "A did no work after rejoining"
     # a reaction done twice: A's call was on the wire when it froze (its result never written), so B redid it.
