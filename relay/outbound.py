@@ -24,10 +24,12 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   answers. A replica frozen past its session timeout (SIGSTOP, a paused VM), or cut off from the coordinator,
   makes no Feishu call (the executor's gate, right before each request is written) and writes no result or dead
   letter (checked before each write) until a heartbeat confirms it again; when the coordinator says it is out,
-  every job of its partitions is abandoned, not drained: no call, no result, no commit (a revocation while the
-  lease is not valid does the same), and nothing is fetched or dispatched until partitions are assigned again.
-  The new owner redoes those records. What remains is what a kill leaves: a call already made whose result was
-  not written in time is made again by the new owner (uuid kinds are deduplicated by Feishu; the rest may repeat).
+  every job of its partitions is abandoned, not drained: no call, no result, no commit (a revocation waits for
+  that answer first, drains if it confirms us and abandons otherwise), and records fetched meanwhile are not
+  dispatched (the position is moved back to them) until the membership is confirmed or partitions are assigned
+  again. The new owner redoes those records. What remains is what a kill leaves: a call already made whose result
+  was not written in time is made again by the new owner (uuid kinds are deduplicated by Feishu; the rest may
+  repeat). Proved by ``tests/test_frozen_replica.py`` (SIGSTOP/SIGCONT) and ``tests/test_outbound_membership.py``.
 
 Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
 letters; they never stop a partition.
@@ -190,6 +192,14 @@ class Outbound(ConsumerRebalanceListener):
     def _standing(self) -> Standing:
         return Standing.VALID if self._membership is None else self._membership.standing()
 
+    async def _decided(self, limit: float) -> Standing:
+        """The membership once the coordinator has answered (not UNCONFIRMED), or as it is after ``limit`` s."""
+        deadline = self._clock() + limit
+        while (standing := self._standing()) is Standing.UNCONFIRMED and (left := deadline - self._clock()) > 0:
+            assert self._membership is not None
+            await self._membership.changed(timeout=left)
+        return standing
+
     def _unread(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """Seek back over records fetched while the membership is not valid: they are fetched again once it is
         confirmed, or (lost) read by the partition's next owner from the committed offset."""
@@ -210,7 +220,8 @@ class Outbound(ConsumerRebalanceListener):
         owned = [tp for tp in revoked if tp in self._offsets]
         if not owned:
             return
-        if (standing := self._standing()) is not Standing.VALID:
+        # a late heartbeat answer decides (the heartbeat goes on during this callback); nothing is sent meanwhile
+        if (standing := await self._decided(self._out.drain_timeout)) is not Standing.VALID:
             # we may be out already and another replica may own these: no call, no result, no commit from here
             log.warning("membership %s at revocation: abandoning instead of draining", standing.value)
             await self._abandon(owned)

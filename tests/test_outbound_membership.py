@@ -176,11 +176,28 @@ async def test_a_lost_membership_abandons_started_and_waiting_jobs_and_commits_n
     assert rig.outbound.finished == 0
 
 
-async def test_a_revocation_while_unconfirmed_abandons_instead_of_draining(rig: Rig) -> None:
+async def test_a_revocation_while_unconfirmed_waits_for_the_answer_then_drains_if_still_a_member(rig: Rig) -> None:
     await rig.consumer.batches.put({TP: [reaction(0, "r-0", "om_0")]})
     await until(lambda: len(rig.feishu.written) == 1, "the call")
     rig.clock.now += 10
-    await asyncio.wait_for(rig.outbound.on_partitions_revoked([TP]), 10)  # no drain_timeout wait
+    rig.feishu.release.set()
+    revoking = asyncio.create_task(rig.outbound.on_partitions_revoked([TP]))
+    await asyncio.sleep(0.2)
+    assert not revoking.done() and rig.producer.sent == []
+    rig.membership.heartbeat(1, sent_at=rig.clock.now, rebalancing=True)  # still a member: drain as usual
+    await asyncio.wait_for(revoking, 10)
+    assert len(rig.producer.sent) == 1 and len(rig.consumer.commits) == 1
+    assert rig.metrics.value("relay_outbound_abandoned_total") == 0
+
+
+async def test_a_revocation_while_unconfirmed_abandons_when_the_answer_says_out(rig: Rig) -> None:
+    await rig.consumer.batches.put({TP: [reaction(0, "r-0", "om_0")]})
+    await until(lambda: len(rig.feishu.written) == 1, "the call")
+    rig.clock.now += 10
+    revoking = asyncio.create_task(rig.outbound.on_partitions_revoked([TP]))
+    await asyncio.sleep(0.2)
+    rig.membership.lose("UNKNOWN_MEMBER_ID")
+    await asyncio.wait_for(revoking, 10)  # no drain_timeout wait
     rig.feishu.release.set()
     await asyncio.sleep(0.1)
     assert rig.producer.sent == [] and rig.consumer.commits == []
