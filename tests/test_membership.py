@@ -210,3 +210,59 @@ def test_the_aiokafka_internals_the_hook_relies_on_are_still_there() -> None:
     assert "self.reset_generation()" in inspect.getsource(GroupCoordinator._do_heartbeat)
     rebalance = inspect.getsource(CoordinatorGroupRebalance)
     assert rebalance.count("self._coordinator._send_req(request)") == 2  # JoinGroup and SyncGroup
+
+
+# --- the gate's users: url-preview calls go through the same executor ------------------------------------
+
+
+class PreviewFeishu:
+    def __init__(self) -> None:
+        self.written: list[bytes | None] = []
+
+    async def send(self, app: str, call: Any, admit: Any = None) -> Any:
+        from relay.outcomes import Outcome, Verdict
+
+        if admit is not None:
+            await admit()
+        self.written.append(call.body)
+        return Outcome(verdict=Verdict.OK, http_status=200, code=0, msg="success", data={})
+
+
+class NoMemory:
+    async def load(self) -> dict[tuple[str, str], float]:
+        return {}
+
+    async def record(self, app: str, tokens: Any, at: float) -> None:
+        pass
+
+
+async def test_a_preview_call_stopped_by_a_lost_membership_goes_back_to_pending_and_tells_nobody() -> None:
+    import random
+    import time
+
+    from relay.backoff import RetryPolicy
+    from relay.config import Config, FeishuConfig
+    from relay.executor import Executor
+    from relay.intents import UrlPreviewUpdate
+    from relay.limits import Limiter
+    from relay.previews.coalescer import PreviewCoalescer
+
+    member = Membership(SESSION, REBALANCE, margin=MARGIN)  # the real monotonic clock
+    feishu = PreviewFeishu()
+    limiter = Limiter(jitter=0.0, utilization=0.975, clock=time.monotonic, sleep=asyncio.sleep)
+    executor = Executor(feishu, limiter, RetryPolicy(max_attempts=3, max_seconds=10, base=0.01, cap=0.1),
+                        rng=random.Random(1), gate=member)
+    coalescer = PreviewCoalescer(executor, NoMemory(), Config(feishu=FeishuConfig(time_scale=50.0)))
+    await coalescer.start()
+    try:
+        member.lose("UNKNOWN_MEMBER_ID")
+        intent = UrlPreviewUpdate(id="u-1", preview_tokens=["tok_1"])
+        result = asyncio.create_task(coalescer.submit(intent, time.time()))
+        await asyncio.sleep(0.3)
+        assert coalescer.calls >= 1, "the call was not even tried"
+        assert feishu.written == [] and not result.done(), "a lost member sent a preview or reported a result"
+        member.assigned(2, sent_at=time.monotonic())  # partitions again: what is still pending goes out
+        done = await asyncio.wait_for(result, 10)
+        assert done.status == "ok" and len(feishu.written) == 1
+    finally:
+        await coalescer.stop()
