@@ -17,8 +17,10 @@ it later, so its session timer for us restarted no earlier than that. The eviden
 Then ``valid_until = last proof sent + session_timeout - margin``. While a rebalance is in progress it is also at
 most ``last stable proof + rebalance_timeout - margin``: the coordinator drops a member that has not rejoined
 within the rebalance timeout of the rebalance's start, and that start came after the last heartbeat answered
-without error. The clock is ``time.monotonic``, which keeps running while a process is stopped: a woken replica
-finds its lease already expired, before any of its code runs. The :class:`Standing`:
+without error. The clock (:func:`lease_clock`) is monotonic and keeps running while the process is stopped
+(SIGSTOP) and, where the OS has ``CLOCK_BOOTTIME`` (Linux), while the machine is suspended: a woken replica
+finds its lease already expired before any of its code runs. (A VM whose guest clock does not advance while
+paused is covered only from its first heartbeat answer on.) The :class:`Standing`:
 
     VALID        now < valid_until: calls and result writes go.
     UNCONFIRMED  the proof is too old (a heartbeat failed or is late; the process was frozen). Calls and result
@@ -40,6 +42,12 @@ The margin (``min(1 s, session_timeout / 4)``) covers the gap between the last c
 owner needs at least a JoinGroup/SyncGroup round and a fetch after our session ends before its first call.
 What no lease closes: a freeze in the instant between the last check and the bytes leaving, and a call made while
 valid whose result could not be written before the lease ran out (the new owner redoes it, as after a kill).
+
+Where it is asked: the executor's gate, right before each request is written (``wait`` first, before the
+limiter's send-time guard, so a call that waited is spaced again; then ``check`` at the instant of writing);
+``outbound`` before each result or dead letter, at revocation (drain only when VALID, abandon otherwise), after
+each poll (nothing dispatched unless VALID; what was fetched is sought back) and before each commit (none while
+LOST). ``app`` sends heartbeats every quarter of the session, so one late answer does not lapse the lease.
 
 The evidence comes from aiokafka internals: aiokafka 0.14 has no public hook for heartbeat or sync answers.
 :func:`watch` is the one place that touches them (see its docstring).
@@ -75,6 +83,14 @@ class Standing(enum.Enum):
 
 def default_margin(session_timeout: float) -> float:
     return min(1.0, session_timeout / 4)
+
+
+def lease_clock() -> float:
+    """Monotonic seconds that also count time the machine was suspended (``CLOCK_BOOTTIME``) where available."""
+    return time.clock_gettime(_CLOCK)
+
+
+_CLOCK: int = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 class Lease:
@@ -145,7 +161,7 @@ class Membership:
     """
 
     def __init__(self, session_timeout: float, rebalance_timeout: float, *, margin: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = lease_clock) -> None:
         margin = default_margin(session_timeout) if margin is None else margin
         self.lease = Lease(session_timeout, rebalance_timeout, margin)
         self.clock = clock

@@ -261,7 +261,7 @@ async def test_a_preview_call_stopped_by_a_lost_membership_goes_back_to_pending_
         await asyncio.sleep(0.3)
         assert coalescer.calls >= 1, "the call was not even tried"
         assert feishu.written == [] and not result.done(), "a lost member sent a preview or reported a result"
-        member.assigned(2, sent_at=time.monotonic())  # partitions again: what is still pending goes out
+        member.assigned(2, sent_at=member.clock())  # partitions again: what is still pending goes out
         done = await asyncio.wait_for(result, 10)
         assert done.status == "ok" and len(feishu.written) == 1
     finally:
