@@ -152,9 +152,10 @@ async def test_a_replica_frozen_past_its_session_makes_no_call_for_the_partition
     assert not lost_work, f"A called Feishu for {len(lost_work)} phase-1 records after waking"
     assert all(len(performed(calls, i["message_id"])) == 1 for i in later), "a phase-3 reaction was not done once"
     assert any(c.app_id == A_ID and c.at >= woken_at for c in calls), "A did no work after rejoining"
-    # a reaction done twice: A's call was on the wire when it froze (its result never written), so B redid it.
-    # That is what a kill at the same instant would cause (the write-ahead journal is what closes it); anything
-    # else is a call A made after it may have lost the partition.
+    # a reaction done twice: A called before it froze but had not committed the record (its call or its result
+    # was in flight, or its commit was still due), so B redid it. That is what a kill at the same instant would
+    # cause (a write-ahead journal is what closes it); anything else is a call A made after it may have lost the
+    # partition.
     doubled: dict[str, list[CallRecord]] = defaultdict(list)
     for intent in first:
         done = performed(calls, intent["message_id"])
@@ -164,6 +165,6 @@ async def test_a_replica_frozen_past_its_session_makes_no_call_for_the_partition
     unexplained = {id: [(c.app_id, c.at < frozen_at) for c in done] for id, done in doubled.items()
                    if sorted((c.app_id, c.at < frozen_at) for c in done) != [(A_ID, True), (B_ID, False)]}
     assert not unexplained, f"reactions done twice other than by a call in flight at the freeze: {unexplained}"
-    print(f"\nfrozen replica: {len(a_before)} calls by A before the freeze, {len(doubled)} reactions redone by B "
-          f"(A's calls in flight at the freeze), 0 calls by A after waking")
+    print(f"\nfrozen replica: {len(a_before)} calls by A before the freeze, {len(doubled)} of them redone by B "
+          f"(A had not committed them when it froze), 0 calls by A after waking")
     assert sandbox.violations() == []
