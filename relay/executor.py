@@ -5,9 +5,10 @@ For each attempt, in this order: check ``expires_at``; wait for the per-target t
 caller's ``before_attempt`` hook; send — and right before the request leaves (a pooled connection held): the
 executor's ``gate`` (may this process call Feishu at all? ``relay.membership``: is it still a member of its
 group?) may make it wait; then the limiter's send-time guard (``Limiter.admit``) holds it if a stall (or that
-wait) made it late enough to bunch with later calls; then the gate is asked once more for this very instant (if
-it says "not now", back to waiting and the guard); then the caller's ``before_send`` hook. An exception from the
-gate or the hook stops the call before anything is written and propagates. Then branch on the classified outcome:
+wait) made it late enough to bunch with later calls; then the caller's ``before_send`` hook; then, last, the gate
+is asked about this very instant (if it says "not now", back to waiting, the guard and the hook, so the hook may
+run for a request that then waits or is not sent: its effect must allow that). An exception from the gate or the
+hook stops the call before anything is written and propagates. Then branch on the classified outcome:
 
     OK / PARTIAL / PERMANENT   done
     REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
@@ -96,7 +97,7 @@ class Executor:
         """Perform ``call`` for ``app``; ``expires_at`` is a wall-clock (epoch) instant.
 
         ``before_attempt`` runs after the limiter's waits, before each attempt; ``before_send`` right before each
-        request is written (after the send-time guard and the gate), the instant an attempt really leaves.
+        request is written (after the gate's wait and the send-time guard; only the gate's last check follows).
         """
         attempts = 0
         refreshed = False
@@ -131,12 +132,13 @@ class Executor:
             await self._sleep(delay)
 
     async def _admit(self, app: str, call: Call, before_send: Callable[[], Awaitable[None]] | None) -> None:
-        """Right before the request is written: the gate, the send-time guard, the gate again, the caller's hook."""
+        """Right before the request is written: the gate's wait, the send-time guard, the caller's hook, and last
+        the gate's check of this instant (module doc)."""
         while True:
             if self._gate is not None:
                 await self._gate.wait()
             await self._limiter.admit(app, call.api, call.api_windows, call.target, call.target_windows)
+            if before_send is not None:
+                await before_send()
             if self._gate is None or self._gate.check():
-                break
-        if before_send is not None:
-            await before_send()
+                return

@@ -37,9 +37,10 @@ were out, since the answer saying so turns the wait into the abandon. Why a dead
 connection error) is UNCONFIRMED, not LOST: aiokafka finds the new coordinator and carries on in the same
 generation if it still knows us, so jobs abandoned then would stall their partitions the same way.
 
-The margin (``min(1 s, session_timeout / 4)``) covers the gap between the last check and the request leaving
-(the send-time guard, the ``before_send`` hook, the write) and the coordinator's own timer granularity; the next
-owner needs at least a JoinGroup/SyncGroup round and a fetch after our session ends before its first call.
+The margin (``min(1 s, session_timeout / 4)``) covers the gap between the last check and the bytes leaving (the
+check is the executor's last step before the write; for a result, the produce round trip) and the coordinator's
+own timer granularity; the next owner needs at least a JoinGroup/SyncGroup round and a fetch after our session
+ends before its first call.
 What no lease closes: a freeze in the instant between the last check and the bytes leaving, and a call made while
 valid whose result could not be written before the lease ran out (the new owner redoes it, as after a kill).
 

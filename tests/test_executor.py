@@ -155,7 +155,7 @@ async def test_admissible_rejects_what_this_replicas_share_cannot_send() -> None
         await ex.execute("default", tiny)
 
 
-async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it() -> None:
+async def test_the_gate_waits_then_checks_last_right_before_the_request_and_can_stop_it() -> None:
     clock = Clock()
     script = Script([outcome(Verdict.OK)], clock)
     order: list[str] = []
@@ -190,13 +190,13 @@ async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it
     ex = Executor(script, limiter, policy, clock=clock, wall=clock, sleep=clock.sleep, rng=random.Random(1),
                   gate=gate)
     done = await ex.execute("default", CALL, before_send=before_send)
-    assert done.attempts == 1 and order == ["wait", "check", "before_send"] and len(script.times) == 1
-    # "not now" at the instant of writing: wait again (and pass the send-time guard again), then send, once
+    assert done.attempts == 1 and order == ["wait", "before_send", "check"] and len(script.times) == 1
+    # "not now" at the instant of writing: wait again (the send-time guard and the hook again), then send, once
     order.clear()
     gate.not_now = 1
     script.answers.append(outcome(Verdict.OK))
     done = await ex.execute("default", CALL, before_send=before_send)
-    assert done.attempts == 1 and order == ["wait", "check", "wait", "check", "before_send"]
+    assert done.attempts == 1 and order == ["wait", "before_send", "check", "wait", "before_send", "check"]
     assert len(script.times) == 2
     gate.open = False
     with pytest.raises(Stopped):
