@@ -425,7 +425,7 @@ class Outbound(ConsumerRebalanceListener):
                       fields: dict[str, Any], dl_error: str | None, received: float) -> None:
         if self._membership is not None:
             await self._membership.wait()  # raises MembershipLost: the record may be another replica's now
-        now = self._wall()
+        now = self._wall()  # (each write, and each retry of one, asks again in _send)
         headers: Headers = [(k, v) for k, v in (record.headers or ())]
         kafka = self._config.kafka
         sends: list[Awaitable[Any]] = []
@@ -456,6 +456,8 @@ class Outbound(ConsumerRebalanceListener):
         """Produce and wait for the broker's acknowledgement, retrying until it comes (or we are cancelled)."""
         delay = 0.1
         while True:
+            if self._membership is not None:
+                await self._membership.wait()  # also before a retry: it may come after a freeze (MembershipLost)
             try:
                 future = await self._producer.send(topic, value, key=key, headers=headers)
                 await future
