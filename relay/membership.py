@@ -33,9 +33,11 @@ paused is covered only from its first heartbeat answer on.) The :class:`Standing
 
 Why UNCONFIRMED waits rather than abandons: a job abandoned on a partition we still own leaves its offset
 uncommitted with nobody to redo it before the next rebalance, a stalled partition; waiting costs nothing when we
-were out, since the answer saying so turns the wait into the abandon. Why a dead coordinator (NOT_COORDINATOR, a
-connection error) is UNCONFIRMED, not LOST: aiokafka finds the new coordinator and carries on in the same
-generation if it still knows us, so jobs abandoned then would stall their partitions the same way.
+were out, since the answer saying so turns the wait into the abandon. Why a failed heartbeat or a dead coordinator
+(NOT_COORDINATOR, a connection error) does not end the lease at once: it renews nothing, so the lease still
+lapses (minus the margin) at the first instant the coordinator could have dropped us, which is all that is
+sound to assume; and it is not LOST: aiokafka finds the new coordinator and carries on in the same generation
+if it still knows us, so jobs abandoned then would stall their partitions the same way.
 
 The margin (``min(1 s, session_timeout / 4)``) covers the gap between the last check and the bytes leaving (the
 check is the executor's last step before the write; for a result, the produce round trip) and the coordinator's

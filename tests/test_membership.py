@@ -266,3 +266,12 @@ async def test_a_preview_call_stopped_by_a_lost_membership_goes_back_to_pending_
         assert done.status == "ok" and len(feishu.written) == 1
     finally:
         await coalescer.stop()
+
+
+def test_heartbeats_go_every_quarter_session_so_one_late_answer_does_not_lapse_the_lease() -> None:
+    from relay.app import heartbeat_interval_ms
+
+    assert heartbeat_interval_ms(6000) == 1500 and heartbeat_interval_ms(10000) == 2500
+    assert heartbeat_interval_ms(45000) == 3000  # aiokafka's default is the most
+    margin = default_margin(6.0)
+    assert 6.0 - margin - 1.5 >= 3.0, "less than 3 s of slack for a heartbeat answer"
