@@ -95,6 +95,12 @@ class KafkaConfig(_Section, frozen=True):
     # create the relay's topics at start-up when missing (development; off where topics are managed)
     create_topics: bool = True
     topic_partitions: PositiveInt = 6
+    # copies of each topic the relay creates: 1 suits a single local broker; use 3 in production, where
+    # acks=all only means "on every in-sync replica" and one replica is one disk
+    topic_replication_factor: PositiveInt = 1
+    # min.insync.replicas of each topic the relay creates (unset: the broker's default); with acks=all a write
+    # fails rather than landing on fewer copies. Topics that already exist are never changed.
+    topic_min_insync_replicas: PositiveInt | None = None
     # passed to aiokafka
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -109,6 +115,10 @@ class KafkaConfig(_Section, frozen=True):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"bootstrap_servers: entry {server.strip()!r} is not host:port")
+        replicas = self.topic_min_insync_replicas
+        if replicas is not None and replicas > self.topic_replication_factor:
+            raise ValueError(f"topic_min_insync_replicas: {replicas} is more than topic_replication_factor "
+                             f"{self.topic_replication_factor} (every write would fail)")
 
 
 class FeishuConfig(_Section, frozen=True):

@@ -192,3 +192,14 @@ def test_relay_check_cli_ignores_kubernetes_variables_but_not_a_misspelt_overrid
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "RELAY_HTTP__PROT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_replication_settings() -> None:
+    kafka = parse_config({}, env={}).kafka
+    assert (kafka.topic_replication_factor, kafka.topic_min_insync_replicas) == (1, None)
+    kafka = parse_config({}, env={"RELAY_KAFKA__TOPIC_REPLICATION_FACTOR": "3",
+                                  "RELAY_KAFKA__TOPIC_MIN_INSYNC_REPLICAS": "2"}).kafka
+    assert (kafka.topic_replication_factor, kafka.topic_min_insync_replicas) == (3, 2)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"kafka": {"topic_replication_factor": 2, "topic_min_insync_replicas": 3}}, env={})
+    assert caught.value.key == "kafka.topic_min_insync_replicas"
