@@ -21,7 +21,8 @@ The tree is the architecture (leaves first):
     inbound          the webhook server: verify, publish, dedup, answer
     sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows
     metrics          counters, gauges and histograms in the Prometheus text format
-    kafka            aiokafka clients built from the config
+    kafka            aiokafka clients built from the config, topic creation
+    preflight        ``relay check``'s warnings and ``--connect`` probes (broker, each app's token)
     app              wiring and lifetime (imported only by __main__)
 """
 

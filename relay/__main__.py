@@ -1,4 +1,4 @@
-"""The ``relay`` command: ``run``, ``check``, ``schema``, ``sandbox``, ``send``.
+"""The ``relay`` command: ``run``, ``check``, ``schema``, ``asyncapi``, ``sandbox``, ``send``.
 
 Only this module configures logging. Errors a user can fix (bad config, unreachable broker) end the program
 with one line on stderr and a non-zero exit, never a stack trace.
@@ -13,12 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from relay.config import load_config, redacted
+from relay import __version__
+from relay.config import Config, load_config, redacted
 from relay.errors import ConfigError, RelayError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="Kafka <-> Feishu Open Platform relay")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -30,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file; one line naming the bad key on failure")
     check.add_argument("--config", required=True)
     check.add_argument("--print", action="store_true", help="print the effective config (secrets masked)")
+    check.add_argument("--connect", action="store_true",
+                       help="also try the broker and each app's token endpoint (one line each; exit 1 if any fails)")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds per --connect probe (default 10)")
 
     sub.add_parser("schema", help="print the JSON Schema of intents and results")
 
@@ -55,14 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)  # group/metadata chatter, not our records
     try:
         if args.command == "check":
-            config = load_config(args.config)
-            from relay.app import check_limits
-
-            check_limits(config)
-            if args.print:
-                print(json.dumps(redacted(config), indent=2))
-            print(f"{args.config}: ok ({len(config.apps)} app(s))")
-            return 0
+            return check(args)
         if args.command == "sandbox":
             import asyncio
 
@@ -96,6 +94,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def check(args: argparse.Namespace) -> int:
+    """``relay check``: exit 2 on a bad config (one line), warnings on stderr, 1 if a ``--connect`` probe failed."""
+    from relay.app import check_limits
+    from relay.preflight import config_warnings
+
+    config = load_config(args.config)
+    check_limits(config)
+    warnings = config_warnings(config)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.print:
+        print(json.dumps(redacted(config), indent=2))
+    noted = f", {len(warnings)} warning(s)" if warnings else ""
+    print(f"{args.config}: ok ({len(config.apps)} app(s){noted})")
+    if not args.connect:
+        return 0
+    return _connect(config, args.timeout)
+
+
+def _connect(config: Config, timeout: float) -> int:
+    import asyncio
+
+    from relay.app import topics_to_create
+    from relay.preflight import connect
+
+    logging.getLogger("relay.feishu").setLevel(logging.ERROR)  # a failed token is the probe's own line
+    probes = asyncio.run(connect(config, topics_to_create(config), timeout))
+    for probe in probes:
+        print(probe)
+    return 0 if all(probe.ok for probe in probes) else 1
 
 
 if __name__ == "__main__":
