@@ -19,6 +19,7 @@ def test_schema_prints_intents_and_results() -> None:
     assert proc.returncode == 0, proc.stderr
     schema = json.loads(proc.stdout)
     assert {"Intent", "Result"} <= set(schema["$defs"])
+    assert schema["$ref"] == "#/$defs/Intent"  # the root validates an intent (tests/test_docs.py uses it)
 
 
 def test_run_with_kafka_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
