@@ -42,7 +42,8 @@ def _placeholder(secret: Secret | None) -> bool:
     if secret is None:
         return False
     text = secret.reveal().strip().lower()
-    return text in PLACEHOLDER_SECRETS or (text.startswith("<") and text.endswith(">"))
+    return (text in PLACEHOLDER_SECRETS or (text.startswith("<") and text.endswith(">"))
+            or text.startswith(("replace-with", "your-", "change-me")))
 
 
 def _app_warnings(app: AppConfig) -> list[ConfigWarning]:

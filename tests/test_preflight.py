@@ -27,7 +27,7 @@ def test_a_real_looking_config_has_no_warnings() -> None:
 def test_zero_apps_placeholders_and_a_drain_longer_than_the_rebalance_warn() -> None:
     assert keys({}) == ["apps"]
     assert keys({"apps": [{"name": "default", "app_id": "cli_xxx", "app_secret": "...",
-                           "verification_token": "...", "encrypt_key": "<your encrypt key>"}]}) == [
+                           "verification_token": "replace-with-the-token", "encrypt_key": "<your encrypt key>"}]}) == [
         "apps[default].app_id", "apps[default].app_secret", "apps[default].verification_token",
         "apps[default].encrypt_key"]
     assert keys({"apps": [{"name": "box", "app_id": "cli_sandbox", "app_secret": "sandbox-secret"}]}) == [
