@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ CHECKED_IN = ROOT / "docs" / "asyncapi.json"
 ASYNCAPI_SCHEMA = ROOT / "tests" / "data" / "asyncapi-3.0.0.json"
 
 
+@functools.cache
 def asyncapi_validator() -> jsonschema.Draft7Validator:
     """The official AsyncAPI 3.0.0 schema (tests/data/README.md), its bundled ``$id``s resolved locally."""
     schema = json.loads(ASYNCAPI_SCHEMA.read_text())

@@ -3,6 +3,7 @@ one is rejected, every config block is a valid config, and no link leaves the re
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ def examples() -> list[tuple[str, str, Any]]:
     return out
 
 
+@functools.cache
 def relay_schema_validator(name: str) -> jsonschema.Draft202012Validator:
     """``relay schema``: its root for an intent, ``$defs.<name>`` for anything else."""
     root = schema()
@@ -51,6 +53,7 @@ def relay_schema_validator(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(target)
 
 
+@functools.cache
 def asyncapi_validator(name: str) -> jsonschema.Draft7Validator:
     """The AsyncAPI document's ``components.schemas.<name>`` (a draft-07 Schema Object)."""
     return jsonschema.Draft7Validator({"$ref": f"#/components/schemas/{name}", **document()})
@@ -110,9 +113,8 @@ def test_every_config_block_is_a_valid_config(page: str, body: str) -> None:
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
-    return "".join(c for c in text if c.isalnum() or c in " -").replace(" ", "-")
+    """GitHub's anchor for a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces to hyphens."""
+    return "".join(c for c in heading.strip().lower() if c.isalnum() or c in " -_").replace(" ", "-")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
