@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTENTS_TOPIC: Final = "feishu.intents"
 DEFAULT_RESULTS_TOPIC: Final = "feishu.results"
+# a topic created a moment ago may be missing from the metadata briefly: ask this many times, this far apart
+METADATA_TRIES: Final = 20
+METADATA_RETRY_SECONDS: Final = 0.25
 
 _encoder: Final = msgspec.json.Encoder()
 _result_decoder: Final = msgspec.json.Decoder(Result)
@@ -139,9 +142,15 @@ class RelayClient:
             await consumer.start()
             try:
                 # a consumer without assignments has no topic metadata yet, and consumer.topics() (public) keeps
-                # the partitions it fetched to itself: ask the client for the cluster's metadata once
-                cluster = await consumer._client.fetch_all_metadata()
-                partitions = cluster.partitions_for_topic(self.results_topic)
+                # the partitions it fetched to itself: ask the client for the cluster's metadata. A topic created
+                # a moment ago may not be in every broker's metadata yet, so ask again for a few seconds.
+                partitions: set[int] | None = None
+                for _ in range(METADATA_TRIES):
+                    cluster = await consumer._client.fetch_all_metadata()
+                    partitions = cluster.partitions_for_topic(self.results_topic)
+                    if partitions:
+                        break
+                    await asyncio.sleep(METADATA_RETRY_SECONDS)
                 if not partitions:
                     raise RelayError(f"results topic {self.results_topic!r} does not exist (is the relay running?)")
                 tps = [TopicPartition(self.results_topic, p) for p in sorted(partitions)]
