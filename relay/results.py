@@ -23,6 +23,8 @@ from relay.intents import AwareTime, Intent
 from relay.outcomes import Attempted, Verdict
 
 Status = Literal["ok", "partial", "superseded", "expired", "failed", "rejected"]
+# ``relay.error`` of a dead letter (docs/results.md lists what each means; new values are added, never renamed)
+DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "internal"]
 
 
 class Result(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -61,11 +63,16 @@ def encode_result(result: Result) -> bytes:
 
 
 def schema() -> dict[str, Any]:
-    """JSON Schema (2020-12) of the contract: ``$defs.Intent`` (tagged on ``kind``) and ``$defs.Result``."""
+    """JSON Schema (2020-12) whose root validates one intent record value; ``$defs.Result`` is the result record.
+
+    The root is ``{"$ref": "#/$defs/Intent"}`` (the union tagged on ``kind``), so a producer can validate a
+    record with the document as it is; a result validates against ``{"$ref": "<this>#/$defs/Result"}``.
+    """
     (intent, _), components = msgspec.json.schema_components((Intent, Result), ref_template="#/$defs/{name}")
     return {  # ``Result`` (a struct) is already among the components; the union ``Intent`` is not
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "feishu-relay intents and results",
+        "title": "feishu-relay intent (the result record is $defs.Result)",
+        "$ref": "#/$defs/Intent",
         "$defs": {**components, "Intent": intent},
     }
 

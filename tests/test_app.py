@@ -19,6 +19,7 @@ def test_schema_prints_intents_and_results() -> None:
     assert proc.returncode == 0, proc.stderr
     schema = json.loads(proc.stdout)
     assert {"Intent", "Result"} <= set(schema["$defs"])
+    assert schema["$ref"] == "#/$defs/Intent"  # the root validates an intent (tests/test_docs.py uses it)
 
 
 def test_run_with_kafka_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
@@ -67,3 +68,53 @@ def test_check_and_run_refuse_a_share_too_small_in_one_line(tmp_path: Path) -> N
         assert proc.returncode == 2, (command, proc.stderr)
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
         assert proc.stderr.startswith("config error: feishu.quota_share: ") and "url_preview" in proc.stderr
+
+
+@pytest.mark.integration
+async def test_run_starts_with_kubernetes_service_variables_set(tmp_path: Path, kafka_bootstrap: str,
+                                                                topic_prefix: str) -> None:
+    """A Service named ``relay`` puts RELAY_PORT=tcp://... (and more) into every pod: ``relay run`` must start."""
+    import asyncio
+    import os
+    import signal
+    import socket
+
+    import aiohttp
+
+    from relay.sandbox import Sandbox, SandboxOptions
+    from tests.relaykit import config_data, to_toml
+    from tests.test_config import K8S_SERVICE_ENV
+
+    box = Sandbox(SandboxOptions())
+    await box.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "relay.toml"
+    path.write_text(to_toml(config_data(kafka_bootstrap, topic_prefix, box.url, http={"enabled": True})))
+    env = {**os.environ, **K8S_SERVICE_ENV, "RELAY_HTTP__PORT": str(port)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "relay", "run", "--config", str(path),
+                                                env=env, stderr=asyncio.subprocess.PIPE)
+    try:
+        ready = False
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                if proc.returncode is not None:
+                    break
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        if resp.status == 200:
+                            ready = True
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert ready, stderr.decode()[-2000:]
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await box.stop()

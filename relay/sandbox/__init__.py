@@ -3,6 +3,7 @@
     server    the aiohttp server: tokens, the APIs the relay calls, limits, faults, the call log, /_sandbox
     bodies    the request bodies it accepts, each documented rule in the type
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
+    emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
 """
 
 from relay.sandbox.server import (
