@@ -31,6 +31,7 @@ from relay.feishu import FeishuClient
 from relay.intents import decode_intent, ordering_key
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
 from relay.limits import Limiter
+from relay.membership import Membership, Standing
 from relay.metrics import Metrics
 from relay.outbound import Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
@@ -193,7 +194,10 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     out = config.outbound
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
-    executor = Executor(client, limiter, policy, rng=random.Random())
+    # the group-membership lease: no Feishu call and no result once this replica may have lost its partitions
+    membership = Membership(out.session_timeout_ms / 1000, out.rebalance_timeout_ms / 1000)
+    executor = Executor(client, limiter, policy, rng=random.Random(), gate=membership)
+    metrics.collect(lambda m: export_membership(m, membership))
     metrics.collect(lambda m: export_outbound(m, limiter, client))
     memory = KafkaPreviewMemory(config.kafka, producer)
     await memory.start()
@@ -202,9 +206,25 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     await previews.start()  # loads the 5-second memory before any intent is read
     stack.push_async_callback(previews.stop)
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
+                             heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
     return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                    previews=previews)
+                    previews=previews, membership=membership)
+
+
+def heartbeat_interval_ms(session_timeout_ms: int) -> int:
+    """A quarter of the session (at most aiokafka's default 3 s): each answer renews the membership lease, so a
+    late or lost one leaves room for the next before the lease lapses and calls wait (``relay.membership``)."""
+    return max(1, min(3000, session_timeout_ms // 4))
+
+
+def export_membership(metrics: Metrics, membership: Membership) -> None:
+    metrics.set("relay_outbound_membership_valid", 1 if membership.standing() is Standing.VALID else 0,
+                help="1 while the group coordinator has recently confirmed this replica (calls may go)")
+    metrics.set_total("relay_outbound_membership_lost_total", membership.losses,
+                      help="times this replica learned it was out of its group (its jobs were abandoned)")
+    metrics.set_total("relay_outbound_membership_waits_total", membership.waits,
+                      help="calls or result writes that waited for the coordinator to confirm the membership")
 
 
 def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) -> None:

@@ -2,11 +2,13 @@
 
 For each attempt, in this order: check ``expires_at``; wait for the per-target then the app-wide bucket
 (retries take tokens like first attempts); check ``expires_at`` again (the wait may have been long); run the
-caller's ``before_attempt`` hook; send — and right before the request leaves (a pooled connection held), the
-limiter's send-time guard (``Limiter.admit``) holds it if a stall made it late enough to bunch with later calls,
-then the executor's ``gate`` (may this process still call Feishu at all?) and the caller's ``before_send`` hook
-run; an exception from either stops the call before anything is written and propagates. Then branch on the
-classified outcome:
+caller's ``before_attempt`` hook; send — and right before the request leaves (a pooled connection held): the
+executor's ``gate`` (may this process call Feishu at all? ``relay.membership``: is it still a member of its
+group?) may make it wait; then the limiter's send-time guard (``Limiter.admit``) holds it if a stall (or that
+wait) made it late enough to bunch with later calls; then the caller's ``before_send`` hook; then, last, the gate
+is asked about this very instant (if it says "not now", back to waiting, the guard and the hook, so the hook may
+run for a request that then waits or is not sent: its effect must allow that). An exception from the gate or the
+hook stops the call before anything is written and propagates. Then branch on the classified outcome:
 
     OK / PARTIAL / PERMANENT   done
     REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
@@ -52,12 +54,24 @@ class Sender(Protocol):
         ...
 
 
+class Gate(Protocol):
+    """May this process call Feishu now (``relay.membership.Membership``)? Asked right before each request."""
+
+    async def wait(self) -> None:
+        """Return once calls may go (at once if they may now); raise to stop the call."""
+        ...
+
+    def check(self) -> bool:
+        """At the instant of writing: True to send, False if not now (the executor waits again), or raise."""
+        ...
+
+
 class Executor:
     def __init__(self, sender: Sender, limiter: Limiter, policy: RetryPolicy, *,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: random.Random | None = None, gate: Callable[[], None] | None = None) -> None:
-        """``gate`` is called right before every request is written; it raises to stop the call (module doc)."""
+                 rng: random.Random | None = None, gate: Gate | None = None) -> None:
+        """``gate`` is asked right before every request is written; it raises to stop the call (module doc)."""
         self._sender = sender
         self._limiter = limiter
         self._policy = policy
@@ -83,7 +97,7 @@ class Executor:
         """Perform ``call`` for ``app``; ``expires_at`` is a wall-clock (epoch) instant.
 
         ``before_attempt`` runs after the limiter's waits, before each attempt; ``before_send`` right before each
-        request is written (after the send-time guard and the gate), the instant an attempt really leaves.
+        request is written (after the gate's wait and the send-time guard; only the gate's last check follows).
         """
         attempts = 0
         refreshed = False
@@ -118,9 +132,13 @@ class Executor:
             await self._sleep(delay)
 
     async def _admit(self, app: str, call: Call, before_send: Callable[[], Awaitable[None]] | None) -> None:
-        """Right before the request is written: the send-time guard, the gate, the caller's hook (module doc)."""
-        await self._limiter.admit(app, call.api, call.api_windows, call.target, call.target_windows)
-        if self._gate is not None:
-            self._gate()
-        if before_send is not None:
-            await before_send()
+        """Right before the request is written: the gate's wait, the send-time guard, the caller's hook, and last
+        the gate's check of this instant (module doc)."""
+        while True:
+            if self._gate is not None:
+                await self._gate.wait()
+            await self._limiter.admit(app, call.api, call.api_windows, call.target, call.target_windows)
+            if before_send is not None:
+                await before_send()
+            if self._gate is None or self._gate.check():
+                return

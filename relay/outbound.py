@@ -19,6 +19,17 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped.
+* **No work for partitions this replica may have lost** (``relay.membership``). Kafka fences only the commits
+  of a member it dropped; the relay fences its own calls and writes with a lease renewed by the coordinator's
+  answers. A replica frozen past its session timeout (SIGSTOP, a paused VM), or cut off from the coordinator,
+  makes no Feishu call (the executor's gate, right before each request is written) and writes no result or dead
+  letter (checked before each write) until a heartbeat confirms it again; when the coordinator says it is out,
+  every job of its partitions is abandoned, not drained: no call, no result, no commit (a revocation waits for
+  that answer first, drains if it confirms us and abandons otherwise), and records fetched meanwhile are not
+  dispatched (the position is moved back to them) until the membership is confirmed or partitions are assigned
+  again. The new owner redoes those records. What remains is what a kill leaves: a call already made whose result
+  was not written in time is made again by the new owner (uuid kinds are deduplicated by Feishu; the rest may
+  repeat). Proved by ``tests/test_frozen_replica.py`` (SIGSTOP/SIGCONT) and ``tests/test_outbound_membership.py``.
 
 Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
 letters; they never stop a partition.
@@ -44,6 +55,7 @@ from relay.errors import IntentError
 from relay.executor import Executor
 from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.kafka import client_settings
+from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
 from relay.offsets import PartitionOffsets, decode_done
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
@@ -95,8 +107,10 @@ class Job:
 class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
-                 previews: PreviewCoalescer | None = None, wall: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 previews: PreviewCoalescer | None = None, membership: Membership | None = None,
+                 wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic) -> None:
+        """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
+        without a group coordinator."""
         self._config = config
         self._out = config.outbound
         self._consumer = consumer
@@ -105,6 +119,7 @@ class Outbound(ConsumerRebalanceListener):
         self._metrics = metrics
         self._apps = frozenset(known_apps)
         self._previews = previews
+        self._membership = membership
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
@@ -127,9 +142,11 @@ class Outbound(ConsumerRebalanceListener):
         self._admin = AIOKafkaAdminClient(**client_settings(self._config.kafka))
         await self._admin.start()
         try:
-            self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
-            await self._consumer.start()
+            await self._consumer.start()  # not subscribed yet: returns without joining the group
             try:
+                if self._membership is not None:
+                    watch(self._consumer, self._membership)  # before the first JoinGroup, so its SyncGroup counts
+                self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
                 await self._consume(stop)
             finally:
                 await asyncio.wait_for(self._consumer.stop(), 30)
@@ -141,9 +158,19 @@ class Outbound(ConsumerRebalanceListener):
         committer = asyncio.create_task(self._commit_loop(), name="relay-committer")
         try:
             while not stop.is_set():
-                self._backpressure()
-                # while anything is paused, come back soon to resume it as work finishes
-                batch = await self._consumer.getmany(timeout_ms=20 if self._paused else 200, max_records=500)
+                valid = self._standing() is Standing.VALID
+                if valid:
+                    self._backpressure()
+                # while anything is paused, come back soon to resume it as work finishes. Polled also while the
+                # membership is not valid: aiokafka leaves the group and will not rejoin after max_poll_interval
+                # without a poll
+                batch = await self._consumer.getmany(timeout_ms=20 if valid and self._paused else 200,
+                                                     max_records=500)
+                if batch and self._standing() is not Standing.VALID:
+                    self._unread(batch)  # nothing is dispatched until the membership is confirmed
+                    assert self._membership is not None
+                    await self._membership.changed(timeout=0.2)
+                    continue
                 for tp, records in batch.items():
                     for record in records:
                         self._dispatch(tp, record)
@@ -155,9 +182,30 @@ class Outbound(ConsumerRebalanceListener):
                 self._periodic.cancel()  # no retry of a stale periodic commit after the final one
                 await asyncio.wait([self._periodic])
             owned = list(self._offsets)
-            await self._drain(owned)
-            await self._commit(owned)
+            if self._standing() is Standing.LOST:
+                await self._abandon(owned)
+            else:
+                await self._drain(owned)
+                await self._commit(owned)
             self._forget(owned)
+
+    def _standing(self) -> Standing:
+        return Standing.VALID if self._membership is None else self._membership.standing()
+
+    async def _decided(self, limit: float) -> Standing:
+        """The membership once the coordinator has answered (not UNCONFIRMED), or as it is after ``limit`` s."""
+        deadline = self._clock() + limit
+        while (standing := self._standing()) is Standing.UNCONFIRMED and (left := deadline - self._clock()) > 0:
+            assert self._membership is not None
+            await self._membership.changed(timeout=left)
+        return standing
+
+    def _unread(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Seek back over records fetched while the membership is not valid: they are fetched again once it is
+        confirmed, or (lost) read by the partition's next owner from the committed offset."""
+        for tp, records in batch.items():
+            with contextlib.suppress(IllegalStateError):  # already revoked: the new assignment starts afresh
+                self._consumer.seek(tp, records[0].offset)
 
     # rebalance listener (runs in aiokafka's coordinator task, between fetches) -----------------------------
 
@@ -172,8 +220,14 @@ class Outbound(ConsumerRebalanceListener):
         owned = [tp for tp in revoked if tp in self._offsets]
         if not owned:
             return
-        await self._drain(owned)
-        await self._commit(owned)
+        # a late heartbeat answer decides (the heartbeat goes on during this callback); nothing is sent meanwhile
+        if (standing := await self._decided(self._out.drain_timeout)) is not Standing.VALID:
+            # we may be out already and another replica may own these: no call, no result, no commit from here
+            log.warning("membership %s at revocation: abandoning instead of draining", standing.value)
+            await self._abandon(owned)
+        else:
+            await self._drain(owned)
+            await self._commit(owned)
         self._forget(owned)
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in owned))
 
@@ -280,6 +334,9 @@ class Outbound(ConsumerRebalanceListener):
                 await coro
             except asyncio.CancelledError:
                 raise  # abandoned: its offset stays uncommitted and it is redone by the next owner
+            except MembershipLost:
+                self._count_abandoned(1)  # abandoned like a cancelled job: another replica may own it now
+                return
             except Exception as err:
                 # a bug, not an outcome: report it as this intent's failure rather than freeze the partition
                 log.exception("%s[%d]@%d: unexpected error", job.tp.topic, job.tp.partition, job.offset)
@@ -354,6 +411,8 @@ class Outbound(ConsumerRebalanceListener):
         fields = {"msg": f"internal error: {type(err).__name__}: {err}", "attempts": 0}
         try:
             await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received)
+        except MembershipLost:
+            return False
         except Exception:
             log.exception("%s[%d]@%d: could not report the error; the record stays uncommitted", job.tp.topic,
                           job.tp.partition, job.offset)
@@ -364,7 +423,9 @@ class Outbound(ConsumerRebalanceListener):
 
     async def _finish(self, record: Record, id: str | None, kind: str | None, app: str | None, status: str,
                       fields: dict[str, Any], dl_error: str | None, received: float) -> None:
-        now = self._wall()
+        if self._membership is not None:
+            await self._membership.wait()  # raises MembershipLost: the record may be another replica's now
+        now = self._wall()  # (each write, and each retry of one, asks again in _send)
         headers: Headers = [(k, v) for k, v in (record.headers or ())]
         kafka = self._config.kafka
         sends: list[Awaitable[Any]] = []
@@ -395,6 +456,8 @@ class Outbound(ConsumerRebalanceListener):
         """Produce and wait for the broker's acknowledgement, retrying until it comes (or we are cancelled)."""
         delay = 0.1
         while True:
+            if self._membership is not None:
+                await self._membership.wait()  # also before a retry: it may come after a freeze (MembershipLost)
             try:
                 future = await self._producer.send(topic, value, key=key, headers=headers)
                 await future
@@ -422,6 +485,8 @@ class Outbound(ConsumerRebalanceListener):
                 log.error("periodic commit failed; retrying at the next interval", exc_info=err)
 
     async def _commit(self, tps: list[TopicPartition]) -> None:
+        if self._standing() is Standing.LOST:
+            return  # the broker would refuse it (or, after a reset generation, take it from a non-member)
         moves = {tp: move for tp in tps if (o := self._offsets.get(tp)) is not None
                  and (move := o.uncommitted(also_done=self._skip.get(tp, ()))) is not None}
         if not moves:
@@ -454,6 +519,21 @@ class Outbound(ConsumerRebalanceListener):
             await asyncio.wait(pending, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
                  len(abandoned), len(done) - len(abandoned), len(pending))
+
+    async def _abandon(self, tps: list[TopicPartition]) -> None:
+        """Cancel every job of ``tps``, started or not: no call, no result; their offsets stay uncommitted."""
+        tasks = [job.task for tp in tps for job in self._jobs.get(tp, ()) if job.task is not None
+                 and not job.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._count_abandoned(len(tasks))
+        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(tasks), len(tps))
+
+    def _count_abandoned(self, n: int) -> None:
+        self._metrics.inc("relay_outbound_abandoned_total", n,
+                          help="jobs abandoned because this replica's group membership lapsed (no call, no result)")
 
     def _forget(self, tps: list[TopicPartition]) -> None:
         gone = set(tps)

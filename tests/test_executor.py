@@ -155,7 +155,7 @@ async def test_admissible_rejects_what_this_replicas_share_cannot_send() -> None
         await ex.execute("default", tiny)
 
 
-async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it() -> None:
+async def test_the_gate_waits_then_checks_last_right_before_the_request_and_can_stop_it() -> None:
     clock = Clock()
     script = Script([outcome(Verdict.OK)], clock)
     order: list[str] = []
@@ -163,23 +163,42 @@ async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it
     class Stopped(Exception):
         pass
 
-    open_gate = True
+    class Gate:
+        open = True
+        not_now = 0  # this many checks answer "not at this instant"
 
-    def gate() -> None:
-        order.append("gate")
-        if not open_gate:
-            raise Stopped
+        async def wait(self) -> None:
+            order.append("wait")
+            if not self.open:
+                raise Stopped
+
+        def check(self) -> bool:
+            order.append("check")
+            if not self.open:
+                raise Stopped
+            if self.not_now:
+                self.not_now -= 1
+                return False
+            return True
 
     async def before_send() -> None:
         order.append("before_send")
 
+    gate = Gate()
     limiter = Limiter(jitter=0.0, utilization=0.975, clock=clock, sleep=clock.sleep)
     policy = RetryPolicy(max_attempts=3, max_seconds=60.0, base=0.5, cap=8.0)
     ex = Executor(script, limiter, policy, clock=clock, wall=clock, sleep=clock.sleep, rng=random.Random(1),
                   gate=gate)
     done = await ex.execute("default", CALL, before_send=before_send)
-    assert done.attempts == 1 and order == ["gate", "before_send"] and len(script.times) == 1
-    open_gate = False
+    assert done.attempts == 1 and order == ["wait", "before_send", "check"] and len(script.times) == 1
+    # "not now" at the instant of writing: wait again (the send-time guard and the hook again), then send, once
+    order.clear()
+    gate.not_now = 1
+    script.answers.append(outcome(Verdict.OK))
+    done = await ex.execute("default", CALL, before_send=before_send)
+    assert done.attempts == 1 and order == ["wait", "before_send", "check", "wait", "before_send", "check"]
+    assert len(script.times) == 2
+    gate.open = False
     with pytest.raises(Stopped):
         await ex.execute("default", CALL, before_send=before_send)
-    assert len(script.times) == 1, "a closed gate let a request out"
+    assert len(script.times) == 2, "a closed gate let a request out"
