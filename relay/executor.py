@@ -10,12 +10,20 @@ classified outcome:
 
     OK / PARTIAL / PERMANENT   done
     REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
+    RETRY, maybe performed,    done, ``unknown``: the request may have been performed at Feishu (an answer
+      call not repeatable        lost after it was written, a gateway 5xx, code 1500: ``relay.outcomes``), and
+                                 sending it again could buzz, react or broadcast twice (``Call.repeatable``)
     RETRY                      tell the limiter when Feishu throttled us (that bucket pauses and slows), then
                                wait the jittered backoff (at least ``x-ogw-ratelimit-reset`` and at least
                                ``min_retry_delay``) unless the policy's attempts or total time are used up
 
-The result says how many attempts were made and whether the call stopped because it expired. Nothing here
-raises for an expected answer; cancellation propagates (the caller decides what an abandoned call means).
+An outcome with ``token_unavailable`` (no tenant token, so no API request was made) is not an attempt: during a
+token-endpoint outage calls wait out the client's hold and try again, bounded by the policy's total time only,
+so a few seconds of token trouble do not use up every in-flight intent's attempts. A permanent token answer
+(a wrong ``app_secret``) ends the call at once like any PERMANENT.
+
+The result says how many attempts (API requests) were made and why the call stopped. Nothing here raises for an
+expected answer; cancellation propagates (the caller decides what an abandoned call means).
 
 A call whose windows the limiter cannot keep at this replica's quota share (an ``api.call`` at 3/s with a share
 of 0.25: no call at all per replica) is not admissible: :meth:`Executor.admissible` says why, and the caller
@@ -85,7 +93,8 @@ class Executor:
         ``before_attempt`` runs after the limiter's waits, before each attempt; ``before_send`` right before each
         request is written (after the send-time guard and the gate), the instant an attempt really leaves.
         """
-        attempts = 0
+        attempts = 0  # API requests made
+        unsent = 0  # tries answered without a request (no tenant token): not attempts (module doc)
         refreshed = False
         first = self._clock()
         outcome: Outcome | None = None
@@ -97,8 +106,11 @@ class Executor:
                 return Attempted(outcome, attempts, expired=True)
             if before_attempt is not None:
                 await before_attempt()
-            attempts += 1
             outcome = await self._sender.send(app, call, functools.partial(self._admit, app, call, before_send))
+            if outcome.token_unavailable:
+                unsent += 1
+            else:
+                attempts += 1
             verdict = outcome.verdict
             if verdict is Verdict.REFRESH:
                 if refreshed:
@@ -107,10 +119,13 @@ class Executor:
                 continue
             if verdict is not Verdict.RETRY:
                 return Attempted(outcome, attempts)
+            if outcome.maybe_performed and not call.repeatable:
+                return Attempted(outcome, attempts, unknown=True)
             if outcome.throttled:
                 per_target = outcome.code == PER_TARGET_LIMIT_CODE and call.target is not None
                 self._limiter.throttled(app, call.api, call.target if per_target else None, outcome.retry_after)
-            delay = max(self._policy.delay(attempts, self._rng, outcome.retry_after), min_retry_delay)
+            backoff = unsent if outcome.token_unavailable else attempts  # each grows on its own
+            delay = max(self._policy.delay(backoff, self._rng, outcome.retry_after), min_retry_delay)
             if not self._policy.allows(attempts, first, self._clock(), delay):
                 return Attempted(outcome, attempts, exhausted=True)
             log.debug("retrying %s for app %s in %.2fs (attempt %d: %s %s)", call.api, app, delay, attempts,
