@@ -6,7 +6,9 @@
 """
 
 from relay.sandbox.server import (
+    AFTER_FAULTS,
     ALL_FAULTS,
+    BEFORE_FAULTS,
     CallRecord,
     Control,
     FaultKind,
@@ -20,7 +22,9 @@ from relay.sandbox.server import (
 )
 
 __all__ = [
+    "AFTER_FAULTS",
     "ALL_FAULTS",
+    "BEFORE_FAULTS",
     "CallRecord",
     "Control",
     "FaultKind",
