@@ -85,6 +85,8 @@ class KafkaConfig(_Section, frozen=True):
     callbacks_topic: str = "feishu.callbacks"
     # compacted topic remembering when each URL-preview token was last updated (survives restarts)
     preview_memory_topic: str = "feishu.relay.preview-memory"
+    # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
+    journal_topic: str = "feishu.relay.journal"
     client_id: str = "feishu-relay"
     # headers copied from an intent record onto its result record, besides ``traceparent``
     forward_headers: list[str] = msgspec.field(default_factory=list)
