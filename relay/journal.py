@@ -310,7 +310,7 @@ class KafkaJournal:
     async def stop(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its failures are logged in the loop
                 await self._refresher
             self._refresher = None
 
@@ -455,12 +455,13 @@ class KafkaJournal:
             self._entries.pop((tp.topic, tp.partition), None)
 
     async def _refresh_loop(self) -> None:
-        """Keep the known ends recent, so an idle partition commits a recent position (module doc)."""
-        from aiokafka import TopicPartition
-        from aiokafka.errors import KafkaError
+        """Keep the known ends recent, so an idle partition commits a recent position (module doc).
 
-        consumer = self._consumer()
-        await consumer.start()
+        Best effort: a failure only leaves the known ends older (positions stay lower bounds), so it is logged
+        and tried again at the next interval."""
+        from aiokafka import TopicPartition
+
+        consumer: AIOKafkaConsumer | None = None
         try:
             while True:
                 await asyncio.sleep(self._refresh_seconds)
@@ -468,11 +469,15 @@ class KafkaJournal:
                 if not tps:
                     continue
                 try:
+                    if consumer is None:
+                        consumer = self._consumer()
+                        await consumer.start()
                     ends = await consumer.end_offsets(tps)
-                except KafkaError as err:
+                except Exception as err:  # any failure only delays the refresh (docstring)
                     log.warning("journal: could not refresh end offsets (%s)", err)
                     continue
                 for jtp, end in ends.items():
                     self.book.advance(jtp.partition, end)
         finally:
-            await consumer.stop()
+            if consumer is not None:
+                await consumer.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 from aiokafka import TopicPartition
@@ -161,5 +163,33 @@ async def test_kafka_journal_reads_back_what_matters_from_the_committed_position
         await third.load({source: (4, None)})
         assert isinstance(third.recovered(source, 10), Finished) and third.recovered(source, 3) is None
         await third.stop()
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.integration
+async def test_an_idle_partition_commits_a_recent_position(kafka_bootstrap: str, topic_prefix: str) -> None:
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap, journal_topic=f"{topic_prefix}.journal",
+                      topic_partitions=1)
+    await ensure_topics(cfg, {cfg.journal_topic: {}})
+    idle, busy = TopicPartition("in", 0), TopicPartition("in", 1)  # one journal partition for both
+    producer = make_producer(cfg)
+    await producer.start()
+    try:
+        ours = KafkaJournal(cfg, producer, refresh_seconds=0.1)
+        theirs = KafkaJournal(cfg, producer)  # another replica, owning the busy partition
+        await ours.start()
+        await theirs.start()
+        await ours.load({idle: (0, None)})
+        await theirs.load({busy: (0, None)})
+        for offset in range(5):
+            await theirs.started(busy, offset, f"b-{offset}")
+        for _ in range(100):  # the refresh sees their writes: our position does not lag behind them
+            if ours.position(idle, 0) == JournalPosition(0, 5):
+                break
+            await asyncio.sleep(0.05)
+        assert ours.position(idle, 0) == JournalPosition(0, 5)
+        await ours.stop()
+        await theirs.stop()
     finally:
         await producer.stop()
