@@ -22,7 +22,8 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
 * **At most once for calls not safe to repeat** (``Call.repeatable`` false: reactions, urgent, batch_send, ...).
   With a journal (``relay.journal``), such a call's start is journaled before its first attempt and its result
   before the result is written; the next owner of a record it finds there writes that result (or, with only a
-  start, ``failed`` / ``outcome-unknown``) instead of calling Feishu, whatever stopped the previous owner.
+  start, ``failed`` / ``outcome-unknown``) instead of calling Feishu, whatever stopped the previous owner
+  (proved with SIGKILL, a rebalance and answers lost after the operation in ``tests/test_outbound_faults.py``).
 
 Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
 letters; they never stop a partition.
