@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import msgspec
 
 from relay.config import KafkaConfig
+from relay.errors import RelayError
 from relay.offsets import JournalPosition
 
 if TYPE_CHECKING:
@@ -301,9 +302,15 @@ class KafkaJournal:
 
     async def start(self) -> None:
         """Learn the journal's partition count (the topic must exist: ``app.topics_to_create`` makes it)."""
-        partitions: set[int] = await self._producer.partitions_for(self.topic)  # waits for the metadata
+        from aiokafka.errors import KafkaError
+
+        try:
+            partitions: set[int] = await self._producer.partitions_for(self.topic)  # waits for the metadata
+        except KafkaError as err:
+            raise RelayError(f"kafka.journal_topic: topic {self.topic!r} is not available ({err}); create it "
+                             "or set kafka.create_topics = true") from None
         if not partitions:
-            raise RuntimeError(f"kafka.journal_topic: topic {self.topic!r} has no partitions")
+            raise RelayError(f"kafka.journal_topic: topic {self.topic!r} has no partitions")
         self._partitions = len(partitions)
         self._refresher = asyncio.create_task(self._refresh_loop(), name="relay-journal-refresh")
 

@@ -193,3 +193,4 @@ async def test_an_idle_partition_commits_a_recent_position(kafka_bootstrap: str,
         await theirs.stop()
     finally:
         await producer.stop()
+
