@@ -2,11 +2,13 @@
 
 For each attempt, in this order: check ``expires_at``; wait for the per-target then the app-wide bucket
 (retries take tokens like first attempts); check ``expires_at`` again (the wait may have been long); run the
-caller's ``before_attempt`` hook; send — and right before the request leaves (a pooled connection held), the
-limiter's send-time guard (``Limiter.admit``) holds it if a stall made it late enough to bunch with later calls,
-then the executor's ``gate`` (may this process still call Feishu at all?) and the caller's ``before_send`` hook
-run; an exception from either stops the call before anything is written and propagates. Then branch on the
-classified outcome:
+caller's ``before_attempt`` hook; send — and right before the request leaves (a tenant token had and a pooled
+connection held), the caller's ``before_write`` hook (the journal's "started" entry: as late as possible, so a
+call stopped while waiting for a token or a connection is not reported as maybe performed, and before the guard,
+so the guard sees any time it took), then the limiter's send-time guard (``Limiter.admit``) holds it if a stall
+made it late enough to bunch with later calls, then the executor's ``gate`` (may this process still call Feishu
+at all?) and the caller's ``before_send`` hook run; an exception from any of them stops the call before anything
+is written and propagates. Then branch on the classified outcome:
 
     OK / PARTIAL / PERMANENT   done
     REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
@@ -87,11 +89,13 @@ class Executor:
     async def execute(self, app: str, call: Call, *, expires_at: float | None = None,
                       min_retry_delay: float = 0.0,
                       before_attempt: Callable[[], Awaitable[None]] | None = None,
+                      before_write: Callable[[], Awaitable[None]] | None = None,
                       before_send: Callable[[], Awaitable[None]] | None = None) -> Attempted:
         """Perform ``call`` for ``app``; ``expires_at`` is a wall-clock (epoch) instant.
 
-        ``before_attempt`` runs after the limiter's waits, before each attempt; ``before_send`` right before each
-        request is written (after the send-time guard and the gate), the instant an attempt really leaves.
+        ``before_attempt`` runs after the limiter's waits, before each attempt; ``before_write`` once a token and a
+        connection are had, before the send-time guard; ``before_send`` right before each request is written
+        (after the guard and the gate), the instant an attempt really leaves (module doc).
         """
         attempts = 0  # API requests made
         unsent = 0  # tries answered without a request (no tenant token): not attempts (module doc)
@@ -106,7 +110,8 @@ class Executor:
                 return Attempted(outcome, attempts, expired=True)
             if before_attempt is not None:
                 await before_attempt()
-            outcome = await self._sender.send(app, call, functools.partial(self._admit, app, call, before_send))
+            admit = functools.partial(self._admit, app, call, before_write, before_send)
+            outcome = await self._sender.send(app, call, admit)
             if outcome.token_unavailable:
                 unsent += 1
             else:
@@ -132,8 +137,12 @@ class Executor:
                       outcome.code, outcome.msg)
             await self._sleep(delay)
 
-    async def _admit(self, app: str, call: Call, before_send: Callable[[], Awaitable[None]] | None) -> None:
-        """Right before the request is written: the send-time guard, the gate, the caller's hook (module doc)."""
+    async def _admit(self, app: str, call: Call, before_write: Callable[[], Awaitable[None]] | None,
+                     before_send: Callable[[], Awaitable[None]] | None) -> None:
+        """Right before the request is written: the caller's ``before_write``, the send-time guard, the gate, the
+        caller's ``before_send`` (module doc)."""
+        if before_write is not None:
+            await before_write()
         await self._limiter.admit(app, call.api, call.api_windows, call.target, call.target_windows)
         if self._gate is not None:
             self._gate()

@@ -6,7 +6,8 @@ perform the call again: a second reaction, a second SMS buzz, a second broadcast
 ``Call.repeatable``, the relay therefore writes to a Kafka topic (``kafka.journal_topic``) and awaits
 (``acks=all``):
 
-    Started(topic, partition, offset, id)            before the first attempt of the call
+    Started(topic, partition, offset, id)            before the call's first request is written (a tenant
+                                                     token and a connection held: the executor's before_write)
     Finished(..., result, dead_letter)               after the call ended, BEFORE its result and dead letter
 
 ``result`` is the exact bytes of the result record; ``dead_letter`` the ``relay.error`` and ``relay.reason``

@@ -20,7 +20,7 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped.
 * **At most once for calls not safe to repeat** (``Call.repeatable`` false: reactions, urgent, batch_send, ...).
-  With a journal (``relay.journal``), such a call's start is journaled before its first attempt and its result
+  With a journal (``relay.journal``), such a call's start is journaled before its first request and its result
   before the result is written; the next owner of a record it finds there writes that result (or, with only a
   start, ``failed`` / ``outcome-unknown``) instead of calling Feishu, whatever stopped the previous owner
   (proved with SIGKILL, a rebalance and answers lost after the operation in ``tests/test_outbound_faults.py``).
@@ -341,24 +341,26 @@ class Outbound(ConsumerRebalanceListener):
             await asyncio.wait([previous])  # order per key; its outcome (even a cancellation) is its own
         expires_at = intent.expires_at.timestamp() if intent.expires_at is not None else None
 
-        call = build_call(intent)
-        journaled = self._journal is not None and not call.repeatable
-
         async def started() -> None:
-            if job.started:
-                return
-            job.started = True  # set first: a drain waits for this job from here on
-            if journaled:
-                assert self._journal is not None
-                await self._journal.started(job.tp, job.offset, intent.id)
-                job.journaled = True
+            job.started = True
+
+        call = build_call(intent)
+        journal_start = None
+        if self._journal is not None and not call.repeatable:
+            journal = self._journal
+
+            async def journal_start() -> None:  # once a token and a connection are had (executor doc)
+                if not job.journaled:
+                    await journal.started(job.tp, job.offset, intent.id)
+                    job.journaled = True
 
         unsendable = self._executor.admissible(call)
         if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
             err = IntentError(f"rate: {unsendable}", id=intent.id, kind=job.kind, app=intent.app)
             await self._reject(job, record, err, received)
             return
-        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started)
+        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
+                                                 before_write=journal_start)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,

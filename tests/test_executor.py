@@ -184,8 +184,11 @@ async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it
     policy = RetryPolicy(max_attempts=3, max_seconds=60.0, base=0.5, cap=8.0)
     ex = Executor(script, limiter, policy, clock=clock, wall=clock, sleep=clock.sleep, rng=random.Random(1),
                   gate=gate)
-    done = await ex.execute("default", CALL, before_send=before_send)
-    assert done.attempts == 1 and order == ["gate", "before_send"] and len(script.times) == 1
+    async def before_write() -> None:
+        order.append("before_write")
+
+    done = await ex.execute("default", CALL, before_write=before_write, before_send=before_send)
+    assert done.attempts == 1 and order == ["before_write", "gate", "before_send"] and len(script.times) == 1
     open_gate = False
     with pytest.raises(Stopped):
         await ex.execute("default", CALL, before_send=before_send)
@@ -352,3 +355,18 @@ async def test_a_wrong_secret_ends_at_once_with_the_reason() -> None:
         await box.stop()
     assert done.outcome is not None and (done.outcome.verdict, done.outcome.code) == (Verdict.PERMANENT, 10014)
     assert done.attempts == 0 and clock.slept == [] and "tenant_access_token" in done.outcome.msg
+
+
+async def test_before_write_runs_once_a_token_and_connection_are_had_and_can_stop_the_call() -> None:
+    clock = Clock()
+    script = Script([outcome(Verdict.OK)], clock)
+
+    class Refused(Exception):
+        pass
+
+    async def before_write() -> None:
+        raise Refused  # e.g. the journal's start could not be written: nothing may go out
+
+    with pytest.raises(Refused):
+        await executor(script, clock)[0].execute("default", CALL, before_write=before_write)
+    assert script.times == [], "a request left although before_write refused"
