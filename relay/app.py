@@ -29,6 +29,7 @@ from relay.errors import ConfigError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.intents import decode_intent, ordering_key
+from relay.journal import KafkaJournal
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
 from relay.limits import Limiter
 from relay.membership import Membership, Standing
@@ -86,6 +87,7 @@ def with_sandbox_url(config: Config, base_url: str) -> Config:
 def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     """Every topic the relay reads or writes, with the settings it relies on."""
     from relay.inbound import inbound_topics
+    from relay.journal import JOURNAL_TOPIC_CONFIG
     from relay.previews import MEMORY_TOPIC_CONFIG
 
     k = config.kafka
@@ -94,6 +96,8 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
+    # a Finished entry carries a result: as large as the results topic allows
+    topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
     return topics
 
 
@@ -205,11 +209,14 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     previews = PreviewCoalescer(executor, memory, config)
     await previews.start()  # loads the 5-second memory before any intent is read
     stack.push_async_callback(previews.stop)
+    journal = KafkaJournal(config.kafka, producer)
+    await journal.start()
+    stack.push_async_callback(journal.stop)
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
     return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                    previews=previews, membership=membership)
+                    previews=previews, membership=membership, journal=journal)
 
 
 def heartbeat_interval_ms(session_timeout_ms: int) -> int:

@@ -89,6 +89,8 @@ class KafkaConfig(_Section, frozen=True):
     callbacks_topic: str = "feishu.callbacks"
     # compacted topic remembering when each URL-preview token was last updated (survives restarts)
     preview_memory_topic: str = "feishu.relay.preview-memory"
+    # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
+    journal_topic: str = "feishu.relay.journal"
     client_id: str = "feishu-relay"
     # headers copied from an intent record onto its result record, besides ``traceparent``
     forward_headers: list[str] = msgspec.field(default_factory=list)
@@ -167,7 +169,8 @@ class OutboundConfig(_Section, frozen=True):
     max_in_flight: PositiveInt = 2000
     # the same for one partition: a partition over it pauses alone (a hot key's backlog stays on its partition)
     max_in_flight_per_partition: PositiveInt = 500
-    # a retried call gives up after this many attempts or this much time since the first, whichever first
+    # a retried call gives up after this many attempts (API requests; a wait for a tenant token is not one) or
+    # this much time since the first, whichever first
     max_attempts: PositiveInt = 8
     max_retry_seconds: PositiveFloat = 300.0
     backoff_base: PositiveFloat = 0.5

@@ -30,6 +30,11 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   again. The new owner redoes those records. What remains is what a kill leaves: a call already made whose result
   was not written in time is made again by the new owner (uuid kinds are deduplicated by Feishu; the rest may
   repeat). Proved by ``tests/test_frozen_replica.py`` (SIGSTOP/SIGCONT) and ``tests/test_outbound_membership.py``.
+* **At most once for calls not safe to repeat** (``Call.repeatable`` false: reactions, urgent, batch_send, ...).
+  With a journal (``relay.journal``), such a call's start is journaled before its first request and its result
+  before the result is written; the next owner of a record it finds there writes that result (or, with only a
+  start, ``failed`` / ``outcome-unknown``) instead of calling Feishu, whatever stopped the previous owner
+  (proved with SIGKILL, a rebalance and answers lost after the operation in ``tests/test_outbound_faults.py``).
 
 Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
 letters; they never stop a partition.
@@ -45,6 +50,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -54,12 +60,14 @@ from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
 from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
+from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import client_settings
 from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
-from relay.offsets import PartitionOffsets, decode_done
+from relay.offsets import JournalPosition, PartitionOffsets, decode_done, split_journal, with_journal
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
 from relay.results import (
+    OUTCOME_UNKNOWN,
     Headers,
     dead_letter_headers,
     dead_letter_reason,
@@ -90,7 +98,7 @@ class Record(Protocol):
 class Job:
     """One record being handled. ``started``: a call was attempted or the result is being written."""
 
-    __slots__ = ("app", "id", "kind", "offset", "received", "record", "started", "task", "tp")
+    __slots__ = ("app", "id", "journaled", "kind", "offset", "received", "record", "started", "task", "tp")
 
     def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
@@ -98,6 +106,7 @@ class Job:
         self.offset = record.offset
         self.received = received
         self.started = False
+        self.journaled = False  # its start is in the journal: its result must be too, before it is written
         self.task: asyncio.Task[None] | None = None
         self.id: str | None = None
         self.kind: str | None = None
@@ -108,9 +117,10 @@ class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
                  previews: PreviewCoalescer | None = None, membership: Membership | None = None,
-                 wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic) -> None:
+                 journal: Journal | None = None, wall: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
-        without a group coordinator."""
+        without a group coordinator. ``journal``: the write-ahead journal of calls not safe to repeat."""
         self._config = config
         self._out = config.outbound
         self._consumer = consumer
@@ -120,6 +130,7 @@ class Outbound(ConsumerRebalanceListener):
         self._apps = frozenset(known_apps)
         self._previews = previews
         self._membership = membership
+        self._journal = journal
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
@@ -251,7 +262,8 @@ class Outbound(ConsumerRebalanceListener):
         log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "-")
 
     async def _load_finished(self, assigned: list[TopicPartition]) -> None:
-        """Records a previous owner finished above its commit point: skip them (see ``offsets``)."""
+        """Records a previous owner finished above its commit point: skip them (see ``offsets``); and the
+        journal entries of calls it started but did not commit (``relay.journal``)."""
         if not assigned or self._admin is None:
             return
         try:
@@ -259,13 +271,31 @@ class Outbound(ConsumerRebalanceListener):
                                                                       partitions=assigned)
         except KafkaError as err:
             log.warning("could not read committed metadata (%s); finished records may be redone", err)
-            return
+            committed = {}
+        positions: dict[TopicPartition, tuple[int, JournalPosition | None]] = {tp: (0, None) for tp in assigned}
         for tp, meta in committed.items():
-            done = decode_done(meta.offset, meta.metadata)
+            metadata, position = split_journal(meta.metadata)
+            positions[tp] = (meta.offset, position)
+            done = decode_done(meta.offset, metadata)
             if done:
                 self._skip[tp] = done
                 log.info("%s[%d]: skipping %d records finished by the previous owner", tp.topic, tp.partition,
                          len(done))
+        if self._journal is not None:  # before any record is released: a failure here must not let one through
+            await self._load_journal(positions)
+
+    async def _load_journal(self, positions: dict[TopicPartition, tuple[int, JournalPosition | None]]) -> None:
+        """Read the journal for newly assigned partitions, retrying until it is read (they stay paused)."""
+        assert self._journal is not None
+        delay = 0.5
+        while True:
+            try:
+                await self._journal.load(positions)
+                return
+            except (KafkaError, TimeoutError) as err:
+                log.error("reading the journal failed (%s); partitions stay paused, retrying in %.1fs", err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # dispatch -----------------------------------------------------------------------------------------
 
@@ -310,7 +340,11 @@ class Outbound(ConsumerRebalanceListener):
             coro = self._reject(job, record, err, received)
         else:
             job.id, job.kind, job.app = intent.id, intent_kind(intent), intent.app
-            if isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
+            entry = self._journal.recovered(tp, record.offset) if self._journal is not None else None
+            if entry is not None:  # a previous owner started its call: never call again
+                lane = (tp, ordering_key(intent))
+                coro = self._recover(job, record, entry, received, self._lanes.get(lane))
+            elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
                 coro = self._preview(job, record, intent, received)
             else:
                 lane = (tp, ordering_key(intent))
@@ -369,16 +403,26 @@ class Outbound(ConsumerRebalanceListener):
             job.started = True
 
         call = build_call(intent)
+        journal_start = None
+        if self._journal is not None and not call.repeatable:
+            journal = self._journal
+
+            async def journal_start() -> None:  # once a token and a connection are had (executor doc)
+                if not job.journaled:
+                    await journal.started(job.tp, job.offset, intent.id)
+                    job.journaled = True
+
         unsendable = self._executor.admissible(call)
         if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
             err = IntentError(f"rate: {unsendable}", id=intent.id, kind=job.kind, app=intent.app)
             await self._reject(job, record, err, received)
             return
-        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started)
+        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
+                                                 before_write=journal_start)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
-                           received)
+                           received, journal=job)
 
     async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
         assert self._previews is not None
@@ -410,7 +454,8 @@ class Outbound(ConsumerRebalanceListener):
         job.started = True
         fields = {"msg": f"internal error: {type(err).__name__}: {err}", "attempts": 0}
         try:
-            await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received)
+            await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received,
+                               journal=job)
         except MembershipLost:
             return False
         except Exception:
@@ -421,21 +466,57 @@ class Outbound(ConsumerRebalanceListener):
 
     # writing results --------------------------------------------------------------------------------
 
+    async def _recover(self, job: Job, record: Record, entry: Entry, received: float,
+                       previous: asyncio.Task[None] | None) -> None:
+        """The record's call was started by a previous owner (its journal entry): write its result, never call."""
+        if previous is not None:
+            await asyncio.wait([previous])  # results in key order, like any job
+        job.started = True
+        assert job.id is not None
+        if isinstance(entry, Finished):
+            letter = entry.dead_letter
+            await self._write(record, job.id, bytes(entry.result), letter.error if letter else None,
+                              letter.reason if letter else "")
+            summary = msgspec.json.decode(entry.result)
+            fields = {"attempts": summary.get("attempts"), "code": summary.get("code"),
+                      "log_id": summary.get("log_id")}
+            self._finished(record, job.id, job.kind, str(summary.get("status")), fields, received, "re-emitted")
+            return
+        job.journaled = True  # its result goes to the journal first, so a later owner writes the same bytes
+        fields = {"attempts": 0, "msg": "outcome unknown: a previous owner of this partition started the call and "
+                  "stopped before its result was written; it may have been performed, so it was not repeated"}
+        await self._finish(record, job.id, job.kind, job.app, "failed", fields, OUTCOME_UNKNOWN, received,
+                           journal=job)
+
     async def _finish(self, record: Record, id: str | None, kind: str | None, app: str | None, status: str,
-                      fields: dict[str, Any], dl_error: str | None, received: float) -> None:
+                      fields: dict[str, Any], dl_error: str | None, received: float,
+                      journal: Job | None = None) -> None:
+        """Write the result and dead letter; for a ``journal``-ed job, journal them first (``relay.journal``)."""
         if self._membership is not None:
             await self._membership.wait()  # raises MembershipLost: the record may be another replica's now
         now = self._wall()  # (each write, and each retry of one, asks again in _send)
+        value: bytes | None = None
+        if id is not None:
+            value = encode_result(make_result(id=id, kind=kind, app=app, status=status, received_at=received,
+                                              finished_at=now, **fields))
+        reason = dead_letter_reason(dl_error, fields) if dl_error is not None else ""
+        if journal is not None and journal.journaled and id is not None and value is not None:
+            assert self._journal is not None
+            letter = DeadLetter(dl_error, reason) if dl_error is not None else None
+            await self._journal.finished(journal.tp, journal.offset, id, value, letter)
+        await self._write(record, id, value, dl_error, reason)
+        self._finished(record, id, kind, status, fields, received)
+
+    async def _write(self, record: Record, id: str | None, value: bytes | None, dl_error: str | None,
+                     reason: str) -> None:
+        """The result record (when the id is known) and the dead letter (when due), awaited together."""
         headers: Headers = [(k, v) for k, v in (record.headers or ())]
         kafka = self._config.kafka
         sends: list[Awaitable[Any]] = []
-        if id is not None:
-            result = make_result(id=id, kind=kind, app=app, status=status, received_at=received, finished_at=now,
-                                 **fields)
-            sends.append(self._send(kafka.results_topic, id.encode(), encode_result(result),
+        if id is not None and value is not None:
+            sends.append(self._send(kafka.results_topic, id.encode(), value,
                                     forwarded_headers(headers, kafka.forward_headers)))
         if dl_error is not None:
-            reason = dead_letter_reason(dl_error, fields)
             sends.append(self._send(kafka.dead_letter_topic, record.key, record.value or b"",
                                     dead_letter_headers(headers, error=dl_error, reason=reason,
                                                         topic=record.topic, partition=record.partition,
@@ -444,13 +525,17 @@ class Outbound(ConsumerRebalanceListener):
             await sends[0]  # the common case: no gather (and no extra task) per record
         else:
             await asyncio.gather(*sends)
+
+    def _finished(self, record: Record, id: str | None, kind: str | None, status: str, fields: dict[str, Any],
+                  received: float, note: str = "") -> None:
+        """The metrics and the one log line of a finished record."""
         latency = self._wall() - received  # read -> result acknowledged
         self._metrics.inc("relay_intents_total", help="intents finished, by kind and status",
                           kind=kind or "unknown", status=status)
         self._metrics.observe("relay_intent_seconds", latency, help="read to result written", status=status)
-        log.info("%s[%d]@%d id=%s kind=%s status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f",
+        log.info("%s[%d]@%d id=%s kind=%s status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f%s",
                  record.topic, record.partition, record.offset, id, kind, status, fields.get("attempts"),
-                 fields.get("code"), fields.get("log_id"), latency * 1000)
+                 fields.get("code"), fields.get("log_id"), latency * 1000, f" ({note})" if note else "")
 
     async def _send(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
         """Produce and wait for the broker's acknowledgement, retrying until it comes (or we are cancelled)."""
@@ -491,8 +576,12 @@ class Outbound(ConsumerRebalanceListener):
                  and (move := o.uncommitted(also_done=self._skip.get(tp, ()))) is not None}
         if not moves:
             return
+        wire = moves
+        if self._journal is not None:  # the journal position rides in the metadata (relay.journal)
+            wire = {tp: (point, with_journal(metadata, self._journal.position(tp, point)))
+                    for tp, (point, metadata) in moves.items()}
         try:
-            await self._consumer.commit(moves)
+            await self._consumer.commit(wire)
         except (CommitFailedError, IllegalStateError, KafkaError) as err:
             # ownership moved (a rebalance) or the broker is away: the next owner re-reads from the last commit
             log.warning("commit of %d partition(s) failed: %s", len(moves), err)
@@ -501,6 +590,8 @@ class Outbound(ConsumerRebalanceListener):
             offsets = self._offsets.get(tp)
             if offsets is not None:
                 offsets.committed, offsets.committed_metadata = point, metadata
+            if self._journal is not None:
+                self._journal.committed(tp, point)
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
         """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish."""
@@ -542,5 +633,7 @@ class Outbound(ConsumerRebalanceListener):
             self._offsets.pop(tp, None)
             self._jobs.pop(tp, None)
             self._skip.pop(tp, None)
+        if self._journal is not None:
+            self._journal.forget(gone)
         for lane in [lane for lane in self._lanes if lane[0] in gone]:
             del self._lanes[lane]

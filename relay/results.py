@@ -5,10 +5,16 @@ Result record (results topic), written whenever the intent's ``id`` can be read:
 intent record's ``traceparent`` and any header named in ``kafka.forward_headers``, unchanged.
 
 Dead letter (dead-letter topic): the original value bytes and key unchanged; headers ``relay.error``
-(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted``, and ``internal`` for a relay bug reported as the
-intent's failure rather than freezing its partition), ``relay.reason`` (one line),
+(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted`` | ``outcome-unknown``, and ``internal`` for a relay
+bug reported as the intent's failure rather than freezing its partition), ``relay.reason`` (one line),
 ``relay.source.topic``, ``relay.source.partition``, ``relay.source.offset``, then the original headers.
 Expired intents are reported, not dead-lettered.
+
+``outcome-unknown``: the call is not safe to repeat (``Call.repeatable``) and Feishu may have performed it, so the
+relay did not send it again: the answer was lost after the request was written (a dropped connection, a read
+timeout), a gateway answered 5xx, Feishu answered 1500; or a previous owner of the partition made the call and
+stopped (killed, cut off in a drain) before writing its result (``relay.journal``). Check at Feishu before
+repeating it by hand; the ``msg`` says which.
 """
 
 from __future__ import annotations
@@ -79,6 +85,9 @@ def schema() -> dict[str, Any]:
 
 Headers = list[tuple[str, bytes]]
 
+# ``relay.error`` of a call that may have been performed and was not repeated (module doc)
+OUTCOME_UNKNOWN: Final = "outcome-unknown"
+
 ALWAYS_FORWARDED: Final = "traceparent"
 
 
@@ -138,6 +147,11 @@ def from_attempt(attempted: Attempted) -> tuple[str, str | None, dict[str, Any]]
         return "ok", None, fields
     if outcome.verdict is Verdict.PARTIAL:
         return "partial", None, fields
+    if attempted.unknown:
+        last = feishu_reason(outcome.code, outcome.http_status, outcome.msg)
+        fields["msg"] = (f"outcome unknown: attempt {attempted.attempts} may have been performed and this call is "
+                         f"not safe to repeat, so it was not retried; last: {last}")
+        return "failed", OUTCOME_UNKNOWN, fields
     if attempted.exhausted:
         last = feishu_reason(outcome.code, outcome.http_status, outcome.msg)
         fields["msg"] = f"retries exhausted after {attempted.attempts} attempt(s); last: {last}"

@@ -46,8 +46,11 @@ def test_topics_to_create_cover_every_topic_with_its_settings() -> None:
     topics = topics_to_create(config)
     k = config.kafka
     assert {*k.intents_topics, k.results_topic, k.dead_letter_topic, k.events_topic, k.callbacks_topic, "msgs",
-            k.preview_memory_topic} == set(topics)
+            k.preview_memory_topic, k.journal_topic} == set(topics)
     assert "compact" in topics[k.preview_memory_topic]["cleanup.policy"]
+    journal = topics[k.journal_topic]  # deleted by age, never compacted; holds a Finished entry with a result
+    assert journal["cleanup.policy"] == "delete" and int(journal["retention.ms"]) >= 7 * 24 * 3600 * 1000
+    assert journal["max.message.bytes"] == topics[k.results_topic]["max.message.bytes"]
     assert int(topics[k.events_topic]["max.message.bytes"]) > config.inbound.max_body_bytes
 
 

@@ -7,7 +7,9 @@
 """
 
 from relay.sandbox.server import (
+    AFTER_FAULTS,
     ALL_FAULTS,
+    BEFORE_FAULTS,
     CallRecord,
     Control,
     FaultKind,
@@ -21,7 +23,9 @@ from relay.sandbox.server import (
 )
 
 __all__ = [
+    "AFTER_FAULTS",
     "ALL_FAULTS",
+    "BEFORE_FAULTS",
     "CallRecord",
     "Control",
     "FaultKind",
