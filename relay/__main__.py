@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from relay.config import load_config, redacted
+from relay.config import check_inbound, load_config, redacted
 from relay.errors import ConfigError, RelayError
 
 
@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from relay.app import check_limits
 
             check_limits(config)
+            for warning in check_inbound(config):
+                print(f"warning: {warning}", file=sys.stderr)
             if args.print:
                 print(json.dumps(redacted(config), indent=2))
             print(f"{args.config}: ok ({len(config.apps)} app(s))")
