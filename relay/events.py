@@ -283,11 +283,12 @@ class Event:
             return self.view.chat_id or self.view.message_id or self.event_id
         return self.event_id
 
-    def dedup_keys(self, app: str) -> tuple[tuple[str, str, str], ...]:
+    def dedup_keys(self, app: str) -> tuple[str, ...]:
         """What makes a redelivery a duplicate, per app: the event id and, for receive_v1, the message id."""
+        event = f"{app}\0event\0{self.event_id}"
         if self.event_type == RECEIVE_V1 and self.message_id:
-            return (app, "event", self.event_id), (app, "message", self.message_id)
-        return ((app, "event", self.event_id),)
+            return event, f"{app}\0message\0{self.message_id}"
+        return (event,)
 
     def headers(self, app: str) -> list[tuple[str, bytes]]:
         """Record headers (SPEC): ``event_type``, ``event_id``, ``app``, ``tenant_key`` when present."""

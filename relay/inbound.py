@@ -160,6 +160,8 @@ class Inbound:
                  outcome.value, 1000 * (time.perf_counter() - started))
         if outcome is Outcome.PUBLISHED:
             self._metrics.set("relay_inbound_dedup_entries", len(self.dedup), help="event keys remembered")
+            self._metrics.set_total("relay_inbound_dedup_evicted_total", self.dedup.evicted,
+                                    help="event keys forgotten before their TTL (dedup_max_entries too small)")
         return _reply(200, _EMPTY if callback else _SUCCESS)
 
     def _count(self, name: str, outcome: str, started: float) -> None:

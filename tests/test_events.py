@@ -124,7 +124,7 @@ def test_valid_signed_encrypted_event() -> None:
     assert (event.schema, event.event_type, event.tenant_key) == ("2.0", "im.message.receive_v1", "tenant-1")
     assert isinstance(event.view, MessageReceived)
     assert event.key == "oc_9" and event.message_id == "om_1"
-    assert event.dedup_keys("default") == (("default", "event", event.event_id), ("default", "message", "om_1"))
+    assert event.dedup_keys("default") == (f"default\0event\0{event.event_id}", "default\0message\0om_1")
     assert event.headers("default") == [("event_type", b"im.message.receive_v1"),
                                         ("event_id", event.event_id.encode()), ("app", b"default"),
                                         ("tenant_key", b"tenant-1")]

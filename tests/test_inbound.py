@@ -288,7 +288,7 @@ async def test_broker_outage_503_then_exactly_once(
         started = time.perf_counter()
         assert await relay.post(body, headers) == (503, {"error": "unavailable"})
         assert time.perf_counter() - started < 2.0
-        keys = (("default", "event", "ev-out"), ("default", "message", "om_out"))
+        keys = ("default\0event\0ev-out", "default\0message\0om_out")
         assert not relay.inbound.dedup.seen(keys)
         await control("start")
         # Feishu redelivers (a fresh signature, the same event) until it gets a 200
