@@ -164,6 +164,35 @@ def test_evictions_before_the_ttl_are_counted() -> None:
     assert not dedup.seen(["a"]) and dedup.seen(["b"])
 
 
+def test_beyond_the_cap_the_oldest_percent_goes_at_once() -> None:
+    """One pass over the dict's front per 1% of the cap, not one per mark: CPython keeps deleted slots at a
+    dict's front until it resizes, and each next(iter(d)) rescans them (bench/inbound.py measures the rate)."""
+    clock = Clock()
+    dedup = Dedup(ttl=100, max_entries=1000, clock=clock)
+    dedup.mark([f"k{i}" for i in range(1000)])
+    assert len(dedup) == 1000 and dedup.evicted == 0
+    dedup.mark(["new"])
+    assert len(dedup) == 990 and dedup.evicted == 11  # 1 over the cap, plus 1% of it
+    assert not dedup.seen(["k10"]) and dedup.seen(["k11"]) and dedup.seen(["new"])
+    dedup.mark([f"m{i}" for i in range(9)])
+    assert len(dedup) == 999 and dedup.evicted == 11  # under the cap again: nothing more goes
+
+
+def test_expired_entries_are_swept_once_the_oldest_is_due() -> None:
+    clock = Clock()
+    dedup = Dedup(ttl=10, max_entries=100, clock=clock)
+    dedup.mark(["a"])
+    clock.now += 5
+    dedup.mark(["b"])
+    clock.now += 5.5  # a is due (1010 <= 1010.5), b not (1015)
+    assert not dedup.seen(["a"]) and len(dedup) == 1 and dedup.seen(["b"])
+    clock.now += 10
+    assert not dedup.seen(["b"]) and len(dedup) == 0
+    dedup.mark(["c"])  # an empty memory starts over
+    clock.now += 9
+    assert dedup.seen(["c"])
+
+
 async def test_a_late_outcome_is_reported_after_the_deadline() -> None:
     dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
     reported: list[str] = []
