@@ -12,11 +12,12 @@ unsigned request may send) and :func:`verify_request`, which returns a :class:`C
                             url_verification no larger than CHALLENGE_MAX_BYTES
     timestamp_stale 401     signed, but the timestamp is older than ``inbound.timestamp_tolerance``
     timestamp_future 401    ... or further ahead than ``inbound.future_tolerance``
-    json            400     the body is not a JSON object
+    json            400     the body is not JSON
     no_encrypt_key  400     an ``{"encrypt": ...}`` body for an app without an encrypt key
     decrypt         400     signed, but not decryptable: bad base64, bad length, bad PKCS#7 padding, a wrong key,
                             a plaintext that is not JSON (one word for all of them: no format oracle)
-    envelope        400     no event type or id, or one that is not printable ASCII (they reach logs and headers)
+    envelope        400     not an event: not an object, no event type or id, or one that is not printable
+                            ASCII (they reach logs and record headers)
     token           401     the verification token is missing or wrong (or the app has none configured)
     app_id          403     ``header.app_id`` (v2, required) or ``event.app_id`` (v1, when present) is another app's
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import hmac
 import re
@@ -127,6 +129,12 @@ def verify_signature(signed: SignedHeaders, encrypt_key: str, body: bytes) -> bo
 # --- crypto (feishu-facts §5.3) ----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _aes_key(encrypt_key: str) -> algorithms.AES:
+    """AES-256 with key SHA-256(encrypt_key), made once per app's key."""
+    return algorithms.AES(hashlib.sha256(encrypt_key.encode()).digest())
+
+
 def decrypt(encrypt_b64: str, encrypt_key: str) -> bytes:
     """Decrypt an ``{"encrypt": ...}`` value: AES-256-CBC, key = SHA-256(encrypt_key), IV = first 16 bytes.
 
@@ -139,8 +147,7 @@ def decrypt(encrypt_b64: str, encrypt_key: str) -> bytes:
         raise SignatureError("decrypt", 400) from None
     if len(raw) < 2 * _BLOCK or len(raw) % _BLOCK:
         raise SignatureError("decrypt", 400)
-    key = hashlib.sha256(encrypt_key.encode()).digest()
-    decryptor = Cipher(algorithms.AES(key), modes.CBC(raw[:_BLOCK])).decryptor()
+    decryptor = Cipher(_aes_key(encrypt_key), modes.CBC(raw[:_BLOCK])).decryptor()
     padded = decryptor.update(raw[_BLOCK:]) + decryptor.finalize()
     unpadder = padding.PKCS7(8 * _BLOCK).unpadder()
     try:
@@ -184,7 +191,7 @@ class Envelope(msgspec.Struct, frozen=True):
     token: str | None = None
     # v2
     schema: str | None = None
-    header: Header | None = None
+    header: msgspec.Raw = msgspec.Raw(b"")  # a Header, decoded by read_event; b"" when absent
     # v1
     uuid: str | None = None
     ts: str | None = None
@@ -237,15 +244,18 @@ class EventIds(Ids, frozen=True):
 
 def chat_and_message(ids: EventIds) -> tuple[str | None, str | None]:
     """The event's chat id and message id (see :class:`EventIds`); an empty string counts as absent."""
-    places = [place for place in (ids.message, ids, ids.context) if place is not None]
-    chat = next((found for place in places if (found := place.chat_id or place.open_chat_id)), None)
-    message = next((found for place in places if (found := place.message_id or place.open_message_id)), None)
-    if message is None and ids.message_id_list:
-        message = ids.message_id_list[0] or None
-    return chat, message
+    chat = message = None
+    for place in (ids.message, ids, ids.context):
+        if place is not None:
+            chat = chat or place.chat_id or place.open_chat_id
+            message = message or place.message_id or place.open_message_id
+    if not message and ids.message_id_list:
+        message = ids.message_id_list[0]
+    return chat or None, message or None
 
 
 _ENVELOPE: Final = msgspec.json.Decoder(Envelope)
+_HEADER: Final = msgspec.json.Decoder(Header)
 _V1_EVENT: Final = msgspec.json.Decoder(V1Event)
 _EVENT_IDS: Final = msgspec.json.Decoder(EventIds)
 
@@ -260,6 +270,8 @@ _KEY = re.compile(_WS + b"(" + _STRING_TEXT + b")" + _WS + b":" + _WS, re.DOTALL
 _STRING_MEMBER = re.compile(_WS + b"(" + _STRING_TEXT + b")" + _WS + b":" + _WS + b"(" + _STRING_TEXT + b")"
                             + _WS + rb"([,}])", re.DOTALL)
 _NEXT = re.compile(_WS + rb"([,}])")  # after a value: another member, or the end of the object
+_SPACE = re.compile(_WS)
+_SPACES: Final = b" \t\r\n"
 _FLAT = re.compile(rb'[{\[](?:[^{}\[\]"]++|' + _STRING_TEXT + rb')*+[}\]]', re.DOTALL)  # no nested brackets
 _STRUCTURE = re.compile(rb'[\[\]{}"]')
 _SCALAR_END = re.compile(rb"[,}\]\s]")
@@ -271,6 +283,11 @@ class _Member(NamedTuple):
     key_start: int
     value_start: int
     value_end: int
+
+
+def _space_end(data: bytes, i: int) -> int:
+    match = _SPACE.match(data, i)
+    return match.end() if match else i
 
 
 def _value_end(data: bytes, i: int) -> int:
@@ -308,11 +325,12 @@ def _key(raw: bytes) -> str:
     return msgspec.json.decode(raw, type=str) if b"\\" in raw else raw[1:-1].decode()
 
 
-def _members(data: bytes, start: int, known: bytes = b"") -> list[_Member]:
+def _members(data: bytes, start: int, known: Sequence[bytes] = ()) -> list[_Member]:
     """The members of the JSON object whose ``{`` is at ``start``, with their keys decoded.
 
-    A value that starts with ``known`` (a whole JSON object or array) ends where ``known`` does: found by one
-    comparison instead of a scan (the event body, which msgspec has already delimited, is most of the text).
+    A value that starts with one of ``known`` (whole JSON objects or arrays) ends where that one does: found by
+    one comparison instead of a scan (the header and the event, which msgspec has already delimited, are most
+    of the text).
     """
     members: list[_Member] = []
     i = start + 1
@@ -328,9 +346,8 @@ def _members(data: bytes, start: int, known: bytes = b"") -> list[_Member]:
         if key is None:  # only right after the "{" of an empty object
             return members
         value_start = key.end()
-        if known and data.startswith(known, value_start):
-            value_end = value_start + len(known)
-        else:
+        value_end = next((value_start + len(text) for text in known if data.startswith(text, value_start)), 0)
+        if not value_end:
             value_end = _value_end(data, value_start)
         members.append(_Member(_key(key.group(1)), key.start(1), value_start, value_end))
         after = _NEXT.match(data, value_end)
@@ -341,12 +358,56 @@ def _members(data: bytes, start: int, known: bytes = b"") -> list[_Member]:
         i = after.end()
 
 
-def _cuts(data: bytes, start: int, path: Sequence[str], known: bytes = b"") -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=8)
+def _flat_member(raw_key: bytes) -> re.Pattern[bytes]:
+    return re.compile(re.escape(raw_key) + _WS + b":" + _WS + rb'(?:"[^"]*+"|[^,}\s]*+)')
+
+
+def _flat_cuts(data: bytes, start: int, end: int, key: str) -> list[tuple[int, int]] | None:
+    """:func:`_cuts` for a flat object ``data[start:end]`` (no nested value), in a few regex calls; None when it
+    has a backslash or repeats the key (the general walk handles those).
+
+    Without backslashes every ``"`` delimits a string, so a ``"key"`` followed by ``:`` can only be a member key
+    of this object (a string value is never followed by ``:``): no member-by-member walk is needed. The cut is
+    the one :func:`_cuts` makes, the rule for the last member included (the tests hold both paths to it).
+    """
+    raw_key = msgspec.json.encode(key)
+    if b"\\" in raw_key or data.find(b"\\", start, end) >= 0:
+        return None
+    found = list(_flat_member(raw_key).finditer(data, start, end))
+    if len(found) != 1:
+        return [] if not found else None
+    key_start, value_end = found[0].span()
+    after = _NEXT.match(data, value_end)
+    if after is None:
+        raise ValueError("comma or } expected")
+    if after.group(1) == b",":  # not the last member: up to the next key
+        return [(key_start, _space_end(data, after.end()))]
+    before = data[start:key_start].rstrip(_SPACES)
+    if before.endswith(b"{"):  # the only member
+        return [(key_start, value_end)]
+    # the last member: from the end of the previous value (the comma and the spaces around it go too)
+    return [(start + len(before[:-1].rstrip(_SPACES)), value_end)]
+
+
+def _is_flat(data: bytes, start: int, end: int) -> bool:
+    """Whether the object ``data[start:end]`` has no nested value: no ``{`` after its first and no ``[`` (not
+    even inside a string: the general walk takes those)."""
+    return data.find(b"{", start + 1, end) < 0 and data.find(b"[", start, end) < 0
+
+
+def _cuts(data: bytes, start: int, path: Sequence[str], known: Sequence[bytes] = ()) -> list[tuple[int, int]]:
     """Byte spans to remove so that no member at ``path`` is left in the object at ``start``."""
     members = _members(data, start, known)
     if len(path) > 1:
-        return [cut for m in members if m.key == path[0] and data[m.value_start] == 0x7B
-                for cut in _cuts(data, m.value_start, path[1:])]
+        cuts: list[tuple[int, int]] = []
+        for m in members:
+            if m.key != path[0] or data[m.value_start] != 0x7B:
+                continue
+            flat = (_flat_cuts(data, m.value_start, m.value_end, path[1])
+                    if len(path) == 2 and _is_flat(data, m.value_start, m.value_end) else None)
+            cuts += _cuts(data, m.value_start, path[1:]) if flat is None else flat
+        return cuts
     gone = [m.key == path[0] for m in members]
     if not any(gone):
         return []
@@ -360,18 +421,47 @@ def _cuts(data: bytes, start: int, path: Sequence[str], known: bytes = b"") -> l
     return cuts
 
 
-def without_member(data: bytes, path: Sequence[str], known: bytes = b"") -> bytes:
+_V2_HEAD = re.compile(_WS + rb'\{' + _WS + rb'"schema"' + _WS + b":" + _WS + rb'"[^"\\]*+"' + _WS + b"," + _WS
+                      + rb'"header"' + _WS + b":" + _WS)
+_V2_MIDDLE = re.compile(_WS + b"," + _WS + rb'"event"' + _WS + b":" + _WS)
+_V2_TAIL = re.compile(_WS + rb"\}" + _WS)
+
+
+def _v2_header_cuts(data: bytes, header: bytes, event: bytes, key: str) -> list[tuple[int, int]] | None:
+    """The cuts for ``("header", key)`` when ``data`` is laid out as Feishu lays out a v2 envelope, exactly
+    ``{"schema": "...", "header": <header>, "event": <event>}``, with a flat header; else None.
+
+    Checked in a few calls, the layout proves the header member is the only one (the general walk would
+    visit every top-level member to know that).
+    """
+    head = _V2_HEAD.match(data)
+    if head is None or not data.startswith(header, head.end()) or header[:1] != b"{":
+        return None
+    header_end = head.end() + len(header)
+    middle = _V2_MIDDLE.match(data, header_end)
+    if middle is None or not data.startswith(event, middle.end()) or event[:1] not in (b"{", b"["):
+        return None
+    tail = _V2_TAIL.match(data, middle.end() + len(event))
+    if tail is None or tail.end() != len(data) or not _is_flat(data, head.end(), header_end):
+        return None
+    return _flat_cuts(data, head.end(), header_end, key)
+
+
+def without_member(data: bytes, path: Sequence[str], known: Sequence[bytes] = ()) -> bytes:
     """``data`` (a JSON object) with every member at ``path`` cut out, and nothing else changed.
 
     Each removed member goes with one adjacent comma and the whitespace between them, so the rest of the text
     stays byte for byte as it was (``{"a": 1, "token": "x", "b": 2}`` -> ``{"a": 1, "b": 2}``). Keys are
     compared decoded (``"\\u0074oken"`` is ``token``) and repeated keys are all removed, as a JSON reader would
     otherwise take the last. ``data`` must be valid JSON (here: it already decoded); else ``ValueError``.
-    ``known``: the text of a top-level value (an object or array) to skip by comparison rather than scan.
+    ``known``: texts of top-level values to skip by comparison rather than scan.
     """
-    if known[:1] not in (b"{", b"["):
-        known = b""  # a number's text may be a prefix of a longer number: only bracketed values are safe
-    cuts = _cuts(data, data.index(b"{"), path, known)
+    # only a bracketed value ends where its text does (a number's text may be a prefix of a longer number)
+    known = [text for text in known if text[:1] in (b"{", b"[")]
+    return _cut(data, _cuts(data, data.index(b"{"), path, known))
+
+
+def _cut(data: bytes, cuts: list[tuple[int, int]]) -> bytes:
     if not cuts:
         return data
     parts, last = [], 0
@@ -380,6 +470,17 @@ def without_member(data: bytes, path: Sequence[str], known: bytes = b"") -> byte
         last = end
     parts.append(data[last:])
     return b"".join(parts)
+
+
+def without_token(plaintext: bytes, envelope: Envelope) -> bytes:
+    """The record: the plaintext minus the verification token, v2 ``header.token`` or v1 ``token``."""
+    header, event = bytes(envelope.header), bytes(envelope.event)
+    if header:
+        cuts = _v2_header_cuts(plaintext, header, event, "token")
+        if cuts is not None:
+            return _cut(plaintext, cuts)
+        return without_member(plaintext, ("header", "token"), (header, event))
+    return without_member(plaintext, ("token",), (event,))
 
 
 # --- the verified request -------------------------------------------------------------------------------------
@@ -484,11 +585,13 @@ def _challenge(app: AppConfig, envelope: Envelope) -> Challenge | None:
 
 def read_event(app: AppConfig, plaintext: bytes, envelope: Envelope) -> Event:
     """The event in a decoded envelope, once its type, id, token and app id check out (see the module docstring)."""
-    if envelope.schema is not None or envelope.header is not None:
-        header = envelope.header or Header()
+    if envelope.schema is not None or len(envelope.header):
+        try:
+            header = _HEADER.decode(envelope.header) if len(envelope.header) else Header()
+        except msgspec.ValidationError:
+            raise SignatureError("envelope", 400) from None
         schema, event_type, event_id = "2.0", header.event_type, header.event_id
         tenant_key, token = header.tenant_key, header.token
-        token_path: tuple[str, ...] = ("header", "token")
         app_id_ok = header.app_id == app.app_id  # every v2 header names its app
     elif envelope.uuid is not None:
         try:
@@ -496,7 +599,7 @@ def read_event(app: AppConfig, plaintext: bytes, envelope: Envelope) -> Event:
         except msgspec.ValidationError:
             raise SignatureError("envelope", 400) from None
         schema, event_type, event_id = "1.0", v1.type, envelope.uuid
-        tenant_key, token, token_path = v1.tenant_key, envelope.token, ("token",)
+        tenant_key, token = v1.tenant_key, envelope.token
         app_id_ok = v1.app_id in (None, app.app_id)  # v1 bodies carry event.app_id for most types only
     else:
         raise SignatureError("envelope", 400)
@@ -510,7 +613,7 @@ def read_event(app: AppConfig, plaintext: bytes, envelope: Envelope) -> Event:
         with contextlib.suppress(msgspec.ValidationError):  # an unexpected shape: keyed by the event id
             chat_id, message_id = chat_and_message(_EVENT_IDS.decode(raw))
     try:
-        record = without_member(plaintext, token_path, bytes(envelope.event))
+        record = without_token(plaintext, envelope)
     except ValueError:  # cannot happen for text that decoded; refuse rather than publish the token
         raise SignatureError("envelope", 400) from None
     return Event(record=record, schema=schema, event_type=event_type, event_id=event_id, tenant_key=tenant_key,

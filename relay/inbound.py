@@ -259,16 +259,22 @@ class Inbound:
         over = SignatureError("signature", 401) if unsigned else SignatureError("too_large", 413)
         if request.content_length is not None and request.content_length > cap:
             raise over
-        data = bytearray()
+
+        async def read() -> bytes:
+            data = bytearray()
+            while True:
+                chunk = await request.content.read(cap + 1 - len(data))
+                if not chunk:
+                    return bytes(data)
+                data += chunk
+                if len(data) > cap:
+                    raise over
+
+        if request.content.is_eof():  # all of it arrived with the headers (the usual case): nothing to wait for
+            return await read()
         try:
             async with asyncio.timeout(self._cfg.read_timeout):
-                while True:
-                    chunk = await request.content.read(cap + 1 - len(data))
-                    if not chunk:
-                        return bytes(data)
-                    data += chunk
-                    if len(data) > cap:
-                        raise over
+                return await read()
         except TimeoutError:
             raise SignatureError("read_timeout", 408) from None
 

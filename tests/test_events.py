@@ -33,11 +33,13 @@ from relay.events import (
     Event,
     SignedHeaders,
     decrypt,
+    parse_envelope,
     read_signature_headers,
     signature,
     verify_request,
     verify_signature,
     without_member,
+    without_token,
 )
 
 CFG = InboundConfig()
@@ -172,6 +174,36 @@ def test_a_card_callbacks_own_token_is_not_the_verification_token_and_stays() ->
 def test_without_member_cuts_only_that_members_bytes(text: bytes, path: tuple[str, ...], expected: bytes) -> None:
     assert without_member(text, path) == expected
     json.loads(expected)
+
+
+def test_the_shortcuts_cut_exactly_what_the_general_walk_cuts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    rng = random.Random(7)
+    separators = [", ", ",", " , ", ",\n  ", "\n,\t", "  ,  "]
+    values = ['"v"', '""', "12", "-1.5e3", "true", "null", '"a:b,c}"', '"{not nested}"']
+    docs = []
+    for _ in range(400):
+        members = [f'"k{i}"{rng.choice([":", ": ", " : "])}{rng.choice(values)}' for i in range(rng.randrange(0, 5))]
+        members.insert(rng.randrange(len(members) + 1), f'"token"{rng.choice([":", ": "])}{rng.choice(values)}')
+        inner = rng.choice(separators).join(members)
+        header = "{" + rng.choice(["", " ", "\n "]) + inner + rng.choice(["", " ", "\n"]) + "}"
+        ws = rng.choice(["", " ", "\n "])
+        docs.append(rng.choice([  # Feishu's layout (the shortcut), and others (the general walk)
+            f'{ws}{{{ws}"schema":{ws}"2.0",{ws}"header":{ws}{header}{ws},{ws}"event":{ws}{{"token": "card"}}{ws}}}{ws}',
+            f'{{"header": {header}, "schema": "2.0", "event": {{"token": "card"}}}}',
+            f'{{"schema": "2.0", "header": {header}, "event": {{"token": "card"}}, "extra": 1}}',
+        ]).encode())
+    fast = [without_token(doc, parse_envelope(doc)) for doc in docs]
+    flat_only = [without_member(doc, ("header", "token")) for doc in docs]
+    monkeypatch.setattr(relay.events, "_flat_cuts", lambda *args: None)  # the general walk only
+    general = [without_member(doc, ("header", "token")) for doc in docs]
+    assert fast == general and flat_only == general
+    for doc, cut in zip(docs, fast, strict=True):
+        expected = json.loads(doc)
+        del expected["header"]["token"]
+        assert json.loads(cut) == expected
+        assert len(cut) < len(doc)
 
 
 def test_without_member_is_fast_on_deep_and_long_values() -> None:
