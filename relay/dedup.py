@@ -18,10 +18,11 @@ it again. Rules, and why:
   at its front until it next resizes, so ``next(iter(d))`` after each removal rescans all of them (that made a
   mark at the cap cost ~0.6 ms, ~1,500 marks/s). The clock is injected.
 * **Small entries.** A key is kept as its 16-byte BLAKE2b digest (whatever the length of the ids in it) and
-  entries marked in the same second share one expiry object, so an entry costs the digest (49 bytes as a
-  ``bytes``) plus its dict slot: about 95 bytes, **about 91 MiB at the default 1,000,000 entries** (measured with
-  tracemalloc: ``test_dedup.test_memory_per_entry``; the earlier tuple-of-strings entries took about 205 bytes).
-  A digest collision (2^-128 per pair) would make two events one: never in practice.
+  entries marked in the same second share one expiry object, so an entry costs the digest (a 49-byte ``bytes``)
+  plus its dict slot: 91 bytes. **At the default 1,000,000 entries: 86.8 MiB** (tracemalloc, 92.7 MiB peak while
+  the dict grows; 95 MiB of RSS in ``bench/inbound.py``). The tuples of strings kept before took about 205 bytes
+  an entry (``test_dedup.test_memory_per_entry`` holds it under 110). A digest collision (2^-128 per pair)
+  would make two events one: never in practice.
 
 The memory is per process: consumers finish the job across restarts and replicas with the ``event_id`` header.
 """
