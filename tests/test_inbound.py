@@ -425,11 +425,11 @@ async def small_records_topic(bootstrap: str, name: str) -> str:
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, 1, 1, topic_configs={"max.message.bytes": "2000"})])
-        for _ in range(100):
+        for _ in range(300):  # a busy shared broker can take seconds to show a new topic
             [described] = await admin.describe_topics([name])
             if not described.get("error_code") and described.get("partitions"):
                 return name
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
     raise AssertionError(f"{name} not visible")
