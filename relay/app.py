@@ -29,8 +29,10 @@ from relay.errors import ConfigError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.intents import decode_intent, ordering_key
+from relay.journal import KafkaJournal
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
 from relay.limits import Limiter
+from relay.membership import Membership, Standing
 from relay.metrics import Metrics
 from relay.outbound import Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
@@ -86,6 +88,7 @@ def with_sandbox_url(config: Config, base_url: str) -> Config:
 def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     """Every topic the relay reads or writes, with the settings it relies on."""
     from relay.inbound import inbound_topics
+    from relay.journal import JOURNAL_TOPIC_CONFIG
     from relay.previews import MEMORY_TOPIC_CONFIG
 
     k = config.kafka
@@ -94,6 +97,8 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
+    # a Finished entry carries a result: as large as the results topic allows
+    topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
     return topics
 
 
@@ -194,7 +199,10 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     out = config.outbound
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
-    executor = Executor(client, limiter, policy, rng=random.Random())
+    # the group-membership lease: no Feishu call and no result once this replica may have lost its partitions
+    membership = Membership(out.session_timeout_ms / 1000, out.rebalance_timeout_ms / 1000)
+    executor = Executor(client, limiter, policy, rng=random.Random(), gate=membership)
+    metrics.collect(lambda m: export_membership(m, membership))
     metrics.collect(lambda m: export_outbound(m, limiter, client))
     memory = KafkaPreviewMemory(config.kafka, producer)
     await memory.start()
@@ -202,10 +210,29 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     previews = PreviewCoalescer(executor, memory, config)
     await previews.start()  # loads the 5-second memory before any intent is read
     stack.push_async_callback(previews.stop)
+    journal = KafkaJournal(config.kafka, producer)
+    await journal.start()
+    stack.push_async_callback(journal.stop)
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
+                             heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
     return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                    previews=previews)
+                    previews=previews, membership=membership, journal=journal)
+
+
+def heartbeat_interval_ms(session_timeout_ms: int) -> int:
+    """A quarter of the session (at most aiokafka's default 3 s): each answer renews the membership lease, so a
+    late or lost one leaves room for the next before the lease lapses and calls wait (``relay.membership``)."""
+    return max(1, min(3000, session_timeout_ms // 4))
+
+
+def export_membership(metrics: Metrics, membership: Membership) -> None:
+    metrics.set("relay_outbound_membership_valid", 1 if membership.standing() is Standing.VALID else 0,
+                help="1 while the group coordinator has recently confirmed this replica (calls may go)")
+    metrics.set_total("relay_outbound_membership_lost_total", membership.losses,
+                      help="times this replica learned it was out of its group (its jobs were abandoned)")
+    metrics.set_total("relay_outbound_membership_waits_total", membership.waits,
+                      help="calls or result writes that waited for the coordinator to confirm the membership")
 
 
 def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) -> None:

@@ -22,6 +22,24 @@ recipient the same way:
                                                    bucket for a message across patch and pins: conservative)
     ephemeral.send                                 ``ephemeral-chat:<chat_id>`` (its own 40/s per group)
 
+Safe to repeat (``Call.repeatable``), decided per API, not from the HTTP method (urgent is a PATCH that buzzes
+again on every call):
+
+    repeatable      message.send / reply / forward (uuid = intent id: Feishu performs a uuid at most once per
+                    hour, facts §3; a repeat more than an hour later is not protected), message.edit (PUT of
+                    the same content), card.patch (PATCH of the same card), message.recall, reaction.remove,
+                    pin.remove (DELETE), pin.add (pinning a pinned message leaves one pin),
+                    chat_button.update (PUT of the whole set), url_preview.update (the coalescer counts every
+                    attempt against the token's 5 s rule anyway), ephemeral.delete; api.call with GET, PUT
+                    or DELETE (idempotent methods, RFC 9110 §9.2.2)
+    not repeatable  message.urgent (each call buzzes, SMSes or phones again), reaction.add (a second reaction),
+                    ephemeral.send (a second card), card.delay_update (the token has two uses),
+                    message.batch_send (a second broadcast); api.call with POST, or PATCH (RFC 5789: "PATCH
+                    is neither safe nor idempotent", and Feishu's own urgent PATCH shows it)
+
+A repeat of a repeatable call has its effect once, but its answer may differ: a recall or removal whose first
+attempt did succeed can be answered "already recalled" / "not found", and its result then says so.
+
 :func:`check_share` says at startup whether a replica's ``quota_share`` leaves a call in every built-in app-wide
 window (a per-target window is never shared: one target lives on one partition, so on one replica).
 """
@@ -81,6 +99,10 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     target: str | None = None  # the per-target limit key shared by every API, e.g. "chat:oc_1" (module doc)
     target_windows: tuple[Window, ...] = ()
     uuid_protected: bool = False  # Feishu performs the call at most once per hour for this uuid (facts §3)
+    # performing it twice has the effect of performing it once (module doc, "Safe to repeat"); the executor
+    # retries a call whose last attempt may have been performed only when this is set, and only such calls go
+    # without a journal entry (relay.journal). The default is the safe answer for a call nobody classified.
+    repeatable: bool = False
 
 
 # --- limits -------------------------------------------------------------------------------------------------
@@ -178,13 +200,18 @@ def _as_object(content: Content) -> Any:
     return msgspec.Raw(content.encode()) if isinstance(content, str) else content
 
 
-def _call(method: str, path: str, api: str, *, query: dict[str, str] | None = None, body: Any = None,
-          target: str | None = None, target_windows: tuple[Window, ...] = (), uuid: bool = False) -> Call:
+def _call(method: str, path: str, api: str, *, repeatable: bool, query: dict[str, str] | None = None,
+          body: Any = None, target: str | None = None, target_windows: tuple[Window, ...] = (),
+          uuid: bool = False) -> Call:
     return Call(
         method=method, path=path, query=query or {}, body=None if body is None else _json(body), api=api,
         api_windows=API_WINDOWS[api], target=target, target_windows=target_windows if target else (),
-        uuid_protected=uuid,
+        uuid_protected=uuid, repeatable=repeatable,
     )
+
+
+# api.call methods that are idempotent by HTTP semantics (RFC 9110 §9.2.2); PATCH is not (RFC 5789)
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "PUT", "DELETE"})
 
 
 def url_preview_call(tokens: Sequence[str], open_ids: Sequence[str] | None) -> Call:
@@ -200,7 +227,8 @@ def url_preview_call(tokens: Sequence[str], open_ids: Sequence[str] | None) -> C
     body: dict[str, Any] = {"preview_tokens": list(tokens)}
     if open_ids:
         body["open_ids"] = list(open_ids)
-    return _call("POST", "/open-apis/im/v2/url_previews/batch_update", "im.url_preview.batch_update", body=body)
+    return _call("POST", "/open-apis/im/v2/url_previews/batch_update", "im.url_preview.batch_update", body=body,
+                 repeatable=True)
 
 
 def build_call(intent: Intent) -> Call:
@@ -212,6 +240,7 @@ def build_call(intent: Intent) -> Call:
                 body={"receive_id": intent.receive_id, "msg_type": intent.msg_type,
                       "content": _as_string(intent.content), "uuid": intent.id},
                 target=recipient(intent.receive_id_type, intent.receive_id), target_windows=PER_TARGET, uuid=True,
+                repeatable=True,
             )
         case MessageReply():
             return _call(
@@ -219,50 +248,53 @@ def build_call(intent: Intent) -> Call:
                 body={"content": _as_string(intent.content), "msg_type": intent.msg_type,
                       "reply_in_thread": intent.reply_in_thread, "uuid": intent.id},
                 target=f"chat:{intent.chat_id}" if intent.chat_id else f"message:{intent.message_id}",
-                target_windows=PER_TARGET, uuid=True,
+                target_windows=PER_TARGET, uuid=True, repeatable=True,
             )
         case MessageEdit():
-            return _call("PUT", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.update",
+            return _call("PUT", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.update", repeatable=True,
                          body={"msg_type": intent.msg_type, "content": _as_string(intent.content)})
         case MessageRecall():
-            return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.delete")
+            return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.delete", repeatable=True)
         case MessageForward():
             return _call(
                 "POST", f"{_MESSAGES}/{_seg(intent.message_id)}/forward", "im.message.forward",
                 query={"receive_id_type": intent.receive_id_type, "uuid": intent.id},
                 body={"receive_id": intent.receive_id},
                 target=recipient(intent.receive_id_type, intent.receive_id), target_windows=PER_TARGET, uuid=True,
+                repeatable=True,
             )
         case CardPatch():
-            return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.patch",
+            return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.patch", repeatable=True,
                          body={"content": _as_string(intent.content)},
                          target=f"message:{intent.message_id}", target_windows=PER_TARGET)
         case MessageUrgent():
             return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}/urgent_{intent.channel}",
-                         f"im.message.urgent_{intent.channel}", query={"user_id_type": intent.user_id_type},
+                         f"im.message.urgent_{intent.channel}", repeatable=False,
+                         query={"user_id_type": intent.user_id_type},
                          body={"user_id_list": intent.user_id_list})
         case ReactionAdd():
             return _call("POST", f"{_MESSAGES}/{_seg(intent.message_id)}/reactions", "im.message_reaction.create",
-                         body={"reaction_type": {"emoji_type": intent.emoji_type}})
+                         repeatable=False, body={"reaction_type": {"emoji_type": intent.emoji_type}})
         case ReactionRemove():
             return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}/reactions/{_seg(intent.reaction_id)}",
-                         "im.message_reaction.delete")
+                         "im.message_reaction.delete", repeatable=True)
         case PinAdd():
-            return _call("POST", "/open-apis/im/v1/pins", "im.pin.create", body={"message_id": intent.message_id},
+            return _call("POST", "/open-apis/im/v1/pins", "im.pin.create", repeatable=True,
+                         body={"message_id": intent.message_id},
                          target=f"message:{intent.message_id}", target_windows=PER_TARGET)
         case PinRemove():
-            return _call("DELETE", f"/open-apis/im/v1/pins/{_seg(intent.message_id)}", "im.pin.delete",
+            return _call("DELETE", f"/open-apis/im/v1/pins/{_seg(intent.message_id)}", "im.pin.delete", repeatable=True,
                          target=f"message:{intent.message_id}", target_windows=PER_TARGET)
         case CardDelayUpdate():
             return _call("POST", "/open-apis/interactive/v1/card/update", "interactive.card.update",
-                         body={"token": intent.token, "card": _as_object(intent.card)})
+                         repeatable=False, body={"token": intent.token, "card": _as_object(intent.card)})
         case EphemeralSend():
-            return _call("POST", "/open-apis/ephemeral/v1/send", "ephemeral.send",
+            return _call("POST", "/open-apis/ephemeral/v1/send", "ephemeral.send", repeatable=False,
                          body={"chat_id": intent.chat_id, "open_id": intent.open_id, "msg_type": "interactive",
                                "card": _as_object(intent.card)},
                          target=f"ephemeral-chat:{intent.chat_id}", target_windows=EPHEMERAL_CHAT)
         case EphemeralDelete():
-            return _call("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete",
+            return _call("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete", repeatable=True,
                          body={"message_id": intent.message_id})
         case UrlPreviewUpdate():
             return url_preview_call(intent.preview_tokens, intent.open_ids)
@@ -281,7 +313,7 @@ def _chat_button_call(intent: ChatButtonUpdate) -> Call:
         body["user_ids"] = intent.user_ids
     if intent.buttons is not None:
         body["buttons"] = intent.buttons  # structs with omit_defaults: Feishu's nesting, no nulls
-    return _call("PUT", "/open-apis/im/v2/chat_button", "im.chat_button.update",
+    return _call("PUT", "/open-apis/im/v2/chat_button", "im.chat_button.update", repeatable=True,
                  query={"user_id_type": intent.user_id_type}, body=body)
 
 
@@ -295,7 +327,7 @@ def _batch_send_call(intent: MessageBatchSend) -> Call:
     for name in ("open_ids", "user_ids", "union_ids", "department_ids"):
         if ids := getattr(intent, name):
             body[name] = ids
-    return _call("POST", "/open-apis/message/v4/batch_send/", "message.batch_send", body=body)
+    return _call("POST", "/open-apis/message/v4/batch_send/", "message.batch_send", body=body, repeatable=False)
 
 
 def _api_call(intent: ApiCall) -> Call:
@@ -308,5 +340,5 @@ def _api_call(intent: ApiCall) -> Call:
     return Call(
         method=intent.method, path=intent.filled_path, query=dict(intent.query),
         body=None if intent.body is None else _json(intent.body), api=f"api:{intent.method} {intent.path}",
-        api_windows=tuple(windows),
+        api_windows=tuple(windows), repeatable=intent.method in IDEMPOTENT_METHODS,
     )

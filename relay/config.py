@@ -8,6 +8,12 @@ Every key can be overridden from the environment: ``RELAY_<SECTION>__<KEY>`` (``
 environment is created). Values are converted to the key's type (``"8081"`` -> 8081); lists take JSON
 (``'["a","b"]'``) or commas (``a,b``); tables take JSON.
 
+Only variables of that shape (``RELAY_``, a section name, then ``__``) are overrides. Every other ``RELAY_*``
+variable is ignored, because platforms set their own: Kubernetes gives every pod ``RELAY_PORT=tcp://...``,
+``RELAY_SERVICE_HOST``, ``RELAY_PORT_8080_TCP_ADDR``... for a Service named ``relay``, and a relay that refused
+them could not start there. A variable of the shape whose section or key does not exist is an error naming the
+variable (a misspelt override must not be silently dropped), and so is a value of the wrong type.
+
 Any problem raises :class:`~relay.errors.ConfigError` whose message is one line naming the key. Secrets are
 :class:`Secret` values: they print as ``'***'`` in every repr, f-string and log line, and ``reveal()`` is the
 only way to the text.
@@ -28,8 +34,6 @@ import msgspec
 from msgspec import Meta
 
 from relay.errors import ConfigError
-
-ENV_PREFIX: Final = "RELAY_"
 
 
 class Secret:
@@ -85,12 +89,20 @@ class KafkaConfig(_Section, frozen=True):
     callbacks_topic: str = "feishu.callbacks"
     # compacted topic remembering when each URL-preview token was last updated (survives restarts)
     preview_memory_topic: str = "feishu.relay.preview-memory"
+    # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
+    journal_topic: str = "feishu.relay.journal"
     client_id: str = "feishu-relay"
     # headers copied from an intent record onto its result record, besides ``traceparent``
     forward_headers: list[str] = msgspec.field(default_factory=list)
     # create the relay's topics at start-up when missing (development; off where topics are managed)
     create_topics: bool = True
     topic_partitions: PositiveInt = 6
+    # copies of each topic the relay creates: 1 suits a single local broker; use 3 in production, where
+    # acks=all only means "on every in-sync replica" and one replica is one disk
+    topic_replication_factor: PositiveInt = 1
+    # min.insync.replicas of each topic the relay creates (unset: the broker's default); with acks=all a write
+    # fails rather than landing on fewer copies. Topics that already exist are never changed.
+    topic_min_insync_replicas: PositiveInt | None = None
     # passed to aiokafka
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -105,6 +117,10 @@ class KafkaConfig(_Section, frozen=True):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"bootstrap_servers: entry {server.strip()!r} is not host:port")
+        replicas = self.topic_min_insync_replicas
+        if replicas is not None and replicas > self.topic_replication_factor:
+            raise ValueError(f"topic_min_insync_replicas: {replicas} is more than topic_replication_factor "
+                             f"{self.topic_replication_factor} (every write would fail)")
 
 
 class FeishuConfig(_Section, frozen=True):
@@ -153,7 +169,8 @@ class OutboundConfig(_Section, frozen=True):
     max_in_flight: PositiveInt = 2000
     # the same for one partition: a partition over it pauses alone (a hot key's backlog stays on its partition)
     max_in_flight_per_partition: PositiveInt = 500
-    # a retried call gives up after this many attempts or this much time since the first, whichever first
+    # a retried call gives up after this many attempts (API requests; a wait for a tenant token is not one) or
+    # this much time since the first, whichever first
     max_attempts: PositiveInt = 8
     max_retry_seconds: PositiveFloat = 300.0
     backoff_base: PositiveFloat = 0.5
@@ -286,22 +303,39 @@ def _env_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
+# RELAY_<SECTION>__<REST>: a section-like word, then a double underscore. Kubernetes' service variables
+# (RELAY_PORT, RELAY_SERVICE_HOST, RELAY_PORT_8080_TCP_ADDR) have no double underscore, so they never match.
+_OVERRIDE: Final = re.compile(r"^RELAY_(?P<section>[A-Za-z][A-Za-z0-9]*)__(?P<rest>.*)$")
+
+
 def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Return ``data`` with every ``RELAY_*`` variable applied; unknown names raise ConfigError."""
+    """Return ``data`` with every override variable applied (see the module docstring).
+
+    Variables not shaped ``RELAY_<SECTION>__...`` are ignored; a shaped one naming an unknown section or key
+    raises ConfigError naming the variable.
+    """
+    return _apply_env(data, env)[0]
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``apply_env``, plus where each overridden key came from (``{"http.port": "RELAY_HTTP__PORT"}``)."""
     data = dict(data)
+    origins: dict[str, str] = {}
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX):
+        match = _OVERRIDE.match(var)
+        if match is None:
             continue
-        parts = var[len(ENV_PREFIX):].split("__")
-        section = parts[0].lower()
+        section, parts = match["section"].lower(), match["rest"].split("__")
         if section == "apps":
-            if len(parts) != 3 or not parts[1] or not parts[2]:
+            if len(parts) != 2 or not parts[0] or not parts[1]:
                 raise ConfigError(var, "expected RELAY_APPS__<NAME>__<KEY>")
-            _apply_app_env(data, var, parts[1], parts[2].lower(), env[var])
+            origins[_apply_app_env(data, var, parts[0], parts[1].lower(), env[var])] = var
             continue
-        if section not in _SECTIONS or len(parts) != 2:
-            raise ConfigError(var, "expected RELAY_<SECTION>__<KEY> with a known section")
-        key = parts[1].lower()
+        if section not in _SECTIONS:
+            raise ConfigError(var, f"unknown config section {section!r} (known: apps, {', '.join(_SECTIONS)})")
+        if len(parts) != 1 or not parts[0]:
+            raise ConfigError(var, "expected RELAY_<SECTION>__<KEY>")
+        key = parts[0].lower()
         types = _field_types(_SECTIONS[section])
         if key not in types:
             raise ConfigError(f"{section}.{key}", f"unknown key (from {var})")
@@ -309,10 +343,12 @@ def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         table = dict(table) if isinstance(table, dict) else {}
         table[key] = _env_value(env[var], types[key])
         data[section] = table
-    return data
+        origins[f"{section}.{key}"] = var
+    return data, origins
 
 
-def _apply_app_env(data: dict[str, Any], var: str, env_name: str, key: str, value: str) -> None:
+def _apply_app_env(data: dict[str, Any], var: str, env_name: str, key: str, value: str) -> str:
+    """Set one app key from ``var``; returns the key as errors name it (``apps[default].app_id``)."""
     types = _field_types(AppConfig)
     if key not in types or key == "name":
         raise ConfigError(f"apps.{env_name.lower()}.{key}", f"unknown key (from {var})")
@@ -321,10 +357,21 @@ def _apply_app_env(data: dict[str, Any], var: str, env_name: str, key: str, valu
     for app in apps:
         if isinstance(app, dict) and _env_key(str(app.get("name", ""))) == env_name.upper():
             app[key] = _env_value(value, types[key])
+            name = str(app.get("name", ""))
             break
     else:
-        apps.append({"name": env_name.lower(), key: _env_value(value, types[key])})
+        name = env_name.lower()
+        apps.append({"name": name, key: _env_value(value, types[key])})
     data["apps"] = apps
+    return f"apps[{name}].{key}"
+
+
+def _with_origin(err: ConfigError, origins: Mapping[str, str]) -> ConfigError:
+    """``err`` naming the variable its key came from, when an override set that key (or a table holding it)."""
+    for key, var in origins.items():
+        if err.key == key or err.key.startswith((key + ".", key + "[")):
+            return ConfigError(err.key, f"{err.why} (from {var})")
+    return err
 
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -366,11 +413,11 @@ def _explain(err: msgspec.ValidationError, data: Mapping[str, Any]) -> ConfigErr
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Decode an already-parsed TOML table (plus env overrides) into a :class:`Config`."""
-    merged = apply_env(dict(data), os.environ if env is None else env)
+    merged, origins = _apply_env(dict(data), os.environ if env is None else env)
     try:
         return msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as err:
-        raise _explain(err, merged) from None
+        raise _with_origin(_explain(err, merged), origins) from None
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

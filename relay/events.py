@@ -21,7 +21,7 @@ unsigned request may send) and :func:`verify_request`, which returns a :class:`C
     token           401     the verification token is missing or wrong (or the app has none configured)
     app_id          403     ``header.app_id`` (v2, required) or ``event.app_id`` (v1, when present) is another app's
 
-The order, and why (SPEC "Inbound"; feishu-facts §5):
+The order, and why (docs/events.md; docs/feishu-rules.md §6):
 
 * **Signature first, for an app with an encrypt key.** ``X-Lark-Signature`` = hex SHA-256(timestamp + nonce +
   encrypt_key + raw body), compared in constant time, before any base64, AES or JSON work: a request nobody
@@ -77,7 +77,7 @@ _SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[\x21-\x7e]{1,256}")  # event types and ids: printable ASCII, no spaces or controls
 
 
-# --- signature headers (feishu-facts §5.4) ---------------------------------------------------------------------
+# --- signature headers (docs/feishu-rules.md §6.4) -------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +126,7 @@ def verify_signature(signed: SignedHeaders, encrypt_key: str, body: bytes) -> bo
     return hmac.compare_digest(expected.encode(), signed.signature.encode())
 
 
-# --- crypto (feishu-facts §5.3) ----------------------------------------------------------------------------------
+# --- crypto (docs/feishu-rules.md §6.3) -------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,7 +159,7 @@ def decrypt(encrypt_b64: str, encrypt_key: str) -> bytes:
     return plain
 
 
-# --- envelopes (feishu-facts §5.1, §5.2) ----------------------------------------------------------------------
+# --- envelopes (docs/feishu-rules.md §6.1, §6.2) -----------------------------------------------------------------
 
 
 class Header(msgspec.Struct, frozen=True):
@@ -202,7 +202,7 @@ class Envelope(msgspec.Struct, frozen=True):
         return self.event if len(self.event) and bytes(self.event) != b"null" else None
 
 
-# --- where an event names its chat and message (feishu-facts §6, feishu-next §C) ------------------------------
+# --- where an event names its chat and message (docs/feishu-rules.md §6.6, §6.7) --------------------------------
 
 
 class Ids(msgspec.Struct, frozen=True):
@@ -518,7 +518,7 @@ class Event:
         return (event,)
 
     def headers(self, app: str) -> list[tuple[str, bytes]]:
-        """Record headers (SPEC): ``event_type``, ``event_id``, ``app``, ``tenant_key`` when present."""
+        """Record headers (docs/events.md): ``event_type``, ``event_id``, ``app``, ``tenant_key`` when present."""
         headers = [("event_type", self.event_type.encode()), ("event_id", self.event_id.encode()),
                    ("app", app.encode())]
         if self.tenant_key:

@@ -7,15 +7,15 @@ relay commits explicit offsets itself (see ``offsets``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from relay.config import KafkaConfig
+from relay.errors import RelayError
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,41 @@ def make_consumer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**settings)
 
 
+def new_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]], existing: set[str]) -> list[NewTopic]:
+    """The topics of ``topics`` not in ``existing``, with the partitions, replicas and configs of ``cfg``."""
+    shared = {} if cfg.topic_min_insync_replicas is None else {
+        "min.insync.replicas": str(cfg.topic_min_insync_replicas)}
+    return [
+        NewTopic(name, num_partitions=cfg.topic_partitions, replication_factor=cfg.topic_replication_factor,
+                 topic_configs={**shared, **configs})
+        for name, configs in topics.items() if name not in existing
+    ]
+
+
 async def ensure_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]]) -> None:
-    """Create each missing topic (``{name: topic configs}``) with ``cfg.topic_partitions`` partitions."""
+    """Create each missing topic (``{name: topic configs}``) with the partitions and replicas of ``cfg``.
+
+    Raises RelayError naming the topic when the broker refuses one (e.g. more replicas than brokers): aiokafka
+    returns those refusals in the response instead of raising them, and a relay that went on would fail later
+    with a far less useful error. A topic another replica created first is not an error.
+    """
     if not topics:
         return
     admin = AIOKafkaAdminClient(**client_settings(cfg))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(name, num_partitions=cfg.topic_partitions, replication_factor=1, topic_configs=configs)
-            for name, configs in topics.items() if name not in existing
-        ]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another replica created it first
-                await admin.create_topics(missing)
-            log.info("created topics %s", ", ".join(t.name for t in missing))
+        missing = new_topics(cfg, topics, set(await admin.list_topics()))
+        if not missing:
+            return
+        response = await admin.create_topics(missing)
+        # (topic, error_code) in v0, (topic, error_code, error_message) from v1 on
+        answers: list[tuple[Any, ...]] = getattr(response, "topic_errors", [])
+        refused = [answer for answer in answers if answer[1] not in (0, TopicAlreadyExistsError.errno)]
+        if refused:
+            topic, code = refused[0][:2]
+            why = (refused[0][2] if len(refused[0]) > 2 else None) or for_code(code).__name__
+            raise RelayError(f"Kafka refused to create topic {topic!r} (replication factor "
+                             f"{cfg.topic_replication_factor}): {why}")
+        log.info("created topics %s", ", ".join(t.name for t in missing))
     finally:
         await admin.close()

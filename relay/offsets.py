@@ -12,6 +12,9 @@ by the next owner of the partition. To avoid repeating those calls, the commit c
 the committed one. The next owner reads it back and skips those records. The bitmap is bounded by
 ``MAX_METADATA`` characters (the broker's ``offset.metadata.max.bytes`` defaults to 4096); past that the
 metadata is left empty and the tail is redone, which is still at-least-once.
+
+The metadata also carries the journal position of the partition (``with_journal`` / ``split_journal``, at the
+end of this module; ``relay.journal``), so a new owner reads only the part of the journal that can matter.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from __future__ import annotations
 import base64
 import heapq
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, NamedTuple
 
-MAX_METADATA: Final = 4000
+MAX_METADATA: Final = 4000  # plus the journal position's JOURNAL_METADATA_ROOM: under the broker's 4096
 _PREFIX: Final = "done1:"
 
 
@@ -96,3 +99,39 @@ class PartitionOffsets:
         if (point, metadata) == (self.committed, self.committed_metadata):
             return None
         return point, metadata
+
+
+# --- the journal position, carried beside the finished set ---------------------------------------------------
+# Kept apart from the finished-set encoding above (a suffix of its own, parsed first), so that encoding can change
+# without touching this. ``relay.journal`` explains what the position means; here it is only carried.
+
+
+class JournalPosition(NamedTuple):
+    """A journal partition and the offset from which the entries of uncommitted records can lie in it."""
+
+    partition: int
+    offset: int
+
+
+_JOURNAL: Final = ";journal="
+# room the suffix takes at most (two 19-digit numbers): the finished set must leave it under the broker's cap
+JOURNAL_METADATA_ROOM: Final = len(_JOURNAL) + 2 * 19 + 1
+
+
+def with_journal(metadata: str, position: JournalPosition | None) -> str:
+    """``metadata`` with the journal position appended (unchanged without one)."""
+    if position is None:
+        return metadata
+    return f"{metadata}{_JOURNAL}{position.partition}@{position.offset}"
+
+
+def split_journal(metadata: str | None) -> tuple[str, JournalPosition | None]:
+    """(the metadata without the journal part, the journal position or None when absent or unreadable)."""
+    text = metadata or ""
+    rest, sep, tail = text.rpartition(_JOURNAL)
+    if not sep:
+        return text, None
+    partition, at, offset = tail.partition("@")
+    if not at or not partition.isdigit() or not offset.isdigit():
+        return rest, None
+    return rest, JournalPosition(int(partition), int(offset))

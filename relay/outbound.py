@@ -19,6 +19,22 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped.
+* **No work for partitions this replica may have lost** (``relay.membership``). Kafka fences only the commits
+  of a member it dropped; the relay fences its own calls and writes with a lease renewed by the coordinator's
+  answers. A replica frozen past its session timeout (SIGSTOP, a paused VM), or cut off from the coordinator,
+  makes no Feishu call (the executor's gate, right before each request is written) and writes no result or dead
+  letter (checked before each write) until a heartbeat confirms it again; when the coordinator says it is out,
+  every job of its partitions is abandoned, not drained: no call, no result, no commit (a revocation waits for
+  that answer first, drains if it confirms us and abandons otherwise), and records fetched meanwhile are not
+  dispatched (the position is moved back to them) until the membership is confirmed or partitions are assigned
+  again. The new owner redoes those records. What remains is what a kill leaves: a call already made whose result
+  was not written in time is made again by the new owner (uuid kinds are deduplicated by Feishu; the rest may
+  repeat). Proved by ``tests/test_frozen_replica.py`` (SIGSTOP/SIGCONT) and ``tests/test_outbound_membership.py``.
+* **At most once for calls not safe to repeat** (``Call.repeatable`` false: reactions, urgent, batch_send, ...).
+  With a journal (``relay.journal``), such a call's start is journaled before its first request and its result
+  before the result is written; the next owner of a record it finds there writes that result (or, with only a
+  start, ``failed`` / ``outcome-unknown``) instead of calling Feishu, whatever stopped the previous owner
+  (proved with SIGKILL, a rebalance and answers lost after the operation in ``tests/test_outbound_faults.py``).
 
 Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
 letters; they never stop a partition.
@@ -34,6 +50,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -43,11 +60,14 @@ from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
 from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
+from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import client_settings
+from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
-from relay.offsets import PartitionOffsets, decode_done
+from relay.offsets import JournalPosition, PartitionOffsets, decode_done, split_journal, with_journal
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
 from relay.results import (
+    OUTCOME_UNKNOWN,
     Headers,
     dead_letter_headers,
     dead_letter_reason,
@@ -78,7 +98,7 @@ class Record(Protocol):
 class Job:
     """One record being handled. ``started``: a call was attempted or the result is being written."""
 
-    __slots__ = ("app", "id", "kind", "offset", "received", "record", "started", "task", "tp")
+    __slots__ = ("app", "id", "journaled", "kind", "offset", "received", "record", "started", "task", "tp")
 
     def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
@@ -86,6 +106,7 @@ class Job:
         self.offset = record.offset
         self.received = received
         self.started = False
+        self.journaled = False  # its start is in the journal: its result must be too, before it is written
         self.task: asyncio.Task[None] | None = None
         self.id: str | None = None
         self.kind: str | None = None
@@ -95,8 +116,11 @@ class Job:
 class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
-                 previews: PreviewCoalescer | None = None, wall: Callable[[], float] = time.time,
+                 previews: PreviewCoalescer | None = None, membership: Membership | None = None,
+                 journal: Journal | None = None, wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
+        without a group coordinator. ``journal``: the write-ahead journal of calls not safe to repeat."""
         self._config = config
         self._out = config.outbound
         self._consumer = consumer
@@ -105,6 +129,8 @@ class Outbound(ConsumerRebalanceListener):
         self._metrics = metrics
         self._apps = frozenset(known_apps)
         self._previews = previews
+        self._membership = membership
+        self._journal = journal
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
@@ -127,9 +153,11 @@ class Outbound(ConsumerRebalanceListener):
         self._admin = AIOKafkaAdminClient(**client_settings(self._config.kafka))
         await self._admin.start()
         try:
-            self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
-            await self._consumer.start()
+            await self._consumer.start()  # not subscribed yet: returns without joining the group
             try:
+                if self._membership is not None:
+                    watch(self._consumer, self._membership)  # before the first JoinGroup, so its SyncGroup counts
+                self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
                 await self._consume(stop)
             finally:
                 await asyncio.wait_for(self._consumer.stop(), 30)
@@ -141,9 +169,19 @@ class Outbound(ConsumerRebalanceListener):
         committer = asyncio.create_task(self._commit_loop(), name="relay-committer")
         try:
             while not stop.is_set():
-                self._backpressure()
-                # while anything is paused, come back soon to resume it as work finishes
-                batch = await self._consumer.getmany(timeout_ms=20 if self._paused else 200, max_records=500)
+                valid = self._standing() is Standing.VALID
+                if valid:
+                    self._backpressure()
+                # while anything is paused, come back soon to resume it as work finishes. Polled also while the
+                # membership is not valid: aiokafka leaves the group and will not rejoin after max_poll_interval
+                # without a poll
+                batch = await self._consumer.getmany(timeout_ms=20 if valid and self._paused else 200,
+                                                     max_records=500)
+                if batch and self._standing() is not Standing.VALID:
+                    self._unread(batch)  # nothing is dispatched until the membership is confirmed
+                    assert self._membership is not None
+                    await self._membership.changed(timeout=0.2)
+                    continue
                 for tp, records in batch.items():
                     for record in records:
                         self._dispatch(tp, record)
@@ -155,9 +193,30 @@ class Outbound(ConsumerRebalanceListener):
                 self._periodic.cancel()  # no retry of a stale periodic commit after the final one
                 await asyncio.wait([self._periodic])
             owned = list(self._offsets)
-            await self._drain(owned)
-            await self._commit(owned)
+            if self._standing() is Standing.LOST:
+                await self._abandon(owned)
+            else:
+                await self._drain(owned)
+                await self._commit(owned)
             self._forget(owned)
+
+    def _standing(self) -> Standing:
+        return Standing.VALID if self._membership is None else self._membership.standing()
+
+    async def _decided(self, limit: float) -> Standing:
+        """The membership once the coordinator has answered (not UNCONFIRMED), or as it is after ``limit`` s."""
+        deadline = self._clock() + limit
+        while (standing := self._standing()) is Standing.UNCONFIRMED and (left := deadline - self._clock()) > 0:
+            assert self._membership is not None
+            await self._membership.changed(timeout=left)
+        return standing
+
+    def _unread(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Seek back over records fetched while the membership is not valid: they are fetched again once it is
+        confirmed, or (lost) read by the partition's next owner from the committed offset."""
+        for tp, records in batch.items():
+            with contextlib.suppress(IllegalStateError):  # already revoked: the new assignment starts afresh
+                self._consumer.seek(tp, records[0].offset)
 
     # rebalance listener (runs in aiokafka's coordinator task, between fetches) -----------------------------
 
@@ -172,8 +231,14 @@ class Outbound(ConsumerRebalanceListener):
         owned = [tp for tp in revoked if tp in self._offsets]
         if not owned:
             return
-        await self._drain(owned)
-        await self._commit(owned)
+        # a late heartbeat answer decides (the heartbeat goes on during this callback); nothing is sent meanwhile
+        if (standing := await self._decided(self._out.drain_timeout)) is not Standing.VALID:
+            # we may be out already and another replica may own these: no call, no result, no commit from here
+            log.warning("membership %s at revocation: abandoning instead of draining", standing.value)
+            await self._abandon(owned)
+        else:
+            await self._drain(owned)
+            await self._commit(owned)
         self._forget(owned)
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in owned))
 
@@ -197,7 +262,8 @@ class Outbound(ConsumerRebalanceListener):
         log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "-")
 
     async def _load_finished(self, assigned: list[TopicPartition]) -> None:
-        """Records a previous owner finished above its commit point: skip them (see ``offsets``)."""
+        """Records a previous owner finished above its commit point: skip them (see ``offsets``); and the
+        journal entries of calls it started but did not commit (``relay.journal``)."""
         if not assigned or self._admin is None:
             return
         try:
@@ -205,13 +271,31 @@ class Outbound(ConsumerRebalanceListener):
                                                                       partitions=assigned)
         except KafkaError as err:
             log.warning("could not read committed metadata (%s); finished records may be redone", err)
-            return
+            committed = {}
+        positions: dict[TopicPartition, tuple[int, JournalPosition | None]] = {tp: (0, None) for tp in assigned}
         for tp, meta in committed.items():
-            done = decode_done(meta.offset, meta.metadata)
+            metadata, position = split_journal(meta.metadata)
+            positions[tp] = (meta.offset, position)
+            done = decode_done(meta.offset, metadata)
             if done:
                 self._skip[tp] = done
                 log.info("%s[%d]: skipping %d records finished by the previous owner", tp.topic, tp.partition,
                          len(done))
+        if self._journal is not None:  # before any record is released: a failure here must not let one through
+            await self._load_journal(positions)
+
+    async def _load_journal(self, positions: dict[TopicPartition, tuple[int, JournalPosition | None]]) -> None:
+        """Read the journal for newly assigned partitions, retrying until it is read (they stay paused)."""
+        assert self._journal is not None
+        delay = 0.5
+        while True:
+            try:
+                await self._journal.load(positions)
+                return
+            except (KafkaError, TimeoutError) as err:
+                log.error("reading the journal failed (%s); partitions stay paused, retrying in %.1fs", err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # dispatch -----------------------------------------------------------------------------------------
 
@@ -256,7 +340,11 @@ class Outbound(ConsumerRebalanceListener):
             coro = self._reject(job, record, err, received)
         else:
             job.id, job.kind, job.app = intent.id, intent_kind(intent), intent.app
-            if isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
+            entry = self._journal.recovered(tp, record.offset) if self._journal is not None else None
+            if entry is not None:  # a previous owner started its call: never call again
+                lane = (tp, ordering_key(intent))
+                coro = self._recover(job, record, entry, received, self._lanes.get(lane))
+            elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
                 coro = self._preview(job, record, intent, received)
             else:
                 lane = (tp, ordering_key(intent))
@@ -280,6 +368,9 @@ class Outbound(ConsumerRebalanceListener):
                 await coro
             except asyncio.CancelledError:
                 raise  # abandoned: its offset stays uncommitted and it is redone by the next owner
+            except MembershipLost:
+                self._count_abandoned(1)  # abandoned like a cancelled job: another replica may own it now
+                return
             except Exception as err:
                 # a bug, not an outcome: report it as this intent's failure rather than freeze the partition
                 log.exception("%s[%d]@%d: unexpected error", job.tp.topic, job.tp.partition, job.offset)
@@ -312,16 +403,26 @@ class Outbound(ConsumerRebalanceListener):
             job.started = True
 
         call = build_call(intent)
+        journal_start = None
+        if self._journal is not None and not call.repeatable:
+            journal = self._journal
+
+            async def journal_start() -> None:  # once a token and a connection are had (executor doc)
+                if not job.journaled:
+                    await journal.started(job.tp, job.offset, intent.id)
+                    job.journaled = True
+
         unsendable = self._executor.admissible(call)
         if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
             err = IntentError(f"rate: {unsendable}", id=intent.id, kind=job.kind, app=intent.app)
             await self._reject(job, record, err, received)
             return
-        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started)
+        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
+                                                 before_write=journal_start)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
-                           received)
+                           received, journal=job)
 
     async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
         assert self._previews is not None
@@ -353,7 +454,10 @@ class Outbound(ConsumerRebalanceListener):
         job.started = True
         fields = {"msg": f"internal error: {type(err).__name__}: {err}", "attempts": 0}
         try:
-            await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received)
+            await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received,
+                               journal=job)
+        except MembershipLost:
+            return False
         except Exception:
             log.exception("%s[%d]@%d: could not report the error; the record stays uncommitted", job.tp.topic,
                           job.tp.partition, job.offset)
@@ -362,19 +466,57 @@ class Outbound(ConsumerRebalanceListener):
 
     # writing results --------------------------------------------------------------------------------
 
+    async def _recover(self, job: Job, record: Record, entry: Entry, received: float,
+                       previous: asyncio.Task[None] | None) -> None:
+        """The record's call was started by a previous owner (its journal entry): write its result, never call."""
+        if previous is not None:
+            await asyncio.wait([previous])  # results in key order, like any job
+        job.started = True
+        assert job.id is not None
+        if isinstance(entry, Finished):
+            letter = entry.dead_letter
+            await self._write(record, job.id, bytes(entry.result), letter.error if letter else None,
+                              letter.reason if letter else "")
+            summary = msgspec.json.decode(entry.result)
+            fields = {"attempts": summary.get("attempts"), "code": summary.get("code"),
+                      "log_id": summary.get("log_id")}
+            self._finished(record, job.id, job.kind, str(summary.get("status")), fields, received, "re-emitted")
+            return
+        job.journaled = True  # its result goes to the journal first, so a later owner writes the same bytes
+        fields = {"attempts": 0, "msg": "outcome unknown: a previous owner of this partition started the call and "
+                  "stopped before its result was written; it may have been performed, so it was not repeated"}
+        await self._finish(record, job.id, job.kind, job.app, "failed", fields, OUTCOME_UNKNOWN, received,
+                           journal=job)
+
     async def _finish(self, record: Record, id: str | None, kind: str | None, app: str | None, status: str,
-                      fields: dict[str, Any], dl_error: str | None, received: float) -> None:
-        now = self._wall()
+                      fields: dict[str, Any], dl_error: str | None, received: float,
+                      journal: Job | None = None) -> None:
+        """Write the result and dead letter; for a ``journal``-ed job, journal them first (``relay.journal``)."""
+        if self._membership is not None:
+            await self._membership.wait()  # raises MembershipLost: the record may be another replica's now
+        now = self._wall()  # (each write, and each retry of one, asks again in _send)
+        value: bytes | None = None
+        if id is not None:
+            value = encode_result(make_result(id=id, kind=kind, app=app, status=status, received_at=received,
+                                              finished_at=now, **fields))
+        reason = dead_letter_reason(dl_error, fields) if dl_error is not None else ""
+        if journal is not None and journal.journaled and id is not None and value is not None:
+            assert self._journal is not None
+            letter = DeadLetter(dl_error, reason) if dl_error is not None else None
+            await self._journal.finished(journal.tp, journal.offset, id, value, letter)
+        await self._write(record, id, value, dl_error, reason)
+        self._finished(record, id, kind, status, fields, received)
+
+    async def _write(self, record: Record, id: str | None, value: bytes | None, dl_error: str | None,
+                     reason: str) -> None:
+        """The result record (when the id is known) and the dead letter (when due), awaited together."""
         headers: Headers = [(k, v) for k, v in (record.headers or ())]
         kafka = self._config.kafka
         sends: list[Awaitable[Any]] = []
-        if id is not None:
-            result = make_result(id=id, kind=kind, app=app, status=status, received_at=received, finished_at=now,
-                                 **fields)
-            sends.append(self._send(kafka.results_topic, id.encode(), encode_result(result),
+        if id is not None and value is not None:
+            sends.append(self._send(kafka.results_topic, id.encode(), value,
                                     forwarded_headers(headers, kafka.forward_headers)))
         if dl_error is not None:
-            reason = dead_letter_reason(dl_error, fields)
             sends.append(self._send(kafka.dead_letter_topic, record.key, record.value or b"",
                                     dead_letter_headers(headers, error=dl_error, reason=reason,
                                                         topic=record.topic, partition=record.partition,
@@ -383,18 +525,24 @@ class Outbound(ConsumerRebalanceListener):
             await sends[0]  # the common case: no gather (and no extra task) per record
         else:
             await asyncio.gather(*sends)
+
+    def _finished(self, record: Record, id: str | None, kind: str | None, status: str, fields: dict[str, Any],
+                  received: float, note: str = "") -> None:
+        """The metrics and the one log line of a finished record."""
         latency = self._wall() - received  # read -> result acknowledged
         self._metrics.inc("relay_intents_total", help="intents finished, by kind and status",
                           kind=kind or "unknown", status=status)
         self._metrics.observe("relay_intent_seconds", latency, help="read to result written", status=status)
-        log.info("%s[%d]@%d id=%s kind=%s status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f",
+        log.info("%s[%d]@%d id=%s kind=%s status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f%s",
                  record.topic, record.partition, record.offset, id, kind, status, fields.get("attempts"),
-                 fields.get("code"), fields.get("log_id"), latency * 1000)
+                 fields.get("code"), fields.get("log_id"), latency * 1000, f" ({note})" if note else "")
 
     async def _send(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
         """Produce and wait for the broker's acknowledgement, retrying until it comes (or we are cancelled)."""
         delay = 0.1
         while True:
+            if self._membership is not None:
+                await self._membership.wait()  # also before a retry: it may come after a freeze (MembershipLost)
             try:
                 future = await self._producer.send(topic, value, key=key, headers=headers)
                 await future
@@ -422,12 +570,18 @@ class Outbound(ConsumerRebalanceListener):
                 log.error("periodic commit failed; retrying at the next interval", exc_info=err)
 
     async def _commit(self, tps: list[TopicPartition]) -> None:
+        if self._standing() is Standing.LOST:
+            return  # the broker would refuse it (or, after a reset generation, take it from a non-member)
         moves = {tp: move for tp in tps if (o := self._offsets.get(tp)) is not None
                  and (move := o.uncommitted(also_done=self._skip.get(tp, ()))) is not None}
         if not moves:
             return
+        wire = moves
+        if self._journal is not None:  # the journal position rides in the metadata (relay.journal)
+            wire = {tp: (point, with_journal(metadata, self._journal.position(tp, point)))
+                    for tp, (point, metadata) in moves.items()}
         try:
-            await self._consumer.commit(moves)
+            await self._consumer.commit(wire)
         except (CommitFailedError, IllegalStateError, KafkaError) as err:
             # ownership moved (a rebalance) or the broker is away: the next owner re-reads from the last commit
             log.warning("commit of %d partition(s) failed: %s", len(moves), err)
@@ -436,6 +590,8 @@ class Outbound(ConsumerRebalanceListener):
             offsets = self._offsets.get(tp)
             if offsets is not None:
                 offsets.committed, offsets.committed_metadata = point, metadata
+            if self._journal is not None:
+                self._journal.committed(tp, point)
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
         """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish."""
@@ -455,6 +611,21 @@ class Outbound(ConsumerRebalanceListener):
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
                  len(abandoned), len(done) - len(abandoned), len(pending))
 
+    async def _abandon(self, tps: list[TopicPartition]) -> None:
+        """Cancel every job of ``tps``, started or not: no call, no result; their offsets stay uncommitted."""
+        tasks = [job.task for tp in tps for job in self._jobs.get(tp, ()) if job.task is not None
+                 and not job.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._count_abandoned(len(tasks))
+        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(tasks), len(tps))
+
+    def _count_abandoned(self, n: int) -> None:
+        self._metrics.inc("relay_outbound_abandoned_total", n,
+                          help="jobs abandoned because this replica's group membership lapsed (no call, no result)")
+
     def _forget(self, tps: list[TopicPartition]) -> None:
         gone = set(tps)
         self._paused -= gone
@@ -462,5 +633,7 @@ class Outbound(ConsumerRebalanceListener):
             self._offsets.pop(tp, None)
             self._jobs.pop(tp, None)
             self._skip.pop(tp, None)
+        if self._journal is not None:
+            self._journal.forget(gone)
         for lane in [lane for lane in self._lanes if lane[0] in gone]:
             del self._lanes[lane]

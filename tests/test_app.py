@@ -19,6 +19,7 @@ def test_schema_prints_intents_and_results() -> None:
     assert proc.returncode == 0, proc.stderr
     schema = json.loads(proc.stdout)
     assert {"Intent", "Result"} <= set(schema["$defs"])
+    assert schema["$ref"] == "#/$defs/Intent"  # the root validates an intent (tests/test_docs.py uses it)
 
 
 def test_run_with_kafka_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
@@ -45,8 +46,11 @@ def test_topics_to_create_cover_every_topic_with_its_settings() -> None:
     topics = topics_to_create(config)
     k = config.kafka
     assert {*k.intents_topics, k.results_topic, k.dead_letter_topic, k.events_topic, k.callbacks_topic, "msgs",
-            k.preview_memory_topic} == set(topics)
+            k.preview_memory_topic, k.journal_topic} == set(topics)
     assert "compact" in topics[k.preview_memory_topic]["cleanup.policy"]
+    journal = topics[k.journal_topic]  # deleted by age, never compacted; holds a Finished entry with a result
+    assert journal["cleanup.policy"] == "delete" and int(journal["retention.ms"]) >= 7 * 24 * 3600 * 1000
+    assert journal["max.message.bytes"] == topics[k.results_topic]["max.message.bytes"]
     assert int(topics[k.events_topic]["max.message.bytes"]) > config.inbound.max_body_bytes
 
 
@@ -108,3 +112,53 @@ def test_check_inbound_refuses_only_while_the_event_url_is_served() -> None:
     keyed = {"apps": [{"name": "a", "app_id": "cli_1", "app_secret": "s", "verification_token": "t",
                        "encrypt_key": "k"}]}
     assert check_inbound(parse_config(keyed, env={})) == []
+
+
+@pytest.mark.integration
+async def test_run_starts_with_kubernetes_service_variables_set(tmp_path: Path, kafka_bootstrap: str,
+                                                                topic_prefix: str) -> None:
+    """A Service named ``relay`` puts RELAY_PORT=tcp://... (and more) into every pod: ``relay run`` must start."""
+    import asyncio
+    import os
+    import signal
+    import socket
+
+    import aiohttp
+
+    from relay.sandbox import Sandbox, SandboxOptions
+    from tests.relaykit import config_data, to_toml
+    from tests.test_config import K8S_SERVICE_ENV
+
+    box = Sandbox(SandboxOptions())
+    await box.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "relay.toml"
+    path.write_text(to_toml(config_data(kafka_bootstrap, topic_prefix, box.url, http={"enabled": True})))
+    env = {**os.environ, **K8S_SERVICE_ENV, "RELAY_HTTP__PORT": str(port)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "relay", "run", "--config", str(path),
+                                                env=env, stderr=asyncio.subprocess.PIPE)
+    try:
+        ready = False
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                if proc.returncode is not None:
+                    break
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        if resp.status == 200:
+                            ready = True
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert ready, stderr.decode()[-2000:]
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await box.stop()

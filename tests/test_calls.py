@@ -156,6 +156,37 @@ def test_every_kind_is_covered() -> None:
     assert len(kinds) == 18
 
 
+# kind -> safe to repeat (relay.calls "Safe to repeat"); api.call by method
+REPEATABLE: dict[str, bool] = {
+    "message.send": True, "message.reply": True, "message.forward": True, "message.edit": True,
+    "card.patch": True, "message.recall": True, "reaction.remove": True, "pin.add": True, "pin.remove": True,
+    "chat_button.update": True, "url_preview.update": True, "ephemeral.delete": True,
+    "message.urgent": False, "reaction.add": False, "ephemeral.send": False, "card.delay_update": False,
+    "message.batch_send": False,
+}
+API_CALL_REPEATABLE = {"GET": True, "PUT": True, "DELETE": True, "POST": False, "PATCH": False}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]['kind']}:{c[0]['id']}" for c in CASES])
+def test_repeatable_is_decided_per_api(case: tuple[Any, ...]) -> None:
+    intent = case[0]
+    built = call(intent)
+    expected = API_CALL_REPEATABLE[intent["method"]] if intent["kind"] == "api.call" else REPEATABLE[intent["kind"]]
+    assert built.repeatable is expected
+    assert not built.uuid_protected or built.repeatable  # a uuid makes a call repeatable, never the reverse
+
+
+@pytest.mark.parametrize(("method", "repeatable"), sorted(API_CALL_REPEATABLE.items()))
+def test_api_call_is_repeatable_by_http_method(method: str, repeatable: bool) -> None:
+    built = call({"kind": "api.call", "id": "a-1", "method": method, "path": "/open-apis/x/v1/y",
+                  "rate": {"per_second": 5}})
+    assert built.repeatable is repeatable
+
+
+def test_every_kind_has_a_repeatable_answer() -> None:
+    assert {c[0]["kind"] for c in CASES} - {"api.call"} == set(REPEATABLE)
+
+
 def test_content_string_is_passed_through_untouched() -> None:
     given = '{"text": "hi",  "extra": 1}'
     built = call({"kind": "message.send", "id": "s", "receive_id_type": "open_id", "receive_id": "ou_1",

@@ -401,7 +401,7 @@ OPERATOR = {"open_id": "ou_1", "union_id": "on_1", "user_id": "u_1", "tenant_key
 USER_ID = {"open_id": "ou_1", "union_id": "on_1", "user_id": "u_1"}
 
 # event type -> (event body, expected record key). Bodies follow the SDK's models (lark_oapi api/im/v1/model,
-# event/callback/model) and feishu-facts §6 / feishu-next §C. v1 types are marked "v1 <type>".
+# event/callback/model) and docs/feishu-rules.md §6.6, §6.7. v1 types are marked "v1 <type>".
 KEY_TABLE: dict[str, tuple[dict[str, Any], str]] = {
     # the seed im_v1_overview.md's events
     "im.message.receive_v1": ({"sender": {"sender_id": USER_ID, "sender_type": "user", "tenant_key": "t"},

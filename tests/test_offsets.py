@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import random
 
-from relay.offsets import MAX_METADATA, PartitionOffsets, decode_done, encode_done
+from relay.offsets import (
+    JOURNAL_METADATA_ROOM,
+    MAX_METADATA,
+    JournalPosition,
+    PartitionOffsets,
+    decode_done,
+    encode_done,
+    split_journal,
+    with_journal,
+)
 
 
 def test_empty_partition_has_no_commit_point() -> None:
@@ -87,3 +96,16 @@ def test_a_previous_owners_finished_set_stays_in_the_metadata_until_reached() ->
     assert move is not None and move[0] == 105
     assert decode_done(105, move[1]) == {110}  # 105 is the commit point itself: it will be skipped when read
     assert p.uncommitted(also_done=()) == (105, "")  # without it, a second rebalance would redo 110
+
+
+def test_the_journal_position_rides_beside_the_finished_set() -> None:
+    done = encode_done(100, {102, 105})
+    for metadata in (done, ""):
+        carried = with_journal(metadata, JournalPosition(3, 12345))
+        assert split_journal(carried) == (metadata, JournalPosition(3, 12345))
+        assert decode_done(100, split_journal(carried)[0]) == decode_done(100, metadata)
+    assert with_journal(done, None) == done and split_journal(done) == (done, None)
+    assert split_journal(None) == ("", None)
+    assert split_journal(done + ";journal=x@1") == (done, None)  # unreadable: read the journal from the start
+    biggest = with_journal("", JournalPosition(2**63 - 1, 2**63 - 1))
+    assert len(biggest) <= JOURNAL_METADATA_ROOM and MAX_METADATA + JOURNAL_METADATA_ROOM <= 4096

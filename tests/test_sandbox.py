@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from relay.sandbox import Sandbox, SandboxOptions
+from relay.sandbox import Control, Sandbox, SandboxOptions
 from relay.sandbox.windows import Limit, SlidingWindows
 
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
@@ -423,6 +423,46 @@ async def test_code_1500_and_dropped_connection(make: Factory) -> None:
     assert sandbox.calls[-1].fault == "drop" and sandbox.calls[-1].status == 0
     sandbox.set_faults(fault_rate=0.0)
     assert (await client.react())[1]["code"] == 0
+
+
+async def test_lost_and_hang_perform_the_operation_then_lose_its_answer(make: Factory) -> None:
+    sandbox, client, _ = await make(fault_rate=1.0, fault_kinds=("lost",), hang_seconds=5.0)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await client.react("om_lost")
+    lost = sandbox.calls[-1]
+    assert (lost.fault, lost.performed, lost.status) == ("lost", True, 0)
+    sandbox.set_faults(fault_kinds=("hang",))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await client.react("om_hang")
+    hung = sandbox.calls[-1]
+    assert (hung.fault, hung.performed) == ("hang", True)
+    # a refusal is answered as usual even with an after-fault rolled: nothing was performed, nothing is lost
+    status, body, _ = await client.call("POST", f"{MESSAGES}/om_1/reactions", {"reaction_type": {}})
+    assert (status, body["code"]) == (400, 230001)
+    assert (sandbox.calls[-1].fault, sandbox.calls[-1].performed) == (None, False)
+    sandbox.set_faults(fault_kinds=("drop",))  # before the operation: not performed
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await client.react("om_drop")
+    assert (sandbox.calls[-1].fault, sandbox.calls[-1].performed) == ("drop", False)
+
+
+async def test_a_uuid_answered_from_the_dedup_cache_is_not_performed_again(make: Factory) -> None:
+    sandbox, client, _ = await make()
+    assert (await client.send("oc_1", uuid="u-1"))[1]["code"] == 0
+    assert (await client.send("oc_1", uuid="u-1"))[1]["code"] == 0
+    sends = sandbox.calls_for("message.send")
+    assert [(c.performed, c.deduped) for c in sends] == [(True, False), (False, True)]
+
+
+async def test_token_outage_answers_a_gateway_503_until_cleared(make: Factory) -> None:
+    sandbox, client, _ = await make()
+    sandbox.apply(Control(token_outage=True))
+    async with client.session.post(client.base + TOKEN_PATH, json={"app_id": "cli_a", "app_secret": "s"}) as resp:
+        assert resp.status == 503 and "gateway" in await resp.text()
+    assert sandbox.calls[-1].fault == "token_outage"
+    sandbox.apply(Control(token_outage=False))
+    assert (await client.login())["code"] == 0
 
 
 async def test_http_controls(make: Factory) -> None:

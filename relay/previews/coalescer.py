@@ -31,6 +31,7 @@ from relay.calls import Call, url_preview_call
 from relay.config import Config
 from relay.errors import RelayError
 from relay.intents import UrlPreviewUpdate
+from relay.membership import MembershipLost
 from relay.outcomes import Outcome, Verdict
 from relay.previews.memory import PreviewMemory
 from relay.previews.planner import Finished, PlannedCall, PreviewPlanner, PreviewStatus
@@ -210,6 +211,12 @@ class PreviewCoalescer:
             call = self._make_call(planned.tokens, planned.open_ids)
             attempted = await self._executor.execute(planned.app, call, expires_at=expires_at,
                                                      min_retry_delay=self.spacing, before_attempt=before_attempt)
+        except MembershipLost:
+            # nothing was sent; the intents' jobs are being abandoned with their partitions (outbound), and
+            # whatever is still waiting goes back to pending, told nothing
+            let_through()
+            self.planner.abort(planned.id, self._clock())
+            return
         except Exception:
             log.exception("url preview call for app %s (%d tokens) raised; its intents go back to pending",
                           planned.app, len(planned.tokens))

@@ -3,10 +3,13 @@
     server    the aiohttp server: tokens, the APIs the relay calls, limits, faults, the call log, /_sandbox
     bodies    the request bodies it accepts, each documented rule in the type
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
+    emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
 """
 
 from relay.sandbox.server import (
+    AFTER_FAULTS,
     ALL_FAULTS,
+    BEFORE_FAULTS,
     CallRecord,
     Control,
     FaultKind,
@@ -20,7 +23,9 @@ from relay.sandbox.server import (
 )
 
 __all__ = [
+    "AFTER_FAULTS",
     "ALL_FAULTS",
+    "BEFORE_FAULTS",
     "CallRecord",
     "Control",
     "FaultKind",

@@ -52,7 +52,7 @@ what ``throttle_target``/``fail_target`` take: ``receive:<receive_id>``, ``chat:
 
 Order of checks: authorization → app-wide window → fault injection → request validation (230001 naming the
 field; the body rules are the structs of ``relay.sandbox.bodies``) → forced target errors / timed throttles →
-per-target windows → ``uuid`` dedup → the operation.
+per-target windows → ``uuid`` dedup → the operation → an after-operation fault (``lost``, ``hang``).
 
 ``time_scale`` k divides every Feishu duration (windows, token lifetime and refresh window, the 1 h ``uuid``
 window, ``throttle_target`` seconds) so tests run limits k times faster; reported ``expire`` and
@@ -61,12 +61,33 @@ Injected latency is network time and is not scaled. Arrival times in the call lo
 
 Faults (``fault_rate``, ``latency``) apply to API calls only, never to the token endpoint or ``/_sandbox``.
 A fault is rolled after the app-wide window admitted the call, so a faulted call still counts against the quota,
-as a retried call does at Feishu.
+as a retried call does at Feishu. ``fault_kinds`` picks among (default: the first five, ``BEFORE_FAULTS``):
+
+=============  =====================================================================================
+``http500``,   *instead of* the operation: a gateway's plain-text 500/502/503 (not performed)
+``http502``,
+``http503``
+``code1500``   instead of the operation: Feishu's 1500 "internal error" (not performed)
+``drop``       instead of the operation: the connection is aborted without an answer (not performed)
+``lost``       the operation IS performed, then the connection is aborted without an answer
+``hang``       the operation IS performed, then the answer is held ``hang_seconds`` (past the client's
+               timeout; released at once when the sandbox stops) and written to whoever still listens
+=============  =====================================================================================
+
+``lost`` and ``hang`` (``AFTER_FAULTS``) are what a client cannot tell apart from ``drop`` and a slow network:
+the request may or may not have been performed. They apply only to a call whose operation succeeds (a refusal
+is answered as usual). Every call record says whether its operation took effect (``performed``: not for a
+refusal, a fault before the operation or a ``uuid`` answered from the dedup cache), so a test can count the
+operations performed per message or intent however the answers went.
+
+``token_outage`` (option, ``set_token_outage``, or ``Control.token_outage``) answers every token request with a
+gateway's plain-text 503 until cleared: a token endpoint that is down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -102,8 +123,12 @@ from relay.sandbox.windows import Limit, SlidingWindows
 
 log = logging.getLogger(__name__)
 
-FaultKind = Literal["http500", "http502", "http503", "code1500", "drop"]
-ALL_FAULTS: Final[tuple[FaultKind, ...]] = ("http500", "http502", "http503", "code1500", "drop")
+FaultKind = Literal["http500", "http502", "http503", "code1500", "drop", "lost", "hang"]
+# answered instead of the operation, which is not performed
+BEFORE_FAULTS: Final[tuple[FaultKind, ...]] = ("http500", "http502", "http503", "code1500", "drop")
+# the operation is performed, then its answer is lost (module doc)
+AFTER_FAULTS: Final[tuple[FaultKind, ...]] = ("lost", "hang")
+ALL_FAULTS: Final[tuple[FaultKind, ...]] = BEFORE_FAULTS + AFTER_FAULTS
 
 # Messages Feishu sends with each code (facts §1.3, §2.1, §4; seed pages for 230001/230027).
 MESSAGES: Final[Mapping[int, str]] = {
@@ -151,7 +176,9 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     latency: float = 0.0  # seconds added before every API answer (not scaled)
     latency_jitter: float = 0.0  # plus uniform(0, jitter)
     fault_rate: float = 0.0  # share of API calls (after the app window) answered by a fault
-    fault_kinds: tuple[FaultKind, ...] = ALL_FAULTS
+    fault_kinds: tuple[FaultKind, ...] = BEFORE_FAULTS
+    hang_seconds: float = 30.0  # how long a ``hang`` fault holds its answer (real seconds, not scaled)
+    token_outage: bool = False  # the token endpoint answers a gateway's 503 (module doc)
     target_errors: dict[str, int] = msgspec.field(default_factory=dict)  # target (key or bare id) -> code
     failed_users: frozenset[str] = frozenset()  # chat_button user_ids reported in failed_user_reasons
     chats_without_bot: frozenset[str] = frozenset()  # chat_button chat_ids answered 230027
@@ -179,6 +206,7 @@ class CallRecord(msgspec.Struct, kw_only=True):
     throttled: bool = False  # answered 429/99991400 or 230020 for any reason
     violation: str | None = None  # which documented limit the call broke (the relay must never cause one)
     fault: str | None = None  # an injected fault or forced target answer
+    performed: bool = False  # the operation took effect, whether or not its answer reached the client
 
 
 class Message(msgspec.Struct, kw_only=True):
@@ -199,6 +227,7 @@ class FaultSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fault_kinds: tuple[FaultKind, ...] | None = None
     latency: float | None = None
     latency_jitter: float | None = None
+    hang_seconds: float | None = None
 
 
 class TargetThrottle(msgspec.Struct, forbid_unknown_fields=True):
@@ -219,6 +248,7 @@ class Control(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     throttle: list[TargetThrottle] = msgspec.field(default_factory=list)
     fail: list[TargetFailure] = msgspec.field(default_factory=list)
     enforce_limits: bool | None = None
+    token_outage: bool | None = None
 
 
 S = TypeVar("S")
@@ -257,6 +287,12 @@ class _Refused(Exception):
 
 class _Drop(Exception):
     """Close the connection without answering."""
+
+
+class _After(msgspec.Struct):
+    """An after-operation fault rolled for a call (``lost`` or ``hang``)."""
+
+    kind: FaultKind
 
 
 class _GatewayFault(Exception):
@@ -307,12 +343,14 @@ class Sandbox:
         self._uuids: dict[tuple[str, str, str, str], tuple[float, dict[str, Any]]] = {}
         self._throttles: dict[str, float] = {}  # target -> clock time until which it answers 230020
         self._failures: dict[str, int] = dict(self._initial.target_errors)
+        self._stopping = asyncio.Event()  # releases ``hang`` answers at stop
         self.app = self._build_app()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 = any free port); returns the base URL, e.g. ``http://127.0.0.1:PORT``."""
+        self._stopping.clear()
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         try:
@@ -326,6 +364,7 @@ class Sandbox:
         return self.url
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -365,10 +404,15 @@ class Sandbox:
         self._current.clear()
 
     def set_faults(self, *, fault_rate: float | None = None, fault_kinds: tuple[FaultKind, ...] | None = None,
-                   latency: float | None = None, latency_jitter: float | None = None) -> None:
+                   latency: float | None = None, latency_jitter: float | None = None,
+                   hang_seconds: float | None = None) -> None:
         changes: dict[str, Any] = {"fault_rate": fault_rate, "fault_kinds": fault_kinds, "latency": latency,
-                                   "latency_jitter": latency_jitter}
+                                   "latency_jitter": latency_jitter, "hang_seconds": hang_seconds}
         self.options = msgspec.structs.replace(self.options, **{k: v for k, v in changes.items() if v is not None})
+
+    def set_token_outage(self, down: bool) -> None:
+        """While ``down``, every token request is answered with a gateway's 503 (module doc)."""
+        self.options = msgspec.structs.replace(self.options, token_outage=down)
 
     def set_enforce_limits(self, enforce: bool) -> None:
         self.options = msgspec.structs.replace(self.options, enforce_limits=enforce)
@@ -392,13 +436,15 @@ class Sandbox:
         if control.faults is not None:
             f = control.faults
             self.set_faults(fault_rate=f.fault_rate, fault_kinds=f.fault_kinds, latency=f.latency,
-                            latency_jitter=f.latency_jitter)
+                            latency_jitter=f.latency_jitter, hang_seconds=f.hang_seconds)
         for t in control.throttle:
             self.throttle_target(t.target, t.seconds)
         for fail in control.fail:
             self.fail_target(fail.target, fail.code)
         if control.enforce_limits is not None:
             self.set_enforce_limits(control.enforce_limits)
+        if control.token_outage is not None:
+            self.set_token_outage(control.token_outage)
 
     # ---- limits ----------------------------------------------------------------------------------------------
 
@@ -585,8 +631,11 @@ class Sandbox:
             app_id = self._authorize(request, now)
             call.app_id = app_id
             self._admit_app(call, bucket, now)
-            self._roll_fault(call)
+            after = self._roll_fault(call)
             data = op(_Req(call, request.query, request.match_info, body, now, app_id))
+            call.performed = not call.deduped
+            if after is not None:
+                return await self._lose_answer(request, call, after, data)
             response = self._answer(call, 0, MESSAGES[0], data)
         except _Refused as refused:
             response = self._answer(call, refused.code, refused.msg, refused.data, refused.headers)
@@ -606,17 +655,36 @@ class Sandbox:
         log.debug("sandbox: %s %s -> %s %s", call.method, call.path, call.status, call.code)
         return response
 
-    def _roll_fault(self, call: CallRecord) -> None:
+    def _roll_fault(self, call: CallRecord) -> _After | None:
+        """Raise a fault answered instead of the operation, or return one to apply after it (module doc)."""
         o = self.options
         if o.fault_rate <= 0 or not o.fault_kinds or self._rng.random() >= o.fault_rate:
-            return
+            return None
         kind = self._rng.choice(o.fault_kinds)
+        if kind in AFTER_FAULTS:
+            return _After(kind)  # recorded once the operation succeeded (a refusal is answered as usual)
         call.fault = kind
         if kind == "drop":
             raise _Drop
         if kind == "code1500":
             raise _Refused(1500)
         raise _GatewayFault(int(kind[4:]))
+
+    async def _lose_answer(self, request: web.Request, call: CallRecord, after: _After,
+                           data: dict[str, Any]) -> web.StreamResponse:
+        """The operation was performed: abort without an answer (``lost``), or answer too late (``hang``)."""
+        call.fault = after.kind
+        await self._delay()
+        if after.kind == "hang":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.options.hang_seconds)
+            log.debug("sandbox: answering %s %s after a hang", request.method, request.path)
+            return self._answer(call, 0, MESSAGES[0], data)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        log.debug("sandbox: performed %s %s and lost the answer", request.method, request.path)
+        return web.Response()
 
     async def _delay(self) -> None:
         o = self.options
@@ -640,6 +708,9 @@ class Sandbox:
         call.app_id = creds.app_id or None
         call.body = {"app_id": creds.app_id, "app_secret": "***"}  # never keep a secret in the log
         headers = {"X-Tt-Logid": call.log_id}
+        if self.options.token_outage:
+            call.status, call.fault = 503, "token_outage"
+            return web.Response(status=503, text="503 gateway error", headers=headers)
         if not creds.app_id or not creds.app_secret:
             call.status, call.code, call.msg = 400, 10003, MESSAGES[10003]
             return self._json(400, {"code": 10003, "msg": MESSAGES[10003]}, headers)
