@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from relay import __version__
-from relay.config import Config, load_config, redacted
+from relay.config import Config, check_inbound, load_config, redacted
 from relay.errors import ConfigError, RelayError
 
 
@@ -126,7 +126,7 @@ def check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     check_limits(config)
-    warnings = config_warnings(config)
+    warnings = [*map(str, config_warnings(config)), *check_inbound(config)]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.print:

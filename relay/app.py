@@ -24,7 +24,7 @@ from aiohttp import web
 
 from relay.backoff import RetryPolicy
 from relay.calls import check_share
-from relay.config import AppConfig, Config, Secret, load_config
+from relay.config import AppConfig, Config, Secret, check_inbound, load_config
 from relay.errors import ConfigError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(send(config, args.intent, args.timeout))
     if args.command == "run":
         check_limits(config)
+        check_inbound(config)  # its warnings are logged by Inbound at start
         return asyncio.run(run(config, with_sandbox=args.with_sandbox))
     raise SystemExit(f"unknown command {args.command}")
 

@@ -45,7 +45,9 @@ def config_data(bootstrap: str, prefix: str, base_url: str, *, time_scale: float
             "topic_partitions": 4,
         },
         "feishu": {"base_url": base_url, "time_scale": time_scale, "token_refresh_margin": 60.0},
-        "apps": [{"name": "default", "app_id": APP_ID, "app_secret": APP_SECRET}],
+        # a verification token: `relay run` refuses to serve the event URL for an app without one
+        "apps": [{"name": "default", "app_id": APP_ID, "app_secret": APP_SECRET,
+                  "verification_token": "test-verification-token"}],
         "http": {"enabled": False},
         "outbound": {"session_timeout_ms": 6000, "commit_interval": 0.2, "drain_timeout": 10.0,
                      "backoff_base": 0.05, "backoff_cap": 1.0, "max_retry_seconds": 60.0},

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay.app import check_limits, topics_to_create, uses_sandbox, with_sandbox_url
-from relay.config import parse_config
+from relay.config import check_inbound, parse_config
 from relay.errors import ConfigError
 
 
@@ -71,6 +71,47 @@ def test_check_and_run_refuse_a_share_too_small_in_one_line(tmp_path: Path) -> N
         assert proc.returncode == 2, (command, proc.stderr)
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
         assert proc.stderr.startswith("config error: feishu.quota_share: ") and "url_preview" in proc.stderr
+
+
+def test_check_and_run_refuse_an_app_without_verification_token_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    app = '[[apps]]\nname = "open"\napp_id = "cli_1"\napp_secret = "s3cr3t"\n'
+    # an unreachable broker too: run must refuse the app before it ever tries Kafka
+    path.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n' + app)
+    for command in ("check", "run"):
+        proc = subprocess.run([sys.executable, "-m", "relay", command, "--config", str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        assert proc.stderr.startswith("config error: apps[open].verification_token: required while inbound")
+        assert "s3cr3t" not in proc.stderr
+    # without inbound (or without http) the token is not needed
+    path.write_text('[inbound]\nenabled = false\n' + app)
+    proc = subprocess.run([sys.executable, "-m", "relay", "check", "--config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_check_warns_once_about_an_app_without_encrypt_key(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[[apps]]\nname = "plain"\napp_id = "cli_1"\napp_secret = "s"\nverification_token = "t0k3n"\n')
+    proc = subprocess.run([sys.executable, "-m", "relay", "check", "--config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [warning] = proc.stderr.strip().splitlines()
+    assert warning.startswith("warning: apps[plain] has no encrypt_key: ") and "t0k3n" not in warning
+
+
+def test_check_inbound_refuses_only_while_the_event_url_is_served() -> None:
+    data = {"apps": [{"name": "a", "app_id": "cli_1", "app_secret": "s"}]}
+    with pytest.raises(ConfigError) as caught:
+        check_inbound(parse_config(data, env={}))
+    assert caught.value.key == "apps[a].verification_token"
+    assert check_inbound(parse_config({**data, "http": {"enabled": False}}, env={})) == []
+    assert check_inbound(parse_config({**data, "inbound": {"enabled": False}}, env={})) == []
+    keyed = {"apps": [{"name": "a", "app_id": "cli_1", "app_secret": "s", "verification_token": "t",
+                       "encrypt_key": "k"}]}
+    assert check_inbound(parse_config(keyed, env={})) == []
 
 
 @pytest.mark.integration

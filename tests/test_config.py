@@ -12,7 +12,8 @@ from relay.config import Secret, apply_env, load_config, parse_config, redacted
 from relay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = '[[apps]]\nname = "default"\napp_id = "cli_1"\napp_secret = "s3cr3t-value"\n'
+APP = ('[[apps]]\nname = "default"\napp_id = "cli_1"\napp_secret = "s3cr3t-value"\n'
+       'verification_token = "v-t0ken-value"\nencrypt_key = "k3y-value"\n')
 
 
 def test_example_and_local_configs_are_valid() -> None:
@@ -80,6 +81,7 @@ def test_secrets_never_print() -> None:
         ("[kafka]\nintents_topics = []\n", {}, "kafka.intents_topics", "length"),
         ("[kafka]\nbootstrap_servers = \"nohost\"\n", {}, "kafka.bootstrap_servers", "host:port"),
         ("[feishu]\nquota_share = 2.0\n", {}, "feishu.quota_share", "<= 1"),
+        ("[inbound]\ndedup_ttl = 3600.0\n", {}, "inbound.dedup_ttl", "at least timestamp_tolerance"),
         ("", {"RELAY_HTTP__PORTT": "1"}, "http.portt", "unknown key"),
         ("", {"RELAY_HTTP__PORT": "x"}, "http.port", "expected int"),
         ("[http\n", {}, "", "not valid TOML"),
@@ -131,7 +133,7 @@ def test_relay_check_cli_good_file(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "ok (1 app(s))" in proc.stdout
-    assert "s3cr3t-value" not in proc.stdout and '"***"' in proc.stdout
+    assert "s3cr3t-value" not in proc.stdout and "v-t0ken-value" not in proc.stdout and '"***"' in proc.stdout
 
 
 # What Kubernetes injects into every pod for a Service named ``relay`` (docker links look the same).

@@ -49,7 +49,10 @@ def test_version() -> None:
 
 def test_check_warns_but_passes(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
-    path.write_text('[[apps]]\nname = "default"\napp_id = "cli_xxx"\napp_secret = "..."\n')
+    app = '[[apps]]\nname = "default"\napp_id = "cli_xxx"\napp_secret = "..."\n'
+    path.write_text(app)  # no verification token: refused while inbound is enabled (test_app.py)
+    assert run("check", "--config", str(path)).returncode == 2
+    path.write_text("[inbound]\nenabled = false\n" + app)
     proc = run("check", "--config", str(path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{path}: ok (1 app(s), 2 warning(s))"
