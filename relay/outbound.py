@@ -18,7 +18,10 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   rebalance, since Kafka forgets them.
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
-  finish and write their results; then offsets are committed and state for those partitions dropped.
+  finish and write their results; then offsets are committed and state for those partitions dropped. A
+  ``url_preview.update`` job has started once a call carrying it has claimed its tokens (it may be at Feishu);
+  one that has not is withdrawn from the coalescer (no result, not failed) and redone by the next owner, which
+  sees this replica's claims in the preview memory and keeps the 5 s rule across the handover.
 
 Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
 letters; they never stop a partition.
@@ -46,7 +49,7 @@ from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.kafka import client_settings
 from relay.metrics import Metrics
 from relay.offsets import PartitionOffsets, decode_done
-from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
+from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped, PreviewTicket
 from relay.results import (
     Headers,
     dead_letter_headers,
@@ -76,9 +79,10 @@ class Record(Protocol):
 
 
 class Job:
-    """One record being handled. ``started``: a call was attempted or the result is being written."""
+    """One record being handled. ``started``: a call was attempted or the result is being written (a preview
+    job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`)."""
 
-    __slots__ = ("app", "id", "kind", "offset", "received", "record", "started", "task", "tp")
+    __slots__ = ("app", "id", "kind", "offset", "preview", "received", "record", "started", "task", "tp")
 
     def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
@@ -90,6 +94,7 @@ class Job:
         self.id: str | None = None
         self.kind: str | None = None
         self.app: str | None = None
+        self.preview: PreviewTicket | None = None
 
 
 class Outbound(ConsumerRebalanceListener):
@@ -326,7 +331,8 @@ class Outbound(ConsumerRebalanceListener):
     async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
         assert self._previews is not None
         try:
-            done = await self._previews.submit(intent, received)
+            job.preview = self._previews.enqueue(intent, received)
+            done = await self._previews.result(job.preview)
         except PreviewsStopped:
             raise asyncio.CancelledError from None  # abandoned like any job stopped before its call
         job.started = True
@@ -440,7 +446,7 @@ class Outbound(ConsumerRebalanceListener):
     async def _drain(self, tps: list[TopicPartition]) -> None:
         """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish."""
         jobs = [job for tp in tps for job in self._jobs.get(tp, ())]
-        abandoned = [job for job in jobs if not job.started and job.task is not None]
+        abandoned = [job for job in jobs if self._abandonable(job)]
         for job in abandoned:
             assert job.task is not None
             job.task.cancel()
@@ -454,6 +460,15 @@ class Outbound(ConsumerRebalanceListener):
             await asyncio.wait(pending, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
                  len(abandoned), len(done) - len(abandoned), len(pending))
+
+    def _abandonable(self, job: Job) -> bool:
+        """Not started, so nothing of it can be at Feishu: a preview job is withdrawn from the coalescer here, in
+        the same step as the check, so no call can claim for it before its task is cancelled."""
+        if job.started or job.task is None:
+            return False
+        if job.preview is not None and self._previews is not None:
+            return self._previews.withdraw_unstarted(job.preview)
+        return True
 
     def _forget(self, tps: list[TopicPartition]) -> None:
         gone = set(tps)
