@@ -188,8 +188,9 @@ class SharedLogReplica:
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.sleep(self.ack_delay / 2)
-                for token in tokens:
+                for token in tokens:  # one record per token: another replica's records may land in between
                     self.log.append((app, token), time.time(), claim)
+                    await asyncio.sleep(0)
                 await asyncio.sleep(self.ack_delay / 2)
                 return Claim(won=await future)
         except TimeoutError:
@@ -535,3 +536,19 @@ async def test_wait_raises_when_the_planning_loop_dies(monkeypatch: pytest.Monke
             await coalescer.wait()
         with pytest.raises(PreviewsStopped):
             await waiting
+
+
+async def test_two_replicas_that_each_won_half_of_a_call_do_not_race_again_forever() -> None:
+    # one reads [A, B], the other [B, A]: their claims interleave (A from one, B from two, then the rest), so each
+    # call loses a token and neither is sent; both tokens are ready again at the same instant for both replicas
+    log = SharedLog()
+    one_ex, two_ex = FakeExecutor(rate=5 * SCALE), FakeExecutor(rate=5 * SCALE)
+    async with running(one_ex, log.replica()) as one, running(two_ex, log.replica()) as two:
+        async with asyncio.timeout(10.0):  # a few spacings (0.15 s each) are enough unless they race forever
+            results = await asyncio.gather(one.submit(intent("ab", ["A", "B"]), time.time()),
+                                           two.submit(intent("ba", ["B", "A"]), time.time()))
+        assert {r.status for r in results} == {"ok"}
+        assert one.claims_lost + two.claims_lost >= 2  # they did collide
+    for token in ("A", "B"):
+        sent = sorted(one_ex.attempts[token] + two_ex.attempts[token])
+        assert all(b - a >= 5.0 / SCALE for a, b in itertools.pairwise(sent)), (token, sent)

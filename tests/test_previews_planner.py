@@ -520,3 +520,16 @@ def test_a_multi_token_intent_with_one_token_delivered_stays_started() -> None:
     p.on_claim(first.id)
     send(p, first, 0.0)
     assert p.started(r1)  # t was delivered: redoing it elsewhere would update t twice for i1
+
+
+def test_a_lost_claim_waits_a_jitter_past_the_spacing_of_the_winner() -> None:
+    p = planner()
+    p.add("i1", "default", ["t"], None, None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None
+    p.on_claim(call.id)
+    p.remember("default", "t", 0.5)  # the winner's claim (and ours), read by the tail before the verdict
+    p.abort(call.id, 0.01, hold=0.0, jitter=0.3)
+    assert p.next_call(0.5 + SPACING) is None
+    again = p.next_call(0.5 + SPACING + 0.3)
+    assert again is not None and again.tokens == ("t",)

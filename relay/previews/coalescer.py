@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
@@ -51,7 +52,7 @@ from relay.intents import UrlPreviewUpdate
 from relay.outcomes import Outcome, Verdict
 from relay.previews.claims import ClaimArbiter
 from relay.previews.memory import PreviewMemory
-from relay.previews.planner import ERROR_HOLD, Finished, PlannedCall, PreviewPlanner, PreviewStatus
+from relay.previews.planner import Finished, PlannedCall, PreviewPlanner, PreviewStatus
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class PreviewCoalescer:
     def __init__(self, executor: PreviewExecutor, memory: PreviewMemory, config: Config, *,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  margin: float | None = None, claim_window: float | None = None,
-                 make_call: MakeCall | None = None) -> None:
+                 make_call: MakeCall | None = None, rng: random.Random | None = None) -> None:
         self._executor = executor
         self._memory = memory
         interval = config.previews.token_interval / config.feishu.time_scale
@@ -153,6 +154,7 @@ class PreviewCoalescer:
         self.arbiter = ClaimArbiter(spacing=self.spacing, claim_window=self.claim_window)
         self._clock = clock
         self._wall = wall
+        self._rng = rng or random.Random()
         self._make_call: MakeCall = make_call or url_preview_call
         self._futures: dict[int, asyncio.Future[PreviewResult]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -330,7 +332,11 @@ class PreviewCoalescer:
             log.info("url preview call %d for app %s (%d tokens) not sent: %s", planned.id, planned.app,
                      len(planned.tokens), lost)
             let_through()
-            self.planner.abort(planned.id, self._clock(), hold=0.0 if lost.lost else ERROR_HOLD)
+            if lost.lost:  # the winner holds the token; a random wait after it keeps the losers from racing again
+                self.planner.abort(planned.id, self._clock(), hold=0.0,
+                                   jitter=self._rng.uniform(0.0, self.claim_window))
+            else:
+                self.planner.abort(planned.id, self._clock())
             self._wake.set()
             return
         except Exception:

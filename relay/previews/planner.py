@@ -341,11 +341,13 @@ class PreviewPlanner:
             self._schedule(token, now)
         return finished
 
-    def abort(self, call_id: int, now: float, hold: float = ERROR_HOLD) -> None:
+    def abort(self, call_id: int, now: float, hold: float = ERROR_HOLD, *, jitter: float = 0.0) -> None:
         """The call neither succeeded nor failed (it raised, or its claim lost): its requests go back to pending,
         first in line; intents it carried are no longer :meth:`started` by it unless one of its attempts was sent.
 
-        Its tokens rest ``hold`` seconds (besides the spacing rule) so a persistent error cannot spin.
+        Its tokens rest ``hold`` seconds (besides the spacing rule) so a persistent error cannot spin, and
+        ``jitter`` seconds past the spacing: two replicas whose claims lost to each other's (each won a token
+        of the other's call) would otherwise both be ready again at the same instant, and race again.
         """
         call = self._calls.pop(call_id)
         self._unclaim(call)
@@ -353,6 +355,8 @@ class PreviewPlanner:
             token = self._tokens[key]
             token.in_flight = None
             token.hold_until = now + hold
+            if jitter > 0 and token.last_update is not None:
+                token.hold_until = max(token.hold_until, token.last_update + self.spacing + jitter)
             back = {r.ref: r for r in call.carried[key] if r.ref in self._intents}
             for ref in back:
                 expires_at = self._intents[ref].expires_at
