@@ -552,3 +552,17 @@ async def test_two_replicas_that_each_won_half_of_a_call_do_not_race_again_forev
     for token in ("A", "B"):
         sent = sorted(one_ex.attempts[token] + two_ex.attempts[token])
         assert all(b - a >= 5.0 / SCALE for a, b in itertools.pairwise(sent)), (token, sent)
+
+
+async def test_an_intent_withdrawn_while_its_call_waits_for_the_limiter_is_not_sent() -> None:
+    # the call for "w" is planned and waiting for its slot when a drain withdraws "w": it must not go out
+    executor = FakeExecutor(rate=4.0)  # 250 ms between calls
+    async with running(executor) as coalescer:
+        first = coalescer.enqueue(intent("a", ["t1"], ["ou_1"]), time.time())
+        waiting = coalescer.enqueue(intent("w", ["t2"], ["ou_2"]), time.time())
+        kept = coalescer.enqueue(intent("k", ["t3"], ["ou_2"]), time.time())  # rides w's call (same open_ids)
+        assert (await coalescer.result(first)).status == "ok"
+        assert coalescer.planner.calls_in_flight == 1  # w's call, in the limiter
+        assert coalescer.withdraw_unstarted(waiting)
+        assert (await coalescer.result(kept)).status == "ok"
+    assert "t2" not in executor.attempts, executor.calls

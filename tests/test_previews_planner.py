@@ -533,3 +533,19 @@ def test_a_lost_claim_waits_a_jitter_past_the_spacing_of_the_winner() -> None:
     assert p.next_call(0.5 + SPACING) is None
     again = p.next_call(0.5 + SPACING + 0.3)
     assert again is not None and again.tokens == ("t",)
+
+
+def test_a_call_carrying_an_intent_withdrawn_before_its_claim_is_not_claimed_and_replanned_without_it() -> None:
+    p = planner()
+    r1 = p.add("i1", "default", ["t"], ["ou_1"], None, 0.0)
+    r2 = p.add("i2", "default", ["t"], ["ou_2"], None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None and call.open_ids == ("ou_1", "ou_2")
+    p.withdraw(r1)  # a drain gave i1 to the next owner while its call waited for the limiter
+    assert not p.on_claim(call.id) and not p.started(r2)
+    p.abort(call.id, 0.1, hold=0.0)
+    again = p.next_call(0.1)
+    assert again is not None and again.open_ids == ("ou_2",)
+    assert p.on_claim(again.id)
+    p.withdraw(r2)  # claimed: it may be at Feishu; the call goes on (its caller gave up waiting)
+    assert p.on_claim(again.id)

@@ -41,7 +41,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 import msgspec
 
@@ -81,12 +81,13 @@ class PreviewsStopped(RelayError):
     """The coalescer stopped (or died) before this intent's result was known (its offset stays uncommitted)."""
 
 
-class _ClaimLost(Exception):
-    """An attempt must not be sent on its claim: it lost to an earlier one, or X passed (see the module doc)."""
+class _NotSent(Exception):
+    """An attempt must not be sent: its claim ``lost`` to an earlier one, was ``late`` (X passed, see the module
+    doc), or an intent it carries was ``withdrawn`` before it claimed."""
 
-    def __init__(self, why: str, *, lost: bool) -> None:
+    def __init__(self, why: str, kind: Literal["lost", "late", "withdrawn"]) -> None:
         super().__init__(why)
-        self.lost = lost
+        self.kind = kind
 
 
 class Attempts(Protocol):
@@ -303,19 +304,21 @@ class PreviewCoalescer:
             nonlocal claimed_at
             let_through()
             claimed_at = None
-            self.planner.on_claim(planned.id)  # from here its request may reach Feishu: a drain waits for it
+            # from here its request may reach Feishu: a drain waits for its intents
+            if not self.planner.on_claim(planned.id):
+                raise _NotSent("an intent it carried was withdrawn (a drain) before it claimed", "withdrawn")
             started = self._clock()
             claim = await self._memory.claim(planned.app, planned.tokens, self.claim_window)
             if claim.late:
-                raise _ClaimLost("its claim was not judged within previews.claim_window", lost=False)
+                raise _NotSent("its claim was not judged within previews.claim_window", "late")
             if not claim.won:
-                raise _ClaimLost("another claim on one of its tokens came first", lost=True)
+                raise _NotSent("another claim on one of its tokens came first", "lost")
             claimed_at = started
 
         async def before_send() -> None:
             now = self._clock()
             if claimed_at is None or now - claimed_at > self.claim_window:
-                raise _ClaimLost("its request could not leave within previews.claim_window of its claim", lost=False)
+                raise _NotSent("its request could not leave within previews.claim_window of its claim", "late")
             self.planner.on_attempt(planned.id, now)
 
         expires_at = None
@@ -326,17 +329,20 @@ class PreviewCoalescer:
             attempted = await self._executor.execute(
                 planned.app, call, expires_at=expires_at, min_retry_delay=self.spacing + self.claim_window,
                 before_attempt=before_attempt, before_send=before_send)
-        except _ClaimLost as lost:
+        except _NotSent as unsent:
             # not failed: its requests wait for the token's next chance, after the winning (or our late) claim
-            self.claims_lost += 1
             log.info("url preview call %d for app %s (%d tokens) not sent: %s", planned.id, planned.app,
-                     len(planned.tokens), lost)
+                     len(planned.tokens), unsent)
             let_through()
-            if lost.lost:  # the winner holds the token; a random wait after it keeps the losers from racing again
-                self.planner.abort(planned.id, self._clock(), hold=0.0,
-                                   jitter=self._rng.uniform(0.0, self.claim_window))
+            now = self._clock()
+            if unsent.kind == "withdrawn":  # nothing was claimed: the rest is planned again at once
+                self.planner.abort(planned.id, now, hold=0.0)
+            elif unsent.kind == "lost":  # the winner holds the token; a random wait after it: no second race
+                self.claims_lost += 1
+                self.planner.abort(planned.id, now, hold=0.0, jitter=self._rng.uniform(0.0, self.claim_window))
             else:
-                self.planner.abort(planned.id, self._clock())
+                self.claims_lost += 1
+                self.planner.abort(planned.id, now)
             self._wake.set()
             return
         except Exception:

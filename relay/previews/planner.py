@@ -163,13 +163,15 @@ class _TokenState:
 
 
 class _CallState:
-    __slots__ = ("audience", "carried", "keys", "planned")
+    __slots__ = ("audience", "carried", "claimed", "keys", "planned", "stale")
 
     def __init__(self, planned: PlannedCall, keys: list[TokenKey], audience: Audience) -> None:
         self.planned = planned
         self.keys = keys
         self.audience = audience
         self.carried: dict[TokenKey, list[_Request]] = {key: [] for key in keys}  # in read order
+        self.claimed = False  # an attempt has claimed: it may be at Feishu
+        self.stale = False  # an intent it carries was withdrawn before any attempt claimed
 
     def refs(self) -> set[int]:
         return {request.ref for requests in self.carried.values() for request in requests}
@@ -272,14 +274,23 @@ class PreviewPlanner:
         self._calls[call_id] = state
         return state.planned
 
-    def on_claim(self, call_id: int) -> None:
-        """An attempt of ``call_id`` is claiming its tokens: from now on it may be sent, so the intents it carries
-        are :meth:`started` until it ends (or is aborted unsent)."""
+    def on_claim(self, call_id: int) -> bool:
+        """An attempt of ``call_id`` is about to claim its tokens: from now on it may be sent, so the intents it
+        carries are :meth:`started` until it ends (or is aborted unsent).
+
+        False, and nothing changes, when an intent it carries was withdrawn before its first claim (a drain gave
+        the intent to the next owner): the caller must :meth:`abort` it unsent, so its other requests are planned
+        again without the withdrawn one.
+        """
         call = self._calls[call_id]
+        if call.stale:
+            return False
+        call.claimed = True
         for ref in call.refs():
             intent = self._intents.get(ref)
             if intent is not None:
                 intent.claimed.add(call_id)
+        return True
 
     def on_attempt(self, call_id: int, now: float) -> None:
         """An attempt of ``call_id`` is being sent at ``now``: stamp its tokens and fold in covered requests.
@@ -387,10 +398,17 @@ class PreviewPlanner:
         return intent is not None and (intent.sent or bool(intent.claimed))
 
     def withdraw(self, ref: int) -> None:
-        """Forget an intent nobody waits for any more (its caller was cancelled); no result."""
+        """Forget an intent nobody waits for any more (its caller was cancelled, a drain gave it away); no result.
+
+        A call carrying it that has not claimed yet becomes stale (see :meth:`on_claim`): it must not be sent.
+        """
         intent = self._intents.get(ref)
-        if intent is not None:
-            self._finish(intent, "expired")
+        if intent is None:
+            return
+        for call in self._calls.values():
+            if not call.claimed and ref in call.refs():
+                call.stale = True
+        self._finish(intent, "expired")
 
     def next_wakeup(self, *, spacing: bool = True) -> float | None:
         """When time alone next changes something: an intent expires, or (``spacing``) a token becomes ready.
