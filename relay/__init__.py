@@ -14,7 +14,8 @@ The tree is the architecture (leaves first):
     offsets          per-partition commit bookkeeping
     feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
     executor         one call to its end: limits, attempts, token refresh, retries, expiry
-    previews/        url_preview.update under the 1-per-5-s token rule: planner (pure), memory (Kafka), coalescer
+    previews/        url_preview.update under the 1-per-5-s token rule, across replicas: planner and claims
+                     (pure), memory (Kafka, followed live), coalescer
     outbound         the consumer: keyed lanes, limits, retries, results, dead letters, commits
     events           inbound crypto, signatures, envelopes and typed event views
     dedup            the inbound seen-set

@@ -10,10 +10,15 @@ Merging
     The pending requests for one token are merged into the token's next call: the union of their open_ids, or
     everyone (no ``open_ids``) if any of them asked for everyone or the union passes 100 open_ids.
 Spacing
-    A token's next call may start no earlier than ``last attempt + token_interval + margin`` (interval divided
+    A token's next call may start no earlier than ``last update + token_interval + margin`` (interval divided
     by ``feishu.time_scale``; the margin covers event-loop lag and network variance between our send and
-    Feishu's clock). *Every attempt* counts as an update, retries included (Feishu may have acted on an attempt
-    whose answer we never saw), and one token is never in two calls at once.
+    Feishu's clock). An update is every attempt this process sent, stamped at the instant it was sent
+    (:meth:`PreviewPlanner.on_attempt`), retries included (Feishu may have acted on an attempt whose answer we
+    never saw), and every update anyone else may have made (:meth:`PreviewPlanner.remember`: another replica's
+    or a previous owner's claim, read from the shared memory, at the latest instant its writer may have sent);
+    news of a later update holds back a token that was already ready. One token is never in two calls at once.
+    Across replicas the rule is kept by claims (:mod:`relay.previews.claims`); this spacing only decides when a
+    claim is worth making.
 Packing and fairness
     Ready tokens are taken oldest-pending-request first; a call carries the oldest ready token plus up to 9 more
     ready tokens whose merged open_ids set is *the same* (never widened: a wider audience amplifies load, as the
@@ -39,6 +44,11 @@ Results (one per intent; "carried" = included in a call made after the intent wa
   pending requests are withdrawn), or the carrying call stopped because every intent it carried had expired.
 
 ``outcome``/``attempts`` of a result are those of the call that finished the intent.
+
+Started (for drains): an intent is *started* once a call carrying it has claimed its tokens, or has been sent;
+until then nothing of it can have reached Feishu, so :meth:`PreviewPlanner.withdraw` can hand it to the next
+owner. Withdrawing an intent that a planned call carries before that call's first claim makes the call stale:
+it is aborted unsent and its other requests are planned again.
 """
 
 from __future__ import annotations
