@@ -24,6 +24,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 # runnable as a plain script from anywhere: the package is the parent directory
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,7 +60,8 @@ async def run(args: argparse.Namespace) -> int:
           f"= {total} intents -> {prefix}.intents on {args.bootstrap}; sandbox at real time", flush=True)
     started = time.monotonic()
     try:
-        async with relay_in_process(config), Collector(args.bootstrap, config.kafka.results_topic) as results:
+        async with relay_in_process(config) as metrics, Collector(args.bootstrap,
+                                                                   config.kafka.results_topic) as results:
             ready = time.monotonic()
             producing = asyncio.create_task(
                 produce_timed(args.bootstrap, config.kafka.intents_topics[0], plan, produced))
@@ -79,15 +81,29 @@ async def run(args: argparse.Namespace) -> int:
             await producing
             finished = time.monotonic()
             by_id = results.by_id()
+            metrics.render()  # runs the collectors
+            claims = Claims(int(metrics.value("relay_previews_claims_total")),
+                            metrics.value("relay_previews_claim_seconds_total"),
+                            int(metrics.value("relay_previews_claims_lost_total")))
     finally:
         await sandbox.stop()
     a = analyse(plan, produced, by_id, sandbox, wall_minus_mono)
-    report(args, config, a, finished - ready, ready - started)
+    report(args, config, a, finished - ready, ready - started, claims)
     return 0 if not a.problems and a.violations == 0 and a.throttled == 0 else 1
 
 
-def report(args: argparse.Namespace, config: Config, a: Analysis, seconds: float, startup: float) -> None:
+class Claims(NamedTuple):
+    """The relay's preview claims (one per attempt, in the memory topic): how many, their time, how many lost."""
+
+    count: int
+    seconds: float
+    lost: int
+
+
+def report(args: argparse.Namespace, config: Config, a: Analysis, seconds: float, startup: float,
+           claims: Claims) -> None:
     rate = budget(config)
+    mean_ms = 1000 * claims.seconds / claims.count if claims.count else math.nan
     rows = [
         ("intents", f"{a.intents}"),
         ("results", f"{a.results} ({a.duplicates} duplicates; "
@@ -101,6 +117,7 @@ def report(args: argparse.Namespace, config: Config, a: Analysis, seconds: float
         ("delay p99", f"{a.percentile(0.99):.2f} s"),
         ("delay worst", f"{max(a.delays, default=math.nan):.2f} s"),
         ("total time", f"{seconds:.1f} s (first intent to last result; relay start-up {startup:.1f} s more)"),
+        ("claims", f"{claims.count} ({claims.lost} not sent: lost or late), mean write-to-verdict {mean_ms:.1f} ms"),
     ]
     width = max(len(k) for k, _ in rows)
     print()

@@ -226,6 +226,9 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
 
 def export_previews(metrics: Metrics, previews: PreviewCoalescer) -> None:
     metrics.set_total("relay_previews_calls_total", previews.calls, help="url_preview batch_update calls planned")
+    metrics.set_total("relay_previews_claims_total", previews.claims, help="preview claims written and judged")
+    metrics.set_total("relay_previews_claim_seconds_total", previews.claim_seconds,
+                      help="time preview claims took from writing to verdict (one Kafka round trip and a read)")
     metrics.set_total("relay_previews_claims_lost_total", previews.claims_lost,
                       help="preview attempts not sent on their claim (another replica's came first, or too slow)")
 

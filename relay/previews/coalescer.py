@@ -167,6 +167,8 @@ class PreviewCoalescer:
         self._error: BaseException | None = None
         self._waiting = 0  # calls started but not yet let through the limiter
         self.calls = 0
+        self.claims = 0  # claims judged (one per attempt that got that far)
+        self.claim_seconds = 0.0  # their total time from writing to verdict: the price of the memory
         self.claims_lost = 0  # attempts not sent on their claim (lost the race, or X passed)
 
     async def start(self) -> None:
@@ -309,6 +311,8 @@ class PreviewCoalescer:
                 raise _NotSent("an intent it carried was withdrawn (a drain) before it claimed", "withdrawn")
             started = self._clock()
             claim = await self._memory.claim(planned.app, planned.tokens, self.claim_window)
+            self.claims += 1
+            self.claim_seconds += self._clock() - started
             if claim.late:
                 raise _NotSent("its claim was not judged within previews.claim_window", "late")
             if not claim.won:
