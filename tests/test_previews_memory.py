@@ -1,4 +1,4 @@
-"""The preview memory (claims, followed live) against the real Kafka broker."""
+"""The preview memory (claims, followed live) against the real Kafka broker, and a claim with the broker away."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from collections.abc import AsyncIterator
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError
 
 from relay.config import KafkaConfig
 from relay.kafka import make_producer
 from relay.previews.claims import ClaimArbiter
-from relay.previews.memory import KafkaPreviewMemory
-
-pytestmark = pytest.mark.integration
+from relay.previews.memory import Claim, KafkaPreviewMemory
 
 SPACING = 600.0  # the arbiter's window: long enough that no claim here wins by time passing
 WINDOW = 0.5
@@ -57,6 +56,7 @@ async def cfg(kafka_bootstrap: str, topic_prefix: str) -> AsyncIterator[KafkaCon
     yield memory_config(kafka_bootstrap, f"{topic_prefix}.memory")
 
 
+@pytest.mark.integration
 async def test_claims_survive_a_restart_on_a_compacted_topic_stamped_by_the_broker(cfg: KafkaConfig) -> None:
     async with Follower(cfg) as first:
         assert first.seen == []
@@ -86,6 +86,7 @@ async def test_claims_survive_a_restart_on_a_compacted_topic_stamped_by_the_brok
     assert entries["message.timestamp.type"] == "LogAppendTime"
 
 
+@pytest.mark.integration
 async def test_two_replicas_claiming_one_token_at_once_agree_on_exactly_one_winner(cfg: KafkaConfig) -> None:
     async with Follower(cfg) as one, Follower(cfg) as two:
         for n in range(10):
@@ -98,6 +99,7 @@ async def test_two_replicas_claiming_one_token_at_once_agree_on_exactly_one_winn
         assert sorted(one.seen) == sorted(two.seen) and len(one.seen) == 25  # 2 per round, 5 x-tokens
 
 
+@pytest.mark.integration
 async def test_an_existing_topic_stamped_with_create_time_is_switched_to_the_broker_clock(
         kafka_bootstrap: str, cfg: KafkaConfig) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -114,6 +116,7 @@ async def test_an_existing_topic_stamped_with_create_time_is_switched_to_the_bro
     assert entries["cleanup.policy"] == "compact" and entries["retention.ms"] == "7200000"  # the rest kept
 
 
+@pytest.mark.integration
 async def test_a_topic_the_relay_does_not_manage_is_left_alone_with_a_warning(
         kafka_bootstrap: str, cfg: KafkaConfig, caplog: pytest.LogCaptureFixture) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -129,3 +132,14 @@ async def test_a_topic_the_relay_does_not_manage_is_left_alone_with_a_warning(
     entries = await topic_configs(kafka_bootstrap, cfg.preview_memory_topic)
     assert entries["message.timestamp.type"] == "CreateTime"
     assert any("clock skew" in r.getMessage() and cfg.preview_memory_topic in r.getMessage() for r in caplog.records)
+
+
+async def test_a_claim_that_cannot_be_written_is_late_not_an_error() -> None:
+    class Away:
+        async def send(self, *args: object, **kw: object) -> None:
+            raise KafkaConnectionError("broker away")
+
+    memory = KafkaPreviewMemory(KafkaConfig(), Away())  # type: ignore[arg-type]
+    memory._tail = asyncio.get_running_loop().create_future()  # type: ignore[assignment]  # "following"
+    assert await memory.claim("default", ["t"], 1.0) == Claim(won=False, late=True)
+    assert memory._pending == {}

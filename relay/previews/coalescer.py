@@ -314,7 +314,7 @@ class PreviewCoalescer:
             self.claims += 1
             self.claim_seconds += self._clock() - started
             if claim.late:
-                raise _NotSent("its claim was not judged within previews.claim_window", "late")
+                raise _NotSent("its claim was not written and judged within previews.claim_window", "late")
             if not claim.won:
                 raise _NotSent("another claim on one of its tokens came first", "lost")
             claimed_at = started

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
+from aiokafka.errors import KafkaError
 
 from relay.config import KafkaConfig
 from relay.previews.claims import ClaimArbiter
@@ -68,7 +69,8 @@ class PreviewMemory(Protocol):
 
     async def claim(self, app: str, tokens: Sequence[str], timeout: float) -> Claim:
         """Write one claim per token, durably, and return the arbiter's verdict once the tail has read them all;
-        ``Claim(won=False, late=True)`` if that takes longer than ``timeout`` seconds. Raises if the write fails."""
+        ``Claim(won=False, late=True)`` if that takes longer than ``timeout`` seconds or the write fails (a
+        record may still have been written: it counts, for everyone, like any claim)."""
         ...
 
 
@@ -302,6 +304,9 @@ class KafkaPreviewMemory:
                         self._warn_create_time("the broker stamps its records with CreateTime")
                 won = await pending.future
         except TimeoutError:
+            return Claim(won=False, late=True)
+        except KafkaError as err:  # the broker is away: not sent now, claimed again later
+            log.warning("preview memory: a claim on %d token(s) could not be written: %s", len(tokens), err)
             return Claim(won=False, late=True)
         finally:
             del self._pending[claim]
