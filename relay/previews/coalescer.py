@@ -29,8 +29,9 @@ Every record the tail reads (our claims, other replicas', a previous owner's) ho
 as if updated at ``read + X``, the latest its writer may have sent; records read at start-up count from their
 own time instead. So a token is planned again ``spacing + X`` after the latest claim anyone made on it, and that
 claim then wins (see :mod:`relay.previews.claims` for why two sent claims are ``>= spacing`` apart at Feishu).
-With the defaults a busy token is updated every 5 + 0.15 + 0.5 = 5.65 s or a little more; Feishu sees the
-requests of one token at least 5.15 s apart (the margin, 0.15 s, covering the network between us and Feishu).
+With the defaults a busy token is updated every 5 + 0.15 + 0.5 = 5.65 s or a little more (interval + margin +
+X); the requests of one token leave at least 5.15 s apart (interval + margin), the margin covering the network
+between us and Feishu, so Feishu sees them at least its 5 s apart.
 """
 
 from __future__ import annotations
