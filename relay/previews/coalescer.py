@@ -202,7 +202,7 @@ class PreviewCoalescer:
         err = task.exception() or RuntimeError(f"{task.get_name()} ended")
         self._error = RuntimeError(f"{task.get_name()}: {type(err).__name__}: {err}")
         self._error.__cause__ = err
-        log.error("url previews stopped: %s", self._error, exc_info=err)
+        log.error("url previews stopped: %s", self._error)  # the traceback: whoever awaits wait()
         for other in (self._loop_task, self._tail):
             if other is not None and other is not task:
                 other.cancel()
