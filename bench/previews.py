@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/previews.py [--tokens 2000 --updates 20 --seconds 10] [--quick]
                                        [--bootstrap 127.0.0.1:9092] [--max-in-flight N] [--seed 1]
+                                       [--claim-window S]
 
 Fresh topics on the real broker; the relay (``app.serve``: consumer, coalescer with its Kafka memory, limiter,
 executor, client, producer) in this process; the sandbox on a local port enforcing Feishu's numbers at real
@@ -49,9 +50,10 @@ async def run(args: argparse.Namespace) -> int:
     await sandbox.start()
     prefix = f"bench.previews.{uuid.uuid4().hex[:8]}"
     total = args.tokens * args.updates
+    previews = {"claim_window": args.claim_window} if args.claim_window else {}
     data = config_data(args.bootstrap, prefix, sandbox.url, time_scale=1.0,
                        outbound={"max_in_flight": args.max_in_flight or total + 1,
-                                 "drain_timeout": 30.0, "max_retry_seconds": 300.0})
+                                 "drain_timeout": 30.0, "max_retry_seconds": 300.0}, previews=previews)
     config = to_config(data)
     plan = plan_burst(random.Random(args.seed), tokens=args.tokens, updates=args.updates, seconds=args.seconds)
     produced: dict[str, float] = {}
@@ -89,6 +91,9 @@ async def run(args: argparse.Namespace) -> int:
         await sandbox.stop()
     a = analyse(plan, produced, by_id, sandbox, wall_minus_mono)
     report(args, config, a, finished - ready, ready - started, claims)
+    for call in sandbox.violations()[:5]:
+        tokens = (call.body or {}).get("preview_tokens")
+        print(f"  violation: {call.violation} (call at {call.at:.3f}, tokens {tokens})")
     return 0 if not a.problems and a.violations == 0 and a.throttled == 0 else 1
 
 
@@ -117,7 +122,8 @@ def report(args: argparse.Namespace, config: Config, a: Analysis, seconds: float
         ("delay p99", f"{a.percentile(0.99):.2f} s"),
         ("delay worst", f"{max(a.delays, default=math.nan):.2f} s"),
         ("total time", f"{seconds:.1f} s (first intent to last result; relay start-up {startup:.1f} s more)"),
-        ("claims", f"{claims.count} ({claims.lost} not sent: lost or late), mean write-to-verdict {mean_ms:.1f} ms"),
+        ("claims", f"{claims.count} ({claims.lost} not sent: lost or late), mean write-to-verdict {mean_ms:.1f} ms; "
+                   f"claim_window {config.previews.claim_window:g} s"),
     ]
     width = max(len(k) for k, _ in rows)
     print()
@@ -162,6 +168,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-in-flight", type=int, default=0,
                         help="outbound.max_in_flight (default: every intent of the run, so none waits in Kafka)")
+    parser.add_argument("--claim-window", type=float, default=0.0,
+                        help="previews.claim_window (default: the relay's default)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     parser.add_argument("--quick", action="store_true", help="a small run (100 tokens x 5 updates over 3 s)")
     args = parser.parse_args()

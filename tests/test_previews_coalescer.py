@@ -566,3 +566,28 @@ async def test_an_intent_withdrawn_while_its_call_waits_for_the_limiter_is_not_s
         assert coalescer.withdraw_unstarted(waiting)
         assert (await coalescer.result(kept)).status == "ok"
     assert "t2" not in executor.attempts, executor.calls
+
+
+async def test_after_a_late_claim_the_token_waits_out_that_claims_window_before_claiming_again() -> None:
+    # the first claim is written but read back 1.5 s later (a lagging tail): it is late, not sent, and counts;
+    # claiming again before its window has passed could only lose (and burn an API slot)
+    class LaggingOnce(SharedLogReplica):
+        lagged = False
+
+        async def claim(self, app: str, tokens: Sequence[str], timeout: float) -> Claim:
+            if not self.lagged:
+                self.lagged, self.tail_delay = True, 1.5
+                try:
+                    return await super().claim(app, tokens, timeout)
+                finally:
+                    self.tail_delay = 0.001
+            return await super().claim(app, tokens, timeout)
+
+    log = SharedLog()
+    memory = LaggingOnce(log, 0.001, 0.002)
+    config = Config(feishu=FeishuConfig(time_scale=2.0))  # the rule is 2.5 s: longer than the lag
+    executor = FakeExecutor(rate=10.0)
+    async with running(executor, memory, config) as coalescer:
+        result = await coalescer.submit(intent("i", ["t"]), time.time())
+        assert result.status == "ok"
+        assert memory.writes == 2 and coalescer.claims_lost == 1  # the late one only

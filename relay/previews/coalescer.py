@@ -19,8 +19,9 @@ One attempt of a call, in order (the executor's hooks):
 
 1. ``before_attempt`` (after the limiter's waits): the call's intents become *started* (a drain waits for them
    from here on); a claim per token is written and judged. A claim that loses or is not judged within
-   ``previews.claim_window`` (X) puts the call's requests back (not failed): the token's next chance follows the
-   winning claim, which the tail has already fed into the planner.
+   ``previews.claim_window`` (X) puts the call's requests back (not failed): after a loss the token's next chance
+   follows the winning claim, which the tail has already fed into the planner (plus a random jitter, so two
+   losers do not race again); after a late claim, which may be in the log unread, it comes ``spacing + X`` later.
 2. ``before_send`` (the instant the request is written: after a token refresh, a pooled connection, the limiter's
    send-time guard): more than X after the claim started, the request is not sent (requests back, as above);
    otherwise the planner stamps the tokens *now* and folds in covered requests read meanwhile.
@@ -345,9 +346,9 @@ class PreviewCoalescer:
             elif unsent.kind == "lost":  # the winner holds the token; a random wait after it: no second race
                 self.claims_lost += 1
                 self.planner.abort(planned.id, now, hold=0.0, jitter=self._rng.uniform(0.0, self.claim_window))
-            else:
+            else:  # late: its claim may be in the log, unread yet, and counts; no claim can win before it passed
                 self.claims_lost += 1
-                self.planner.abort(planned.id, now)
+                self.planner.abort(planned.id, now, hold=self.spacing + self.claim_window)
             self._wake.set()
             return
         except Exception:
