@@ -62,6 +62,9 @@ from relay.results import (
 
 log = logging.getLogger(__name__)
 
+# seconds between two looks, during a drain, for preview jobs that stopped being started (see Outbound._drain)
+DRAIN_RECHECK = 0.25
+
 
 def intent_kind(intent: Intent) -> str:
     return str(type(intent).__struct_config__.tag)
@@ -444,22 +447,39 @@ class Outbound(ConsumerRebalanceListener):
                 offsets.committed, offsets.committed_metadata = point, metadata
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
-        """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish."""
+        """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish.
+
+        A preview job can stop being started while it waits (its call gave up its claim unsent: lost, or too
+        late); it is handed over then, at the next look (every :data:`DRAIN_RECHECK` s), rather than sent here.
+        """
         jobs = [job for tp in tps for job in self._jobs.get(tp, ())]
         abandoned = [job for job in jobs if self._abandonable(job)]
         for job in abandoned:
             assert job.task is not None
             job.task.cancel()
-        running = [job.task for job in jobs if job.task is not None and not job.task.done()]
-        if not running:
+        waiting = {job.task: job for job in jobs
+                   if job.task is not None and not job.task.done() and job not in abandoned}
+        if not waiting and not abandoned:
             return
-        done, pending = await asyncio.wait(running, timeout=self._out.drain_timeout)
-        for task in pending:
+        finished = 0
+        deadline = self._clock() + self._out.drain_timeout
+        while waiting and (left := deadline - self._clock()) > 0:
+            previews = any(job.preview is not None for job in waiting.values())
+            await asyncio.wait(list(waiting), timeout=min(left, DRAIN_RECHECK) if previews else left)
+            for task, job in list(waiting.items()):
+                if task.done():
+                    finished += 1
+                    del waiting[task]
+                elif job.preview is not None and self._abandonable(job):
+                    task.cancel()
+                    abandoned.append(job)
+                    del waiting[task]
+        for task in waiting:
             task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        if cancelled := [job.task for job in abandoned if job.task is not None] + list(waiting):
+            await asyncio.wait(cancelled, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
-                 len(abandoned), len(done) - len(abandoned), len(pending))
+                 len(abandoned), finished, len(waiting))
 
     def _abandonable(self, job: Job) -> bool:
         """Not started, so nothing of it can be at Feishu: a preview job is withdrawn from the coalescer here, in
