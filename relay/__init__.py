@@ -15,7 +15,8 @@ The tree is the architecture (leaves first):
     feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
     executor         one call to its end: limits, attempts, token refresh, retries, expiry
     journal          the write-ahead journal of calls not safe to repeat: none repeated across a kill
-    previews/        url_preview.update under the 1-per-5-s token rule: planner (pure), memory (Kafka), coalescer
+    previews/        url_preview.update under the 1-per-5-s token rule, across replicas: planner and claims
+                     (pure), memory (Kafka, followed live), coalescer
     membership       the group-membership lease: no Feishu call or result once the partitions may be lost
     outbound         the consumer: keyed lanes, limits, retries, results, dead letters, commits
     events           inbound crypto, signatures, envelopes and typed event views

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -137,10 +138,11 @@ async def run(config: Config, *, with_sandbox: bool = False) -> int:
 
 
 async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = False,
-                metrics: Metrics | None = None) -> int:
-    """Run every enabled part until ``stop`` is set (or a part dies); 0 on a clean stop."""
+                metrics: Metrics | None = None, health: Health | None = None) -> int:
+    """Run every enabled part until ``stop`` is set (or a part dies: the outbound consumer, the preview loop or
+    its memory tail); 0 on a clean stop, 1 when a part died (``health.problem`` says which and why)."""
     metrics = metrics or Metrics()
-    health = Health(metrics)
+    health = health or Health(metrics)
     async with contextlib.AsyncExitStack() as stack:
         if with_sandbox and uses_sandbox(config):
             from relay.sandbox import Sandbox, SandboxOptions
@@ -170,30 +172,43 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             await web.TCPSite(runner, config.http.host, config.http.port).start()
             log.info("http on %s:%d", config.http.host, config.http.port)
 
-        tasks: list[asyncio.Task[Any]] = []
+        tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
+        watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
         if config.outbound.enabled:
             client = FeishuClient(config)
             await client.start()
             stack.push_async_callback(client.close)
-            outbound = await start_outbound(config, client, producer, metrics, stack)
+            outbound, previews = await start_outbound(config, client, producer, metrics, stack)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
+            # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
+            watched.append(asyncio.create_task(previews.wait(), name="previews"))
         health.ready = True
         log.info("relay running (apps: %s)", ", ".join(a.name for a in config.apps) or "none")
         stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in (*tasks, *watched):
+            task.add_done_callback(functools.partial(died, health))
+        await asyncio.wait([stopper, *tasks, *watched], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
-        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-        for task in failed:
-            health.problem = f"{task.get_name()} died: {task.exception()}"
-            log.error("%s", health.problem, exc_info=task.exception())
         await asyncio.gather(*tasks, return_exceptions=True)
+        for task in watched:  # they end with the parts they watch, stopped by the exit stack below
+            task.cancel()
+        await asyncio.gather(*watched, return_exceptions=True)
         stopper.cancel()
+        failed = [t for t in (*tasks, *watched) if t.done() and not t.cancelled() and t.exception() is not None]
         log.info("relay stopped")
     return 1 if failed else 0
 
 
+def died(health: Health, task: asyncio.Task[Any]) -> None:
+    """A part's task ended with an error: ``/readyz`` says so at once (and ``serve`` exits 1)."""
+    if task.cancelled() or task.exception() is None:
+        return
+    health.problem = health.problem or f"{task.get_name()} died: {task.exception()}"
+    log.error("%s died: %s", task.get_name(), task.exception(), exc_info=task.exception())
+
+
 async def start_outbound(config: Config, client: FeishuClient, producer: Any, metrics: Metrics,
-                         stack: contextlib.AsyncExitStack) -> Outbound:
+                         stack: contextlib.AsyncExitStack) -> tuple[Outbound, PreviewCoalescer]:
     feishu = config.feishu
     limiter = Limiter.from_config(feishu, clock=time.monotonic, sleep=asyncio.sleep)
     out = config.outbound
@@ -208,16 +223,18 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     await memory.start()
     stack.push_async_callback(memory.stop)
     previews = PreviewCoalescer(executor, memory, config)
-    await previews.start()  # loads the 5-second memory before any intent is read
+    await previews.start()  # reads the memory before any intent is read, then follows it live
     stack.push_async_callback(previews.stop)
     journal = KafkaJournal(config.kafka, producer)
     await journal.start()
     stack.push_async_callback(journal.stop)
+    metrics.collect(lambda m: export_previews(m, previews))
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
-    return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                    previews=previews, membership=membership, journal=journal)
+    outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
+                        previews=previews, membership=membership, journal=journal)
+    return outbound, previews
 
 
 def heartbeat_interval_ms(session_timeout_ms: int) -> int:
@@ -233,6 +250,15 @@ def export_membership(metrics: Metrics, membership: Membership) -> None:
                       help="times this replica learned it was out of its group (its jobs were abandoned)")
     metrics.set_total("relay_outbound_membership_waits_total", membership.waits,
                       help="calls or result writes that waited for the coordinator to confirm the membership")
+
+
+def export_previews(metrics: Metrics, previews: PreviewCoalescer) -> None:
+    metrics.set_total("relay_previews_calls_total", previews.calls, help="url_preview batch_update calls planned")
+    metrics.set_total("relay_previews_claims_total", previews.claims, help="preview claims written and judged")
+    metrics.set_total("relay_previews_claim_seconds_total", previews.claim_seconds,
+                      help="time preview claims took from writing to verdict (one Kafka round trip and a read)")
+    metrics.set_total("relay_previews_claims_lost_total", previews.claims_lost,
+                      help="preview attempts not sent on their claim (another replica's came first, or too slow)")
 
 
 def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) -> None:

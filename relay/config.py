@@ -212,6 +212,9 @@ class InboundConfig(_Section, frozen=True):
 class PreviewsConfig(_Section, frozen=True):
     # Feishu: one update per preview token per 5 s (seed page); kept slightly above with the margin
     token_interval: PositiveFloat = 5.0
+    # real seconds a preview call may take from writing its claim to the memory topic to sending its request;
+    # past it the request is not sent (claimed again later). Claims on a token are this much further apart.
+    claim_window: PositiveFloat = 0.5
 
 
 class Config(_Section, frozen=True):

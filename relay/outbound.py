@@ -18,18 +18,21 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   rebalance, since Kafka forgets them.
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
-  finish and write their results; then offsets are committed and state for those partitions dropped.
-* **No work for partitions this replica may have lost** (``relay.membership``). Kafka fences only the commits
-  of a member it dropped; the relay fences its own calls and writes with a lease renewed by the coordinator's
-  answers. A replica frozen past its session timeout (SIGSTOP, a paused VM), or cut off from the coordinator,
-  makes no Feishu call (the executor's gate, right before each request is written) and writes no result or dead
-  letter (checked before each write) until a heartbeat confirms it again; when the coordinator says it is out,
-  every job of its partitions is abandoned, not drained: no call, no result, no commit (a revocation waits for
-  that answer first, drains if it confirms us and abandons otherwise), and records fetched meanwhile are not
-  dispatched (the position is moved back to them) until the membership is confirmed or partitions are assigned
-  again. The new owner redoes those records. What remains is what a kill leaves: a call already made whose result
-  was not written in time is made again by the new owner (uuid kinds are deduplicated by Feishu; the rest may
-  repeat). Proved by ``tests/test_frozen_replica.py`` (SIGSTOP/SIGCONT) and ``tests/test_outbound_membership.py``.
+  finish and write their results; then offsets are committed and state for those partitions dropped. A
+  ``url_preview.update`` job has started once a call carrying it has claimed its tokens (it may be at Feishu);
+  one that has not is withdrawn from the coalescer (no result, not failed) and redone by the next owner, which
+  sees this replica's claims in the preview memory and keeps the 5 s rule across the handover.
+* **No work for partitions this replica may have lost** (``relay.membership``). Kafka fences only the commits of a
+  member it dropped; the relay fences its own calls and writes with a lease renewed by the coordinator's answers. A
+  replica frozen past its session timeout (SIGSTOP, a paused VM), or cut off from the coordinator, makes no Feishu
+  call (the executor's gate, right before each request is written) and writes no result or dead letter (checked
+  before each write) until a heartbeat confirms it again; when the coordinator says it is out, every job of its
+  partitions is abandoned, not drained: no call, no result, no commit (a revocation waits for that answer first,
+  drains if it confirms us and abandons otherwise), and records fetched meanwhile are not dispatched (the position
+  is moved back to them) until the membership is confirmed or partitions are assigned again. The new owner redoes
+  those records; a call already made whose result was not written in time is made again by the new owner only if it
+  is safe to repeat (next point). Proved by ``tests/test_frozen_replica.py`` (SIGSTOP/SIGCONT) and
+  ``tests/test_outbound_membership.py``.
 * **At most once for calls not safe to repeat** (``Call.repeatable`` false: reactions, urgent, batch_send, ...).
   With a journal (``relay.journal``), such a call's start is journaled before its first request and its result
   before the result is written; the next owner of a record it finds there writes that result (or, with only a
@@ -65,7 +68,7 @@ from relay.kafka import client_settings
 from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
 from relay.offsets import JournalPosition, PartitionOffsets, decode_done, split_journal, with_journal
-from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
+from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped, PreviewTicket
 from relay.results import (
     OUTCOME_UNKNOWN,
     Headers,
@@ -78,6 +81,9 @@ from relay.results import (
 )
 
 log = logging.getLogger(__name__)
+
+# seconds between two looks, during a drain, for preview jobs that stopped being started (see Outbound._drain)
+DRAIN_RECHECK = 0.25
 
 
 def intent_kind(intent: Intent) -> str:
@@ -96,9 +102,11 @@ class Record(Protocol):
 
 
 class Job:
-    """One record being handled. ``started``: a call was attempted or the result is being written."""
+    """One record being handled. ``started``: a call was attempted or the result is being written (a preview
+    job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`)."""
 
-    __slots__ = ("app", "id", "journaled", "kind", "offset", "received", "record", "started", "task", "tp")
+    __slots__ = ("app", "id", "journaled", "kind", "offset", "preview", "received", "record", "started", "task",
+                 "tp")
 
     def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
@@ -111,6 +119,7 @@ class Job:
         self.id: str | None = None
         self.kind: str | None = None
         self.app: str | None = None
+        self.preview: PreviewTicket | None = None
 
 
 class Outbound(ConsumerRebalanceListener):
@@ -427,7 +436,8 @@ class Outbound(ConsumerRebalanceListener):
     async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
         assert self._previews is not None
         try:
-            done = await self._previews.submit(intent, received)
+            job.preview = self._previews.enqueue(intent, received)
+            done = await self._previews.result(job.preview)
         except PreviewsStopped:
             raise asyncio.CancelledError from None  # abandoned like any job stopped before its call
         job.started = True
@@ -594,22 +604,48 @@ class Outbound(ConsumerRebalanceListener):
                 self._journal.committed(tp, point)
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
-        """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish."""
+        """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish.
+
+        A preview job can stop being started while it waits (its call gave up its claim unsent: lost, or too
+        late); it is handed over then, at the next look (every :data:`DRAIN_RECHECK` s), rather than sent here.
+        """
         jobs = [job for tp in tps for job in self._jobs.get(tp, ())]
-        abandoned = [job for job in jobs if not job.started and job.task is not None]
+        abandoned = [job for job in jobs if self._abandonable(job)]
         for job in abandoned:
             assert job.task is not None
             job.task.cancel()
-        running = [job.task for job in jobs if job.task is not None and not job.task.done()]
-        if not running:
+        waiting = {job.task: job for job in jobs
+                   if job.task is not None and not job.task.done() and job not in abandoned}
+        if not waiting and not abandoned:
             return
-        done, pending = await asyncio.wait(running, timeout=self._out.drain_timeout)
-        for task in pending:
+        finished = 0
+        deadline = self._clock() + self._out.drain_timeout
+        while waiting and (left := deadline - self._clock()) > 0:
+            previews = any(job.preview is not None for job in waiting.values())
+            await asyncio.wait(list(waiting), timeout=min(left, DRAIN_RECHECK) if previews else left)
+            for task, job in list(waiting.items()):
+                if task.done():
+                    finished += 1
+                    del waiting[task]
+                elif job.preview is not None and self._abandonable(job):
+                    task.cancel()
+                    abandoned.append(job)
+                    del waiting[task]
+        for task in waiting:
             task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        if cancelled := [job.task for job in abandoned if job.task is not None] + list(waiting):
+            await asyncio.wait(cancelled, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
-                 len(abandoned), len(done) - len(abandoned), len(pending))
+                 len(abandoned), finished, len(waiting))
+
+    def _abandonable(self, job: Job) -> bool:
+        """Not started, so nothing of it can be at Feishu: a preview job is withdrawn from the coalescer here, in
+        the same step as the check, so no call can claim for it before its task is cancelled."""
+        if job.started or job.task is None:
+            return False
+        if job.preview is not None and self._previews is not None:
+            return self._previews.withdraw_unstarted(job.preview)
+        return True
 
     async def _abandon(self, tps: list[TopicPartition]) -> None:
         """Cancel every job of ``tps``, started or not: no call, no result; their offsets stay uncommitted."""

@@ -1,17 +1,24 @@
-"""The ``relay`` command's wiring: schema, unreachable Kafka, sandbox selection, topics created."""
+"""The ``relay`` command's wiring: schema, unreachable Kafka, sandbox selection, topics created, dead parts noticed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay.app import check_limits, topics_to_create, uses_sandbox, with_sandbox_url
+from relay.app import Health, check_limits, serve, topics_to_create, uses_sandbox, with_sandbox_url
 from relay.config import check_inbound, parse_config
 from relay.errors import ConfigError
+from relay.metrics import Metrics
+from relay.previews.memory import KafkaPreviewMemory
+from relay.previews.planner import PreviewPlanner
+from relay.sandbox import Sandbox, SandboxOptions
+from tests.relaykit import APP_ID, APP_SECRET
 
 
 def test_schema_prints_intents_and_results() -> None:
@@ -162,3 +169,63 @@ async def test_run_starts_with_kubernetes_service_variables_set(tmp_path: Path, 
             proc.kill()
             await proc.wait()
         await box.stop()
+# --- a part that dies is noticed: serve exits 1 and /readyz says why (real broker, sandbox) -----------------
+
+
+async def serve_until_it_exits(bootstrap: str, prefix: str, intents: list[dict[str, Any]]) -> tuple[int, Health]:
+    from tests.relaykit import config_data, produce, to_config
+
+    box = Sandbox(SandboxOptions(apps={APP_ID: APP_SECRET}, time_scale=10.0))
+    await box.start()
+    try:
+        config = to_config(config_data(bootstrap, prefix, box.url, time_scale=10.0))
+        stop = asyncio.Event()
+        health = Health(Metrics())
+        served = asyncio.create_task(serve(config, stop, health=health))
+        if intents:
+            await produce(bootstrap, config.kafka.intents_topics[0], intents)
+        try:
+            code = await asyncio.wait_for(asyncio.shield(served), 60)
+        finally:
+            stop.set()
+            await asyncio.wait_for(served, 60)
+        return code, health
+    finally:
+        await box.stop()
+
+
+async def readyz(health: Health) -> tuple[int, dict[str, Any]]:
+    response = await health.readyz(None)  # type: ignore[arg-type]
+    assert response.text is not None
+    return response.status, json.loads(response.text)
+
+
+@pytest.mark.integration
+async def test_serve_exits_1_and_readyz_says_why_when_the_preview_loop_dies(
+        kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: PreviewPlanner, now: float) -> None:
+        raise RuntimeError("planner exploded")
+
+    monkeypatch.setattr(PreviewPlanner, "next_call", broken)
+    code, health = await serve_until_it_exits(kafka_bootstrap, topic_prefix, [])
+    assert code == 1
+    status, body = await readyz(health)
+    assert status == 503 and body["reason"].startswith("previews died: ") and "planner exploded" in body["reason"]
+
+
+@pytest.mark.integration
+async def test_serve_exits_1_and_readyz_says_why_when_the_preview_memory_tail_dies(
+        kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = KafkaPreviewMemory._apply
+
+    def apply(self: KafkaPreviewMemory, record: Any, arbiter: Any, seen: Any) -> float:
+        if self._tail is not None:  # following live (past the start-up read): the first claim kills the tail
+            raise RuntimeError("memory record unreadable")
+        return original(self, record, arbiter, seen)
+
+    monkeypatch.setattr(KafkaPreviewMemory, "_apply", apply)
+    preview = {"kind": "url_preview.update", "id": "p1", "preview_tokens": ["t1"]}
+    code, health = await serve_until_it_exits(kafka_bootstrap, topic_prefix, [preview])
+    assert code == 1
+    status, body = await readyz(health)
+    assert status == 503 and "preview-memory" in body["reason"] and "memory record unreadable" in body["reason"]

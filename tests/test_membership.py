@@ -228,14 +228,6 @@ class PreviewFeishu:
         return Outcome(verdict=Verdict.OK, http_status=200, code=0, msg="success", data={})
 
 
-class NoMemory:
-    async def load(self) -> dict[tuple[str, str], float]:
-        return {}
-
-    async def record(self, app: str, tokens: Any, at: float) -> None:
-        pass
-
-
 async def test_a_preview_call_stopped_by_a_lost_membership_goes_back_to_pending_and_tells_nobody() -> None:
     import random
     import time
@@ -246,13 +238,14 @@ async def test_a_preview_call_stopped_by_a_lost_membership_goes_back_to_pending_
     from relay.intents import UrlPreviewUpdate
     from relay.limits import Limiter
     from relay.previews.coalescer import PreviewCoalescer
+    from tests.test_previews_coalescer import SharedLog
 
     member = Membership(SESSION, REBALANCE, margin=MARGIN)  # the real monotonic clock
     feishu = PreviewFeishu()
     limiter = Limiter(jitter=0.0, utilization=0.975, clock=time.monotonic, sleep=asyncio.sleep)
     executor = Executor(feishu, limiter, RetryPolicy(max_attempts=3, max_seconds=10, base=0.01, cap=0.1),
                         rng=random.Random(1), gate=member)
-    coalescer = PreviewCoalescer(executor, NoMemory(), Config(feishu=FeishuConfig(time_scale=50.0)))
+    coalescer = PreviewCoalescer(executor, SharedLog().replica(), Config(feishu=FeishuConfig(time_scale=50.0)))
     await coalescer.start()
     try:
         member.lose("UNKNOWN_MEMBER_ID")
