@@ -71,7 +71,9 @@ async def test_check_connect_reports_the_broker_and_each_token(tmp_path: Path, k
     await box.start()
     try:
         path = tmp_path / "relay.toml"
+        # outbound only: these apps have no verification token, which inbound would refuse (test_app)
         path.write_text(f'[kafka]\nbootstrap_servers = "{kafka_bootstrap}"\n[feishu]\nbase_url = "{box.url}"\n'
+                        '[inbound]\nenabled = false\n'
                         + APP + '[[apps]]\nname = "wrong"\napp_id = "cli_a1b2c3d4e5f60718"\napp_secret = "nope"\n')
         proc = await asyncio.to_thread(run, "check", "--config", str(path), "--connect")
         assert proc.returncode == 1, proc.stderr
@@ -82,7 +84,8 @@ async def test_check_connect_reports_the_broker_and_each_token(tmp_path: Path, k
         assert lines[2].startswith("app wrong ") and ": FAILED (" in lines[2] and "10014" in lines[2]
         assert "Zk3s9fj2LQ" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
 
-        path.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n' + f'[feishu]\nbase_url = "{box.url}"\n' + APP)
+        path.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n' + f'[feishu]\nbase_url = "{box.url}"\n'
+                        '[inbound]\nenabled = false\n' + APP)
         proc = await asyncio.to_thread(run, "check", "--config", str(path), "--connect", "--timeout", "3")
         assert proc.returncode == 1
         assert "kafka 127.0.0.1:9: FAILED (unreachable" in proc.stdout and "app default" in proc.stdout
