@@ -8,6 +8,7 @@
 
 from relay.sandbox.server import (
     ALL_FAULTS,
+    ApiThrottle,
     CallRecord,
     Control,
     FaultKind,
@@ -15,6 +16,7 @@ from relay.sandbox.server import (
     Message,
     Sandbox,
     SandboxOptions,
+    SandboxUser,
     TargetFailure,
     TargetThrottle,
     serve,
@@ -22,6 +24,7 @@ from relay.sandbox.server import (
 
 __all__ = [
     "ALL_FAULTS",
+    "ApiThrottle",
     "CallRecord",
     "Control",
     "FaultKind",
@@ -29,6 +32,7 @@ __all__ = [
     "Message",
     "Sandbox",
     "SandboxOptions",
+    "SandboxUser",
     "TargetFailure",
     "TargetThrottle",
     "serve",
