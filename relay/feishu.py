@@ -229,8 +229,10 @@ class FeishuClient:
             async with self._slots:
                 if admit is not None:
                     await admit()
+                # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked
+                # in relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
                 async with self._session.request(
-                        call.method, base + call.path, params=call.query or None, data=call.body,
+                        call.method, URL(base + call.path, encoded=True), params=call.query or None, data=call.body,
                         headers=headers, proxy=proxy, proxy_auth=proxy_auth) as resp:
                     raw = await resp.read()
                     outcome = classify(resp.status, resp.headers, raw, api=call.api)
