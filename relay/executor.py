@@ -5,10 +5,12 @@ For each attempt, in this order: check ``expires_at``; wait for the per-target t
 caller's ``before_attempt`` hook; send — and right before the request leaves (a pooled connection held): the
 executor's ``gate`` (may this process call Feishu at all? ``relay.membership``: is it still a member of its
 group?) may make it wait; then the limiter's send-time guard (``Limiter.admit``) holds it if a stall (or that
-wait) made it late enough to bunch with later calls; then the caller's ``before_send`` hook; then, last, the gate
-is asked about this very instant (if it says "not now", back to waiting, the guard and the hook, so the hook may
-run for a request that then waits or is not sent: its effect must allow that). An exception from the gate or the
-hook stops the call before anything is written and propagates. Then branch on the classified outcome:
+wait) made it late enough to bunch with later calls, or sends it back to queue if a throttle voided its grant
+meanwhile (``Requeue``: the sender releases the connection while it waits); then the caller's ``before_send``
+hook; then, last, the gate is asked about this very instant (if it says "not now", back to waiting, the guard and
+the hook, so the hook may run for a request that then waits or is not sent: its effect must allow that). An
+exception from the gate or the hook stops the call before anything is written and propagates. Then branch on the
+classified outcome:
 
     OK / PARTIAL / PERMANENT   done
     REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
@@ -36,7 +38,7 @@ from typing import Protocol
 
 from relay.backoff import RetryPolicy
 from relay.calls import Call
-from relay.limits import Limiter
+from relay.limits import Grant, Limiter
 from relay.outcomes import Attempted, Outcome, Verdict
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,10 @@ Admit = Callable[[], Awaitable[None]]
 
 class Sender(Protocol):
     async def send(self, app: str, call: Call, admit: Admit | None = None) -> Outcome:
-        """One attempt; ``admit`` is awaited right before the request leaves (the limiter's send-time guard)."""
+        """One attempt; ``admit`` is awaited right before the request leaves (the limiter's send-time guard).
+
+        ``admit`` raises :class:`~relay.limits.Requeue` when a throttle voided the call's grant: release what is
+        held (a pooled connection), ``await`` its ``wait()``, and call ``admit`` again."""
         ...
 
 
@@ -106,14 +111,17 @@ class Executor:
         while True:
             if expires_at is not None and self._wall() >= expires_at:
                 return Attempted(outcome, attempts, expired=True)
-            await self._limiter.acquire(app, call.api, call.api_windows, call.target, call.target_windows)
+            grant = await self._limiter.acquire(app, call.api, call.api_windows, call.target, call.target_windows,
+                                                learns=call.learns)
             if expires_at is not None and self._wall() >= expires_at:
                 return Attempted(outcome, attempts, expired=True)
             if before_attempt is not None:
                 await before_attempt()
             attempts += 1
-            outcome = await self._sender.send(app, call, functools.partial(self._admit, app, call, before_send))
+            outcome = await self._sender.send(app, call, functools.partial(self._admit, grant, before_send))
             verdict = outcome.verdict
+            if verdict is Verdict.OK:
+                self._limiter.learn(grant, outcome.data)  # which chat the target is (relay.targets)
             if verdict is Verdict.REFRESH:
                 if refreshed:
                     return Attempted(outcome, attempts)
@@ -123,7 +131,8 @@ class Executor:
                 return Attempted(outcome, attempts)
             if outcome.throttled:
                 per_target = outcome.code == PER_TARGET_LIMIT_CODE and call.target is not None
-                self._limiter.throttled(app, call.api, call.target if per_target else None, outcome.retry_after)
+                self._limiter.throttled(app, call.api, call.target if per_target else None, outcome.retry_after,
+                                        grant=grant)
             delay = max(self._policy.delay(attempts, self._rng, outcome.retry_after), min_retry_delay)
             if not self._policy.allows(attempts, first, self._clock(), delay):
                 return Attempted(outcome, attempts, exhausted=True)
@@ -131,13 +140,13 @@ class Executor:
                       outcome.code, outcome.msg)
             await self._sleep(delay)
 
-    async def _admit(self, app: str, call: Call, before_send: Callable[[], Awaitable[None]] | None) -> None:
+    async def _admit(self, grant: Grant, before_send: Callable[[], Awaitable[None]] | None) -> None:
         """Right before the request is written: the gate's wait, the send-time guard, the caller's hook, and last
         the gate's check of this instant (module doc)."""
         while True:
             if self._gate is not None:
                 await self._gate.wait()
-            await self._limiter.admit(app, call.api, call.api_windows, call.target, call.target_windows)
+            await self._limiter.admit(grant)
             if before_send is not None:
                 await before_send()
             if self._gate is None or self._gate.check():
