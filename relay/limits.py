@@ -292,21 +292,21 @@ class Limiter:
     async def admit(self, grant: Grant) -> None:
         """Right before the request leaves (after :meth:`acquire` and after a pooled connection is held).
 
-        Raises :class:`Requeue` when a throttle voided the grant since it was made (or its target turned out to
-        be another name of a chat): the caller releases its connection, awaits :meth:`Requeue.wait` (the call
-        queues again, as :meth:`acquire` would) and calls ``admit`` again. Waiting for a token while holding a
+        Raises :class:`Requeue` when a throttle voided the grant since it was made (see :meth:`_live`): the
+        caller releases its connection, awaits :meth:`Requeue.wait` (the call queues again, as :meth:`acquire`
+        would) and calls ``admit`` again. Waiting for a token while holding a
         connection would keep the connections from the calls granted meanwhile, which then could not go: the
         connections all held by calls queued for late tokens, the calls holding early tokens waiting for a
         connection. Otherwise wait until sending now keeps the app's and the target's windows (a short wait,
         only after a stall), and record the send. See :class:`SendLog`.
         """
         while True:
-            if self._void(grant):
+            live = self._live(grant)
+            if live is None:
                 self._voided += 1
                 raise Requeue(self, grant)
-            assert grant._app is not None
-            app_log = grant._app.log
-            target_log = grant._target.log if grant._target is not None else None
+            app_log = live[0].log
+            target_log = live[1].log if live[1] is not None else None
             now = self._clock()
             wait = app_log.delay(now)
             if target_log is not None:
@@ -425,17 +425,25 @@ class Limiter:
         """``entry`` is still the bucket ``target`` counts in (not merged into another name's, not forgotten)."""
         return self._aliases.resolve(app, target) == key[2] and self._targets.get(key) is entry
 
-    def _void(self, grant: Grant) -> bool:
-        """A throttle (or a merge of the target into another name's bucket) came after the grant was made."""
-        app_entry = grant._app
-        if (app_entry is None or self._apps.get(("app", grant.app, grant.api)) is not app_entry
-                or app_entry.bucket.epoch != grant._app_epoch):
-            return True
+    def _live(self, grant: Grant) -> tuple[_Entry, _Entry | None] | None:
+        """The buckets a granted call counts in as it leaves, or None when a throttle voided the grant.
+
+        Usually the ones that granted it, unpenalized since. A bucket forgotten meanwhile (idle and full: a call
+        waited long for a connection) or a target merged into its chat's bucket (which took over its use and
+        sends) leaves the grant good, and the send counts in the live bucket instead, unless that one was ever
+        penalized (the grant cannot tell whether before or after it): then it queues again there, once.
+        """
+        assert grant._app is not None
+        app = self._app_entry(grant.app, grant.api, grant.api_windows)
+        if app.bucket.epoch != (grant._app_epoch if app is grant._app else 0):
+            return None
         if grant.target is None:
-            return False
-        entry = grant._target
+            return app, None
         key: BucketKey = ("target", grant.app, self._aliases.resolve(grant.app, grant.target))
-        return entry is None or self._targets.get(key) is not entry or entry.bucket.epoch != grant._target_epoch
+        target = self._target_entry(key, grant.target_windows)
+        if target.bucket.epoch != (grant._target_epoch if target is grant._target else 0):
+            return None
+        return app, target
 
     # --- buckets ------------------------------------------------------------------------------------------
 

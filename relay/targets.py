@@ -21,9 +21,12 @@ name of that conversation shares one bucket and one send log (the limiter merges
 
 What cannot be known before Feishu's first answer naming it: that a user id is the same person as another id or
 as a p2p chat the relay also calls, and which chat a message the relay did not create belongs to. Until then such
-a name has its own 5/s bucket, so a conversation reached under k unresolved names at once can take up to
-k - 1 calls more than 5 in its first second (the calls made before the first answer returns: one per name at
-the usual answer latency, burst 1); Feishu answers the surplus 230020, which the relay retries with backoff.
+a name has its own 5/s bucket (burst 1, then 3.48/s), and what each unresolved name sends before its first answer
+comes back is not counted with the conversation's other names: one call per name at an answer latency under
+0.29 s, more at a slower one. So a conversation already at 5 per second, reached meanwhile under k names the
+relay has not seen answered, can get k calls more in that second; Feishu answers the surplus 230020, which the
+relay retries with backoff. Once the answers are in, the chat's bucket takes over the names' use and sends
+(merged), so the next second is within 5 again.
 Giving ``chat_id`` on a reply closes the gap for replies; a user addressed by one kind of id throughout has none.
 Nothing is shared among unresolved names on purpose: a fan-out to thousands of users, each named once, would
 otherwise be held to one user's 5/s.
@@ -37,6 +40,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Final
 
+import msgspec
+
 __all__ = ["CHAT", "REPLY", "USER", "Aliases"]
 
 CHAT: Final = "chat:"
@@ -44,9 +49,11 @@ USER: Final = "user:"
 REPLY: Final = "reply:"
 
 
-def _text(data: dict[str, Any], name: str) -> str | None:
-    value = data.get(name)
-    return value if isinstance(value, str) and value else None
+class _Made(msgspec.Struct):
+    """What a create/reply/forward answer's ``data`` says about the message made (lenient: other fields ignored)."""
+
+    chat_id: str = ""
+    message_id: str = ""
 
 
 class Aliases:
@@ -81,18 +88,18 @@ class Aliases:
         the message the answer created is (``reply:<data.message_id>``). Nothing is learnt from an answer without
         a ``chat_id`` (lenient: Feishu's ``data`` is read as it comes).
         """
-        if not isinstance(data, dict):
+        try:
+            made = msgspec.convert(data, _Made)
+        except msgspec.ValidationError:
             return None
-        chat_id = _text(data, "chat_id")
-        if chat_id is None:
+        if not made.chat_id:
             return None
-        chat = CHAT + chat_id
+        chat = CHAT + made.chat_id
         names: list[str] = []
         if target is not None and target.startswith((USER, REPLY)):
             names.append(target)
-        message_id = _text(data, "message_id")
-        if message_id is not None:
-            names.append(REPLY + message_id)
+        if made.message_id:
+            names.append(REPLY + made.message_id)
         learnt = []
         for name in names:
             key = (app, name)

@@ -800,3 +800,37 @@ def test_a_name_learnt_while_callers_wait_on_it_moves_them_to_the_chat() -> None
     sends = run_virtual(main)
     after = [t for t in sends if t >= 0.7]
     assert violations(after, PER_TARGET) == []
+
+
+@pytest.mark.parametrize("time_scale", [1.0, 10_000.0])
+def test_a_grant_that_waits_long_for_a_connection_still_goes(time_scale: float) -> None:
+    """Calls to distinct chats granted faster than the connections free up: a target bucket forgotten while its
+    call waited (idle and full again) leaves the grant good; only a throttle voids one. (Voiding it made every
+    call queue again for ever once connection waits outlasted a target's window, as at time_scale 10,000.)"""
+
+    async def main() -> int:
+        limiter = Limiter(jitter=0.0 if time_scale > 1 else JITTER, utilization=UTILIZATION, clock=now,
+                          sleep=asyncio.sleep, time_scale=time_scale)
+        connections = asyncio.Semaphore(4)
+        latency = 2.0 / time_scale  # longer than a chat's window: its bucket is forgotten meanwhile
+        sent = 0
+
+        async def caller(i: int) -> None:
+            nonlocal sent
+            for n in range(10):  # a stream of new chats: their acquires forget the idle buckets
+                grant = await limiter.acquire("a", "im.message.create", IM, f"chat:oc_{i}_{n}", PER_TARGET)
+                while True:
+                    try:
+                        async with connections:
+                            await limiter.admit(grant)
+                            await asyncio.sleep(latency)
+                        break
+                    except Requeue as requeue:
+                        await requeue.wait()
+                sent += 1
+
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(20))), 10_000 / time_scale)
+        assert limiter.stats().voided == 0
+        return sent
+
+    assert run_virtual(main) == 200
