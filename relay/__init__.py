@@ -6,7 +6,8 @@ The tree is the architecture (leaves first):
     config           the TOML config, env overrides, secrets masked
     intents          the intent union (msgspec, tagged on ``kind``)
     buckets          pure limit arithmetic: Feishu's windows, bucket sizing, the token bucket, the send log
-    limits           the limiter: per-target then app-wide buckets, awaited before every call
+    targets          which chat a per-target name counts in, learnt from Feishu's answers (bounded)
+    limits           the limiter: per-target then app-wide buckets, awaited before every call, voided by a 429
     calls            intent -> Feishu HTTP call (path, body, which limits apply)
     outcomes         one pure function classifying every Feishu answer; how a call ended
     results          the result record and the dead letter written for each intent; ``relay schema``

@@ -272,6 +272,11 @@ def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) ->
     metrics.set_total("relay_limiter_guarded_total", stats.guarded,
                       help="sends held by the send-time guard (after an event-loop stall)")
     metrics.set("relay_limiter_target_buckets", stats.target_buckets, help="per-target buckets alive")
+    metrics.set("relay_limiter_app_buckets", stats.app_buckets, help="app-wide buckets alive (feishu.max_api_buckets)")
+    metrics.set_total("relay_limiter_voided_total", stats.voided,
+                      help="calls granted, then held back by a throttle before they left, and queued again")
+    metrics.set("relay_limiter_target_aliases", stats.aliases,
+                help="target names known to be in a chat (feishu.target_memory)")
 
 
 async def send(config: Config, text: str, timeout: float) -> int:

@@ -139,6 +139,11 @@ class FeishuConfig(_Section, frozen=True):
     limit_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.975
     # divides every Feishu duration (limit windows, preview 5 s rule); only for sandbox tests, 1 for Feishu
     time_scale: PositiveFloat = 1.0
+    # app-wide buckets (one per app and API, api.call templates included) alive at once; past it idle ones are
+    # forgotten, and an api.call to a new API is rejected while none is idle
+    max_api_buckets: PositiveInt = 1024
+    # target names (user ids, replied-to messages) remembered as being in a known chat (relay.targets)
+    target_memory: PositiveInt = 100_000
 
     def __post_init__(self) -> None:
         _check_url("base_url", self.base_url)

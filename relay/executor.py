@@ -7,10 +7,12 @@ connection held): the executor's ``gate`` (may this process call Feishu at all? 
 a member of its group?) may make it wait; then the caller's ``before_write`` hook (the journal's "started" entry:
 as late as possible, so a call stopped while waiting for a token, a connection or the gate is not reported as
 maybe performed); then the limiter's send-time guard (``Limiter.admit``) holds it if a stall (or those waits) made
-it late enough to bunch with later calls; then the caller's ``before_send`` hook; then, last, the gate is asked
-about this very instant (if it says "not now", back to waiting, the guard and the hook, so the hook may run for a
-request that then waits or is not sent: its effect must allow that). An exception from the gate or a hook stops
-the call before anything is written and propagates. Then branch on the classified outcome:
+it late enough to bunch with later calls, or sends it back to queue if a throttle voided its grant meanwhile
+(``Requeue``: the sender releases the connection while it waits, then admits again from the gate); then the
+caller's ``before_send`` hook; then, last, the gate is asked about this very instant (if it says "not now", back
+to waiting, the guard and the hook, so the hook may run for a request that then waits or is not sent: its effect
+must allow that). An exception from the gate or a hook stops the call before anything is written and propagates.
+Then branch on the classified outcome:
 
     OK / PARTIAL / PERMANENT   done
     REFRESH                    the client dropped the token; retry at once, once (a second REFRESH is final)
@@ -46,7 +48,7 @@ from typing import Protocol
 
 from relay.backoff import RetryPolicy
 from relay.calls import Call
-from relay.limits import Limiter
+from relay.limits import Grant, Limiter
 from relay.outcomes import Attempted, Outcome, Verdict
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,10 @@ Admit = Callable[[], Awaitable[None]]
 
 class Sender(Protocol):
     async def send(self, app: str, call: Call, admit: Admit | None = None) -> Outcome:
-        """One attempt; ``admit`` is awaited right before the request leaves (the limiter's send-time guard)."""
+        """One attempt; ``admit`` is awaited right before the request leaves (the limiter's send-time guard).
+
+        ``admit`` raises :class:`~relay.limits.Requeue` when a throttle voided the call's grant: release what is
+        held (a pooled connection), ``await`` its ``wait()``, and call ``admit`` again."""
         ...
 
 
@@ -119,18 +124,21 @@ class Executor:
         while True:
             if expires_at is not None and self._wall() >= expires_at:
                 return Attempted(outcome, attempts, expired=True)
-            await self._limiter.acquire(app, call.api, call.api_windows, call.target, call.target_windows)
+            grant = await self._limiter.acquire(app, call.api, call.api_windows, call.target, call.target_windows,
+                                                learns=call.learns)
             if expires_at is not None and self._wall() >= expires_at:
                 return Attempted(outcome, attempts, expired=True)
             if before_attempt is not None:
                 await before_attempt()
-            admit = functools.partial(self._admit, app, call, before_write, before_send)
+            admit = functools.partial(self._admit, grant, before_write, before_send)
             outcome = await self._sender.send(app, call, admit)
             if outcome.token_unavailable:
                 unsent += 1
             else:
                 attempts += 1
             verdict = outcome.verdict
+            if verdict is Verdict.OK:
+                self._limiter.learn(grant, outcome.data)  # which chat the target is (relay.targets)
             if verdict is Verdict.REFRESH:
                 if refreshed:
                     return Attempted(outcome, attempts)
@@ -142,7 +150,8 @@ class Executor:
                 return Attempted(outcome, attempts, unknown=True)
             if outcome.throttled:
                 per_target = outcome.code == PER_TARGET_LIMIT_CODE and call.target is not None
-                self._limiter.throttled(app, call.api, call.target if per_target else None, outcome.retry_after)
+                self._limiter.throttled(app, call.api, call.target if per_target else None, outcome.retry_after,
+                                        grant=grant)
             backoff = unsent if outcome.token_unavailable else attempts  # each grows on its own
             delay = max(self._policy.delay(backoff, self._rng, outcome.retry_after), min_retry_delay)
             if not self._policy.allows(attempts, first, self._clock(), delay):
@@ -151,7 +160,7 @@ class Executor:
                       outcome.code, outcome.msg)
             await self._sleep(delay)
 
-    async def _admit(self, app: str, call: Call, before_write: Callable[[], Awaitable[None]] | None,
+    async def _admit(self, grant: Grant, before_write: Callable[[], Awaitable[None]] | None,
                      before_send: Callable[[], Awaitable[None]] | None) -> None:
         """Right before the request is written: the gate's wait, the caller's ``before_write``, the send-time guard,
         the caller's ``before_send``, and last the gate's check of this instant (module doc)."""
@@ -160,7 +169,7 @@ class Executor:
         if before_write is not None:
             await before_write()
         while True:
-            await self._limiter.admit(app, call.api, call.api_windows, call.target, call.target_windows)
+            await self._limiter.admit(grant)
             if before_send is not None:
                 await before_send()
             if self._gate is None or self._gate.check():

@@ -37,6 +37,7 @@ from yarl import URL
 
 from relay.calls import Call
 from relay.config import AppConfig, Config
+from relay.limits import Requeue
 from relay.outcomes import Outcome, Verdict, classify, network_error, token_error
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,9 @@ class FeishuClient:
         """Perform ``call`` once for ``app``; every answer (and every failure to get one) is an Outcome.
 
         ``admit`` is awaited after a pooled connection is ours, just before the request is written: waiting for a
-        connection must not make a call late enough to bunch with the calls granted after it."""
+        connection must not make a call late enough to bunch with the calls granted after it. When it raises
+        :class:`~relay.limits.Requeue` (a throttle voided the call's grant), the connection is released while the
+        call queues again, then ``admit`` runs again."""
         assert self._session is not None, "FeishuClient.start() was not awaited"
         try:
             token = await self.token(app)
@@ -232,15 +235,23 @@ class FeishuClient:
         base = self._config.base_url_for(self._apps[app])
         proxy, proxy_auth = self._proxies.get(base, (None, None))
         headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON_CONTENT}
+        # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked in
+        # relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
+        url = URL(base + call.path, encoded=True)
         try:
-            async with self._slots:
-                if admit is not None:
-                    await admit()
-                async with self._session.request(
-                        call.method, base + call.path, params=call.query or None, data=call.body,
-                        headers=headers, proxy=proxy, proxy_auth=proxy_auth) as resp:
-                    raw = await resp.read()
-                    outcome = classify(resp.status, resp.headers, raw, api=call.api)
+            while True:
+                try:
+                    async with self._slots:
+                        if admit is not None:
+                            await admit()
+                        async with self._session.request(
+                                call.method, url, params=call.query or None, data=call.body, headers=headers,
+                                proxy=proxy, proxy_auth=proxy_auth) as resp:
+                            raw = await resp.read()
+                            outcome = classify(resp.status, resp.headers, raw, api=call.api)
+                    break
+                except Requeue as requeue:  # a throttle came while it waited: queue again, not holding a slot
+                    await requeue.wait()
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             return network_error(err)
         if outcome.verdict is Verdict.REFRESH:
