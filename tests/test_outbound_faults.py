@@ -168,7 +168,14 @@ async def test_a_second_relay_joining_while_calls_hang_never_repeats_them(
             try:
                 await produce(kafka_bootstrap, data["kafka"]["intents_topics"][0], intents)
                 await wait_until(lambda: len(results.records) >= len(intents) // 4, 90, "a quarter of the results")
+                # every call hangs while the second relay joins, so the revoke surely finds calls in flight (one
+                # in five would leave it to chance whether the drain cuts any off)
+                sandbox.set_faults(fault_rate=1.0)
                 await second.start()  # joins the group: a rebalance while calls are in flight
+                log = tmp_path / "first.log"
+                await wait_until(lambda: "partitions revoked" in log.read_text(errors="replace"), 90,
+                                 "the first relay's partitions to be revoked")
+                sandbox.set_faults(fault_rate=0.2)
                 await results.wait_for(len(intents), timeout=120, what="results")
                 await asyncio.sleep(1.0)
                 first.send(signal.SIGTERM)
