@@ -45,7 +45,7 @@ from relay.executor import Executor
 from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.kafka import client_settings
 from relay.metrics import Metrics
-from relay.offsets import PartitionOffsets, decode_done
+from relay.offsets import OffsetRanges, PartitionOffsets, decode_metadata
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
 from relay.results import (
     Headers,
@@ -108,7 +108,7 @@ class Outbound(ConsumerRebalanceListener):
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
-        self._skip: dict[TopicPartition, set[int]] = {}
+        self._skip: dict[TopicPartition, OffsetRanges] = {}
         self._jobs: dict[TopicPartition, set[Job]] = {}
         self._lanes: dict[tuple[TopicPartition, str], asyncio.Task[None]] = {}
         self._inflight = 0
@@ -207,7 +207,7 @@ class Outbound(ConsumerRebalanceListener):
             log.warning("could not read committed metadata (%s); finished records may be redone", err)
             return
         for tp, meta in committed.items():
-            done = decode_done(meta.offset, meta.metadata)
+            done = decode_metadata(meta.offset, meta.metadata).done
             if done:
                 self._skip[tp] = done
                 log.info("%s[%d]: skipping %d records finished by the previous owner", tp.topic, tp.partition,
@@ -240,7 +240,6 @@ class Outbound(ConsumerRebalanceListener):
         offsets.add(record.offset)
         skip = self._skip.get(tp)
         if skip and record.offset in skip:
-            skip.discard(record.offset)
             offsets.done(record.offset)
             return
         received = self._wall()
