@@ -50,7 +50,7 @@ async def run(args: argparse.Namespace) -> int:
     total = args.tokens * args.updates
     data = config_data(args.bootstrap, prefix, sandbox.url, time_scale=1.0,
                        outbound={"max_in_flight": args.max_in_flight or total + 1,
-                                 "drain_timeout": 30.0, "max_retry_seconds": 300.0})
+                                 "drain_timeout": 30.0, "rebalance_timeout_ms": 45000, "max_retry_seconds": 300.0})
     config = to_config(data)
     plan = plan_burst(random.Random(args.seed), tokens=args.tokens, updates=args.updates, seconds=args.seconds)
     produced: dict[str, float] = {}
