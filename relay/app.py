@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -97,20 +98,23 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
 
 
 class Health:
-    """``/healthz``: the process is up. ``/readyz``: every enabled part has started and none has died."""
+    """``/healthz``: the process is up. ``/readyz``: every enabled part has started, none has died and none
+    reports a problem (a check returning a reason, e.g. results that cannot be written)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.ready = False
         self.problem: str | None = None
+        self.checks: list[Callable[[], str | None]] = []
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.ready and self.problem is None:
+        problem = self.problem or next((reason for check in self.checks if (reason := check())), None)
+        if self.ready and problem is None:
             return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready", "reason": self.problem or "starting"}, status=503)
+        return web.json_response({"status": "not ready", "reason": problem or "starting"}, status=503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics.render(), content_type="text/plain")
@@ -170,6 +174,7 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             await client.start()
             stack.push_async_callback(client.close)
             outbound = await start_outbound(config, client, producer, metrics, stack)
+            health.checks.append(outbound.problem)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
         health.ready = True
         log.info("relay running (apps: %s)", ", ".join(a.name for a in config.apps) or "none")
@@ -204,7 +209,7 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
     return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                    previews=previews)
+                    previews=previews, new_producer=lambda: make_producer(config.kafka))
 
 
 def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) -> None:

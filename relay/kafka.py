@@ -13,7 +13,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from relay.config import KafkaConfig
 
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 # room for a 1 MiB inbound body plus headers and batch overhead; the local broker allows 2 MiB
 MAX_REQUEST_SIZE = 2 * 1024 * 1024
+MAX_BATCH_SIZE = 1 << 20
+# what a topic's max.message.bytes must leave beside one record (results.record_size): the batch header (61 bytes
+# in format v2) and the record's own framing
+BATCH_OVERHEAD = 96
 
 
 def client_settings(cfg: KafkaConfig) -> dict[str, Any]:
@@ -51,7 +56,7 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
         "linger_ms": 2,
         # the default 16 KiB batch fills when ~100 results finish together, and every sender then waits on the
         # drain with a timer of its own (6,518 waits for 6,000 records in the engine benchmark; 2 with 1 MiB)
-        "max_batch_size": 1 << 20,
+        "max_batch_size": MAX_BATCH_SIZE,
         "max_request_size": MAX_REQUEST_SIZE,
         **overrides,
     }
@@ -91,3 +96,21 @@ async def ensure_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]]) -> 
             log.info("created topics %s", ", ".join(t.name for t in missing))
     finally:
         await admin.close()
+
+
+async def max_message_bytes(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Each topic's ``max.message.bytes`` (the most a batch may hold); a topic the broker does not tell about (no
+    DescribeConfigs permission, unknown topic) is left out."""
+    wanted = [ConfigResource(ConfigResourceType.TOPIC, t, configs={"max.message.bytes": None}) for t in topics]
+    try:
+        responses = await admin.describe_configs(wanted)
+    except KafkaError as err:
+        log.warning("cannot read max.message.bytes of %s: %s", ", ".join(topics), err)
+        return {}
+    limits: dict[str, int] = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            for entry in resource["config_entries"] if not resource["error_code"] else ():
+                if entry["config_names"] == "max.message.bytes" and str(entry["config_value"]).isdigit():
+                    limits[resource["resource_name"]] = int(entry["config_value"])
+    return limits

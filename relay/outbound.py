@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Final, Protocol
@@ -56,6 +57,7 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     OffsetMetadataTooLargeError,
+    OutOfOrderSequenceNumber,
 )
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -64,7 +66,7 @@ from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
 from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
-from relay.kafka import client_settings
+from relay.kafka import BATCH_OVERHEAD, MAX_BATCH_SIZE, client_settings, max_message_bytes
 from relay.metrics import Metrics
 from relay.offsets import OffsetRanges, PartitionOffsets, decode_metadata
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
@@ -161,6 +163,10 @@ class Write:
         self.stuck = False  # the error cannot be retried into success: an operator must act
 
 
+class _TooLarge(Exception):
+    """A record its topic's known ``max.message.bytes`` cannot take even cut (never sent: see ``_send``)."""
+
+
 def _unparsable(err: Exception) -> bool:
     """An error of the Kafka client *parsing* a fetched record, not of Kafka itself (module doc)."""
     return isinstance(err, CorruptRecordException) or not isinstance(err, KafkaError)
@@ -170,8 +176,11 @@ class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
                  previews: PreviewCoalescer | None = None, wall: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic, admin: AIOKafkaAdminClient | None = None) -> None:
-        """``admin`` reads the previous owner's commit metadata; None: ``run`` makes one from the config."""
+                 clock: Callable[[], float] = time.monotonic, admin: AIOKafkaAdminClient | None = None,
+                 new_producer: Callable[[], AIOKafkaProducer] | None = None) -> None:
+        """``admin`` reads the previous owner's commit metadata and topic limits; None: ``run`` makes one from the
+        config. ``new_producer`` makes a replacement for a producer a refused batch broke (see ``_send``); the
+        replacements are this object's to stop, ``producer`` stays its owner's."""
         self._config = config
         self._out = config.outbound
         self._consumer = consumer
@@ -200,6 +209,13 @@ class Outbound(ConsumerRebalanceListener):
         self._reports_failing = 0  # internal errors whose report cannot be built (see _internal_failure)
         self._metadata_cap = self._out.commit_metadata_max_bytes  # halved by OFFSET_METADATA_TOO_LARGE
         self._partitioner = DefaultPartitioner()
+        self._limits: dict[str, tuple[int | None, float]] = {}  # topic -> (max.message.bytes, when asked)
+        self._limits_lock = asyncio.Lock()
+        self._new_producer = new_producer
+        self._renewed: list[AIOKafkaProducer] = []  # producers made here, the current one last
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -math.inf
+        self._stopping: set[asyncio.Task[None]] = set()  # replaced producers being stopped
         self.finished = 0  # records finished (result acknowledged), for progress lines and tests
 
     # lifetime -----------------------------------------------------------------------------------------
@@ -220,6 +236,10 @@ class Outbound(ConsumerRebalanceListener):
         finally:
             if own_admin:
                 await admin.close()
+            for producer in self._renewed:
+                with contextlib.suppress(KafkaError):
+                    await producer.stop()
+            await asyncio.gather(*self._stopping, return_exceptions=True)  # their errors do not matter now
         log.info("outbound stopped: %d records finished", self.finished)
 
     def problem(self) -> str | None:
@@ -325,14 +345,19 @@ class Outbound(ConsumerRebalanceListener):
         self._round += 1
         first = self._round % len(order)
         read = 0
-        for tp in order[first:] + order[:first]:
+        order = order[first:] + order[:first]
+        for tp in order:
             if read >= left:
                 break
             read += await self._read(tp, min(rooms[tp], left - read))
         if not read:
-            await self._read_any(order, int(wait * 1000), stopped)
+            calm = [tp for tp in order if tp not in self._careful]
+            if calm:
+                await self._read_any(calm, int(wait * 1000), stopped)
+            else:  # only partitions being read one by one: wait on one of them (rare, and short)
+                await self._read(order[0], 1, timeout_ms=20)
 
-    async def _read(self, tp: TopicPartition, room: int) -> int:
+    async def _read(self, tp: TopicPartition, room: int, *, timeout_ms: int = 0) -> int:
         """Take up to ``room`` buffered records of ``tp`` (aiokafka returns at most ``max_records``); how many.
 
         A record the client cannot parse raises out of ``getmany``, and the records parsed before it in that call
@@ -341,7 +366,7 @@ class Outbound(ConsumerRebalanceListener):
         """
         careful = self._careful.get(tp, 0)
         try:
-            batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=1 if careful else room)
+            batch = await self._consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1 if careful else room)
         except Exception as err:
             if not _unparsable(err):
                 raise
@@ -358,7 +383,8 @@ class Outbound(ConsumerRebalanceListener):
 
     async def _read_any(self, tps: list[TopicPartition], timeout_ms: int, stopped: asyncio.Future[Any]) -> None:
         """Wait for records of any of ``tps``, taking one: one record fits any room, and a parse failure then
-        costs no other partition's records (aiokafka moves a partition's position as it drains it)."""
+        costs no other partition's records (aiokafka moves a partition's position as it drains it). After one,
+        which partition failed is unknown: each is read again from its position, one record, on its own."""
         reading = asyncio.ensure_future(self._consumer.getmany(*tps, timeout_ms=timeout_ms, max_records=1))
         await asyncio.wait([reading, stopped], return_when=asyncio.FIRST_COMPLETED)
         if not reading.done():  # stopping: aiokafka's wait is cancellable, and it had taken nothing
@@ -370,7 +396,11 @@ class Outbound(ConsumerRebalanceListener):
         except Exception as err:
             if not _unparsable(err):
                 raise
-            return  # nothing was taken: the per-partition reads of the next round find the culprit
+            for tp in tps:  # a failed partition would otherwise skip what it had parsed (see _read)
+                with contextlib.suppress(IllegalStateError):
+                    self._consumer.seek(tp, await self._consumer.position(tp))
+                    self._careful[tp] = max(self._careful.get(tp, 0), 1)
+            return
         for tp, records in batch.items():
             for record in records:
                 self._dispatch(tp, record)
@@ -627,9 +657,12 @@ class Outbound(ConsumerRebalanceListener):
                     cut: Callable[[int], tuple[bytes | None, bytes, Headers]] | None = None) -> None:
         """Produce and wait for the broker's acknowledgement; raises nothing but CancelledError (module doc).
 
-        ``MessageSizeTooLarge``: the batch was too large for the topic, or this record is. Sent again alone (a
-        batch of its own, on the partition its key maps to) to tell; if it still is, ``cut(budget)`` gives a
-        smaller version, halving the budget each time. Any other error is retried, backing off; one that cannot
+        Nothing the broker would refuse for its size is sent when the topic's ``max.message.bytes`` is known:
+        aiokafka's idempotent producer does not take back the sequence numbers of a refused batch, so every later
+        batch to that partition would fail (``OutOfOrderSequenceNumber``). A record over the limit is cut to fit
+        (``cut(budget)``); to a topic whose limit is below the producer's batch size every record goes as a batch
+        of its own. When the limit is unknown, a ``MessageSizeTooLarge`` (aiokafka's own check, or the broker's)
+        sends the record alone, then cut, halving. Any other error is retried, backing off; one that cannot
         succeed by retrying marks the write stuck (``problem``) until it does. An error that is not Kafka's (the
         client refused the record's shape) is retried with the smallest cut, which has none of the original
         headers.
@@ -639,26 +672,38 @@ class Outbound(ConsumerRebalanceListener):
         delay, alone = 0.1, False
         try:
             while True:
+                failure: Exception
                 try:
-                    if alone:
+                    limit = await self._topic_limit(topic, fresh=write.stuck)
+                    size = record_size(key, value, headers)
+                    if limit is not None and size + BATCH_OVERHEAD > limit:
+                        smaller = cut(limit - BATCH_OVERHEAD) if cut is not None else None
+                        if smaller is not None and record_size(*smaller) < size:
+                            key, value, headers = self._cut(topic, size, smaller)
+                            continue
+                        raise _TooLarge(f"{size} bytes even cut; {topic} takes {limit}")
+                    if alone or (limit is not None and limit < MAX_BATCH_SIZE + BATCH_OVERHEAD):
                         future = await self._send_alone(topic, key, value, headers)
                     else:
                         future = await self._producer.send(topic, value, key=key, headers=headers)
                     await future
                     return
+                except _TooLarge as err:
+                    failure = err
                 except MessageSizeTooLargeError as err:
+                    failure = err
                     if not alone:
-                        alone = True
+                        alone = True  # a neighbour in its batch may have been the large one
                         continue
-                    failure: Exception = err
-                    size = record_size(key, value, headers)
                     smaller = cut(size // 2) if cut is not None else None
                     if smaller is not None and record_size(*smaller) < size:
-                        key, value, headers = smaller
-                        self._metrics.inc("relay_outbound_truncated_total", topic=topic,
-                                          help="results and dead letters cut to fit their topic")
-                        log.warning("a record of %d bytes is too large for %s; writing it cut to %d bytes", size,
-                                    topic, record_size(key, value, headers))
+                        key, value, headers = self._cut(topic, size, smaller)
+                        continue
+                except OutOfOrderSequenceNumber as err:
+                    # an earlier batch to this partition was refused (too large, invalid timestamp, ...): aiokafka
+                    # kept its sequence numbers, so this producer can never write to the partition again
+                    failure = err
+                    if await self._renew_producer():
                         continue
                 except KafkaError as err:
                     failure = err
@@ -681,6 +726,64 @@ class Outbound(ConsumerRebalanceListener):
                 delay = min(delay * 2, self._out.backoff_cap)
         finally:
             del self._writes[write]
+
+    async def _renew_producer(self) -> bool:
+        """Replace the producer (a fresh producer id starts its sequences over); False when not possible now.
+
+        At most once per ``outbound.backoff_cap``: a topic that keeps refusing breaks each new producer again. The
+        old one is stopped in the background (what it still holds is delivered or fails back to its sender).
+        """
+        if self._new_producer is None:
+            return False
+        if self._renewing is None:
+            if self._clock() - self._renewed_at < self._out.backoff_cap:
+                return False
+            self._renewing = asyncio.create_task(self._swap_producer(self._new_producer))
+        renewing = self._renewing
+        await asyncio.wait([renewing])
+        if self._renewing is renewing:
+            self._renewing = None
+        return not renewing.cancelled() and renewing.exception() is None
+
+    async def _swap_producer(self, make: Callable[[], AIOKafkaProducer]) -> None:
+        producer = make()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        old, self._producer = self._producer, producer
+        self._renewed_at = self._clock()
+        self._renewed.append(producer)
+        log.warning("a refused batch broke the producer's sequence numbers; writing with a new producer")
+        self._metrics.inc("relay_outbound_producer_renewals_total",
+                          help="producers replaced after a refused batch broke their sequence numbers")
+        if old in self._renewed:  # ours to stop; the first one is its owner's
+            self._renewed.remove(old)
+            task = asyncio.create_task(old.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    def _cut(self, topic: str, size: int, smaller: tuple[bytes | None, bytes, Headers]
+             ) -> tuple[bytes | None, bytes, Headers]:
+        self._metrics.inc("relay_outbound_truncated_total", topic=topic,
+                          help="results and dead letters cut to fit their topic")
+        log.warning("a record of %d bytes is too large for %s; writing it cut to %d bytes", size, topic,
+                    record_size(*smaller))
+        return smaller
+
+    async def _topic_limit(self, topic: str, *, fresh: bool) -> int | None:
+        """The topic's ``max.message.bytes`` (None when the broker does not say); asked again, at most once a
+        second, while a write is stuck (an operator may be raising it)."""
+        known = self._limits.get(topic)
+        if known is not None and not (fresh and self._clock() - known[1] >= 1.0):
+            return known[0]
+        async with self._limits_lock:  # one question at a time: the first writes all ask at once
+            known = self._limits.get(topic)
+            if known is None or (fresh and self._clock() - known[1] >= 1.0):
+                limits = await max_message_bytes(self._admin, [topic]) if self._admin is not None else {}
+                known = self._limits[topic] = (limits.get(topic), self._clock())
+        return known[0]
 
     async def _send_alone(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> Awaitable[Any]:
         """Send one record as a batch of its own (the partition ``send`` would pick for its key)."""
