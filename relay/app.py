@@ -26,7 +26,7 @@ from aiohttp import web
 from relay.backoff import RetryPolicy
 from relay.calls import check_share
 from relay.config import AppConfig, Config, Secret, load_config
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, ListenError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.intents import decode_intent, ordering_key
@@ -144,7 +144,10 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             from relay.sandbox import Sandbox, SandboxOptions
 
             sandbox = Sandbox(SandboxOptions(time_scale=config.feishu.time_scale))
-            base_url = await sandbox.start("127.0.0.1", SANDBOX_PORT)
+            try:
+                base_url = await sandbox.start("127.0.0.1", SANDBOX_PORT)
+            except OSError as err:
+                raise ListenError("sandbox", "127.0.0.1", SANDBOX_PORT, err) from None
             stack.push_async_callback(sandbox.stop)
             config = with_sandbox_url(config, base_url)
             log.info("no real app credentials: using the local Feishu sandbox at %s", base_url)
@@ -165,7 +168,10 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             runner = web.AppRunner(web_app, access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, config.http.host, config.http.port).start()
+            try:
+                await web.TCPSite(runner, config.http.host, config.http.port).start()
+            except OSError as err:
+                raise ListenError("http", config.http.host, config.http.port, err) from None
             log.info("http on %s:%d", config.http.host, config.http.port)
 
         tasks: list[asyncio.Task[Any]] = []
@@ -238,7 +244,9 @@ async def send(config: Config, text: str, timeout: float) -> int:
         await producer.start()
         results = config.kafka.results_topic
         await ensure_topics(config.kafka, {results: {}})
-        partitions = [TopicPartition(results, p) for p in (consumer.partitions_for_topic(results) or {0})]
+        # every partition of the results topic: the result is keyed by the id, so it may land on any of them
+        # (the consumer's own metadata may not list the topic yet; the producer's call waits for it)
+        partitions = [TopicPartition(results, p) for p in sorted(await producer.partitions_for(results))]
         consumer.assign(partitions)
         await consumer.seek_to_end(*partitions)
         for tp in partitions:

@@ -14,7 +14,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from relay.config import KafkaConfig
 
@@ -85,15 +85,17 @@ async def ensure_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]]) -> 
     admin = AIOKafkaAdminClient(**client_settings(cfg))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(name, num_partitions=cfg.topic_partitions, replication_factor=1, topic_configs=configs)
-            for name, configs in topics.items() if name not in existing
-        ]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another replica created it first
-                await admin.create_topics(missing)
-            log.info("created topics %s", ", ".join(t.name for t in missing))
+        # asked to create them all: an existing one answers TOPIC_ALREADY_EXISTS. Listing the cluster's topics
+        # first costs a metadata response as large as the cluster (thousands of topics: seconds, and memory)
+        wanted = [NewTopic(name, num_partitions=cfg.topic_partitions, replication_factor=1, topic_configs=configs)
+                  for name, configs in topics.items()]
+        with contextlib.suppress(TopicAlreadyExistsError):
+            answers = (await admin.create_topics(wanted)).to_object()["topic_errors"]
+            for answer in answers:
+                if answer["error_code"] not in (0, TopicAlreadyExistsError.errno):
+                    log.warning("cannot create topic %s: %s", answer["topic"], for_code(answer["error_code"]).__name__)
+            if created := [answer["topic"] for answer in answers if answer["error_code"] == 0]:
+                log.info("created topics %s", ", ".join(created))
     finally:
         await admin.close()
 
