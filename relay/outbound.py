@@ -370,7 +370,7 @@ class Outbound(ConsumerRebalanceListener):
         except Exception as err:
             if not _unparsable(err):
                 raise
-            return await self._unparsable(tp, err, careful > 0)
+            return await self._skip_unparsable(tp, err, careful > 0)
         records = batch.get(tp, ())
         for record in records:
             self._dispatch(tp, record)
@@ -405,7 +405,7 @@ class Outbound(ConsumerRebalanceListener):
             for record in records:
                 self._dispatch(tp, record)
 
-    async def _unparsable(self, tp: TopicPartition, err: Exception, careful: bool) -> int:
+    async def _skip_unparsable(self, tp: TopicPartition, err: Exception, careful: bool) -> int:
         try:
             position = await self._consumer.position(tp)
             if not careful:

@@ -171,6 +171,7 @@ class FakeProducer:
         self.written: dict[str, list[tuple[bytes | None, bytes, Any]]] = {RESULTS: [], DEAD: []}
         self.max_size: dict[str, int] = {}  # topic -> max.message.bytes
         self.refuse: dict[str, Exception] = {}  # topic -> error for every write
+        self.hold: dict[str, list[asyncio.Future[None]]] = {}  # topic -> acknowledgements kept back
         self.on_write: Callable[[str, bytes | None, bytes, Any], None] | None = None
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = ()) -> Any:
@@ -188,7 +189,10 @@ class FakeProducer:
 
     def _deliver(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if topic in self.refuse:
+        if topic in self.hold:
+            self.hold[topic].append(future)
+            future.add_done_callback(lambda _: self.written.setdefault(topic, []).append((key, value, headers)))
+        elif topic in self.refuse:
             future.set_exception(self.refuse[topic])
         elif topic in self.max_size and record_size(key, value, headers) > self.max_size[topic]:
             future.set_exception(MessageSizeTooLargeError())
@@ -479,6 +483,25 @@ async def test_a_write_that_cannot_succeed_is_reported_retried_and_holds_its_key
         await h.until(lambda: len(h.producer.results()) == 2, "both results")
         assert h.outbound.problem() is None
     assert h.executor.calls == ["a1", "a2"] and [k for k, _, _ in h.producer.written[RESULTS]] == [b"a1", b"a2"]
+
+
+async def test_a_write_never_acknowledged_is_reported_after_write_alarm_after() -> None:
+    consumer = FakeConsumer()
+    consumer.append(0, "A", intent("a1", "A"))
+    consumer.append(0, "A", intent("a2", "A"))
+    async with running(consumer, write_alarm_after=0.2) as h:
+        h.producer.hold[RESULTS] = []
+        await h.until(lambda: bool(h.producer.hold[RESULTS]), "a1's write")
+        assert h.outbound.problem() is None, "reported before write_alarm_after"
+        await h.until(lambda: h.outbound.problem() is not None, "the alarm")
+        problem = h.outbound.problem()
+        assert problem is not None and "no acknowledgement" in problem and RESULTS in problem
+        assert h.executor.calls == ["a1"]
+        for future in h.producer.hold.pop(RESULTS):
+            future.set_result(None)
+        await h.until(lambda: len(h.producer.results()) == 2, "both results")
+        assert h.outbound.problem() is None
+    assert h.executor.calls == ["a1", "a2"]
 
 
 async def test_an_internal_error_that_cannot_be_reported_holds_its_key_until_it_is(
