@@ -13,6 +13,11 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from relay.kafka import make_consumer, make_producer
+from relay.metrics import Metrics
+from relay.offsets import decode_metadata
+from relay.outbound import Outbound
+from relay.outcomes import Attempted, Outcome, Verdict
 from tests.relaykit import (
     APP_ID,
     APP_SECRET,
@@ -117,7 +122,7 @@ async def test_30000_finished_above_a_stuck_key_then_a_rebalance_no_intent_gets_
 
 
 async def _at(bootstrap: str, config: Any, tp: TopicPartition) -> bool:
-    return await committed(bootstrap, config.kafka.group_id, tp) == 30_001
+    return await _at_end(bootstrap, config, tp, 30_001)
 
 
 async def _have(results: Collector, written: int) -> bool:
@@ -136,3 +141,84 @@ async def end_offsets(bootstrap: str, topic: str) -> int:
         return sum((await consumer.end_offsets(partitions)).values())
     finally:
         await consumer.stop()
+
+
+class HoldingExecutor:
+    """Calls succeed at once, except those of the intents in ``held`` until ``release``: Feishu is not the point
+    here, the commit metadata is (the consumer, the producer and the broker are real)."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.held = held
+        self.released = asyncio.Event()
+        self.calls: list[str] = []
+
+    def admissible(self, call: Any) -> None:
+        return None
+
+    async def execute(self, app: str, call: Any, *, expires_at: float | None = None,
+                      before_attempt: Any = None) -> Attempted:
+        id = msgspec.json.decode(call.body)["uuid"]
+        if before_attempt is not None:
+            await before_attempt()
+        self.calls.append(id)
+        if id in self.held:
+            await self.released.wait()
+        return Attempted(Outcome(verdict=Verdict.OK, http_status=200, code=0, msg="success"), 1)
+
+
+async def test_a_broker_refusing_the_commit_metadata_gets_less_and_the_partition_keeps_committing(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """``commit_metadata_max_bytes`` above the broker's ``offset.metadata.max.bytes`` (4096): OFFSET_METADATA_TOO_LARGE,
+    which aiokafka does not retry, used to stop the partition's commits for good. 1,700 isolated unfinished
+    records among 27,200 make metadata no encoding fits in 4,096 characters."""
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, "http://127.0.0.1:9", kafka={"topic_partitions": 1},
+                                   outbound={"commit_metadata_max_bytes": 8000, "max_in_flight": 6000,
+                                             "max_in_flight_per_partition": 5000}))
+    await create_relay_topics(config)
+    tp = TopicPartition(config.kafka.intents_topics[0], 0)
+    intents = [send(f"i-{n}", f"oc_{n}") for n in range(27_200)]
+    held = {i["id"] for n, i in enumerate(intents) if n % 16 == 0}
+    await produce_to(kafka_bootstrap, tp.topic, 0, intents)
+    producer = make_producer(config.kafka)
+    await producer.start()
+    executor = HoldingExecutor(held)
+    metrics = Metrics()
+    consumer = make_consumer(config.kafka, session_timeout_ms=6000, rebalance_timeout_ms=30000)
+    outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=["default"])  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    task = asyncio.create_task(outbound.run(stop))
+    try:
+        async def refused_then_committed() -> bool:
+            if task.done():
+                task.result()
+            if metrics.value("relay_outbound_metadata_refused_total") < 1:
+                return False
+            return bool(await _metadata(kafka_bootstrap, config.kafka.group_id, tp))
+
+        await until(refused_then_committed, 120, "a refusal, then a commit with metadata")
+        metadata = await _metadata(kafka_bootstrap, config.kafka.group_id, tp)
+        assert 0 < len(metadata) <= 4096
+        finished = set(decode_metadata(0, metadata).done)
+        assert finished and not finished & {n for n in range(0, 27_200, 16)}, "a held record counted as finished"
+        assert metrics.value("relay_outbound_metadata_cap") <= 4096
+        executor.released.set()
+        await until(lambda: _at_end(kafka_bootstrap, config, tp, 27_200), 120, "every record committed")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await producer.stop()
+
+
+async def _metadata(bootstrap: str, group: str, tp: TopicPartition) -> str:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group, partitions=[tp])
+        return offsets[tp].metadata if tp in offsets else ""
+    finally:
+        await admin.close()
+
+
+async def _at_end(bootstrap: str, config: Any, tp: TopicPartition, end: int) -> bool:
+    return await committed(bootstrap, config.kafka.group_id, tp) == end
