@@ -7,6 +7,7 @@ relay commits explicit offsets itself (see ``offsets``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -96,8 +97,21 @@ async def ensure_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]]) -> 
                     log.warning("cannot create topic %s: %s", answer["topic"], for_code(answer["error_code"]).__name__)
             if created := [answer["topic"] for answer in answers if answer["error_code"] == 0]:
                 log.info("created topics %s", ", ".join(created))
+                await _until_led(admin, created)
     finally:
         await admin.close()
+
+
+async def _until_led(admin: AIOKafkaAdminClient, topics: list[str], timeout: float = 10.0) -> None:
+    """Wait (a little) until every partition of new ``topics`` has a leader: a client using a topic the instant it
+    is created is answered NOT_LEADER_OR_FOLLOWER meanwhile (retried, but logged as an error by aiokafka)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        described = await admin.describe_topics(topics)
+        if all(not d.get("error_code") and d.get("partitions")
+               and all(p.get("leader", -1) >= 0 for p in d["partitions"]) for d in described):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def max_message_bytes(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
