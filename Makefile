@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= deploy/relay.local.toml
 
-.PHONY: all venv kafka kafka-stop lint typecheck unit test run sandbox bench clean
+.PHONY: all venv kafka kafka-stop lint typecheck unit test run sandbox bench docs clean
 
 all: test
 
@@ -37,6 +37,7 @@ test: lint typecheck kafka
 	$(PY) -m pytest
 
 run: kafka
+	@echo "make run: Ctrl-C stops the relay (it drains and commits). The Kafka broker on 127.0.0.1:9092 keeps running; make kafka-stop stops it."
 	$(PY) -m relay run --config $(CONFIG) --with-sandbox
 
 sandbox: $(STAMP)
@@ -44,6 +45,10 @@ sandbox: $(STAMP)
 
 bench: kafka
 	$(PY) bench/run.py
+
+# regenerate the checked-in AsyncAPI document after changing a type (tests/test_asyncapi.py checks it is current)
+docs: $(STAMP)
+	$(PY) -m relay asyncapi > docs/asyncapi.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/previews.py [--tokens 2000 --updates 20 --seconds 10] [--quick]
                                        [--bootstrap 127.0.0.1:9092] [--max-in-flight N] [--seed 1]
+                                       [--claim-window S]
 
 Fresh topics on the real broker; the relay (``app.serve``: consumer, coalescer with its Kafka memory, limiter,
 executor, client, producer) in this process; the sandbox on a local port enforcing Feishu's numbers at real
@@ -24,6 +25,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 # runnable as a plain script from anywhere: the package is the parent directory
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,9 +50,11 @@ async def run(args: argparse.Namespace) -> int:
     await sandbox.start()
     prefix = f"bench.previews.{uuid.uuid4().hex[:8]}"
     total = args.tokens * args.updates
+    previews = {"claim_window": args.claim_window} if args.claim_window else {}
     data = config_data(args.bootstrap, prefix, sandbox.url, time_scale=1.0,
                        outbound={"max_in_flight": args.max_in_flight or total + 1,
-                                 "drain_timeout": 30.0, "rebalance_timeout_ms": 45000, "max_retry_seconds": 300.0})
+                                 "drain_timeout": 30.0, "rebalance_timeout_ms": 45000, "max_retry_seconds": 300.0},
+                       previews=previews)
     config = to_config(data)
     plan = plan_burst(random.Random(args.seed), tokens=args.tokens, updates=args.updates, seconds=args.seconds)
     produced: dict[str, float] = {}
@@ -59,7 +63,8 @@ async def run(args: argparse.Namespace) -> int:
           f"= {total} intents -> {prefix}.intents on {args.bootstrap}; sandbox at real time", flush=True)
     started = time.monotonic()
     try:
-        async with relay_in_process(config), Collector(args.bootstrap, config.kafka.results_topic) as results:
+        async with relay_in_process(config) as metrics, Collector(args.bootstrap,
+                                                                   config.kafka.results_topic) as results:
             ready = time.monotonic()
             producing = asyncio.create_task(
                 produce_timed(args.bootstrap, config.kafka.intents_topics[0], plan, produced))
@@ -79,15 +84,32 @@ async def run(args: argparse.Namespace) -> int:
             await producing
             finished = time.monotonic()
             by_id = results.by_id()
+            metrics.render()  # runs the collectors
+            claims = Claims(int(metrics.value("relay_previews_claims_total")),
+                            metrics.value("relay_previews_claim_seconds_total"),
+                            int(metrics.value("relay_previews_claims_lost_total")))
     finally:
         await sandbox.stop()
     a = analyse(plan, produced, by_id, sandbox, wall_minus_mono)
-    report(args, config, a, finished - ready, ready - started)
+    report(args, config, a, finished - ready, ready - started, claims)
+    for call in sandbox.violations()[:5]:
+        tokens = (call.body or {}).get("preview_tokens")
+        print(f"  violation: {call.violation} (call at {call.at:.3f}, tokens {tokens})")
     return 0 if not a.problems and a.violations == 0 and a.throttled == 0 else 1
 
 
-def report(args: argparse.Namespace, config: Config, a: Analysis, seconds: float, startup: float) -> None:
+class Claims(NamedTuple):
+    """The relay's preview claims (one per attempt, in the memory topic): how many, their time, how many lost."""
+
+    count: int
+    seconds: float
+    lost: int
+
+
+def report(args: argparse.Namespace, config: Config, a: Analysis, seconds: float, startup: float,
+           claims: Claims) -> None:
     rate = budget(config)
+    mean_ms = 1000 * claims.seconds / claims.count if claims.count else math.nan
     rows = [
         ("intents", f"{a.intents}"),
         ("results", f"{a.results} ({a.duplicates} duplicates; "
@@ -101,6 +123,8 @@ def report(args: argparse.Namespace, config: Config, a: Analysis, seconds: float
         ("delay p99", f"{a.percentile(0.99):.2f} s"),
         ("delay worst", f"{max(a.delays, default=math.nan):.2f} s"),
         ("total time", f"{seconds:.1f} s (first intent to last result; relay start-up {startup:.1f} s more)"),
+        ("claims", f"{claims.count} ({claims.lost} not sent: lost or late), mean write-to-verdict {mean_ms:.1f} ms; "
+                   f"claim_window {config.previews.claim_window:g} s"),
     ]
     width = max(len(k) for k, _ in rows)
     print()
@@ -145,6 +169,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-in-flight", type=int, default=0,
                         help="outbound.max_in_flight (default: every intent of the run, so none waits in Kafka)")
+    parser.add_argument("--claim-window", type=float, default=0.0,
+                        help="previews.claim_window (default: the relay's default)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     parser.add_argument("--quick", action="store_true", help="a small run (100 tokens x 5 updates over 3 s)")
     args = parser.parse_args()

@@ -6,22 +6,29 @@ The tree is the architecture (leaves first):
     config           the TOML config, env overrides, secrets masked
     intents          the intent union (msgspec, tagged on ``kind``)
     buckets          pure limit arithmetic: Feishu's windows, bucket sizing, the token bucket, the send log
-    limits           the limiter: per-target then app-wide buckets, awaited before every call
+    targets          which chat a per-target name counts in, learnt from Feishu's answers (bounded)
+    limits           the limiter: per-target then app-wide buckets, awaited before every call, voided by a 429
     calls            intent -> Feishu HTTP call (path, body, which limits apply)
     outcomes         one pure function classifying every Feishu answer; how a call ended
-    results          the result record and the dead letter written for each intent
+    results          the result record and the dead letter written for each intent; ``relay schema``
     backoff          jittered exponential backoff and the retry budget
     offsets          per-partition commit bookkeeping
     feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
     executor         one call to its end: limits, attempts, token refresh, retries, expiry
-    previews/        url_preview.update under the 1-per-5-s token rule: planner (pure), memory (Kafka), coalescer
+    journal          the write-ahead journal of calls not safe to repeat: none repeated across a kill
+    previews/        url_preview.update under the 1-per-5-s token rule, across replicas: planner and claims
+                     (pure), memory (Kafka, followed live), coalescer
+    membership       the group-membership lease: no Feishu call or result once the partitions may be lost
     outbound         the consumer: keyed lanes, limits, retries, results, dead letters, commits
     events           inbound crypto, signatures, envelopes and typed event views
     dedup            the inbound seen-set
     inbound          the webhook server: verify, publish, dedup, answer
     sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows
     metrics          counters, gauges and histograms in the Prometheus text format
-    kafka            aiokafka clients built from the config
+    kafka            aiokafka clients built from the config, topic creation
+    preflight        ``relay check``'s warnings and ``--connect`` probes (broker, each app's token)
+    asyncapi         the AsyncAPI 3.0 document of the topics, built from the types (``relay asyncapi``)
+    client           a producer for Python services: typed intents, the right key, results awaited
     app              wiring and lifetime (imported only by __main__)
 """
 

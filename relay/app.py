@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -25,13 +26,15 @@ from aiohttp import web
 
 from relay.backoff import RetryPolicy
 from relay.calls import check_share
-from relay.config import AppConfig, Config, Secret, load_config
+from relay.config import AppConfig, Config, Secret, check_inbound, load_config
 from relay.errors import ConfigError, ListenError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.intents import decode_intent, ordering_key
+from relay.journal import KafkaJournal
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
 from relay.limits import Limiter
+from relay.membership import Membership, Standing
 from relay.metrics import Metrics
 from relay.outbound import Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
@@ -54,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(send(config, args.intent, args.timeout))
     if args.command == "run":
         check_limits(config)
+        check_inbound(config)  # its warnings are logged by Inbound at start
         return asyncio.run(run(config, with_sandbox=args.with_sandbox))
     raise SystemExit(f"unknown command {args.command}")
 
@@ -86,6 +90,7 @@ def with_sandbox_url(config: Config, base_url: str) -> Config:
 def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     """Every topic the relay reads or writes, with the settings it relies on."""
     from relay.inbound import inbound_topics
+    from relay.journal import JOURNAL_TOPIC_CONFIG
     from relay.previews import MEMORY_TOPIC_CONFIG
 
     k = config.kafka
@@ -94,6 +99,8 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
+    # a Finished entry carries a result: as large as the results topic allows
+    topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
     return topics
 
 
@@ -135,10 +142,11 @@ async def run(config: Config, *, with_sandbox: bool = False) -> int:
 
 
 async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = False,
-                metrics: Metrics | None = None) -> int:
-    """Run every enabled part until ``stop`` is set (or a part dies); 0 on a clean stop."""
+                metrics: Metrics | None = None, health: Health | None = None) -> int:
+    """Run every enabled part until ``stop`` is set (or a part dies: the outbound consumer, the preview loop or
+    its memory tail); 0 on a clean stop, 1 when a part died (``health.problem`` says which and why)."""
     metrics = metrics or Metrics()
-    health = Health(metrics)
+    health = health or Health(metrics)
     async with contextlib.AsyncExitStack() as stack:
         if with_sandbox and uses_sandbox(config):
             from relay.sandbox import Sandbox, SandboxOptions
@@ -174,48 +182,95 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
                 raise ListenError("http", config.http.host, config.http.port, err) from None
             log.info("http on %s:%d", config.http.host, config.http.port)
 
-        tasks: list[asyncio.Task[Any]] = []
+        tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
+        watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
         if config.outbound.enabled:
             client = FeishuClient(config)
             await client.start()
             stack.push_async_callback(client.close)
-            outbound = await start_outbound(config, client, producer, metrics, stack)
+            outbound, previews = await start_outbound(config, client, producer, metrics, stack)
             health.checks.append(outbound.problem)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
+            # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
+            watched.append(asyncio.create_task(previews.wait(), name="previews"))
         health.ready = True
         log.info("relay running (apps: %s)", ", ".join(a.name for a in config.apps) or "none")
         stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in (*tasks, *watched):
+            task.add_done_callback(functools.partial(died, health))
+        await asyncio.wait([stopper, *tasks, *watched], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
-        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-        for task in failed:
-            health.problem = f"{task.get_name()} died: {task.exception()}"
-            log.error("%s", health.problem, exc_info=task.exception())
         await asyncio.gather(*tasks, return_exceptions=True)
+        for task in watched:  # they end with the parts they watch, stopped by the exit stack below
+            task.cancel()
+        await asyncio.gather(*watched, return_exceptions=True)
         stopper.cancel()
+        failed = [t for t in (*tasks, *watched) if t.done() and not t.cancelled() and t.exception() is not None]
         log.info("relay stopped")
     return 1 if failed else 0
 
 
+def died(health: Health, task: asyncio.Task[Any]) -> None:
+    """A part's task ended with an error: ``/readyz`` says so at once (and ``serve`` exits 1)."""
+    if task.cancelled() or task.exception() is None:
+        return
+    health.problem = health.problem or f"{task.get_name()} died: {task.exception()}"
+    log.error("%s died: %s", task.get_name(), task.exception(), exc_info=task.exception())
+
+
 async def start_outbound(config: Config, client: FeishuClient, producer: Any, metrics: Metrics,
-                         stack: contextlib.AsyncExitStack) -> Outbound:
+                         stack: contextlib.AsyncExitStack) -> tuple[Outbound, PreviewCoalescer]:
     feishu = config.feishu
     limiter = Limiter.from_config(feishu, clock=time.monotonic, sleep=asyncio.sleep)
     out = config.outbound
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
-    executor = Executor(client, limiter, policy, rng=random.Random())
+    # the group-membership lease: no Feishu call and no result once this replica may have lost its partitions
+    membership = Membership(out.session_timeout_ms / 1000, out.rebalance_timeout_ms / 1000)
+    executor = Executor(client, limiter, policy, rng=random.Random(), gate=membership)
+    metrics.collect(lambda m: export_membership(m, membership))
     metrics.collect(lambda m: export_outbound(m, limiter, client))
     memory = KafkaPreviewMemory(config.kafka, producer)
     await memory.start()
     stack.push_async_callback(memory.stop)
     previews = PreviewCoalescer(executor, memory, config)
-    await previews.start()  # loads the 5-second memory before any intent is read
+    await previews.start()  # reads the memory before any intent is read, then follows it live
     stack.push_async_callback(previews.stop)
+    journal = KafkaJournal(config.kafka, producer)
+    await journal.start()
+    stack.push_async_callback(journal.stop)
+    metrics.collect(lambda m: export_previews(m, previews))
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
+                             heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
-    return Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                    previews=previews, new_producer=lambda: make_producer(config.kafka))
+    outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
+                        previews=previews, membership=membership, journal=journal,
+                        new_producer=lambda: make_producer(config.kafka))
+    return outbound, previews
+
+
+def heartbeat_interval_ms(session_timeout_ms: int) -> int:
+    """A quarter of the session (at most aiokafka's default 3 s): each answer renews the membership lease, so a
+    late or lost one leaves room for the next before the lease lapses and calls wait (``relay.membership``)."""
+    return max(1, min(3000, session_timeout_ms // 4))
+
+
+def export_membership(metrics: Metrics, membership: Membership) -> None:
+    metrics.set("relay_outbound_membership_valid", 1 if membership.standing() is Standing.VALID else 0,
+                help="1 while the group coordinator has recently confirmed this replica (calls may go)")
+    metrics.set_total("relay_outbound_membership_lost_total", membership.losses,
+                      help="times this replica learned it was out of its group (its jobs were abandoned)")
+    metrics.set_total("relay_outbound_membership_waits_total", membership.waits,
+                      help="calls or result writes that waited for the coordinator to confirm the membership")
+
+
+def export_previews(metrics: Metrics, previews: PreviewCoalescer) -> None:
+    metrics.set_total("relay_previews_calls_total", previews.calls, help="url_preview batch_update calls planned")
+    metrics.set_total("relay_previews_claims_total", previews.claims, help="preview claims written and judged")
+    metrics.set_total("relay_previews_claim_seconds_total", previews.claim_seconds,
+                      help="time preview claims took from writing to verdict (one Kafka round trip and a read)")
+    metrics.set_total("relay_previews_claims_lost_total", previews.claims_lost,
+                      help="preview attempts not sent on their claim (another replica's came first, or too slow)")
 
 
 def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) -> None:
@@ -229,6 +284,11 @@ def export_outbound(metrics: Metrics, limiter: Limiter, client: FeishuClient) ->
     metrics.set_total("relay_limiter_guarded_total", stats.guarded,
                       help="sends held by the send-time guard (after an event-loop stall)")
     metrics.set("relay_limiter_target_buckets", stats.target_buckets, help="per-target buckets alive")
+    metrics.set("relay_limiter_app_buckets", stats.app_buckets, help="app-wide buckets alive (feishu.max_api_buckets)")
+    metrics.set_total("relay_limiter_voided_total", stats.voided,
+                      help="calls granted, then held back by a throttle before they left, and queued again")
+    metrics.set("relay_limiter_target_aliases", stats.aliases,
+                help="target names known to be in a chat (feishu.target_memory)")
 
 
 async def send(config: Config, text: str, timeout: float) -> int:

@@ -8,8 +8,12 @@ between our clock and Feishu's (timer overshoot, event-loop lag, network varianc
 
     Window, BucketShape   a limit as Feishu states it; a bucket's rate and burst
     size_bucket           the fastest bucket that keeps every window (and share_leaves_no_call, stricter)
-    TokenBucket           reservation-based bucket over an explicit ``now`` (like Go's ``x/time/rate``)
+    TokenBucket           reservation-based bucket over an explicit ``now`` (like Go's ``x/time/rate``); a
+                          penalty pauses and slows it and voids every reservation it handed out (``epoch``)
     SendLog               the hard check on *send* times, right before a request leaves
+
+Two buckets (and two send logs) that turn out to limit one thing (two names of one chat) are merged:
+:meth:`TokenBucket.absorb` and :meth:`SendLog.merge` count the other's use in the survivor.
 
 Nothing here does I/O or reads a clock: every method takes ``now``, so tests never sleep. The async limiter that
 owns the buckets is :mod:`relay.limits`.
@@ -111,15 +115,17 @@ class TokenBucket:
     token, letting the count go negative: the debt makes reservations queue first come, first served, each told
     when its token is due. A caller that is cancelled after reserving loses its token, which only under-uses.
 
-    :meth:`penalize` is for when Feishu throttles us anyway: nothing is due before the pause ends, and the
-    refill rate drops (to ``slow_factor`` of its current value) then recovers linearly to nominal over
-    ``recovery`` seconds, so a bucket that was too fast finds its way back gently instead of hammering.
+    :meth:`penalize` is for when Feishu throttles us anyway: nothing is due before the pause ends, every
+    reservation handed out before is void (:attr:`epoch` moves on; a holder compares it when its instant comes and
+    before it sends, and reserves again), and the refill rate drops (to ``slow_factor`` of its current value) then
+    recovers linearly to nominal over ``recovery`` seconds, so a bucket that was too fast finds its way back gently
+    instead of hammering.
 
     Every method takes ``now``; times before the bucket's own clock are treated as that clock (never refilled
     twice).
     """
 
-    __slots__ = ("_burst", "_last", "_rate", "_slow", "_tokens")
+    __slots__ = ("_burst", "_epoch", "_last", "_rate", "_slow", "_tokens")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         if rate <= 0 or burst < 1:
@@ -130,6 +136,12 @@ class TokenBucket:
         self._last = now
         # (start, duration, factor): the rate is nominal * factor at start, rising linearly to nominal
         self._slow: tuple[float, float, float] | None = None
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        """Moves on at every penalty that voids the reservations handed out before it (see :meth:`penalize`)."""
+        return self._epoch
 
     @property
     def rate(self) -> float:
@@ -166,16 +178,42 @@ class TokenBucket:
     def penalize(self, now: float, pause: float, *, slow_factor: float = 0.5, recovery: float = 30.0) -> None:
         """Feishu said "too many": nothing is due before ``now + pause``, then the rate recovers from slow.
 
-        Reservations already handed out keep their instants (a caller may already be sleeping on one); new ones
-        queue after the pause, behind the debt. At most one token is waiting when the pause ends, so the bucket
-        restarts with a single call, not a burst.
+        Every reservation handed out before is void, whatever its instant: :attr:`epoch` moves on, and a holder
+        that finds it moved (when its instant comes, or right before it sends) must reserve again. Their debt is
+        forgiven, since they queue anew; at most one token is waiting when the pause ends, so the bucket restarts
+        with a single call and then the slowed rate, not with the queue released at once.
+
+        ``slow_factor`` 1 keeps the current slowness: for a second answer of the same burst (a call that left
+        before the first answer was read), which may extend the pause but must not slow the bucket again; if it
+        extends nothing, nothing changes.
         """
         self._advance(now)
-        start = max(self._last, now + max(pause, 0.0))
-        factor = max(_MIN_SLOW, slow_factor * self._factor(now))
-        self._tokens = min(self._tokens, 1.0)
+        end = now + max(pause, 0.0)
+        if slow_factor >= 1.0 and end <= self._last:
+            return
+        start = max(self._last, end)
+        factor = max(_MIN_SLOW, min(slow_factor, 1.0) * self._factor(now))
+        self._tokens = min(max(self._tokens, 0.0), 1.0)
         self._last = start
         self._slow = (start, recovery, factor) if recovery > 0 and factor < 1.0 else None
+        self._epoch += 1
+
+    def absorb(self, other: TokenBucket, now: float) -> None:
+        """Count ``other``'s use here too: both buckets turned out to limit one thing (two names of one chat).
+
+        What ``other`` consumed (``burst - tokens``, its debt included) is taken from this bucket; a pause or a
+        slow of ``other`` that outlasts this one's is adopted (voiding this bucket's reservations, as a penalty
+        does). ``other`` is to be forgotten afterwards.
+        """
+        self._advance(now)
+        other._advance(now)
+        self._tokens = min(self._tokens, self._tokens - (other._burst - other._tokens))
+        if other._last > self._last:
+            self._tokens = min(max(self._tokens, 0.0), 1.0)
+            self._last = other._last
+            self._epoch += 1
+        if other._slow is not None and (self._slow is None or other._factor(now) < self._factor(now)):
+            self._slow = other._slow
 
     def set_shape(self, rate: float, burst: int, now: float | None = None) -> None:
         """Change rate and burst (a replica's share of the quota changed); ``now`` settles the refill so far."""
@@ -314,6 +352,11 @@ class SendLog:
             if inside >= limit:  # the limit-th most recent send must leave the window first
                 wait = max(wait, times[len(times) - limit] + span - now)
         return wait
+
+    def merge(self, other: SendLog) -> None:
+        """Add ``other``'s sends: both logs turned out to count one limit (two names of one chat)."""
+        times = sorted(self._times[self._start:] + other._times[other._start:])
+        self._times, self._start = times, 0
 
     def record(self, now: float) -> None:
         if self._times and now < self._times[-1]:

@@ -9,18 +9,47 @@ object given by the producer is encoded to that string, a string is passed throu
 object (``message/v4/batch_send``, ``interactive/v1/card/update``, ``ephemeral/v1/send``) get the object; a
 string given by the producer is embedded as the JSON it holds (``decode_intent`` checked it is an object).
 
-Limits (facts = /work/shared/feishu-facts.md, seeds = /work/shared/seeds/): the limiter keys app-wide windows by
-(app, ``api``) and per-target windows by (app, ``target``); both must admit a call. Feishu's "≤5 QPS to the same
-user; ≤5 QPS to the same group" counts send, reply and forward together (facts §2.3), so the three name a
-recipient the same way:
+Limits (facts = feishu-facts.md, seeds = the seed API pages): the limiter keys app-wide windows by (app, ``api``)
+and per-target windows by (app, ``target``); both must admit a call. Feishu's "≤5 QPS to the same user; ≤5 QPS
+to the same group" counts send, reply and forward together (facts §2.3), so the three name a recipient the same
+way, and the limiter resolves the names Feishu's answers showed to be one chat (:mod:`relay.targets`):
 
     send / forward to receive_id_type chat_id      ``chat:<chat_id>``
-    send / forward to a user                       ``user:<receive_id_type>:<id>``
+    send / forward to a user                       ``user:<receive_id_type>:<id>`` (-> its p2p chat, once known)
     reply                                          ``chat:<chat_id>`` when the intent gives it, else
-                                                   ``message:<message_id>`` (the chat is not known)
+                                                   ``reply:<message_id>`` (-> the message's chat, once known)
     card.patch, pin.add, pin.remove                ``message:<message_id>`` ("single message ≤5 QPS"; one
                                                    bucket for a message across patch and pins: conservative)
     ephemeral.send                                 ``ephemeral-chat:<chat_id>`` (its own 40/s per group)
+
+Safe to repeat (``Call.repeatable``), decided per API, not from the HTTP method (urgent is a PATCH that buzzes
+again on every call):
+
+    repeatable      message.send / reply / forward (uuid = intent id: Feishu performs a uuid at most once per
+                    hour, facts §3; a repeat more than an hour later is not protected), message.edit (PUT of
+                    the same content), card.patch (PATCH of the same card), message.recall, reaction.remove,
+                    pin.remove (DELETE), pin.add (pinning a pinned message leaves one pin),
+                    chat_button.update (PUT of the whole set), url_preview.update (the coalescer counts every
+                    attempt against the token's 5 s rule anyway), ephemeral.delete; api.call with GET, PUT
+                    or DELETE (idempotent methods, RFC 9110 §9.2.2)
+    not repeatable  message.urgent (each call buzzes, SMSes or phones again), reaction.add (a second reaction),
+                    ephemeral.send (a second card), card.delay_update (the token has two uses),
+                    message.batch_send (a second broadcast); api.call with POST, or PATCH (RFC 5789: "PATCH
+                    is neither safe nor idempotent", and Feishu's own urgent PATCH shows it)
+
+A repeat of a repeatable call has its effect once, but its answer may differ: a recall or removal whose first
+attempt did succeed can be answered "already recalled" / "not found", and its result then says so.
+
+Create, reply and forward are ``learns`` calls: their answer names the chat of the message made.
+
+``api.call``: a call whose method and filled path have the shape of a built-in API (:data:`ROUTES`: any value in
+a parameter segment, a trailing slash ignored) *is* that API at Feishu, so it carries that API's name, its
+windows made stricter by the intent's ``rate``, and its per-target key where the query, body or path name the
+target as the built-in would (a send's ``receive_id_type`` and ``receive_id``, a reply's message id, ...): it
+shares the built-in's buckets instead of getting a second quota. Any other api.call is named
+``api:<METHOD> <template>`` with every ``:param`` written ``:`` and every literal segment that is a Feishu id
+(``om_…``, ``oc_…``, ``ou_…``, digits, an email, see :data:`LITERAL_ID`) written ``:`` too, so one API is one
+bucket whatever its parameters are called; the limiter keeps the strictest rate any of its calls gave.
 
 :func:`check_share` says at startup whether a replica's ``quota_share`` leaves a call in every built-in app-wide
 window (a per-target window is never shared: one target lives on one partition, so on one replica).
@@ -28,13 +57,14 @@ window (a per-target window is never shared: one target lives on one partition, 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Any, Final
-from urllib.parse import quote
+from typing import Any, Final, Literal
+from urllib.parse import quote, unquote
 
 import msgspec
 
-from relay.buckets import Window, share_leaves_no_call, size_bucket
+from relay.buckets import Window, share_leaves_no_call, size_bucket, stricter
 from relay.intents import (
     ApiCall,
     CardDelayUpdate,
@@ -60,8 +90,12 @@ from relay.intents import (
 
 __all__ = [
     "API_WINDOWS",
+    "LITERAL_ID",
     "PREVIEW_TOKEN_WINDOWS",
+    "ROUTES",
     "Call",
+    "Route",
+    "api_name",
     "build_call",
     "check_share",
     "recipient",
@@ -80,7 +114,12 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     api_windows: tuple[Window, ...]  # the app-wide limits of ``api``
     target: str | None = None  # the per-target limit key shared by every API, e.g. "chat:oc_1" (module doc)
     target_windows: tuple[Window, ...] = ()
+    learns: bool = False  # the answer names the chat of the message made (create, reply, forward): module doc
     uuid_protected: bool = False  # Feishu performs the call at most once per hour for this uuid (facts §3)
+    # performing it twice has the effect of performing it once (module doc, "Safe to repeat"); the executor
+    # retries a call whose last attempt may have been performed only when this is set, and only such calls go
+    # without a journal entry (relay.journal). The default is the safe answer for a call nobody classified.
+    repeatable: bool = False
 
 
 # --- limits -------------------------------------------------------------------------------------------------
@@ -178,13 +217,18 @@ def _as_object(content: Content) -> Any:
     return msgspec.Raw(content.encode()) if isinstance(content, str) else content
 
 
-def _call(method: str, path: str, api: str, *, query: dict[str, str] | None = None, body: Any = None,
-          target: str | None = None, target_windows: tuple[Window, ...] = (), uuid: bool = False) -> Call:
+def _call(method: str, path: str, api: str, *, repeatable: bool, query: dict[str, str] | None = None,
+          body: Any = None, target: str | None = None, target_windows: tuple[Window, ...] = (),
+          uuid: bool = False, learns: bool = False) -> Call:
     return Call(
         method=method, path=path, query=query or {}, body=None if body is None else _json(body), api=api,
         api_windows=API_WINDOWS[api], target=target, target_windows=target_windows if target else (),
-        uuid_protected=uuid,
+        learns=learns, uuid_protected=uuid, repeatable=repeatable,
     )
+
+
+# api.call methods that are idempotent by HTTP semantics (RFC 9110 §9.2.2); PATCH is not (RFC 5789)
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "PUT", "DELETE"})
 
 
 def url_preview_call(tokens: Sequence[str], open_ids: Sequence[str] | None) -> Call:
@@ -200,7 +244,8 @@ def url_preview_call(tokens: Sequence[str], open_ids: Sequence[str] | None) -> C
     body: dict[str, Any] = {"preview_tokens": list(tokens)}
     if open_ids:
         body["open_ids"] = list(open_ids)
-    return _call("POST", "/open-apis/im/v2/url_previews/batch_update", "im.url_preview.batch_update", body=body)
+    return _call("POST", "/open-apis/im/v2/url_previews/batch_update", "im.url_preview.batch_update", body=body,
+                 repeatable=True)
 
 
 def build_call(intent: Intent) -> Call:
@@ -212,57 +257,61 @@ def build_call(intent: Intent) -> Call:
                 body={"receive_id": intent.receive_id, "msg_type": intent.msg_type,
                       "content": _as_string(intent.content), "uuid": intent.id},
                 target=recipient(intent.receive_id_type, intent.receive_id), target_windows=PER_TARGET, uuid=True,
+                repeatable=True, learns=True,
             )
         case MessageReply():
             return _call(
                 "POST", f"{_MESSAGES}/{_seg(intent.message_id)}/reply", "im.message.reply",
                 body={"content": _as_string(intent.content), "msg_type": intent.msg_type,
                       "reply_in_thread": intent.reply_in_thread, "uuid": intent.id},
-                target=f"chat:{intent.chat_id}" if intent.chat_id else f"message:{intent.message_id}",
-                target_windows=PER_TARGET, uuid=True,
+                target=f"chat:{intent.chat_id}" if intent.chat_id else f"reply:{intent.message_id}",
+                target_windows=PER_TARGET, uuid=True, repeatable=True, learns=True,
             )
         case MessageEdit():
-            return _call("PUT", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.update",
+            return _call("PUT", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.update", repeatable=True,
                          body={"msg_type": intent.msg_type, "content": _as_string(intent.content)})
         case MessageRecall():
-            return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.delete")
+            return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.delete", repeatable=True)
         case MessageForward():
             return _call(
                 "POST", f"{_MESSAGES}/{_seg(intent.message_id)}/forward", "im.message.forward",
                 query={"receive_id_type": intent.receive_id_type, "uuid": intent.id},
                 body={"receive_id": intent.receive_id},
                 target=recipient(intent.receive_id_type, intent.receive_id), target_windows=PER_TARGET, uuid=True,
+                repeatable=True, learns=True,
             )
         case CardPatch():
-            return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.patch",
+            return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}", "im.message.patch", repeatable=True,
                          body={"content": _as_string(intent.content)},
                          target=f"message:{intent.message_id}", target_windows=PER_TARGET)
         case MessageUrgent():
             return _call("PATCH", f"{_MESSAGES}/{_seg(intent.message_id)}/urgent_{intent.channel}",
-                         f"im.message.urgent_{intent.channel}", query={"user_id_type": intent.user_id_type},
+                         f"im.message.urgent_{intent.channel}", repeatable=False,
+                         query={"user_id_type": intent.user_id_type},
                          body={"user_id_list": intent.user_id_list})
         case ReactionAdd():
             return _call("POST", f"{_MESSAGES}/{_seg(intent.message_id)}/reactions", "im.message_reaction.create",
-                         body={"reaction_type": {"emoji_type": intent.emoji_type}})
+                         repeatable=False, body={"reaction_type": {"emoji_type": intent.emoji_type}})
         case ReactionRemove():
             return _call("DELETE", f"{_MESSAGES}/{_seg(intent.message_id)}/reactions/{_seg(intent.reaction_id)}",
-                         "im.message_reaction.delete")
+                         "im.message_reaction.delete", repeatable=True)
         case PinAdd():
-            return _call("POST", "/open-apis/im/v1/pins", "im.pin.create", body={"message_id": intent.message_id},
+            return _call("POST", "/open-apis/im/v1/pins", "im.pin.create", repeatable=True,
+                         body={"message_id": intent.message_id},
                          target=f"message:{intent.message_id}", target_windows=PER_TARGET)
         case PinRemove():
-            return _call("DELETE", f"/open-apis/im/v1/pins/{_seg(intent.message_id)}", "im.pin.delete",
+            return _call("DELETE", f"/open-apis/im/v1/pins/{_seg(intent.message_id)}", "im.pin.delete", repeatable=True,
                          target=f"message:{intent.message_id}", target_windows=PER_TARGET)
         case CardDelayUpdate():
             return _call("POST", "/open-apis/interactive/v1/card/update", "interactive.card.update",
-                         body={"token": intent.token, "card": _as_object(intent.card)})
+                         repeatable=False, body={"token": intent.token, "card": _as_object(intent.card)})
         case EphemeralSend():
-            return _call("POST", "/open-apis/ephemeral/v1/send", "ephemeral.send",
+            return _call("POST", "/open-apis/ephemeral/v1/send", "ephemeral.send", repeatable=False,
                          body={"chat_id": intent.chat_id, "open_id": intent.open_id, "msg_type": "interactive",
                                "card": _as_object(intent.card)},
                          target=f"ephemeral-chat:{intent.chat_id}", target_windows=EPHEMERAL_CHAT)
         case EphemeralDelete():
-            return _call("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete",
+            return _call("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete", repeatable=True,
                          body={"message_id": intent.message_id})
         case UrlPreviewUpdate():
             return url_preview_call(intent.preview_tokens, intent.open_ids)
@@ -281,7 +330,7 @@ def _chat_button_call(intent: ChatButtonUpdate) -> Call:
         body["user_ids"] = intent.user_ids
     if intent.buttons is not None:
         body["buttons"] = intent.buttons  # structs with omit_defaults: Feishu's nesting, no nulls
-    return _call("PUT", "/open-apis/im/v2/chat_button", "im.chat_button.update",
+    return _call("PUT", "/open-apis/im/v2/chat_button", "im.chat_button.update", repeatable=True,
                  query={"user_id_type": intent.user_id_type}, body=body)
 
 
@@ -295,18 +344,130 @@ def _batch_send_call(intent: MessageBatchSend) -> Call:
     for name in ("open_ids", "user_ids", "union_ids", "department_ids"):
         if ids := getattr(intent, name):
             body[name] = ids
-    return _call("POST", "/open-apis/message/v4/batch_send/", "message.batch_send", body=body)
+    return _call("POST", "/open-apis/message/v4/batch_send/", "message.batch_send", body=body, repeatable=False)
+
+
+# --- api.call ------------------------------------------------------------------------------------------------
+
+# How a built-in API's target is read from an api.call to it (module doc): "receive" = query receive_id_type and
+# body receive_id, "reply"/"message" = the first path parameter, "pin" = body message_id, "ephemeral" = body chat_id.
+TargetFrom = Literal["receive", "reply", "message", "pin", "ephemeral"]
+
+
+class Route(msgspec.Struct, frozen=True):
+    """A built-in API as Feishu routes it: ``method`` and ``path`` (a ``:`` segment matches any value)."""
+
+    method: str
+    path: str
+    api: str
+    target: TargetFrom | None = None
+    learns: bool = False
+
+
+# Every built-in call above, by method and path; url_previews/batch_update is not here: an api.call to it is
+# refused at decode (relay.intents), its 1 update per 5 s per token is kept only by url_preview.update.
+ROUTES: Final = (
+    Route("POST", f"{_MESSAGES}", "im.message.create", "receive", learns=True),
+    Route("POST", f"{_MESSAGES}/:/reply", "im.message.reply", "reply", learns=True),
+    Route("PUT", f"{_MESSAGES}/:", "im.message.update"),
+    Route("DELETE", f"{_MESSAGES}/:", "im.message.delete"),
+    Route("POST", f"{_MESSAGES}/:/forward", "im.message.forward", "receive", learns=True),
+    Route("PATCH", f"{_MESSAGES}/:", "im.message.patch", "message"),
+    Route("PATCH", f"{_MESSAGES}/:/urgent_app", "im.message.urgent_app"),
+    Route("PATCH", f"{_MESSAGES}/:/urgent_sms", "im.message.urgent_sms"),
+    Route("PATCH", f"{_MESSAGES}/:/urgent_phone", "im.message.urgent_phone"),
+    Route("POST", f"{_MESSAGES}/:/reactions", "im.message_reaction.create"),
+    Route("DELETE", f"{_MESSAGES}/:/reactions/:", "im.message_reaction.delete"),
+    Route("POST", "/open-apis/im/v1/pins", "im.pin.create", "pin"),
+    Route("DELETE", "/open-apis/im/v1/pins/:", "im.pin.delete", "message"),
+    Route("POST", "/open-apis/interactive/v1/card/update", "interactive.card.update"),
+    Route("POST", "/open-apis/ephemeral/v1/send", "ephemeral.send", "ephemeral"),
+    Route("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete"),
+    Route("PUT", "/open-apis/im/v2/chat_button", "im.chat_button.update"),
+    Route("POST", "/open-apis/message/v4/batch_send", "message.batch_send"),
+)
+
+# A literal path segment that is a Feishu id, not a word of the API's path: message om_, chat oc_, open_id ou_,
+# union_id on_, thread omt_, department od-, app cli_, batch message bm-, image/file keys, all digits, an email.
+LITERAL_ID: Final = re.compile(r"^(?:om|oc|ou|on|omt|od|cli|bm|img|file)[_-]|^\d+$|@")
+
+
+def _segments(path: str) -> list[str]:
+    """The percent-decoded segments after ``/open-apis/``, a trailing slash ignored."""
+    rest = path.removeprefix("/open-apis/")
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    return [unquote(segment) for segment in rest.split("/")]
+
+
+def _shape(path: str) -> tuple[str, ...]:
+    return tuple(segment if segment != ":" else "" for segment in _segments(path))
+
+
+_ROUTES: Final[dict[tuple[str, int], list[tuple[tuple[str, ...], Route]]]] = {}
+for _route in ROUTES:
+    _ROUTES.setdefault((_route.method, len(_shape(_route.path))), []).append((_shape(_route.path), _route))
+
+
+def _match(method: str, path: str) -> tuple[Route, list[str]] | None:
+    """The built-in route ``method path`` (a filled path) is, and the values in its ``:`` segments."""
+    segments = _segments(path)
+    for shape, route in _ROUTES.get((method, len(segments)), ()):
+        if all(want == "" or want == got for want, got in zip(shape, segments, strict=True)):
+            return route, [got for want, got in zip(shape, segments, strict=True) if want == ""]
+    return None
+
+
+def api_name(method: str, template: str) -> str:
+    """``api:<METHOD> <template>`` with every ``:param`` and every literal Feishu id written ``:``."""
+    segments = [":" if segment.startswith(":") or LITERAL_ID.search(segment) else segment
+                for segment in _segments(template)]
+    return f"api:{method} /open-apis/{'/'.join(segments)}"
+
+
+def _text(value: Any, name: str) -> str | None:
+    found = value.get(name) if isinstance(value, dict) else None
+    return found if isinstance(found, str) and found else None
+
+
+def _route_target(route: Route, values: list[str], query: dict[str, str], body: Any) -> str | None:
+    """The built-in's per-target key as this api.call names it, or None when it does not (Feishu refuses it)."""
+    match route.target:
+        case "receive":
+            id_type, receive_id = query.get("receive_id_type"), _text(body, "receive_id")
+            return recipient(id_type, receive_id) if id_type and receive_id else None
+        case "reply":
+            return f"reply:{values[0]}"
+        case "message":
+            return f"message:{values[0]}"
+        case "pin":
+            message_id = _text(body, "message_id")
+            return f"message:{message_id}" if message_id else None
+        case "ephemeral":
+            chat_id = _text(body, "chat_id")
+            return f"ephemeral-chat:{chat_id}" if chat_id else None
+        case None:
+            return None
 
 
 def _api_call(intent: ApiCall) -> Call:
-    """Any endpoint at the intent's ``rate``: per_second → Window(n, 1 s), per_minute → Window(n, 60 s)."""
+    """Any endpoint at the intent's ``rate`` (per_second → Window(n, 1 s), per_minute → Window(n, 60 s)); a
+    built-in API's buckets and target when the call is one (module doc)."""
     windows: list[Window] = []
     if intent.rate.per_second is not None:
         windows.append(Window(intent.rate.per_second, 1))
     if intent.rate.per_minute is not None:
         windows.append(Window(intent.rate.per_minute, 60))
-    return Call(
-        method=intent.method, path=intent.filled_path, query=dict(intent.query),
-        body=None if intent.body is None else _json(intent.body), api=f"api:{intent.method} {intent.path}",
-        api_windows=tuple(windows),
-    )
+    path = intent.filled_path
+    body = None if intent.body is None else _json(intent.body)
+    repeatable = intent.method in IDEMPOTENT_METHODS
+    matched = _match(intent.method, path)
+    if matched is None:
+        return Call(method=intent.method, path=path, query=dict(intent.query), body=body,
+                    api=api_name(intent.method, intent.path), api_windows=tuple(windows), repeatable=repeatable)
+    route, values = matched
+    target = _route_target(route, values, intent.query, intent.body)
+    target_windows = (EPHEMERAL_CHAT if route.target == "ephemeral" else PER_TARGET) if target else ()
+    return Call(method=intent.method, path=path, query=dict(intent.query), body=body, api=route.api,
+                api_windows=stricter(API_WINDOWS[route.api], windows), target=target,
+                target_windows=target_windows, learns=route.learns, repeatable=repeatable)

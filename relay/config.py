@@ -8,6 +8,12 @@ Every key can be overridden from the environment: ``RELAY_<SECTION>__<KEY>`` (``
 environment is created). Values are converted to the key's type (``"8081"`` -> 8081); lists take JSON
 (``'["a","b"]'``) or commas (``a,b``); tables take JSON.
 
+Only variables of that shape (``RELAY_``, a section name, then ``__``) are overrides. Every other ``RELAY_*``
+variable is ignored, because platforms set their own: Kubernetes gives every pod ``RELAY_PORT=tcp://...``,
+``RELAY_SERVICE_HOST``, ``RELAY_PORT_8080_TCP_ADDR``... for a Service named ``relay``, and a relay that refused
+them could not start there. A variable of the shape whose section or key does not exist is an error naming the
+variable (a misspelt override must not be silently dropped), and so is a value of the wrong type.
+
 Any problem raises :class:`~relay.errors.ConfigError` whose message is one line naming the key. Secrets are
 :class:`Secret` values: they print as ``'***'`` in every repr, f-string and log line, and ``reveal()`` is the
 only way to the text.
@@ -28,8 +34,6 @@ import msgspec
 from msgspec import Meta
 
 from relay.errors import ConfigError
-
-ENV_PREFIX: Final = "RELAY_"
 
 
 class Secret:
@@ -85,12 +89,20 @@ class KafkaConfig(_Section, frozen=True):
     callbacks_topic: str = "feishu.callbacks"
     # compacted topic remembering when each URL-preview token was last updated (survives restarts)
     preview_memory_topic: str = "feishu.relay.preview-memory"
+    # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
+    journal_topic: str = "feishu.relay.journal"
     client_id: str = "feishu-relay"
     # headers copied from an intent record onto its result record, besides ``traceparent``
     forward_headers: list[str] = msgspec.field(default_factory=list)
     # create the relay's topics at start-up when missing (development; off where topics are managed)
     create_topics: bool = True
     topic_partitions: PositiveInt = 6
+    # copies of each topic the relay creates: 1 suits a single local broker; use 3 in production, where
+    # acks=all only means "on every in-sync replica" and one replica is one disk
+    topic_replication_factor: PositiveInt = 1
+    # min.insync.replicas of each topic the relay creates (unset: the broker's default); with acks=all a write
+    # fails rather than landing on fewer copies. Topics that already exist are never changed.
+    topic_min_insync_replicas: PositiveInt | None = None
     # passed to aiokafka
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -105,6 +117,10 @@ class KafkaConfig(_Section, frozen=True):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"bootstrap_servers: entry {server.strip()!r} is not host:port")
+        replicas = self.topic_min_insync_replicas
+        if replicas is not None and replicas > self.topic_replication_factor:
+            raise ValueError(f"topic_min_insync_replicas: {replicas} is more than topic_replication_factor "
+                             f"{self.topic_replication_factor} (every write would fail)")
 
 
 class FeishuConfig(_Section, frozen=True):
@@ -123,6 +139,11 @@ class FeishuConfig(_Section, frozen=True):
     limit_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.975
     # divides every Feishu duration (limit windows, preview 5 s rule); only for sandbox tests, 1 for Feishu
     time_scale: PositiveFloat = 1.0
+    # app-wide buckets (one per app and API, api.call templates included) alive at once; past it idle ones are
+    # forgotten, and an api.call to a new API is rejected while none is idle
+    max_api_buckets: PositiveInt = 1024
+    # target names (user ids, replied-to messages) remembered as being in a known chat (relay.targets)
+    target_memory: PositiveInt = 100_000
 
     def __post_init__(self) -> None:
         _check_url("base_url", self.base_url)
@@ -147,8 +168,9 @@ class HttpConfig(_Section, frozen=True):
     port: Port = 8080
 
 
-# a revoked partition's drain is followed by up to 5 s for cut-off jobs to stop and then the commit: the group
-# waits rebalance_timeout_ms for all of it, or the member is dropped and its commit refused
+# a revoked partition's drain is preceded by the membership's answer (a heartbeat: at most 3 s) and followed by up
+# to 5 s for cut-off jobs to stop, then the commit: the group waits rebalance_timeout_ms for all of it, or the
+# member is dropped and its commit refused
 DRAIN_MARGIN: Final = 10.0
 
 
@@ -158,7 +180,8 @@ class OutboundConfig(_Section, frozen=True):
     max_in_flight: PositiveInt = 2000
     # the same for one partition: a partition over it pauses alone (a hot key's backlog stays on its partition)
     max_in_flight_per_partition: PositiveInt = 500
-    # a retried call gives up after this many attempts or this much time since the first, whichever first
+    # a retried call gives up after this many attempts (API requests; a wait for a tenant token is not one) or
+    # this much time since the first, whichever first
     max_attempts: PositiveInt = 8
     max_retry_seconds: PositiveFloat = 300.0
     backoff_base: PositiveFloat = 0.5
@@ -186,12 +209,16 @@ class OutboundConfig(_Section, frozen=True):
 class InboundConfig(_Section, frozen=True):
     enabled: bool = True
     max_body_bytes: PositiveInt = 1 << 20
+    # a body not received within this many seconds of its headers gets 408 (Feishu itself gives up at 3 s)
+    read_timeout: PositiveFloat = 3.0
     # accept timestamps this far back (Feishu redelivers at 15 s, 5 min, 1 h, 6 h) and ahead
     timestamp_tolerance: PositiveFloat = 7 * 3600.0
     future_tolerance: PositiveFloat = 300.0
-    # answer 503 if Kafka has not acknowledged the event within this many seconds (Feishu waits 3 s)
+    # from a request's arrival to its answer: an event not acknowledged by Kafka by then gets 503 (Feishu
+    # redelivers); a callback gets its default answer and its publish goes on (Feishu waits 3 s)
     publish_timeout: PositiveFloat = 2.0
     dedup_ttl: PositiveFloat = 7 * 3600.0
+    # 91 bytes an entry (relay.dedup, measured): the default takes 87 MiB when full (95 MiB of RSS)
     dedup_max_entries: PositiveInt = 1_000_000
     # event_type -> topic; events not listed go to kafka.events_topic
     routes: dict[str, str] = msgspec.field(default_factory=dict)
@@ -199,10 +226,18 @@ class InboundConfig(_Section, frozen=True):
     callback_types: list[str] = msgspec.field(
         default_factory=lambda: ["card.action.trigger", "url.preview.get"])
 
+    def __post_init__(self) -> None:
+        if self.dedup_ttl < self.timestamp_tolerance:
+            raise ValueError("dedup_ttl: must be at least timestamp_tolerance (a signed request replayed after "
+                             "its dedup entry expired, but within the tolerance, would be published again)")
+
 
 class PreviewsConfig(_Section, frozen=True):
     # Feishu: one update per preview token per 5 s (seed page); kept slightly above with the margin
     token_interval: PositiveFloat = 5.0
+    # real seconds a preview call may take from writing its claim to the memory topic to sending its request;
+    # past it the request is not sent (claimed again later). Claims on a token are this much further apart.
+    claim_window: PositiveFloat = 0.5
 
 
 class Config(_Section, frozen=True):
@@ -229,6 +264,32 @@ class Config(_Section, frozen=True):
 
     def base_url_for(self, app: AppConfig) -> str:
         return (app.base_url or self.feishu.base_url).rstrip("/")
+
+
+def check_inbound(config: Config) -> list[str]:
+    """The event URL's demands on the apps: raise ConfigError for one it would serve without a verification token.
+
+    Without a token anyone can post events for the app and the relay would publish them, so ``relay check`` and
+    ``relay run`` refuse such a config (only while ``http`` and ``inbound`` are enabled). Returns one warning per
+    app without an encrypt key: Feishu neither signs nor encrypts its requests then, so the token, which travels
+    in every request, is their only check (no signature, no timestamp window, events readable on the way).
+    """
+    if not (config.http.enabled and config.inbound.enabled):
+        return []
+    for app in config.apps:
+        if not app.verification_token:
+            raise ConfigError(f"apps[{app.name}].verification_token",
+                              "required while inbound is enabled (without it anyone can post events for this "
+                              "app); copy it from the Feishu console, or set inbound.enabled = false")
+    return [warning for app in config.apps if (warning := unsigned_warning(app))]
+
+
+def unsigned_warning(app: AppConfig) -> str | None:
+    """The warning for an app without an encrypt key (see :func:`check_inbound`), or None."""
+    if app.encrypt_key:
+        return None
+    return (f"apps[{app.name}] has no encrypt_key: its events arrive unsigned and unencrypted, checked only by "
+            "the verification token they carry (set an Encrypt Key in the Feishu console and here)")
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
@@ -268,22 +329,39 @@ def _env_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
+# RELAY_<SECTION>__<REST>: a section-like word, then a double underscore. Kubernetes' service variables
+# (RELAY_PORT, RELAY_SERVICE_HOST, RELAY_PORT_8080_TCP_ADDR) have no double underscore, so they never match.
+_OVERRIDE: Final = re.compile(r"^RELAY_(?P<section>[A-Za-z][A-Za-z0-9]*)__(?P<rest>.*)$")
+
+
 def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Return ``data`` with every ``RELAY_*`` variable applied; unknown names raise ConfigError."""
+    """Return ``data`` with every override variable applied (see the module docstring).
+
+    Variables not shaped ``RELAY_<SECTION>__...`` are ignored; a shaped one naming an unknown section or key
+    raises ConfigError naming the variable.
+    """
+    return _apply_env(data, env)[0]
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``apply_env``, plus where each overridden key came from (``{"http.port": "RELAY_HTTP__PORT"}``)."""
     data = dict(data)
+    origins: dict[str, str] = {}
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX):
+        match = _OVERRIDE.match(var)
+        if match is None:
             continue
-        parts = var[len(ENV_PREFIX):].split("__")
-        section = parts[0].lower()
+        section, parts = match["section"].lower(), match["rest"].split("__")
         if section == "apps":
-            if len(parts) != 3 or not parts[1] or not parts[2]:
+            if len(parts) != 2 or not parts[0] or not parts[1]:
                 raise ConfigError(var, "expected RELAY_APPS__<NAME>__<KEY>")
-            _apply_app_env(data, var, parts[1], parts[2].lower(), env[var])
+            origins[_apply_app_env(data, var, parts[0], parts[1].lower(), env[var])] = var
             continue
-        if section not in _SECTIONS or len(parts) != 2:
-            raise ConfigError(var, "expected RELAY_<SECTION>__<KEY> with a known section")
-        key = parts[1].lower()
+        if section not in _SECTIONS:
+            raise ConfigError(var, f"unknown config section {section!r} (known: apps, {', '.join(_SECTIONS)})")
+        if len(parts) != 1 or not parts[0]:
+            raise ConfigError(var, "expected RELAY_<SECTION>__<KEY>")
+        key = parts[0].lower()
         types = _field_types(_SECTIONS[section])
         if key not in types:
             raise ConfigError(f"{section}.{key}", f"unknown key (from {var})")
@@ -291,10 +369,12 @@ def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         table = dict(table) if isinstance(table, dict) else {}
         table[key] = _env_value(env[var], types[key])
         data[section] = table
-    return data
+        origins[f"{section}.{key}"] = var
+    return data, origins
 
 
-def _apply_app_env(data: dict[str, Any], var: str, env_name: str, key: str, value: str) -> None:
+def _apply_app_env(data: dict[str, Any], var: str, env_name: str, key: str, value: str) -> str:
+    """Set one app key from ``var``; returns the key as errors name it (``apps[default].app_id``)."""
     types = _field_types(AppConfig)
     if key not in types or key == "name":
         raise ConfigError(f"apps.{env_name.lower()}.{key}", f"unknown key (from {var})")
@@ -303,10 +383,21 @@ def _apply_app_env(data: dict[str, Any], var: str, env_name: str, key: str, valu
     for app in apps:
         if isinstance(app, dict) and _env_key(str(app.get("name", ""))) == env_name.upper():
             app[key] = _env_value(value, types[key])
+            name = str(app.get("name", ""))
             break
     else:
-        apps.append({"name": env_name.lower(), key: _env_value(value, types[key])})
+        name = env_name.lower()
+        apps.append({"name": name, key: _env_value(value, types[key])})
     data["apps"] = apps
+    return f"apps[{name}].{key}"
+
+
+def _with_origin(err: ConfigError, origins: Mapping[str, str]) -> ConfigError:
+    """``err`` naming the variable its key came from, when an override set that key (or a table holding it)."""
+    for key, var in origins.items():
+        if err.key == key or err.key.startswith((key + ".", key + "[")):
+            return ConfigError(err.key, f"{err.why} (from {var})")
+    return err
 
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -348,11 +439,11 @@ def _explain(err: msgspec.ValidationError, data: Mapping[str, Any]) -> ConfigErr
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Decode an already-parsed TOML table (plus env overrides) into a :class:`Config`."""
-    merged = apply_env(dict(data), os.environ if env is None else env)
+    merged, origins = _apply_env(dict(data), os.environ if env is None else env)
     try:
         return msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as err:
-        raise _explain(err, merged) from None
+        raise _with_origin(_explain(err, merged), origins) from None
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

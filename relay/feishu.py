@@ -9,9 +9,14 @@ refresh) and the executor retries once.
 A refresh that fails (a wrong ``app_secret``, an unreachable or throttled token endpoint) is remembered per app
 for a hold: Feishu's ``retry_after`` when it gave one, else :data:`FAILED_TOKEN_HOLD` real seconds. During the hold
 every call of that app is answered with the same outcome at once, without a request, so a thousand in-flight
-jobs cause one token request per hold, not a storm. A token-endpoint outcome never slows an API's bucket
-(``throttled`` is cleared: the limit hit was the token endpoint's), but keeps ``retry_after`` (the remaining hold
-while held) so the executor waits it out.
+jobs cause one token request per hold, not a storm. A token-endpoint outcome is answered as
+:func:`~relay.outcomes.token_error`: it never slows an API's bucket (the limit hit was the token endpoint's), it is
+not an attempt of the call (no API request was made), and it keeps ``retry_after`` (the remaining hold while
+held) so the executor waits it out.
+
+Timeouts: ``request_timeout`` bounds the whole request; ``connect_timeout`` bounds each TCP connect and, at most
+half of ``request_timeout``, the whole connect step (DNS, pool, TLS), so a connect that is too slow fails as
+ConnectionTimeoutError (known not written) before the total timeout could fire in it (``relay.outcomes``).
 
 ``send`` never raises for an expected answer: it returns an :class:`~relay.outcomes.Outcome` (a network error
 becomes a RETRY outcome). Retrying, limits and expiry are the executor's job.
@@ -32,7 +37,8 @@ from yarl import URL
 
 from relay.calls import Call
 from relay.config import AppConfig, Config
-from relay.outcomes import Outcome, Verdict, classify, network_error
+from relay.limits import Requeue
+from relay.outcomes import Outcome, Verdict, classify, network_error, token_error
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +94,9 @@ class FeishuClient:
 
     async def start(self) -> None:
         feishu = self._config.feishu
-        timeout = aiohttp.ClientTimeout(total=feishu.request_timeout, sock_connect=feishu.connect_timeout)
+        connect = min(feishu.connect_timeout, feishu.request_timeout / 2)  # module doc: timeouts
+        timeout = aiohttp.ClientTimeout(total=feishu.request_timeout, connect=connect,
+                                        sock_connect=feishu.connect_timeout)
         connector = aiohttp.TCPConnector(limit=feishu.max_connections, ttl_dns_cache=300)
         # HTTP(S)_PROXY / NO_PROXY are read once per base URL here, not per request: aiohttp's trust_env does two
         # thread-pool round trips (netrc, proxy lookup) on every request, which halved the relay's throughput
@@ -110,7 +118,7 @@ class FeishuClient:
         await asyncio.gather(*tasks, return_exceptions=True)
         for future in waiting:  # a task cancelled before it ever ran set nothing
             if not future.done():
-                future.set_exception(TokenUnavailable(_prefixed(network_error(asyncio.CancelledError()))))
+                future.set_exception(TokenUnavailable(token_error(network_error(asyncio.CancelledError()))))
                 future.exception()  # retrieved: nobody may be waiting
         if self._session is not None:
             await self._session.close()
@@ -165,11 +173,11 @@ class FeishuClient:
         except TokenUnavailable as err:
             result.set_exception(TokenUnavailable(self._hold(app_name, err.outcome)))
         except asyncio.CancelledError as err:  # close(): waiters must not hang, and nothing is held
-            result.set_exception(TokenUnavailable(_prefixed(network_error(err))))
+            result.set_exception(TokenUnavailable(token_error(network_error(err))))
             raise
         except Exception as err:  # a bug: waiters must not hang, and must not all retry it back to back
             log.exception("token refresh for app %s failed", app_name)
-            result.set_exception(TokenUnavailable(self._hold(app_name, _prefixed(network_error(err)))))
+            result.set_exception(TokenUnavailable(self._hold(app_name, token_error(network_error(err)))))
         finally:
             if not result.done():
                 result.cancel()
@@ -196,7 +204,7 @@ class FeishuClient:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
-            raise TokenUnavailable(_prefixed(network_error(err))) from None
+            raise TokenUnavailable(token_error(network_error(err))) from None
         try:
             answer = _token_decoder.decode(raw)
         except msgspec.DecodeError:
@@ -207,7 +215,7 @@ class FeishuClient:
         outcome = classify(status, headers, raw, api="auth.tenant_access_token")
         if outcome.verdict is Verdict.OK:  # code 0 but no token: treat as unreadable, permanent
             outcome = msgspec.structs.replace(outcome, verdict=Verdict.PERMANENT, msg="no token in answer")
-        raise TokenUnavailable(_prefixed(outcome))
+        raise TokenUnavailable(token_error(outcome))
 
     # calls --------------------------------------------------------------------------------------------
 
@@ -216,7 +224,9 @@ class FeishuClient:
         """Perform ``call`` once for ``app``; every answer (and every failure to get one) is an Outcome.
 
         ``admit`` is awaited after a pooled connection is ours, just before the request is written: waiting for a
-        connection must not make a call late enough to bunch with the calls granted after it."""
+        connection must not make a call late enough to bunch with the calls granted after it. When it raises
+        :class:`~relay.limits.Requeue` (a throttle voided the call's grant), the connection is released while the
+        call queues again, then ``admit`` runs again."""
         assert self._session is not None, "FeishuClient.start() was not awaited"
         try:
             token = await self.token(app)
@@ -225,25 +235,28 @@ class FeishuClient:
         base = self._config.base_url_for(self._apps[app])
         proxy, proxy_auth = self._proxies.get(base, (None, None))
         headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON_CONTENT}
+        # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked in
+        # relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
+        url = URL(base + call.path, encoded=True)
         try:
-            async with self._slots:
-                if admit is not None:
-                    await admit()
-                async with self._session.request(
-                        call.method, base + call.path, params=call.query or None, data=call.body,
-                        headers=headers, proxy=proxy, proxy_auth=proxy_auth) as resp:
-                    raw = await resp.read()
-                    outcome = classify(resp.status, resp.headers, raw, api=call.api)
+            while True:
+                try:
+                    async with self._slots:
+                        if admit is not None:
+                            await admit()
+                        async with self._session.request(
+                                call.method, url, params=call.query or None, data=call.body, headers=headers,
+                                proxy=proxy, proxy_auth=proxy_auth) as resp:
+                            raw = await resp.read()
+                            outcome = classify(resp.status, resp.headers, raw, api=call.api)
+                    break
+                except Requeue as requeue:  # a throttle came while it waited: queue again, not holding a slot
+                    await requeue.wait()
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             return network_error(err)
         if outcome.verdict is Verdict.REFRESH:
             self.drop_token(app, token)
         return outcome
-
-
-def _prefixed(outcome: Outcome) -> Outcome:
-    """A token-endpoint outcome: named as such, and never a reason to slow the API's bucket."""
-    return msgspec.structs.replace(outcome, msg=f"tenant_access_token: {outcome.msg}", throttled=False)
 
 
 def _held(outcome: Outcome, remaining: float) -> Outcome:

@@ -2,19 +2,39 @@
 
 ``POST /feishu/events`` (the app named ``default``) and ``POST /feishu/events/{app}``. Per request:
 
-1. unknown app → 404; a body over ``inbound.max_body_bytes`` → 413 (never read past the cap);
-2. :func:`relay.events.verify_request` (challenge, signature, timestamp, decryption, token) → 4xx with
-   ``{"error": <reason>}``, counted in ``relay_inbound_rejected_total{reason}``, logged without body or secrets;
-3. a ``url_verification`` → ``{"challenge": ...}``;
-4. anything else is published, the plaintext bytes exactly as Feishu sent them, to the callbacks topic for
-   ``inbound.callback_types`` (answer ``{}``) or to ``inbound.routes[event_type]`` / ``kafka.events_topic``;
-   key = chat_id, else message_id, else event id; headers ``event_type``, ``event_id``, ``app``, ``tenant_key``.
+1. checks before the body (each refusal is ``{"error": <reason>}``, counted in
+   ``relay_inbound_rejected_total{reason}``, logged in one line without body or secrets):
 
-Guarantees: 200 means the broker acknowledged the record (idempotent producer, ``acks=all``). If that has not
-happened within ``inbound.publish_timeout`` the answer is 503 and Feishu redelivers; the publish itself keeps
-going, and should it succeed later the event counts as seen (see :mod:`relay.dedup`), so the redelivery is not
-published twice. Duplicates within ``inbound.dedup_ttl`` get 200 and are not published again. At-least-once
-remains: a process restart forgets the dedup memory, so consumers deduplicate by the ``event_id`` header.
+       unknown_app   404  the URL names no app served here (an app without a verification token is not served)
+       content_type  415  a Content-Type other than application/json (none at all is read as JSON)
+       header        400  a malformed signature header (:func:`relay.events.read_signature_headers`)
+       too_large     413  a body over ``inbound.max_body_bytes`` (never read past the cap)
+       signature     401  an unsigned body over ``relay.events.CHALLENGE_MAX_BYTES`` for an app with an
+                          encrypt key (only a url_verification comes unsigned: such a body is not read further)
+       read_timeout  408  the body not received within ``inbound.read_timeout`` of the headers (a slow or
+                          stalled client, a chunked body with no end, cannot hold a handler)
+
+2. :func:`relay.events.verify_request` (signature, timestamp, decryption, envelope, token, app id): its reasons
+   are listed in :mod:`relay.events`;
+3. a ``url_verification`` -> ``{"challenge": ...}``;
+4. anything else is published: the plaintext as Feishu sent it minus the verification token, to the callbacks
+   topic for ``inbound.callback_types`` (answer ``{}``) or to ``inbound.routes[event_type]`` /
+   ``kafka.events_topic``; key = the chat id, else the message id, else the event id
+   (:class:`relay.events.EventIds`); headers ``event_type``, ``event_id``, ``app``, ``tenant_key``.
+
+Guarantees. ``inbound.publish_timeout`` runs from a request's arrival to its answer:
+
+* **Events**: 200 means the broker acknowledged the record (idempotent producer, ``acks=all``). Without that
+  by the deadline the answer is 503 and Feishu redelivers; the publish itself keeps going, and should it
+  succeed later the event counts as seen (see :mod:`relay.dedup`), so the redelivery is not published twice.
+* **Callbacks** are never redelivered and a non-200 is an error the user sees (200671), so they are always
+  answered ``{}``, by the deadline at the latest. A publish not acknowledged by then goes on in the background
+  and ends in one log line either way: published late (``relay_inbound_callbacks_late_total``) or lost
+  (``relay_inbound_callbacks_lost_total``, an error line; also when the broker refused it, or shutdown cancelled
+  it). Never silently.
+
+Duplicates within ``inbound.dedup_ttl`` get 200 and are not published again. At-least-once remains: a process
+restart forgets the dedup memory, so consumers deduplicate by the ``event_id`` header.
 
 Wiring (``relay.app``)::
 
@@ -36,10 +56,10 @@ from typing import Final, Protocol
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from relay.config import AppConfig, Config
-from relay.dedup import Dedup, Outcome, PublishFailed
+from relay.config import AppConfig, Config, unsigned_warning
+from relay.dedup import Dedup, PublishFailed
 from relay.errors import SignatureError
-from relay.events import Challenge, Event, verify_request
+from relay.events import CHALLENGE_MAX_BYTES, Challenge, Event, read_signature_headers, verify_request
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_producer
 from relay.metrics import Metrics
 
@@ -89,6 +109,14 @@ _SUCCESS: Final = b'{"msg":"success"}'
 _EMPTY: Final = b"{}"
 
 
+def _check_content_type(request: web.Request) -> None:
+    types = request.headers.getall("Content-Type", [])
+    if not types:
+        return
+    if len(types) > 1 or types[0].partition(";")[0].strip().lower() != "application/json":
+        raise SignatureError("content_type", 415)
+
+
 class Inbound:
     """The aiohttp handlers of the event URL; one instance per process (it holds the dedup memory)."""
 
@@ -99,9 +127,17 @@ class Inbound:
         self._publisher = publisher
         self._metrics = metrics
         self._clock = clock
-        self._apps: dict[str, AppConfig] = {app.name: app for app in config.apps}
+        # an app without a verification token is refused by check_inbound; one that gets here anyway (the
+        # sandbox's stand-in app) is not served: anyone could post its events
+        self._apps: dict[str, AppConfig] = {app.name: app for app in config.apps if app.verification_token}
+        for app in config.apps:
+            if not app.verification_token:
+                log.warning("inbound: apps[%s] has no verification_token: not served at the event URL", app.name)
+            elif warning := unsigned_warning(app):
+                log.warning("inbound: %s", warning)
         self._callback_types = frozenset(self._cfg.callback_types)
         self.dedup = Dedup(self._cfg.dedup_ttl, self._cfg.dedup_max_entries, clock)
+        metrics.collect(self._export)
 
     def install(self, app: web.Application) -> None:
         """Add the two routes, and cancel publishes still in flight when the app shuts down."""
@@ -123,16 +159,24 @@ class Inbound:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         name = request.match_info.get("app", DEFAULT_APP)
-        app = self._apps.get(name)
-        if app is None:
-            return self._reject(name, SignatureError("unknown_app", 404))
-        body = await self._read_body(request)
-        if body is None:
-            return self._reject(name, SignatureError("too_large", 413))
         try:
-            verified = verify_request(app, request.headers, body, self._clock(), self._cfg)
+            app = self._apps.get(name)
+            if app is None:
+                raise SignatureError("unknown_app", 404)
+            _check_content_type(request)
+            signed = read_signature_headers(request.headers) if app.encrypt_key else None
+            body = await self._read_body(request, unsigned=bool(app.encrypt_key) and signed is None)
+            verified = verify_request(app, signed, body, self._clock(), self._cfg)
         except SignatureError as err:
-            return self._reject(name, err)
+            response = self._reject(name, err)
+            if err.reason == "read_timeout":
+                # a stalled body: answer, then close at once. (Otherwise aiohttp reads and drops an unread rest
+                # after the answer, for at most its lingering_time of 10 s, so that a client sending a body
+                # too large sees its 413 rather than a reset; the handler is done by then either way.)
+                await response.prepare(request)
+                await response.write_eof()
+                request.protocol.force_close()
+            return response
         if isinstance(verified, Challenge):
             self._metrics.inc("relay_inbound_challenges_total", help="url_verification requests answered",
                               app=name)
@@ -145,48 +189,94 @@ class Inbound:
         callback = event.event_type in self._callback_types
 
         async def publish() -> None:
-            await self._publisher.publish(topic, event.key.encode(), event.plaintext, event.headers(name))
+            await self._publisher.publish(topic, event.key.encode(), event.record, event.headers(name))
 
+        def late(error: BaseException | None) -> None:
+            if error is None:
+                self._metrics.inc("relay_inbound_callbacks_late_total", help="callbacks published after the answer",
+                                  app=name)
+                log.info("inbound app=%s %s %s -> %s published after the answer", name, event.event_type,
+                         event.event_id, topic)
+            elif isinstance(error, asyncio.CancelledError):  # by close(): shutdown while Kafka had not taken it
+                self._lost(name, event, topic, "cancelled at shutdown; the producer may still flush it")
+            else:
+                self._lost(name, event, topic, type(error).__name__)
+
+        remaining = max(0.0, self._cfg.publish_timeout - (time.perf_counter() - started))
         try:
-            outcome = await self.dedup.publish_once(event.dedup_keys(name), publish, self._cfg.publish_timeout)
+            outcome = await self.dedup.publish_once(event.dedup_keys(name), publish, remaining,
+                                                    on_late=late if callback else None)
         except (TimeoutError, PublishFailed) as err:
             why = "timeout" if isinstance(err, TimeoutError) else str(err)
-            self._count(name, "unavailable", started)
-            log.warning("inbound app=%s %s %s -> %s not acknowledged (%s) in %.0f ms: 503", name,
-                        event.event_type, event.event_id, topic, why, 1000 * (time.perf_counter() - started))
-            return _reply(503, b'{"error":"unavailable"}')
+            elapsed = 1000 * (time.perf_counter() - started)
+            if not callback:
+                self._count(name, "unavailable", started)
+                log.warning("inbound app=%s %s %s -> %s not acknowledged (%s) in %.0f ms: 503", name,
+                            event.event_type, event.event_id, topic, why, elapsed)
+                return _reply(503, b'{"error":"unavailable"}')
+            self._count(name, "unacknowledged", started)
+            if isinstance(err, PublishFailed):
+                self._lost(name, event, topic, why)
+            else:
+                log.warning("inbound app=%s %s %s -> %s answered {} unacknowledged after %.0f ms; still publishing",
+                            name, event.event_type, event.event_id, topic, elapsed)
+            return _reply(200, _EMPTY)
         self._count(name, outcome.value, started)
         log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
                  outcome.value, 1000 * (time.perf_counter() - started))
-        if outcome is Outcome.PUBLISHED:
-            self._metrics.set("relay_inbound_dedup_entries", len(self.dedup), help="event keys remembered")
         return _reply(200, _EMPTY if callback else _SUCCESS)
+
+    def _lost(self, name: str, event: Event, topic: str, why: str) -> None:
+        self._metrics.inc("relay_inbound_callbacks_lost_total", help="callbacks answered but never published",
+                          app=name)
+        log.error("inbound app=%s %s %s -> %s LOST: answered {} but not published (%s)", name, event.event_type,
+                  event.event_id, topic, why)
 
     def _count(self, name: str, outcome: str, started: float) -> None:
         self._metrics.inc("relay_inbound_events_total", help="events by outcome", app=name, outcome=outcome)
         self._metrics.observe("relay_inbound_response_seconds", time.perf_counter() - started,
                               help="time to answer an event", outcome=outcome)
 
+    def _export(self, metrics: Metrics) -> None:
+        metrics.set("relay_inbound_dedup_entries", len(self.dedup), help="event keys remembered")
+        metrics.set_total("relay_inbound_dedup_evicted_total", self.dedup.evicted,
+                          help="event keys forgotten before their TTL (dedup_max_entries too small)")
+
     def _reject(self, name: str, err: SignatureError) -> web.Response:
         # the reason is one of a few fixed words, so it is a safe label; the app name comes from the URL and is
-        # attacker-chosen for an unknown app, so it is logged shortened and not used as a label
+        # attacker-chosen for an unknown app, so it is logged shortened and escaped, and not used as a label
         self._metrics.inc("relay_inbound_rejected_total", help="requests refused by a check", reason=err.reason)
         log.info("inbound app=%.40r rejected: %s (%d)", name, err.reason, err.status)
         return _reply(err.status, b'{"error":"' + err.reason.encode() + b'"}')
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
-        """The body, or None when it is over the cap (never reading more than cap + 1 bytes)."""
-        cap = self._cfg.max_body_bytes
+    async def _read_body(self, request: web.Request, *, unsigned: bool) -> bytes:
+        """The body, within ``read_timeout`` and the cap (never reading more than cap + 1 bytes).
+
+        ``unsigned``: the request needs a signature it does not have, so only a url_verification is acceptable
+        and no more than :data:`~relay.events.CHALLENGE_MAX_BYTES` is read.
+        """
+        cap = min(CHALLENGE_MAX_BYTES, self._cfg.max_body_bytes) if unsigned else self._cfg.max_body_bytes
+        over = SignatureError("signature", 401) if unsigned else SignatureError("too_large", 413)
         if request.content_length is not None and request.content_length > cap:
-            return None
-        data = bytearray()
-        while True:
-            chunk = await request.content.read(cap + 1 - len(data))
-            if not chunk:
-                return bytes(data)
-            data += chunk
-            if len(data) > cap:
-                return None
+            raise over
+
+        async def read() -> bytes:
+            data = bytearray()
+            while True:
+                chunk = await request.content.read(cap + 1 - len(data))
+                if not chunk:
+                    return bytes(data)
+                data += chunk
+                if len(data) > cap:
+                    raise over
+
+        if request.content.is_eof():  # all of it arrived with the headers (the usual case): nothing to wait for
+            return await read()
+        try:
+            async with asyncio.timeout(self._cfg.read_timeout):
+                return await read()
+        except TimeoutError:
+            raise SignatureError("read_timeout", 408) from None
 
 
 def inbound_topics(config: Config) -> dict[str, dict[str, str]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, TypeAlias
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import msgspec
 from msgspec import Meta
@@ -63,6 +63,10 @@ __all__ = [
 # sent as that uuid, so it carries the same limit.
 IntentId = Annotated[str, Meta(min_length=1, max_length=50, description="Idempotency key; Feishu uuid (1..50 chars).")]
 NonEmpty = Annotated[str, Meta(min_length=1)]
+# An id the relay puts in a URL path segment (message_id, reaction_id): Feishu's ids never hold "/", "\\", "%" or
+# control characters, nor are "." or "..", any of which a server could decode into a different path.
+_PATH_ID: Final = r"^(?!\.\.?(;|$))[^/\\%\x00-\x1f\x7f]+$"
+PathId = Annotated[str, Meta(min_length=1, pattern=_PATH_ID, description="An id placed in a path segment.")]
 AwareTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 time with a timezone offset.")]
 
 # im-v1/message/create, query ``receive_id_type``.
@@ -123,7 +127,7 @@ class MessageReply(_Intent, tag="message.reply", frozen=True, kw_only=True):
     ``chat_id`` is optional and only keys the 5/s per-chat limit (facts §2.3, reply: same 5 QPS per group rule).
     """
 
-    message_id: NonEmpty
+    message_id: PathId
     msg_type: MsgType
     content: Content
     chat_id: NonEmpty | None = None
@@ -136,7 +140,7 @@ class MessageReply(_Intent, tag="message.reply", frozen=True, kw_only=True):
 class MessageEdit(_Intent, tag="message.edit", frozen=True, kw_only=True):
     """PUT /open-apis/im/v1/messages/:message_id (im-v1/message/update: only text and post, ≤ 20 edits)."""
 
-    message_id: NonEmpty
+    message_id: PathId
     msg_type: Literal["text", "post"]
     content: Content
 
@@ -147,13 +151,13 @@ class MessageEdit(_Intent, tag="message.edit", frozen=True, kw_only=True):
 class MessageRecall(_Intent, tag="message.recall", frozen=True, kw_only=True):
     """DELETE /open-apis/im/v1/messages/:message_id (im-v1/message/delete)."""
 
-    message_id: NonEmpty
+    message_id: PathId
 
 
 class MessageForward(_Intent, tag="message.forward", frozen=True, kw_only=True):
     """POST /open-apis/im/v1/messages/:message_id/forward (im-v1/message/forward); ``id`` is the query ``uuid``."""
 
-    message_id: NonEmpty
+    message_id: PathId
     receive_id_type: ReceiveIdType
     receive_id: NonEmpty
 
@@ -161,7 +165,7 @@ class MessageForward(_Intent, tag="message.forward", frozen=True, kw_only=True):
 class CardPatch(_Intent, tag="card.patch", frozen=True, kw_only=True):
     """PATCH /open-apis/im/v1/messages/:message_id (im-v1/message/patch): replace a sent card, ≤ 5/s per message."""
 
-    message_id: NonEmpty
+    message_id: PathId
     content: Content
 
     def __post_init__(self) -> None:
@@ -171,7 +175,7 @@ class CardPatch(_Intent, tag="card.patch", frozen=True, kw_only=True):
 class MessageUrgent(_Intent, tag="message.urgent", frozen=True, kw_only=True):
     """PATCH /open-apis/im/v1/messages/:message_id/urgent_{app,sms,phone} (im-v1/buzz-messages)."""
 
-    message_id: NonEmpty
+    message_id: PathId
     channel: Literal["app", "sms", "phone"]
     user_id_list: Annotated[list[NonEmpty], Meta(min_length=1)]
     user_id_type: UserIdType = "open_id"
@@ -180,27 +184,27 @@ class MessageUrgent(_Intent, tag="message.urgent", frozen=True, kw_only=True):
 class ReactionAdd(_Intent, tag="reaction.add", frozen=True, kw_only=True):
     """POST …/messages/:message_id/reactions (im-v1/message-reaction/create); ``emoji_type`` flattened."""
 
-    message_id: NonEmpty
+    message_id: PathId
     emoji_type: NonEmpty
 
 
 class ReactionRemove(_Intent, tag="reaction.remove", frozen=True, kw_only=True):
     """DELETE …/messages/:message_id/reactions/:reaction_id (im-v1/message-reaction/delete)."""
 
-    message_id: NonEmpty
-    reaction_id: NonEmpty
+    message_id: PathId
+    reaction_id: PathId
 
 
 class PinAdd(_Intent, tag="pin.add", frozen=True, kw_only=True):
     """POST /open-apis/im/v1/pins (im-v1/pin/create)."""
 
-    message_id: NonEmpty
+    message_id: PathId
 
 
 class PinRemove(_Intent, tag="pin.remove", frozen=True, kw_only=True):
     """DELETE /open-apis/im/v1/pins/:message_id (im-v1/pin/delete)."""
 
-    message_id: NonEmpty
+    message_id: PathId
 
 
 # --- cards outside im/v1 ------------------------------------------------------------------------------------
@@ -230,7 +234,7 @@ class EphemeralSend(_Intent, tag="ephemeral.send", frozen=True, kw_only=True):
 class EphemeralDelete(_Intent, tag="ephemeral.delete", frozen=True, kw_only=True):
     """POST /open-apis/ephemeral/v1/delete."""
 
-    message_id: NonEmpty
+    message_id: PathId
 
 
 # --- im/v2 --------------------------------------------------------------------------------------------------
@@ -330,6 +334,62 @@ class MessageBatchSend(_Intent, tag="message.batch_send", frozen=True, kw_only=T
 # --- any other API ------------------------------------------------------------------------------------------
 
 _PATH_PARAM: Final = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
+# What may stand in an api.call path as written (RFC 3986 ``pchar`` and "/"): the relay sends the path exactly
+# so (yarl ``encoded=True``), nothing re-normalizes it after these checks, so everything else is refused here.
+_PATH_CHARS: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
+_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+# seeds/url_preview_batch_update.md: one update per token per 5 s, kept only by kind url_preview.update
+_URL_PREVIEWS: Final = ("im", "v2", "url_previews", "batch_update")
+
+
+def _check_segments(path: str) -> None:
+    """An api.call path (template or filled) that cannot leave ``/open-apis/`` however it is decoded.
+
+    URL libraries (yarl with ``encoded=False``, servers, proxies) percent-decode and then collapse ``.``/``..``
+    segments, so ``/open-apis/%2e%2e/x`` would reach ``/x`` with the tenant token; a gateway may also decode
+    ``%2F`` or ``%5C`` into a separator, or decode twice. So every segment is checked decoded: no dot segment,
+    no slash or backslash, no ``%`` left (double encoding), no control character; and no empty segment but a
+    trailing slash (``//`` is a path some normalize away).
+    """
+    if not path.startswith("/open-apis/"):
+        raise ValueError("path: must start with /open-apis/")
+    if "?" in path or "#" in path:
+        raise ValueError("path: put the query in `query`, not in the path")
+    if "\\" in path:
+        raise ValueError("path: must not contain a backslash")
+    if _CONTROL.search(path):
+        raise ValueError("path: must not contain control characters")
+    if not _PATH_CHARS.fullmatch(path):
+        bad = next(c for c in path if not _PATH_CHARS.fullmatch(c))
+        raise ValueError(f"path: character {bad!r} must be percent-encoded (or given in path_params)")
+    if _PERCENT.search(path):
+        raise ValueError("path: '%' must start a percent-encoding (%XX)")
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        decoded = unquote(segment)
+        if decoded.split(";", 1)[0] in (".", ".."):  # "..;" is ".." to servlet-style path parameters
+            raise ValueError("path: must not contain '.' or '..' segments (also percent-encoded)")
+        if "/" in decoded or "\\" in decoded:
+            raise ValueError("path: must not contain an encoded slash or backslash (%2F, %5C)")
+        if "%" in decoded:
+            raise ValueError("path: must not be percent-encoded twice")
+        if _CONTROL.search(decoded):
+            raise ValueError("path: must not contain control characters (also percent-encoded)")
+        if not segment and i < len(segments) - 1:
+            raise ValueError("path: must not contain empty segments ('//')")
+
+
+def _check_param(name: str, value: str) -> None:
+    """A ``path_params`` value is one path segment, URL-quoted by the relay: nothing that decodes to more."""
+    if value.split(";", 1)[0] in (".", ".."):
+        raise ValueError(f"path_params.{name}: must not be '.' or '..'")
+    if "/" in value or "\\" in value:
+        raise ValueError(f"path_params.{name}: must not contain '/' or '\\' (a parameter is one path segment)")
+    if "%" in value:
+        raise ValueError(f"path_params.{name}: must not contain '%' (give the value unencoded: the relay encodes it)")
+    if _CONTROL.search(value):
+        raise ValueError(f"path_params.{name}: must not contain control characters")
 
 
 class Rate(_Strict, frozen=True, kw_only=True):
@@ -345,9 +405,12 @@ class Rate(_Strict, frozen=True, kw_only=True):
 
 
 class ApiCall(_Intent, tag="api.call", frozen=True, kw_only=True):
-    """Any ``/open-apis/...`` endpoint; buckets are keyed by (app, method, path template) at ``rate``.
+    """Any ``/open-apis/...`` endpoint at ``rate``; buckets as :mod:`relay.calls` says (a built-in API's own).
 
     ``path`` is a template whose ``:name`` segments are all filled from ``path_params`` (values URL-quoted).
+    The path, as written and as filled, must stay under ``/open-apis/`` however a URL library or server decodes
+    it (:func:`_check_segments`); a rejection names ``$.path`` or ``$.path_params.<name>``. URL previews have
+    their own kind: an api.call to ``im/v2/url_previews/batch_update`` would bypass the per-token 5 s rule.
     """
 
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -358,17 +421,20 @@ class ApiCall(_Intent, tag="api.call", frozen=True, kw_only=True):
     body: Any = None  # any JSON; null or absent = no body
 
     def __post_init__(self) -> None:
-        if "?" in self.path or "#" in self.path:
-            raise ValueError("path: put the query in `query`, not in the path")
-        if ".." in self.path.split("/"):
-            raise ValueError("path: must not contain '..' segments")
+        _check_segments(self.path)
         names = _PATH_PARAM.findall(self.path)
         for name in names:
             if name not in self.path_params:
                 raise ValueError(f"path_params.{name}: required by the path template")
-        for name in self.path_params:
+        for name, value in self.path_params.items():
             if name not in names:
                 raise ValueError(f"path_params.{name}: not a :{name} segment of the path template")
+            _check_param(name, value)
+        filled = self.filled_path
+        _check_segments(filled)  # cannot fail after the checks above; kept so no future change lets one through
+        rest = [unquote(s).lower() for s in filled.removeprefix("/open-apis/").rstrip("/").split("/")]
+        if self.method == "POST" and tuple(rest) == _URL_PREVIEWS:
+            raise ValueError("path: URL previews are kind url_preview.update (it keeps one update per token per 5 s)")
 
     @property
     def filled_path(self) -> str:
@@ -416,6 +482,8 @@ def _reason(error: msgspec.ValidationError) -> str:
         return _one_line(f"$.kind: unknown kind {message.removeprefix('Invalid value ')[:60]}")
     if m := _OWN.match(message):  # raised by a __post_init__ as "field: why"
         return _one_line(f"{path}.{m['field']}: {m['msg']}")
+    if message == f"Expected `str` matching regex {_PATH_ID!r}":
+        return f"{path}: must be one path segment (no '/', '\\', '%' or control characters; not '.' or '..')"
     return _one_line(f"{path}: {message[:1].lower()}{message[1:]}")
 
 

@@ -8,7 +8,6 @@ relay commits explicit offsets itself (see ``offsets``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -18,6 +17,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from relay.config import KafkaConfig
+from relay.errors import RelayError
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,24 @@ def make_consumer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**settings)
 
 
+def new_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]], existing: set[str]) -> list[NewTopic]:
+    """The topics of ``topics`` not in ``existing``, with the partitions, replicas and configs of ``cfg``."""
+    shared = {} if cfg.topic_min_insync_replicas is None else {
+        "min.insync.replicas": str(cfg.topic_min_insync_replicas)}
+    return [
+        NewTopic(name, num_partitions=cfg.topic_partitions, replication_factor=cfg.topic_replication_factor,
+                 topic_configs={**shared, **configs})
+        for name, configs in topics.items() if name not in existing
+    ]
+
+
 async def ensure_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]]) -> None:
-    """Create each missing topic (``{name: topic configs}``) with ``cfg.topic_partitions`` partitions."""
+    """Create each missing topic (``{name: topic configs}``) with the partitions and replicas of ``cfg``.
+
+    Raises RelayError naming the topic when the broker refuses one (e.g. more replicas than brokers): aiokafka
+    returns those refusals in the response instead of raising them, and a relay that went on would fail later
+    with a far less useful error. A topic another replica created first is not an error.
+    """
     if not topics:
         return
     admin = AIOKafkaAdminClient(**client_settings(cfg))
@@ -88,16 +104,21 @@ async def ensure_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]]) -> 
     try:
         # asked to create them all: an existing one answers TOPIC_ALREADY_EXISTS. Listing the cluster's topics
         # first costs a metadata response as large as the cluster (thousands of topics: seconds, and memory)
-        wanted = [NewTopic(name, num_partitions=cfg.topic_partitions, replication_factor=1, topic_configs=configs)
-                  for name, configs in topics.items()]
-        with contextlib.suppress(TopicAlreadyExistsError):
-            answers = (await admin.create_topics(wanted)).to_object()["topic_errors"]
-            for answer in answers:
-                if answer["error_code"] not in (0, TopicAlreadyExistsError.errno):
-                    log.warning("cannot create topic %s: %s", answer["topic"], for_code(answer["error_code"]).__name__)
-            if created := [answer["topic"] for answer in answers if answer["error_code"] == 0]:
-                log.info("created topics %s", ", ".join(created))
-                await _until_led(admin, created)
+        response = await admin.create_topics(new_topics(cfg, topics, set()))
+        # (topic, error_code) in v0, (topic, error_code, error_message) from v1 on
+        answers: list[tuple[Any, ...]] = getattr(response, "topic_errors", [])
+        refused = [answer for answer in answers if answer[1] not in (0, TopicAlreadyExistsError.errno)]
+        if refused:  # e.g. not authorized to create: not a problem for a topic that exists
+            existing = set(await admin.list_topics())
+            refused = [answer for answer in refused if answer[0] not in existing]
+        if refused:
+            topic, code = refused[0][:2]
+            why = (refused[0][2] if len(refused[0]) > 2 else None) or for_code(code).__name__
+            raise RelayError(f"Kafka refused to create topic {topic!r} (replication factor "
+                             f"{cfg.topic_replication_factor}): {why}")
+        if created := [answer[0] for answer in answers if answer[1] == 0]:
+            log.info("created topics %s", ", ".join(created))
+            await _until_led(admin, created)
     finally:
         await admin.close()
 

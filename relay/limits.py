@@ -1,11 +1,19 @@
-"""The limiter: every Feishu call waits here for its app-wide bucket and, if any, its target's bucket.
+"""The async limiter: every Feishu call waits here before it goes, and is checked again right before it leaves.
 
-:class:`Limiter` keys buckets by ``("app", app, api)`` and ``("target", app, target)`` and only sequences awaits
-around the pure arithmetic of :mod:`relay.buckets`, with the clock and sleep injected.
+It keys app-wide buckets by ``("app", app, api)`` and per-target buckets by ``("target", app, target)`` (the target
+resolved through what Feishu's answers taught, :mod:`relay.targets`) and only sequences awaits around the pure
+arithmetic of :mod:`relay.buckets`, with the clock and sleep injected.
+
+    acquire    wait for the target's token, then the API's: returns a :class:`Grant`, the leave to send one call
+    admit      right before the request is written: the grant is still good (no throttle since), and the send
+               logs have room; records the send
+    throttled  Feishu said "too many": pause and slow that bucket, voiding every grant it handed out
+    learn      a create/reply/forward answer named the chat: every name of that chat shares one bucket from now
 
 A replica's ``share`` of the quota applies to app-wide buckets only: Feishu counts those over every replica of
 the consumer group. A target (a chat, a user, a message) is reached through one ordering key, so one partition,
-so one replica: its bucket is sized for the whole per-target limit.
+so one replica: its bucket is sized for the whole per-target limit. (Two *names* of one target may sit on two
+replicas; within one replica they share, see :mod:`relay.targets`.)
 """
 
 from __future__ import annotations
@@ -15,22 +23,31 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from relay.buckets import DUE, BucketShape, SendLog, TokenBucket, Window, share_leaves_no_call, size_bucket, stricter
+from relay.targets import Aliases
 
 if TYPE_CHECKING:
     from relay.config import FeishuConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BucketShape", "Limiter", "LimiterStats", "TokenBucket", "Window", "size_bucket", "stricter"]
+__all__ = ["BucketShape", "Grant", "Limiter", "LimiterStats", "Requeue", "TokenBucket", "Window", "size_bucket",
+           "stricter"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 BucketKey = tuple[str, ...]
+
+# app-wide buckets alive at once, all apps together, before a new API is refused (config feishu.max_api_buckets)
+MAX_API_BUCKETS: Final = 1024
+# target names remembered as being one chat (config feishu.target_memory)
+TARGET_MEMORY: Final = 100_000
+# bucket shapes cached (a few per API; api.call rates are whatever producers give)
+_MAX_SHAPES: Final = 4096
 
 
 class LimiterStats(msgspec.Struct, frozen=True):
@@ -45,17 +62,60 @@ class LimiterStats(msgspec.Struct, frozen=True):
     evictions: int
     retakes: int
     guarded: int = 0  # sends held back by the send log (only after a stall)
+    voided: int = 0  # grants a throttle voided before they were sent (queued again)
+    aliases: int = 0  # target names known to be one chat
+    forgotten_apis: int = 0  # idle, full app-wide buckets forgotten to make room
 
 
 class _Entry:
-    __slots__ = ("bucket", "lock", "log", "users", "windows")
+    __slots__ = ("bucket", "given", "lock", "log", "users", "windows")
 
     def __init__(self, bucket: TokenBucket, windows: tuple[Window, ...], log: SendLog) -> None:
         self.bucket = bucket
         self.log = log
-        self.windows = windows
+        self.windows = windows  # the stricter of all windows its callers gave
+        self.given = windows  # the last windows object a caller gave (a fast path: usually the same object)
         self.lock = asyncio.Lock()  # target buckets only: one caller of a target at a time (see acquire)
-        self.users = 0
+        self.users = 0  # callers waiting on it: never forgotten meanwhile
+
+
+class Grant:
+    """Leave to send one call, from :meth:`Limiter.acquire` until :meth:`Limiter.admit` lets it leave.
+
+    It remembers the buckets it was granted by and their :attr:`TokenBucket.epoch`: a throttle on either voids it
+    (the call queues again), and a throttle answered to a call sent under an older epoch is known to belong to a
+    burst already paid for (see :meth:`Limiter.throttled`).
+    """
+
+    __slots__ = ("_app", "_app_epoch", "_target", "_target_epoch", "api", "api_windows", "app", "learns", "target",
+                 "target_windows", "waited")
+
+    def __init__(self, app: str, api: str, api_windows: tuple[Window, ...], target: str | None,
+                 target_windows: tuple[Window, ...], learns: bool) -> None:
+        self.app = app
+        self.api = api
+        self.api_windows = api_windows
+        self.target = target
+        self.target_windows = target_windows
+        self.learns = learns
+        self.waited = 0.0  # seconds acquire waited
+        self._app: _Entry | None = None
+        self._app_epoch = 0
+        self._target: _Entry | None = None
+        self._target_epoch = 0
+
+
+class Requeue(Exception):
+    """Raised by :meth:`Limiter.admit`: a throttle voided this grant; release the connection, ``await wait()``
+    (the grant queues again), then call ``admit`` again."""
+
+    def __init__(self, limiter: Limiter, grant: Grant) -> None:
+        super().__init__("a throttle voided the grant: queue again")
+        self._limiter = limiter
+        self._grant = grant
+
+    async def wait(self) -> None:
+        await self._limiter._grant(self._grant)
 
 
 class Limiter:
@@ -63,18 +123,26 @@ class Limiter:
 
     Buckets are created on first use from the windows the caller passes (sized by :func:`size_bucket` with this
     limiter's jitter, utilization and time scale; app-wide buckets at this replica's ``share``, target buckets at
-    the whole limit). App buckets live as long as the limiter (a few per configured app); a target's bucket is
-    forgotten once it is idle and full, which is indistinguishable from keeping it, so memory follows the targets
-    active in the last second or so, not all targets ever seen.
+    the whole limit). Whenever callers of one bucket bring different windows, the bucket keeps the stricter of all
+    it has seen (:func:`stricter`, per window length the smaller limit), whichever came first: under-use for the
+    laxer caller is the price, over-use never happens. That holds for both kinds:
 
-    Target buckets are keyed by (app, target), not by API: Feishu's 5/s for a chat counts message create, reply
-    and forward together (facts §2.3), so the callers give every API that reaches the same recipient the same
-    target string (see :mod:`relay.calls`). When calls of one target bring different windows, the bucket keeps
-    the stricter of all it has seen (:func:`stricter`, per window length the smaller limit): the first caller
-    creates it from its windows, a later caller with other windows re-sizes it for both. Under-use for a target
-    reached by APIs with different per-target limits is the price; over-use never happens.
+    - App-wide, keyed by the API name: an ``api.call`` to a built-in API carries that API's name
+      (:mod:`relay.calls`), so it shares the built-in's bucket, and its ``rate`` can only tighten it.
+      At most ``max_api_buckets`` live at once: past that, the least recently used *forgettable* one (idle, full,
+      no send within its longest window: recreating it changes nothing but the windows it remembered) is
+      forgotten to make room; they are forgotten only then, so the strictest rate of an API stays remembered as
+      long as room allows. An API no bucket exists for is not :meth:`admissible` while the cap is full of
+      buckets in use (so the memory stays bounded by ``max_api_buckets`` per configured app even then).
+    - Per target, keyed by (app, target), not by API: Feishu's 5/s for a chat counts message create, reply and
+      forward together (facts §2.3), so the callers give every API that reaches the same recipient the same
+      target string (see :mod:`relay.calls`), and the limiter resolves that string to the chat it is known to
+      count in (:mod:`relay.targets`). A target's bucket is forgotten once it is idle and full, which is
+      indistinguishable from keeping it, so memory follows the targets active in the last second or so.
 
-    Retries take tokens like first attempts (SPEC). :meth:`throttled` slows the bucket Feishu complained about.
+    A throttle stops the bucket at once: nothing is sent on it before Feishu's reset, not by callers asleep on a
+    reservation, nor by those already granted and waiting for a connection (:meth:`admit` finds their grant void);
+    they all queue again at the slowed rate. Retries take tokens like first attempts (SPEC).
     """
 
     def __init__(
@@ -89,9 +157,13 @@ class Limiter:
         default_pause: float = 1.0,
         slow_factor: float = 0.5,
         recovery: float = 30.0,
+        max_api_buckets: int = MAX_API_BUCKETS,
+        target_memory: int = TARGET_MEMORY,
     ) -> None:
         """``default_pause`` (when Feishu gives no reset) and ``recovery`` are Feishu durations: divided by
         ``time_scale`` like the windows."""
+        if max_api_buckets < 1:
+            raise ValueError(f"Limiter: max_api_buckets {max_api_buckets} must be >= 1")
         self._jitter = jitter
         self._utilization = utilization
         self._share = share
@@ -101,10 +173,13 @@ class Limiter:
         self._default_pause = default_pause / time_scale
         self._slow_factor = slow_factor
         self._recovery = recovery / time_scale
+        self._max_api_buckets = max_api_buckets
         self._shapes: dict[tuple[tuple[Window, ...], float], BucketShape] = {}
-        self._apps: dict[BucketKey, _Entry] = {}
+        self._apps: OrderedDict[BucketKey, _Entry] = OrderedDict()  # least recently used first
+        self._api_users: dict[str, int] = {}  # api -> how many apps have a bucket for it
         self._targets: OrderedDict[BucketKey, _Entry] = OrderedDict()  # least recently used first
         self._target_windows: dict[tuple[str, str], tuple[Window, ...]] = {}  # (app, api) -> its last windows
+        self._aliases = Aliases(target_memory)
         self._acquires = 0
         self._waits = 0
         self._waited = 0.0
@@ -112,12 +187,16 @@ class Limiter:
         self._evictions = 0
         self._retakes = 0
         self._guarded = 0  # sends the send log held back (after an event-loop stall)
+        self._voided = 0
+        self._forgotten = 0
 
     @classmethod
     def from_config(cls, feishu: FeishuConfig, *, clock: Clock, sleep: Sleep) -> Limiter:
-        """A limiter with the ``[feishu]`` section's quota_share, limit_jitter, limit_utilization, time_scale."""
+        """A limiter with the ``[feishu]`` section's quota_share, limit_jitter, limit_utilization, time_scale,
+        max_api_buckets and target_memory."""
         return cls(jitter=feishu.limit_jitter, utilization=feishu.limit_utilization, share=feishu.quota_share,
-                   time_scale=feishu.time_scale, clock=clock, sleep=sleep)
+                   time_scale=feishu.time_scale, clock=clock, sleep=sleep, max_api_buckets=feishu.max_api_buckets,
+                   target_memory=feishu.target_memory)
 
     @property
     def share(self) -> float:
@@ -129,6 +208,8 @@ class Limiter:
         key = (tuple(windows), share)
         shape = self._shapes.get(key)
         if shape is None:
+            if len(self._shapes) >= _MAX_SHAPES:  # api.call rates are the producers': keep the cache bounded
+                self._shapes.clear()
             shape = self._shapes[key] = size_bucket(
                 key[0], jitter=self._jitter, utilization=self._utilization, share=share,
                 time_scale=self._time_scale)
@@ -137,9 +218,10 @@ class Limiter:
     def admissible(self, api: str, api_windows: Sequence[Window], target_windows: Sequence[Window] = ()) -> str | None:
         """Why a call with these windows can never be admitted here (one line), or None when it can.
 
-        A call is not admissible when it has no app-wide window, or when this replica's share of one of its
-        app-wide windows leaves no call (``floor(limit * share) == 0``); :meth:`acquire` raises ValueError for
-        such a call, so check first.
+        A call is not admissible when it has no app-wide window, when this replica's share of one of its
+        app-wide windows leaves no call (``floor(limit * share) == 0``): :meth:`acquire` raises ValueError for
+        such a call, so check first; or when ``api`` has no bucket yet and ``max_api_buckets`` buckets are in use
+        (none idle and full), which only a producer naming ids in api.call path templates reaches.
         """
         if not api_windows:
             return f"{api} has no rate limit window"
@@ -153,12 +235,22 @@ class Limiter:
                     self.shape(shape_windows, target=target)
                 except ValueError as err:
                     return f"{api}: {err}"
+        if api not in self._api_users and not self._make_room():
+            return (f"{api}: {len(self._apps)} app-wide buckets in use, the most feishu.max_api_buckets allows "
+                    f"(an api.call path with ids in it instead of :params makes one per id)")
         return None
 
     def bucket(self, key: BucketKey) -> TokenBucket | None:
-        """The live bucket under ``key`` (``("app", app, api)`` or ``("target", app, target)``), if any."""
+        """The live bucket under ``key`` (``("app", app, api)`` or ``("target", app, target)``), if any; a target
+        is resolved to the chat it is known to count in."""
+        if key[0] == "target":
+            key = ("target", key[1], self._aliases.resolve(key[1], key[2]))
         entry = self._apps.get(key) or self._targets.get(key)
         return entry.bucket if entry else None
+
+    def resolve(self, app: str, target: str) -> str:
+        """The key ``target`` is counted under (its chat once an answer named it; see :mod:`relay.targets`)."""
+        return self._aliases.resolve(app, target)
 
     async def acquire(
         self,
@@ -167,136 +259,278 @@ class Limiter:
         api_windows: Sequence[Window],
         target: str | None = None,
         target_windows: Sequence[Window] = (),
-    ) -> float:
-        """Wait until a call of ``api`` by ``app`` (to ``target``, if given) may go; return the seconds waited.
+        *,
+        learns: bool = False,
+    ) -> Grant:
+        """Wait until a call of ``api`` by ``app`` (to ``target``, if given) may go; the grant says how long.
 
         The target comes first: a caller waits for its target's token *before* it reserves an app-wide token,
         so a key held back by its own chat does not burn app quota meanwhile. The target's token is then taken
         when the call actually goes, after the app wait: a token taken earlier and spent after a long app-wide
         queue would let a chat's calls bunch up (several target tokens taken 0.29 s apart, all sent together
         when the app queue drains). One caller per target holds the target's lock through both waits, so the
-        token it waited for is still there; only a penalty arriving meanwhile sends it round again, and the app
-        token it took is then lost (under-use, never over-use).
+        token it waited for is still there; only a penalty arriving meanwhile, or the target turning out to be
+        another name of a chat, sends it round again, and the app token it took is then lost (under-use, never
+        over-use). A reservation a penalty voided while its caller slept on it is made again, behind the pause.
 
-        Raises ValueError for windows no bucket can keep (see :meth:`admissible`). Cancellation is safe at every
-        await: a reservation already made is simply not used.
+        ``learns``: the call's answer names the chat of its target (:meth:`learn`). Raises ValueError for windows
+        no bucket can keep (see :meth:`admissible`). Cancellation is safe at every await: a reservation already
+        made is simply not used.
         """
         start = self._clock()
-        app_entry = self._app_entry(app, api, api_windows)
-        if target is None:
-            await self._take(app_entry.bucket)
-        else:
-            windows = tuple(target_windows)
-            if not windows:
-                raise ValueError(f"acquire: target {target!r} of {api} needs its windows")
-            self._target_windows[(app, api)] = windows
-            entry = self._target_entry(("target", app, target), windows)
-            entry.users += 1
-            try:
-                async with entry.lock:
-                    while True:
-                        wait = entry.bucket.delay(self._clock())
-                        if wait > DUE:
-                            await self._sleep(wait)
-                        await self._take(app_entry.bucket)
-                        if entry.bucket.take(self._clock()):
-                            break
-                        self._retakes += 1
-            finally:
-                entry.users -= 1
-        waited = self._clock() - start
+        if target is not None and not target_windows:
+            raise ValueError(f"acquire: target {target!r} of {api} needs its windows")
+        grant = Grant(app, api, tuple(api_windows), target, tuple(target_windows), learns)
+        await self._grant(grant)
+        grant.waited = waited = self._clock() - start
         self._acquires += 1
         if waited > 0:
             self._waits += 1
             self._waited += waited
-        return waited
+        return grant
 
-    def throttled(self, app: str, api: str, target: str | None = None, retry_after: float | None = None) -> None:
-        """Feishu throttled a call: slow the bucket it counts against.
+    async def admit(self, grant: Grant) -> None:
+        """Right before the request leaves (after :meth:`acquire` and after a pooled connection is held).
+
+        Raises :class:`Requeue` when a throttle voided the grant since it was made (see :meth:`_live`): the
+        caller releases its connection, awaits :meth:`Requeue.wait` (the call queues again, as :meth:`acquire`
+        would) and calls ``admit`` again. Waiting for a token while holding a
+        connection would keep the connections from the calls granted meanwhile, which then could not go: the
+        connections all held by calls queued for late tokens, the calls holding early tokens waiting for a
+        connection. Otherwise wait until sending now keeps the app's and the target's windows (a short wait,
+        only after a stall), and record the send. See :class:`SendLog`.
+        """
+        while True:
+            live = self._live(grant)
+            if live is None:
+                self._voided += 1
+                raise Requeue(self, grant)
+            app_log = live[0].log
+            target_log = live[1].log if live[1] is not None else None
+            now = self._clock()
+            wait = app_log.delay(now)
+            if target_log is not None:
+                wait = max(wait, target_log.delay(now))
+            if wait <= DUE:
+                app_log.record(now)
+                if target_log is not None:
+                    target_log.record(now)
+                return
+            self._guarded += 1
+            await self._sleep(wait)
+
+    def throttled(self, app: str, api: str, target: str | None = None, retry_after: float | None = None, *,
+                  grant: Grant | None = None) -> None:
+        """Feishu throttled a call: pause and slow the bucket it counts against.
 
         Give ``target`` for a per-target refusal (230020: that chat or user is over 5/s, perhaps because other
-        bots share it), none for an app-wide one (HTTP 429 / 99991400). The target's bucket is the one every API
-        reaching that target shares. Nothing is due for ``retry_after`` seconds (Feishu's
-        ``x-ogw-ratelimit-reset``; a default pause without one), then the bucket's rate recovers gradually.
+        bots share it), none for an app-wide one (HTTP 429 / 99991400). The target's bucket is the one every name
+        and API reaching that target shares. Nothing is due for ``retry_after`` seconds (Feishu's
+        ``x-ogw-ratelimit-reset``; a default pause without one), every grant handed out before is void, then the
+        bucket's rate recovers gradually. With the call's ``grant``: when the bucket was penalized after that
+        call was sent, its answer belongs to the burst already paid for (it left before the first answer was
+        read), so the pause may grow but the rate is not cut again; without it every answer cuts the rate.
         """
         now = self._clock()
         pause = self._default_pause if retry_after is None else retry_after
         self._throttles += 1
         entry: _Entry | None
+        sent_epoch: int | None = None
         if target is not None:
-            key: BucketKey = ("target", app, target)
+            key: BucketKey = ("target", app, self._aliases.resolve(app, target))
             windows = self._target_windows.get((app, api))
             entry = self._targets.get(key) or (self._target_entry(key, windows) if windows else None)
+            if grant is not None and grant._target is entry:
+                sent_epoch = grant._target_epoch
         else:
             entry = self._apps.get(("app", app, api))
+            if grant is not None and grant._app is entry:
+                sent_epoch = grant._app_epoch
         if entry is None:
             log.warning("throttled %s %s target=%s but no bucket was ever used for it", app, api, target)
             return
-        entry.bucket.penalize(now, pause, slow_factor=self._slow_factor, recovery=self._recovery)
+        again = sent_epoch is not None and sent_epoch != entry.bucket.epoch
+        entry.bucket.penalize(now, pause, slow_factor=1.0 if again else self._slow_factor, recovery=self._recovery)
+
+    def learn(self, grant: Grant, data: Any) -> None:
+        """Feishu answered a granted call with ``data``: if it names the chat of the call's target (a create,
+        reply or forward: ``grant.learns``), every name of that chat counts in one bucket from now on; buckets
+        the names had are merged into the chat's (their tokens used and their sends both count there)."""
+        if not grant.learns:
+            return
+        learnt = self._aliases.learn(grant.app, grant.target, data)
+        if learnt is None:
+            return
+        chat, names = learnt
+        for name in names:
+            self._merge(("target", grant.app, name), ("target", grant.app, chat))
 
     def stats(self) -> LimiterStats:
         return LimiterStats(
             app_buckets=len(self._apps), target_buckets=len(self._targets), acquires=self._acquires,
             waits=self._waits, waited_seconds=self._waited, throttles=self._throttles, evictions=self._evictions,
-            retakes=self._retakes, guarded=self._guarded)
+            retakes=self._retakes, guarded=self._guarded, voided=self._voided, aliases=len(self._aliases),
+            forgotten_apis=self._forgotten)
+
+    # --- granting -----------------------------------------------------------------------------------------
+
+    async def _grant(self, grant: Grant) -> None:
+        """Wait for the target's token (if any) and the API's; store in ``grant`` the buckets that gave them."""
+        app, target = grant.app, grant.target
+        app_entry = self._app_entry(app, grant.api, grant.api_windows)
+        if target is None:
+            app_entry.users += 1
+            try:
+                await self._take(app_entry.bucket)
+            finally:
+                app_entry.users -= 1
+            grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
+            grant._target = None
+            return
+        self._target_windows[(app, grant.api)] = grant.target_windows
+        while True:
+            key: BucketKey = ("target", app, self._aliases.resolve(app, target))
+            entry = self._target_entry(key, grant.target_windows)
+            entry.users += 1
+            app_entry.users += 1
+            try:
+                async with entry.lock:
+                    while self._current(app, target, key, entry):
+                        wait = entry.bucket.delay(self._clock())
+                        if wait > DUE:
+                            await self._sleep(wait)
+                            continue  # look again: a penalty or a merge may have come meanwhile
+                        await self._take(app_entry.bucket)
+                        if self._current(app, target, key, entry) and entry.bucket.take(self._clock()):
+                            grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
+                            grant._target, grant._target_epoch = entry, entry.bucket.epoch
+                            return
+                        self._retakes += 1
+            finally:
+                entry.users -= 1
+                app_entry.users -= 1
 
     async def _take(self, bucket: TokenBucket) -> None:
-        wait = bucket.reserve(self._clock())
-        if wait > DUE:
-            await self._sleep(wait)
+        """Reserve a token and sleep until it is due; again if a penalty voided it meanwhile."""
+        while True:
+            epoch = bucket.epoch
+            wait = bucket.reserve(self._clock())
+            if wait > DUE:
+                await self._sleep(wait)
+            if bucket.epoch == epoch:
+                return
+            self._retakes += 1
 
-    def _app_entry(self, app: str, api: str, windows: Sequence[Window]) -> _Entry:
+    def _current(self, app: str, target: str, key: BucketKey, entry: _Entry) -> bool:
+        """``entry`` is still the bucket ``target`` counts in (not merged into another name's, not forgotten)."""
+        return self._aliases.resolve(app, target) == key[2] and self._targets.get(key) is entry
+
+    def _live(self, grant: Grant) -> tuple[_Entry, _Entry | None] | None:
+        """The buckets a granted call counts in as it leaves, or None when a throttle voided the grant.
+
+        Usually the ones that granted it, unpenalized since. A bucket forgotten meanwhile (idle and full: a call
+        waited long for a connection) or a target merged into its chat's bucket (which took over its use and
+        sends) leaves the grant good, and the send counts in the live bucket instead, unless that one was ever
+        penalized (the grant cannot tell whether before or after it): then it queues again there, once.
+        """
+        assert grant._app is not None
+        app = self._app_entry(grant.app, grant.api, grant.api_windows)
+        if app.bucket.epoch != (grant._app_epoch if app is grant._app else 0):
+            return None
+        if grant.target is None:
+            return app, None
+        key: BucketKey = ("target", grant.app, self._aliases.resolve(grant.app, grant.target))
+        target = self._target_entry(key, grant.target_windows)
+        if target.bucket.epoch != (grant._target_epoch if target is grant._target else 0):
+            return None
+        return app, target
+
+    # --- buckets ------------------------------------------------------------------------------------------
+
+    def _app_entry(self, app: str, api: str, windows: tuple[Window, ...]) -> _Entry:
         key: BucketKey = ("app", app, api)
         entry = self._apps.get(key)
         if entry is None:
-            entry = self._apps[key] = self._new_entry(tuple(windows), target=False)
+            self._make_room()  # never refuses here: a call already admitted is not stopped
+            entry = self._apps[key] = self._new_entry(windows, target=False)
+            self._api_users[api] = self._api_users.get(api, 0) + 1
+        else:
+            self._apps.move_to_end(key)
+            if windows is not entry.given and windows is not entry.windows:
+                self._tighten(entry, windows, target=False)
         return entry
+
+    def _make_room(self) -> bool:
+        """Forget least recently used forgettable app-wide buckets until one more fits; False if none could go."""
+        if len(self._apps) < self._max_api_buckets:
+            return True
+        now = self._clock()
+        for key, entry in list(self._apps.items()):
+            if entry.users == 0 and entry.bucket.is_full(now) and entry.log.idle(now):
+                del self._apps[key]
+                api = key[2]
+                left = self._api_users[api] - 1
+                if left:
+                    self._api_users[api] = left
+                else:
+                    del self._api_users[api]
+                self._forgotten += 1
+                if len(self._apps) < self._max_api_buckets:
+                    return True
+        return False
 
     def _target_entry(self, key: BucketKey, windows: tuple[Window, ...]) -> _Entry:
         now = self._clock()
         entry = self._targets.get(key)
         if entry is None:
-            entry = self._targets[key] = self._new_entry(stricter(windows), target=True)
+            entry = self._targets[key] = self._new_entry(windows, target=True)
         else:
             self._targets.move_to_end(key)
-            if windows != entry.windows:  # another API reaching the same target: keep the stricter of both
-                merged = stricter(entry.windows, windows)
-                if merged != entry.windows:
-                    shape = self.shape(merged, target=True)
-                    entry.bucket.set_shape(shape.rate, shape.burst, now)
-                    entry.windows = merged
-                    entry.log.spans = tuple(self._spans(merged, target=True))
+            if windows is not entry.given and windows is not entry.windows:
+                self._tighten(entry, windows, target=True)
         self._evict(now, 2)
         return entry
 
-    def _new_entry(self, windows: tuple[Window, ...], *, target: bool) -> _Entry:
+    def _tighten(self, entry: _Entry, windows: tuple[Window, ...], *, target: bool) -> None:
+        """Another caller of the same bucket with other windows: keep the stricter of both."""
+        if windows == entry.given or windows == entry.windows:
+            entry.given = windows
+            return
+        entry.given = windows
+        merged = stricter(entry.windows, windows)
+        if merged != entry.windows:
+            shape = self.shape(merged, target=target)
+            entry.bucket.set_shape(shape.rate, shape.burst, self._clock())
+            entry.windows = merged
+            entry.log.spans = tuple(self._spans(merged, target=target))
+
+    def _merge(self, name: BucketKey, chat: BucketKey) -> None:
+        """``name`` turned out to count in ``chat``: its bucket becomes the chat's, or is merged into it."""
+        old = self._targets.pop(name, None)
+        if old is None:
+            return
+        entry = self._targets.get(chat)
+        if entry is None:
+            self._targets[chat] = old
+            return
+        entry.bucket.absorb(old.bucket, self._clock())
+        entry.log.merge(old.log)
+        if old.windows != entry.windows:
+            self._tighten(entry, old.windows, target=True)
+
+    def _new_entry(self, given: tuple[Window, ...], *, target: bool) -> _Entry:
+        windows = stricter(given)
         shape = self.shape(windows, target=target)
-        return _Entry(TokenBucket(shape.rate, shape.burst, self._clock()), windows,
-                      SendLog(self._spans(windows, target=target)))
+        entry = _Entry(TokenBucket(shape.rate, shape.burst, self._clock()), windows,
+                       SendLog(self._spans(windows, target=target)))
+        entry.given = given  # the caller's own object: the next call with it takes the fast path
+        return entry
 
     def _spans(self, windows: Sequence[Window], *, target: bool) -> list[tuple[int, float]]:
         """The send log's (limit, span) per window: this replica's share of the limit (app-wide windows only),
         over the scaled window plus the jitter margin, like the bucket's sizing."""
         share = 1.0 if target else self._share
         return [(max(1, math.floor(w.limit * share)), w.seconds / self._time_scale + self._jitter) for w in windows]
-
-    async def admit(self, app: str, api: str, api_windows: Sequence[Window], target: str | None = None,
-                    target_windows: Sequence[Window] = ()) -> None:
-        """Right before the request leaves (after :meth:`acquire` and after a pooled connection is held): wait
-        until sending now keeps the app's and the target's windows, and record the send. See :class:`SendLog`."""
-        entries = [self._app_entry(app, api, api_windows)]
-        if target is not None:
-            key: BucketKey = ("target", app, target)
-            entries.append(self._targets.get(key) or self._target_entry(key, tuple(target_windows)))
-        while True:
-            now = self._clock()
-            wait = max(entry.log.delay(now) for entry in entries)
-            if wait <= DUE:
-                for entry in entries:
-                    entry.log.record(now)
-                return
-            self._guarded += 1
-            await self._sleep(wait)
 
     def _evict(self, now: float, budget: int) -> None:
         """Look at the ``budget`` least recently used targets: forget the idle full ones, requeue the rest.

@@ -12,11 +12,11 @@ by the next owner of the partition. To avoid repeating those calls, the commit c
 
 Metadata format (ASCII; offsets relative to the committed offset ``c``; never longer than ``cap`` characters)::
 
-    done1:<base64 bitset>                 bit r (least significant bit of byte r // 8 first) = offset c + r is
-                                          finished (the previous version's format; still written when it is
-                                          the smaller encoding and there is no journal position)
-    done2:<journal>:<encoding><base64>    <journal>: a decimal journal position, or empty
-                                          <encoding>: "b" bitset as above, "r" run lengths, or empty (none)
+    done1:<base64 bitset>[;journal=<p>@<o>]     bit r (least significant bit of byte r // 8 first) = offset
+                                                c + r is finished (the previous version's format, still
+                                                written when it is the smaller encoding)
+    done2:r<base64 run lengths>[;journal=<p>@<o>]
+    ;journal=<p>@<o>                             nothing finished above c, a journal position
 
 Run lengths are unsigned LEB128 varints: alternately a run of offsets *not* finished and a run of finished
 ones, starting at ``c`` with a not-finished run (0 when ``c`` itself is finished). Offsets past the last run are
@@ -24,8 +24,11 @@ not known to be finished. Per commit the encoder writes whichever of the two rec
 (the smaller when both record all): run lengths win for a stuck record under a long finished tail (30,000
 finished offsets above one pending offset take a few bytes), the bitset for finely interleaved sets. When the
 set does not fit it records the **longest prefix** that does, never nothing; the tail past it would be redone.
-The journal position is kept whatever is cut. ``metadata_room`` says how many more records a partition may read
-while the set is guaranteed to fit however its pending records finish, which is what backpressure enforces.
+``metadata_room`` says how many more records a partition may read while the set is guaranteed to fit however
+its pending records finish, which is what backpressure enforces.
+
+The journal position of the partition (``;journal=<partition>@<offset>``, ``relay.journal``) rides at the end so a
+new owner reads only the part of the journal that can matter; it is kept whatever is cut.
 """
 
 from __future__ import annotations
@@ -34,14 +37,14 @@ import base64
 import bisect
 import heapq
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 
-# the broker's offset.metadata.max.bytes defaults to 4096 characters; stay below it by default
+# the broker's offset.metadata.max.bytes defaults to 4096 characters; stay below it by default (journal included)
 DEFAULT_CAP: Final = 4000
 _V1: Final = "done1:"
-_V2: Final = "done2:"
+_RUNS: Final = "done2:r"
 # a done run of fewer than 2**21 offsets takes at most 3 varint bytes; the worst case is priced at that width
 _WIDE_RUN: Final = (1 << 21) - 1
 # room kept for the previous owner's ranges and the seam between them and ours (two varints)
@@ -127,11 +130,42 @@ class OffsetRanges:
         return self._ends[-1] if self._ends else None
 
 
+class JournalPosition(NamedTuple):
+    """A journal partition and the offset from which the entries of uncommitted records can lie in it."""
+
+    partition: int
+    offset: int
+
+
+_JOURNAL: Final = ";journal="
+# room the suffix takes at most (two 19-digit numbers): the finished set must leave it under the broker's cap
+JOURNAL_METADATA_ROOM: Final = len(_JOURNAL) + 2 * 19 + 1
+
+
+def with_journal(metadata: str, position: JournalPosition | None) -> str:
+    """``metadata`` with the journal position appended (unchanged without one)."""
+    if position is None:
+        return metadata
+    return f"{metadata}{_JOURNAL}{position.partition}@{position.offset}"
+
+
+def split_journal(metadata: str | None) -> tuple[str, JournalPosition | None]:
+    """(the metadata without the journal part, the journal position or None when absent or unreadable)."""
+    text = metadata or ""
+    rest, sep, tail = text.rpartition(_JOURNAL)
+    if not sep:
+        return text, None
+    partition, at, offset = tail.partition("@")
+    if not at or not partition.isdigit() or not offset.isdigit():
+        return rest, None
+    return rest, JournalPosition(int(partition), int(offset))
+
+
 class CommitMetadata(msgspec.Struct, frozen=True):
     """What a commit's metadata says: the finished offsets at or above the commit point and the journal position."""
 
     done: OffsetRanges
-    journal: int | None = None
+    journal: JournalPosition | None = None
 
 
 def _as_ranges(done: OffsetRanges | Iterable[int]) -> OffsetRanges:
@@ -181,56 +215,40 @@ def _bitset(commit_point: int, done: OffsetRanges, budget: int) -> tuple[bytes, 
     return bits.to_bytes((bits.bit_length() + 7) // 8, "little"), recorded
 
 
-def _header(journal: int | None) -> str:
-    return f"{_V2}{'' if journal is None else journal}:"
-
-
-def payload_budget(cap: int, journal: int | None = None) -> int:
-    """The most payload bytes a ``cap``-character metadata can carry beside its header (base64: 3 bytes per 4)."""
-    room = cap - len(_header(journal)) - 1
+def payload_budget(cap: int, reserve: int = 0) -> int:
+    """The most payload bytes a ``cap``-character metadata carries beside its prefix and ``reserve`` characters
+    (the journal suffix); base64 takes 4 characters per 3 bytes."""
+    room = cap - reserve - len(_RUNS)
     return max(0, room // 4 * 3)
 
 
-def encode_metadata(commit_point: int, done: OffsetRanges | Iterable[int], *, journal: int | None = None,
+def encode_metadata(commit_point: int, done: OffsetRanges | Iterable[int], *, journal: JournalPosition | None = None,
                     cap: int = DEFAULT_CAP) -> str:
     """Commit metadata for ``commit_point``: the finished offsets at or above it (the longest prefix that fits in
     ``cap`` characters) and ``journal``, which is kept whatever is cut ("" when there is nothing to say)."""
     finished = _as_ranges(done).from_(commit_point)
-    budget = payload_budget(cap, journal)
-    best, recorded, kind = b"", 0, ""
+    suffix = with_journal("", journal)
+    budget = payload_budget(cap, len(suffix))
+    best, recorded, runs = b"", 0, True
     if finished:
-        runs, by_runs = _run_lengths(commit_point, finished, budget)
-        bits, by_bits = _bitset(commit_point, finished, budget)
-        best, recorded, kind = (runs, by_runs, "r") if (by_runs, -len(runs)) >= (by_bits, -len(bits)) \
-            else (bits, by_bits, "b")
+        by_runs, runs_recorded = _run_lengths(commit_point, finished, budget)
+        by_bits, bits_recorded = _bitset(commit_point, finished, budget)
+        runs = (runs_recorded, -len(by_runs)) >= (bits_recorded, -len(by_bits))
+        best, recorded = (by_runs, runs_recorded) if runs else (by_bits, bits_recorded)
     if not recorded:
-        return "" if journal is None else _header(journal)
-    text = base64.b64encode(best).decode()
-    if kind == "b" and journal is None:
-        return _V1 + text  # what the previous version reads: a rolling upgrade keeps its skip information
-    return f"{_header(journal)}{kind}{text}"
+        return suffix
+    # a bitset is written in the previous version's format: during a rolling upgrade it still skips them
+    return f"{_RUNS if runs else _V1}{base64.b64encode(best).decode()}{suffix}"
 
 
 def decode_metadata(commit_point: int, metadata: str | None) -> CommitMetadata:
     """What a previous owner recorded with ``commit_point`` (empty when none, unreadable or another tool's)."""
-    empty = CommitMetadata(OffsetRanges())
-    if not metadata:
-        return empty
-    if metadata.startswith(_V1):
-        return CommitMetadata(_decode_bits(commit_point, metadata[len(_V1):]))
-    if not metadata.startswith(_V2):
-        return empty
-    journal_text, sep, body = metadata[len(_V2):].partition(":")
-    if not sep:
-        return empty
-    journal = int(journal_text) if journal_text.isdigit() and journal_text.isascii() else None
-    if body.startswith("b"):
-        done = _decode_bits(commit_point, body[1:])
-    elif body.startswith("r"):
-        done = _decode_runs(commit_point, body[1:])
-    else:
-        done = OffsetRanges()
-    return CommitMetadata(done, journal)
+    text, journal = split_journal(metadata)
+    if text.startswith(_V1):
+        return CommitMetadata(_decode_bits(commit_point, text[len(_V1):]), journal)
+    if text.startswith(_RUNS):
+        return CommitMetadata(_decode_runs(commit_point, text[len(_RUNS):]), journal)
+    return CommitMetadata(OffsetRanges(), journal)
 
 
 def _b64(text: str) -> bytes | None:
@@ -336,7 +354,7 @@ class PartitionOffsets:
         ours.append((previous, self.highest + 1))
         return OffsetRanges(ours, ordered=True).union(_as_ranges(also_done).from_(point))
 
-    def uncommitted(self, also_done: OffsetRanges | Iterable[int] = (), *, journal: int | None = None,
+    def uncommitted(self, also_done: OffsetRanges | Iterable[int] = (), *, journal: JournalPosition | None = None,
                     cap: int = DEFAULT_CAP) -> tuple[int, str] | None:
         """(commit point, metadata) if either moved since the last successful commit, else None.
 
@@ -352,9 +370,10 @@ class PartitionOffsets:
             return None
         return point, metadata
 
-    def metadata_room(self, limit: int, also_done: OffsetRanges | Iterable[int] = (), *, journal: int | None = None,
+    def metadata_room(self, limit: int, also_done: OffsetRanges | Iterable[int] = (), *, reserve: int = 0,
                       cap: int = DEFAULT_CAP) -> int:
-        """How many more records (at most ``limit``) may be read while the finished set is sure to fit ``cap``.
+        """How many more records (at most ``limit``) may be read while the finished set is sure to fit ``cap``
+        beside ``reserve`` characters (the journal suffix, ``JOURNAL_METADATA_ROOM`` at most).
 
         The worst case for ``p`` pending offsets spread over ``s`` offsets is every pending offset alone between
         finished runs: at most ``p * (1 + varint_size(s))`` bytes of run lengths (a pending run of n costs at
@@ -371,8 +390,9 @@ class PartitionOffsets:
         theirs = len(_run_lengths(self.highest + 1, above, 1 << 62)[0]) if above else 0
         span = self.highest + 1 - point
         width = varint_size(max(span + limit, _WIDE_RUN))
-        by_runs = (payload_budget(cap, journal) - theirs - _SLACK) // (1 + width) - pending
-        bits = 8 * payload_budget(cap, journal)  # the bitset covers ours and theirs: k more must stay inside
+        budget = payload_budget(cap, reserve)
+        by_runs = (budget - theirs - _SLACK) // (1 + width) - pending
+        bits = 8 * budget  # the bitset covers ours and theirs: k more must stay inside
         by_bits = bits - span if (above.end or 0) - point <= bits else -1
         room = min(limit, max(by_runs, by_bits))
         return max(room, 1 if pending == 0 and limit > 0 else 0)

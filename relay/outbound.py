@@ -23,7 +23,27 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   re-applied after a rebalance, since Kafka forgets them.
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
-  finish and write their results; then offsets are committed and state for those partitions dropped.
+  finish and write their results; then offsets are committed and state for those partitions dropped. A
+  ``url_preview.update`` job has started once a call carrying it has claimed its tokens (it may be at Feishu);
+  one that has not is withdrawn from the coalescer (no result, not failed) and redone by the next owner, which
+  sees this replica's claims in the preview memory and keeps the 5 s rule across the handover.
+* **No work for partitions this replica may have lost** (``relay.membership``). Kafka fences only the commits of a
+  member it dropped; the relay fences its own calls and writes with a lease renewed by the coordinator's answers. A
+  replica frozen past its session timeout (SIGSTOP, a paused VM), or cut off from the coordinator, makes no Feishu
+  call (the executor's gate, right before each request is written) and writes no result or dead letter (checked
+  before each write) until a heartbeat confirms it again; when the coordinator says it is out, every job of its
+  partitions is abandoned, not drained: no call, no result, no commit (a revocation waits for that answer first,
+  drains if it confirms us and abandons otherwise), and records fetched meanwhile are not dispatched (the position
+  is moved back to them) until the membership is confirmed or partitions are assigned again. The new owner redoes
+  those records; a call already made whose result was not written in time is made again by the new owner only if it
+  is safe to repeat (next point). Proved by ``tests/test_frozen_replica.py`` (SIGSTOP/SIGCONT) and
+  ``tests/test_outbound_membership.py``.
+* **At most once for calls not safe to repeat** (``Call.repeatable`` false: reactions, urgent, batch_send, ...).
+  With a journal (``relay.journal``), such a call's start is journaled before its first request and its result
+  before the result is written; the next owner of a record it finds there writes that result (or, with only a
+  start, ``failed`` / ``outcome-unknown``) instead of calling Feishu, whatever stopped the previous owner
+  (proved with SIGKILL, a rebalance and answers lost after the operation in ``tests/test_outbound_faults.py``).
+
 * **Writes that fail.** A result or dead letter is never dropped: its record's offset waits. A record too large
   for its topic is written cut and says so (``results.cut_result``, ``results.cut_dead_letter``); any other
   error is retried, backing off to ``outbound.backoff_cap``; one that cannot be retried (not authorized, too large
@@ -48,6 +68,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Final, Protocol
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
@@ -66,13 +87,15 @@ from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
 from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
+from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import BATCH_OVERHEAD, MAX_BATCH_SIZE, client_settings, max_message_bytes
+from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
-from relay.offsets import OffsetRanges, PartitionOffsets, decode_metadata
-from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped
+from relay.offsets import JOURNAL_METADATA_ROOM, JournalPosition, OffsetRanges, PartitionOffsets, decode_metadata
+from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped, PreviewTicket
 from relay.results import (
+    OUTCOME_UNKNOWN,
     Headers,
-    Result,
     cut_dead_letter,
     cut_result,
     dead_letter_headers,
@@ -87,6 +110,8 @@ from relay.results import (
 
 log = logging.getLogger(__name__)
 
+# seconds between two looks, during a drain, for preview jobs that stopped being started (see Outbound._drain)
+DRAIN_RECHECK = 0.25
 _NOTHING: Final = OffsetRanges()
 # after a record the client could not parse, its partition is read one record at a time for this many records
 _CAREFUL_READS: Final = 500
@@ -110,9 +135,11 @@ class Record(Protocol):
 
 
 class Job:
-    """One record being handled. ``started``: a call was attempted or the result is being written."""
+    """One record being handled. ``started``: a call was attempted or the result is being written (a preview
+    job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`)."""
 
-    __slots__ = ("app", "id", "kind", "offset", "received", "record", "started", "task", "tp")
+    __slots__ = ("app", "id", "journaled", "kind", "offset", "preview", "received", "record", "started", "task",
+                 "tp")
 
     def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
@@ -120,10 +147,12 @@ class Job:
         self.offset = record.offset
         self.received = received
         self.started = False
+        self.journaled = False  # its start is in the journal: its result must be too, before it is written
         self.task: asyncio.Task[None] | None = None
         self.id: str | None = None
         self.kind: str | None = None
         self.app: str | None = None
+        self.preview: PreviewTicket | None = None
 
 
 class Unreadable:
@@ -175,10 +204,13 @@ def _unparsable(err: Exception) -> bool:
 class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
-                 previews: PreviewCoalescer | None = None, wall: Callable[[], float] = time.time,
+                 previews: PreviewCoalescer | None = None, membership: Membership | None = None,
+                 journal: Journal | None = None, wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, admin: AIOKafkaAdminClient | None = None,
                  new_producer: Callable[[], AIOKafkaProducer] | None = None) -> None:
-        """``admin`` reads the previous owner's commit metadata and topic limits; None: ``run`` makes one from the
+        """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
+        without a group coordinator. ``journal``: the write-ahead journal of calls not safe to repeat.
+        ``admin`` reads the previous owner's commit metadata and topic limits; None: ``run`` makes one from the
         config. ``new_producer`` makes a replacement for a producer a refused batch broke (see ``_send``); the
         replacements are this object's to stop, ``producer`` stays its owner's."""
         self._config = config
@@ -189,6 +221,8 @@ class Outbound(ConsumerRebalanceListener):
         self._metrics = metrics
         self._apps = frozenset(known_apps)
         self._previews = previews
+        self._membership = membership
+        self._journal = journal
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
@@ -208,6 +242,8 @@ class Outbound(ConsumerRebalanceListener):
         self._writes: dict[Write, None] = {}  # results and dead letters being written, oldest first
         self._reports_failing = 0  # internal errors whose report cannot be built (see _internal_failure)
         self._metadata_cap = self._out.commit_metadata_max_bytes  # halved by OFFSET_METADATA_TOO_LARGE
+        # the journal position's suffix needs room beside the finished set (offsets.JOURNAL_METADATA_ROOM)
+        self._journal_room = JOURNAL_METADATA_ROOM if journal is not None else 0
         self._partitioner = DefaultPartitioner()
         self._limits: dict[str, tuple[int | None, float]] = {}  # topic -> (max.message.bytes, when asked)
         self._limits_lock = asyncio.Lock()
@@ -227,9 +263,11 @@ class Outbound(ConsumerRebalanceListener):
         if own_admin:
             await admin.start()
         try:
-            self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
-            await self._consumer.start()
+            await self._consumer.start()  # not subscribed yet: returns without joining the group
             try:
+                if self._membership is not None:
+                    watch(self._consumer, self._membership)  # before the first JoinGroup, so its SyncGroup counts
+                self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
                 await self._consume(stop)
             finally:
                 await asyncio.wait_for(self._consumer.stop(), 30)
@@ -260,7 +298,18 @@ class Outbound(ConsumerRebalanceListener):
         stopped = asyncio.ensure_future(stop.wait())  # every wait below also ends on it: the drain starts at once
         try:
             while not stop.is_set():
-                await self._fetch(stopped)
+                if self._standing() is Standing.VALID:
+                    await self._fetch(stopped)
+                    continue
+                # polled also while the membership is not valid: aiokafka leaves the group and will not rejoin
+                # after max_poll_interval without a poll. Nothing is dispatched until it is confirmed
+                try:
+                    self._unread(await self._consumer.getmany(timeout_ms=200, max_records=1))
+                except Exception as err:
+                    if not _unparsable(err):
+                        raise  # (a record the client cannot parse is met again, and handled, once valid)
+                assert self._membership is not None
+                await self._membership.changed(timeout=0.2)
         finally:
             stopped.cancel()
             committer.cancel()
@@ -270,9 +319,30 @@ class Outbound(ConsumerRebalanceListener):
                 self._periodic.cancel()  # no retry of a stale periodic commit after the final one
                 await asyncio.wait([self._periodic])
             owned = list(self._offsets)
-            await self._drain(owned)
-            await self._commit(owned)
+            if self._standing() is Standing.LOST:
+                await self._abandon(owned)
+            else:
+                await self._drain(owned)
+                await self._commit(owned)
             self._forget(owned)
+
+    def _standing(self) -> Standing:
+        return Standing.VALID if self._membership is None else self._membership.standing()
+
+    async def _decided(self, limit: float) -> Standing:
+        """The membership once the coordinator has answered (not UNCONFIRMED), or as it is after ``limit`` s."""
+        deadline = self._clock() + limit
+        while (standing := self._standing()) is Standing.UNCONFIRMED and (left := deadline - self._clock()) > 0:
+            assert self._membership is not None
+            await self._membership.changed(timeout=left)
+        return standing
+
+    def _unread(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Seek back over records fetched while the membership is not valid: they are fetched again once it is
+        confirmed, or (lost) read by the partition's next owner from the committed offset."""
+        for tp, records in batch.items():
+            with contextlib.suppress(IllegalStateError):  # already revoked: the new assignment starts afresh
+                self._consumer.seek(tp, records[0].offset)
 
     # rebalance listener (runs in aiokafka's coordinator task, between fetches) -----------------------------
 
@@ -287,8 +357,14 @@ class Outbound(ConsumerRebalanceListener):
         owned = [tp for tp in revoked if tp in self._offsets]
         if not owned:
             return
-        await self._drain(owned)
-        await self._commit(owned)
+        # a late heartbeat answer decides (the heartbeat goes on during this callback); nothing is sent meanwhile
+        if (standing := await self._decided(self._out.drain_timeout)) is not Standing.VALID:
+            # we may be out already and another replica may own these: no call, no result, no commit from here
+            log.warning("membership %s at revocation: abandoning instead of draining", standing.value)
+            await self._abandon(owned)
+        else:
+            await self._drain(owned)
+            await self._commit(owned)
         self._forget(owned)
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in owned))
 
@@ -312,7 +388,8 @@ class Outbound(ConsumerRebalanceListener):
         log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "-")
 
     async def _load_finished(self, assigned: list[TopicPartition]) -> None:
-        """Records a previous owner finished above its commit point: skip them (see ``offsets``)."""
+        """Records a previous owner finished above its commit point: skip them (see ``offsets``); and the
+        journal entries of calls it started but did not commit (``relay.journal``)."""
         if not assigned or self._admin is None:
             return
         try:
@@ -320,13 +397,31 @@ class Outbound(ConsumerRebalanceListener):
                                                                       partitions=assigned)
         except KafkaError as err:
             log.warning("could not read committed metadata (%s); finished records may be redone", err)
-            return
+            committed = {}
+        positions: dict[TopicPartition, tuple[int, JournalPosition | None]] = {tp: (0, None) for tp in assigned}
         for tp, meta in committed.items():
-            done = decode_metadata(meta.offset, meta.metadata).done
+            previous = decode_metadata(meta.offset, meta.metadata)
+            positions[tp] = (meta.offset, previous.journal)
+            done = previous.done
             if done:
                 self._skip[tp] = done
                 log.info("%s[%d]: skipping %d records finished by the previous owner", tp.topic, tp.partition,
                          len(done))
+        if self._journal is not None:  # before any record is released: a failure here must not let one through
+            await self._load_journal(positions)
+
+    async def _load_journal(self, positions: dict[TopicPartition, tuple[int, JournalPosition | None]]) -> None:
+        """Read the journal for newly assigned partitions, retrying until it is read (they stay paused)."""
+        assert self._journal is not None
+        delay = 0.5
+        while True:
+            try:
+                await self._journal.load(positions)
+                return
+            except (KafkaError, TimeoutError) as err:
+                log.error("reading the journal failed (%s); partitions stay paused, retrying in %.1fs", err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # dispatch -----------------------------------------------------------------------------------------
 
@@ -371,9 +466,9 @@ class Outbound(ConsumerRebalanceListener):
             if not _unparsable(err):
                 raise
             return await self._skip_unparsable(tp, err, careful > 0)
-        records = batch.get(tp, ())
-        for record in records:
-            self._dispatch(tp, record)
+        records = batch.get(tp, [])
+        if not self._take({tp: records} if records else {}):
+            return 0
         if careful and records:
             if careful > 1:
                 self._careful[tp] = careful - 1
@@ -401,9 +496,18 @@ class Outbound(ConsumerRebalanceListener):
                     self._consumer.seek(tp, await self._consumer.position(tp))
                     self._careful[tp] = max(self._careful.get(tp, 0), 1)
             return
+        self._take(batch)
+
+    def _take(self, batch: dict[TopicPartition, list[Any]]) -> bool:
+        """Dispatch fetched records; unless the membership stopped being valid during the fetch: then they are
+        read again later (``_unread``) and False."""
+        if batch and self._standing() is not Standing.VALID:
+            self._unread(batch)
+            return False
         for tp, records in batch.items():
             for record in records:
                 self._dispatch(tp, record)
+        return True
 
     async def _skip_unparsable(self, tp: TopicPartition, err: Exception, careful: bool) -> int:
         try:
@@ -440,7 +544,8 @@ class Outbound(ConsumerRebalanceListener):
             room = per - n
             offsets = self._offsets.get(tp)
             if offsets is not None and room > 0:
-                fits = offsets.metadata_room(room, self._skip.get(tp, _NOTHING), cap=self._metadata_cap)
+                fits = offsets.metadata_room(room, self._skip.get(tp, _NOTHING), reserve=self._journal_room,
+                                             cap=self._metadata_cap)
                 full += fits <= 0
                 room = min(room, fits)
             if self._all_paused or room <= 0 or (tp in self._paused and n > per // 2):
@@ -480,7 +585,11 @@ class Outbound(ConsumerRebalanceListener):
             coro = self._reject(job, record, unread, received)
         else:
             job.id, job.kind, job.app = intent.id, intent_kind(intent), intent.app
-            if isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
+            entry = self._journal.recovered(tp, record.offset) if self._journal is not None else None
+            if entry is not None:  # a previous owner started its call: never call again
+                lane = (tp, key)
+                coro = self._recover(job, record, entry, received, self._lanes.get(lane))
+            elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
                 if intent.app in self._apps:
                     coro = self._preview(job, record, intent, received)
                 else:
@@ -515,10 +624,17 @@ class Outbound(ConsumerRebalanceListener):
                 await coro
             except asyncio.CancelledError:
                 raise  # abandoned: its offset stays uncommitted and it is redone by the next owner
+            except MembershipLost:
+                self._count_abandoned(1)  # abandoned like a cancelled job: another replica may own it now
+                return
             except Exception as err:
                 # a bug, not an outcome: report it as this intent's failure rather than freeze the partition
                 log.exception("%s[%d]@%d: unexpected error", job.tp.topic, job.tp.partition, job.offset)
-                await self._internal_failure(job, err)
+                try:
+                    await self._internal_failure(job, err)
+                except MembershipLost:
+                    self._count_abandoned(1)
+                    return
             offsets = self._offsets.get(job.tp)
             if offsets is not None:
                 offsets.done(job.offset)
@@ -550,21 +666,32 @@ class Outbound(ConsumerRebalanceListener):
             job.started = True
 
         call = build_call(intent)
+        journal_start = None
+        if self._journal is not None and not call.repeatable:
+            journal = self._journal
+
+            async def journal_start() -> None:  # once a token and a connection are had (executor doc)
+                if not job.journaled:
+                    await journal.started(job.tp, job.offset, intent.id)
+                    job.journaled = True
+
         unsendable = self._executor.admissible(call)
         if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
             err = IntentError(f"rate: {unsendable}", id=intent.id, kind=job.kind, app=intent.app)
             await self._reject(job, record, err, received)
             return
-        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started)
+        attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
+                                                 before_write=journal_start)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
-                           received)
+                           received, journal=job)
 
     async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
         assert self._previews is not None
         try:
-            done = await self._previews.submit(intent, received)
+            job.preview = self._previews.enqueue(intent, received)
+            done = await self._previews.result(job.preview)
         except PreviewsStopped:
             raise asyncio.CancelledError from None  # abandoned like any job stopped before its call
         job.started = True
@@ -589,9 +716,10 @@ class Outbound(ConsumerRebalanceListener):
     async def _internal_failure(self, job: Job, err: Exception) -> None:
         """A ``failed`` result and a dead letter (``relay.error=internal``); returns only once they are written.
 
-        The writes themselves never raise (``_send``), so what can fail is building the report: then it is
-        built again from the record without its headers, backing off, and ``problem`` says so meanwhile. The job
-        holds its lane all along: a later record of the key never overtakes an unreported failure.
+        The writes themselves never raise (``_send``; MembershipLost aside, which abandons the job), so what can
+        fail is building the report: then it is built again from the record without its headers, backing off, and
+        ``problem`` says so meanwhile. The job holds its lane all along: a later record of the key never overtakes
+        an unreported failure.
         """
         job.started = True
         record: Record = job.record
@@ -600,8 +728,11 @@ class Outbound(ConsumerRebalanceListener):
         try:
             while True:
                 try:
-                    await self._finish(record, job.id, job.kind, job.app, "failed", fields, "internal", job.received)
+                    await self._finish(record, job.id, job.kind, job.app, "failed", fields, "internal", job.received,
+                                       journal=job)
                     return
+                except MembershipLost:
+                    raise
                 except Exception:
                     log.exception("%s[%d]@%d: could not report the error; its key waits", job.tp.topic,
                                   job.tp.partition, job.offset)
@@ -617,41 +748,83 @@ class Outbound(ConsumerRebalanceListener):
 
     # writing results --------------------------------------------------------------------------------
 
+    async def _recover(self, job: Job, record: Record, entry: Entry, received: float,
+                       previous: asyncio.Task[None] | None) -> None:
+        """The record's call was started by a previous owner (its journal entry): write its result, never call."""
+        if previous is not None:
+            await asyncio.wait([previous])  # results in key order, like any job
+        job.started = True
+        assert job.id is not None
+        if isinstance(entry, Finished):
+            letter = entry.dead_letter
+            await self._write(record, job.id, bytes(entry.result), letter.error if letter else None,
+                              letter.reason if letter else "")
+            summary = msgspec.json.decode(entry.result)
+            fields = {"attempts": summary.get("attempts"), "code": summary.get("code"),
+                      "log_id": summary.get("log_id")}
+            self._finished(record, job.id, job.kind, str(summary.get("status")), fields, received, "re-emitted")
+            return
+        job.journaled = True  # its result goes to the journal first, so a later owner writes the same bytes
+        fields = {"attempts": 0, "msg": "outcome unknown: a previous owner of this partition started the call and "
+                  "stopped before its result was written; it may have been performed, so it was not repeated"}
+        await self._finish(record, job.id, job.kind, job.app, "failed", fields, OUTCOME_UNKNOWN, received,
+                           journal=job)
+
     async def _finish(self, record: Record, id: str | None, kind: str | None, app: str | None, status: str,
-                      fields: dict[str, Any], dl_error: str | None, received: float) -> None:
-        now = self._wall()
+                      fields: dict[str, Any], dl_error: str | None, received: float,
+                      journal: Job | None = None) -> None:
+        """Write the result and dead letter; for a ``journal``-ed job, journal them first (``relay.journal``)."""
+        if self._membership is not None:
+            await self._membership.wait()  # raises MembershipLost: the record may be another replica's now
+        now = self._wall()  # (each write, and each retry of one, asks again in _send)
+        value: bytes | None = None
+        if id is not None:
+            value = encode_result(make_result(id=id, kind=kind, app=app, status=status, received_at=received,
+                                              finished_at=now, **fields))
+        reason = dead_letter_reason(dl_error, fields) if dl_error is not None else ""
+        if journal is not None and journal.journaled and id is not None and value is not None:
+            assert self._journal is not None
+            letter = DeadLetter(dl_error, reason) if dl_error is not None else None
+            await self._journal.finished(journal.tp, journal.offset, id, value, letter)
+        await self._write(record, id, value, dl_error, reason)
+        self._finished(record, id, kind, status, fields, received)
+
+    async def _write(self, record: Record, id: str | None, value: bytes | None, dl_error: str | None,
+                     reason: str) -> None:
+        """The result record (when the id is known) and the dead letter (when due), awaited together."""
         headers: Headers = [(k, v) for k, v in (record.headers or ())]
         kafka = self._config.kafka
         sends: list[Awaitable[Any]] = []
-        if id is not None:
-            result = make_result(id=id, kind=kind, app=app, status=status, received_at=received, finished_at=now,
-                                 **fields)
+        if id is not None and value is not None:
             forwarded = forwarded_headers(headers, kafka.forward_headers)
-            sends.append(self._send(kafka.results_topic, id.encode(), encode_result(result), forwarded,
-                                    cut=functools.partial(self._cut_result, result, forwarded)))
+            sends.append(self._send(kafka.results_topic, id.encode(), value, forwarded,
+                                    cut=functools.partial(self._cut_result, id.encode(), value, forwarded)))
         if dl_error is not None:
-            reason = dead_letter_reason(dl_error, fields)
-            value = record.value or b""
+            letter = record.value or b""
             own = dead_letter_headers((), error=dl_error, reason=reason, topic=record.topic,
                                       partition=record.partition, offset=record.offset)
-            sends.append(self._send(kafka.dead_letter_topic, record.key, value, [*own, *headers],
-                                    cut=functools.partial(cut_dead_letter, record.key, value, own, headers)))
+            sends.append(self._send(kafka.dead_letter_topic, record.key, letter, [*own, *headers],
+                                    cut=functools.partial(cut_dead_letter, record.key, letter, own, headers)))
         if len(sends) == 1:
             await sends[0]  # the common case: no gather (and no extra task) per record
         else:
             await asyncio.gather(*sends)
+
+    def _finished(self, record: Record, id: str | None, kind: str | None, status: str, fields: dict[str, Any],
+                  received: float, note: str = "") -> None:
+        """The metrics and the one log line of a finished record."""
         latency = self._wall() - received  # read -> result acknowledged
         self._metrics.inc("relay_intents_total", help="intents finished, by kind and status",
                           kind=kind or "unknown", status=status)
         self._metrics.observe("relay_intent_seconds", latency, help="read to result written", status=status)
-        log.info("%s[%d]@%d id=%s kind=%s status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f",
+        log.info("%s[%d]@%d id=%s kind=%s status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f%s",
                  record.topic, record.partition, record.offset, id, kind, status, fields.get("attempts"),
-                 fields.get("code"), fields.get("log_id"), latency * 1000)
+                 fields.get("code"), fields.get("log_id"), latency * 1000, f" ({note})" if note else "")
 
     @staticmethod
-    def _cut_result(result: Result, headers: Headers, budget: int) -> tuple[bytes | None, bytes, Headers]:
-        value, cut_headers = cut_result(result, headers, budget)
-        return (result.id or "").encode(), value, cut_headers
+    def _cut_result(key: bytes, value: bytes, headers: Headers, budget: int) -> tuple[bytes | None, bytes, Headers]:
+        cut_value, cut_headers = cut_result(value, headers, budget)
+        return key, cut_value, cut_headers
 
     async def _send(self, topic: str, key: bytes | None, value: bytes, headers: Headers,
                     cut: Callable[[int], tuple[bytes | None, bytes, Headers]] | None = None) -> None:
@@ -672,6 +845,8 @@ class Outbound(ConsumerRebalanceListener):
         delay, alone = 0.1, False
         try:
             while True:
+                if self._membership is not None:
+                    await self._membership.wait()  # also before a retry: it may come after a freeze (MembershipLost)
                 failure: Exception
                 try:
                     limit = await self._topic_limit(topic, fresh=write.stuck)
@@ -808,10 +983,21 @@ class Outbound(ConsumerRebalanceListener):
                 log.error("periodic commit failed; retrying at the next interval", exc_info=err)
 
     async def _commit(self, tps: list[TopicPartition]) -> None:
+        if self._standing() is Standing.LOST:
+            return  # the broker would refuse it (or, after a reset generation, take it from a non-member)
         while True:
             cap = self._metadata_cap
-            moves = {tp: move for tp in tps if (o := self._offsets.get(tp)) is not None
-                     and (move := o.uncommitted(also_done=self._skip.get(tp, _NOTHING), cap=cap)) is not None}
+            moves: dict[TopicPartition, tuple[int, str]] = {}
+            for tp in tps:
+                offsets = self._offsets.get(tp)
+                point = offsets.commit_point() if offsets is not None else None
+                if offsets is None or point is None:
+                    continue
+                # the journal position rides in the metadata (relay.journal), kept whatever else is cut
+                journal = self._journal.position(tp, point) if self._journal is not None else None
+                move = offsets.uncommitted(also_done=self._skip.get(tp, _NOTHING), journal=journal, cap=cap)
+                if move is not None:
+                    moves[tp] = move
             if not moves:
                 return
             try:
@@ -837,28 +1023,71 @@ class Outbound(ConsumerRebalanceListener):
                 log.warning("commit of %d partition(s) failed: %s", len(moves), err)
                 return
             for tp, (point, metadata) in moves.items():
-                offsets = self._offsets.get(tp)
-                if offsets is not None:
-                    offsets.committed, offsets.committed_metadata = point, metadata
+                committed = self._offsets.get(tp)
+                if committed is not None:
+                    committed.committed, committed.committed_metadata = point, metadata
+                if self._journal is not None:
+                    self._journal.committed(tp, point)
             return
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
-        """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish."""
+        """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish.
+
+        A preview job can stop being started while it waits (its call gave up its claim unsent: lost, or too
+        late); it is handed over then, at the next look (every :data:`DRAIN_RECHECK` s), rather than sent here.
+        """
         jobs = [job for tp in tps for job in self._jobs.get(tp, ())]
-        abandoned = [job for job in jobs if not job.started and job.task is not None]
+        abandoned = [job for job in jobs if self._abandonable(job)]
         for job in abandoned:
             assert job.task is not None
             job.task.cancel()
-        running = [job.task for job in jobs if job.task is not None and not job.task.done()]
-        if not running:
+        waiting = {job.task: job for job in jobs
+                   if job.task is not None and not job.task.done() and job not in abandoned}
+        if not waiting and not abandoned:
             return
-        done, pending = await asyncio.wait(running, timeout=self._out.drain_timeout)
-        for task in pending:
+        finished = 0
+        deadline = self._clock() + self._out.drain_timeout
+        while waiting and (left := deadline - self._clock()) > 0:
+            previews = any(job.preview is not None for job in waiting.values())
+            await asyncio.wait(list(waiting), timeout=min(left, DRAIN_RECHECK) if previews else left)
+            for task, job in list(waiting.items()):
+                if task.done():
+                    finished += 1
+                    del waiting[task]
+                elif job.preview is not None and self._abandonable(job):
+                    task.cancel()
+                    abandoned.append(job)
+                    del waiting[task]
+        for task in waiting:
             task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        if cancelled := [job.task for job in abandoned if job.task is not None] + list(waiting):
+            await asyncio.wait(cancelled, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
-                 len(abandoned), len(done) - len(abandoned), len(pending))
+                 len(abandoned), finished, len(waiting))
+
+    def _abandonable(self, job: Job) -> bool:
+        """Not started, so nothing of it can be at Feishu: a preview job is withdrawn from the coalescer here, in
+        the same step as the check, so no call can claim for it before its task is cancelled."""
+        if job.started or job.task is None:
+            return False
+        if job.preview is not None and self._previews is not None:
+            return self._previews.withdraw_unstarted(job.preview)
+        return True
+
+    async def _abandon(self, tps: list[TopicPartition]) -> None:
+        """Cancel every job of ``tps``, started or not: no call, no result; their offsets stay uncommitted."""
+        tasks = [job.task for tp in tps for job in self._jobs.get(tp, ()) if job.task is not None
+                 and not job.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._count_abandoned(len(tasks))
+        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(tasks), len(tps))
+
+    def _count_abandoned(self, n: int) -> None:
+        self._metrics.inc("relay_outbound_abandoned_total", n,
+                          help="jobs abandoned because this replica's group membership lapsed (no call, no result)")
 
     def _forget(self, tps: list[TopicPartition]) -> None:
         gone = set(tps)
@@ -868,5 +1097,7 @@ class Outbound(ConsumerRebalanceListener):
             self._jobs.pop(tp, None)
             self._skip.pop(tp, None)
             self._careful.pop(tp, None)
+        if self._journal is not None:
+            self._journal.forget(gone)
         for lane in [lane for lane in self._lanes if lane[0] in gone]:
             del self._lanes[lane]

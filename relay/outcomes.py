@@ -2,6 +2,7 @@
 
     classify(http_status, headers, body, api=...) -> Outcome
     network_error(exc)                            -> Outcome   (no answer at all: RETRY)
+    token_error(outcome)                          -> Outcome   (no tenant token: the API was not called)
 
 Verdicts (SPEC.md "Retries"):
 
@@ -19,6 +20,40 @@ A 2xx whose body is not Feishu's ``{code, msg, data}`` is PERMANENT, not RETRY: 
 envelope, so an unreadable 2xx comes from something else on the path (a proxy, a wrong ``base_url``), which
 retrying will not fix. Worse, a 2xx may mean the call *was* performed, and repeating reactions, urgent buzzes,
 ephemeral cards or batch sends (no uuid) would duplicate them. A 5xx, readable or not, is RETRY.
+
+**Was it performed?** A RETRY outcome also says whether Feishu may have performed the operation
+(``maybe_performed``): the executor retries such an outcome only for a call that is safe to repeat
+(``Call.repeatable``); any other call ends ``failed`` with ``relay.error`` = ``outcome-unknown``. The rule is
+conservative: *not performed* only where the failure proves the request never reached the API.
+
+    not performed (retried for every call)            maybe performed (retried only if repeatable)
+    ------------------------------------------------  ------------------------------------------------
+    connect errors: ClientConnectorError (DNS, TCP,   ServerDisconnectedError: the connection closed
+      TLS, certificate, proxy connection),              with no answer after the request was handed to
+      ConnectionTimeoutError, ServerFingerprint-        it (aiohttp raises it from the response read; an
+      Mismatch, ClientHttpProxyError (the proxy         idle keep-alive closed by the server at that
+      refused the CONNECT tunnel), InvalidURL:          instant looks the same, and RFC 9112 §9.3.1 forbids
+      all raised by aiohttp's connector before a        repeating a non-idempotent request on it)
+      byte of the request is written                  ClientOSError / ClientPayloadError / any other
+    429 (any body), 99991400, 230020: a limit           error after the connection was ours (reset,
+      refused the call at the gateway                   broken pipe, truncated answer)
+    99991663/99991664/99991671: the token was         SocketTimeoutError (sock_read), TimeoutError (the
+      refused before the API ran                        total ``request_timeout``): the request was written
+    230049: another request with this uuid is         HTTP 5xx with a body that is not Feishu's
+      in flight; this one was not performed             (500/502/503/504 from a gateway): a gateway that
+    the tenant token could not be had                   timed out or lost its upstream after forwarding
+      (``token_unavailable``): no API request           cannot say whether the upstream acted
+                                                      Feishu code 1500 "internal error", or an unknown
+                                                        code on a 5xx: the failure may have come after
+                                                        the operation was committed
+
+Exception classes are precise here because of how aiohttp 3.14 sends (``ClientSession._request``): the only step
+before the request is written is ``connector.connect``, whose failures have their own classes above; headers and
+body are then handed to the transport without a failure point of their own, so aiohttp's trace signal
+``on_request_headers_sent`` would add no information (and costs a coroutine per signal per request). The one
+ambiguity, the total timeout firing *during* connect (a plain TimeoutError), is removed by the client: its
+``connect`` timeout is shorter than the total, so a connect that is too slow raises ConnectionTimeoutError first.
+(aiohttp itself re-sends PUT/DELETE once on a fresh connection after a stale keep-alive; those are repeatable.)
 """
 
 from __future__ import annotations
@@ -28,9 +63,10 @@ import math
 from collections.abc import Mapping
 from typing import Any, Final
 
+import aiohttp
 import msgspec
 
-__all__ = ["Attempted", "Outcome", "Verdict", "classify", "network_error"]
+__all__ = ["Attempted", "Outcome", "Verdict", "classify", "network_error", "token_error"]
 
 
 class Verdict(enum.Enum):
@@ -54,21 +90,29 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     log_id: str | None = None
     retry_after: float | None = None  # seconds, from ``x-ogw-ratelimit-reset``
     throttled: bool = False  # a rate limit was hit: the bucket must slow down, not just wait
+    maybe_performed: bool = False  # RETRY only: Feishu may have performed the operation (module doc)
+    token_unavailable: bool = False  # no tenant token: the API was not called (not an attempt)
 
 
 class Attempted(msgspec.Struct, frozen=True):
-    """How a call ended: the last outcome, the attempts made, and whether ``expires_at`` stopped it."""
+    """How a call ended: the last outcome, the API requests made (``attempts``), and why it stopped.
+
+    ``expired``: ``expires_at`` passed; ``exhausted``: the retry policy's attempts or time ran out; ``unknown``:
+    the last attempt may have been performed and the call is not safe to repeat, so it was not retried.
+    """
 
     outcome: Outcome | None
     attempts: int
     expired: bool = False
     exhausted: bool = False
+    unknown: bool = False
 
 
 class _Rule(msgspec.Struct, frozen=True):
     verdict: Verdict
     throttled: bool
     source: str
+    maybe_performed: bool = False  # RETRY only: the failure may have come after the operation (module doc)
 
 
 # code -> what to do. Sources: feishu-facts.md §1.3, §2.1, §2.4, §4 and the pages they cite.
@@ -82,7 +126,8 @@ CODES: Final[dict[int, _Rule]] = {
     # im-v1/message/reply error table: "message is being sent, please try again later".
     230049: _Rule(Verdict.RETRY, False, "im-v1 error table: message is being sent, try later"),
     # api-call-guide/generic-error-code: 1500 internal error.
-    1500: _Rule(Verdict.RETRY, False, "generic-error-code: internal error"),
+    # Performed or not is not said: a non-repeatable call is not retried on it (module doc).
+    1500: _Rule(Verdict.RETRY, False, "generic-error-code: internal error", maybe_performed=True),
     # Token codes (oapi-sdk-go core/constants.go; its doRequest retries exactly these once).
     99991663: _Rule(Verdict.REFRESH, False, "tenant_access_token invalid or expired"),
     99991664: _Rule(Verdict.REFRESH, False, "app_access_token invalid"),
@@ -165,41 +210,66 @@ def classify(http_status: int, headers: Mapping[str, str], body: bytes, *, api: 
     envelope = _read(body)
 
     if envelope is None:
+        maybe = False
         if http_status == 429:
             verdict, throttled, msg = Verdict.RETRY, True, "HTTP 429 (rate limited)"
-        elif http_status >= 500:
-            verdict, throttled, msg = Verdict.RETRY, False, f"HTTP {http_status} from Feishu"
+        elif http_status >= 500:  # a gateway's own answer: it may have forwarded the request (module doc)
+            verdict, throttled, msg, maybe = Verdict.RETRY, False, f"HTTP {http_status} from Feishu", True
         else:
             verdict, throttled, msg = Verdict.PERMANENT, False, f"HTTP {http_status} with a body that is not Feishu's"
         return Outcome(verdict=verdict, http_status=http_status, code=None, msg=msg, log_id=log_id,
-                       retry_after=reset if throttled else None, throttled=throttled)
+                       retry_after=reset if throttled else None, throttled=throttled, maybe_performed=maybe)
 
     code, msg, data = envelope.code, _short(envelope.msg), envelope.data
     rule = CODES.get(code) if code is not None else None
+    maybe = False
     if code == 0 and 200 <= http_status < 300:
         verdict = Verdict.PARTIAL if _partial(api, data) else Verdict.OK
         throttled = False
     elif rule is not None:
-        verdict, throttled = rule.verdict, rule.throttled
+        verdict, throttled, maybe = rule.verdict, rule.throttled, rule.maybe_performed
     elif http_status == 429:  # a limit whatever the code says (frequency-control)
         verdict, throttled = Verdict.RETRY, True
-    elif http_status >= 500:  # server side; a code we do not know does not make it permanent
-        verdict, throttled = Verdict.RETRY, False
+    elif http_status >= 500:  # server side; a code we do not know does not make it permanent, nor "not done"
+        verdict, throttled, maybe = Verdict.RETRY, False, True
     else:
         verdict, throttled = Verdict.PERMANENT, False
     if not msg:  # Feishu left msg empty: say something a person can act on
         msg = "ok" if verdict in (Verdict.OK, Verdict.PARTIAL) else (
             rule.source if rule is not None else f"code {code} with HTTP {http_status}")
     return Outcome(verdict=verdict, http_status=http_status, code=code, msg=msg, data=data, log_id=log_id,
-                   retry_after=reset if throttled else None, throttled=throttled)
+                   retry_after=reset if throttled else None, throttled=throttled, maybe_performed=maybe)
+
+
+# aiohttp raises these before a byte of the request is written (connector.connect; module doc).
+NOT_WRITTEN: Final[tuple[type[BaseException], ...]] = (
+    aiohttp.ClientConnectorError,  # DNS, TCP connect, TLS handshake, certificate, proxy connection
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.ServerFingerprintMismatch,
+    aiohttp.ClientHttpProxyError,
+    aiohttp.InvalidURL,
+)
 
 
 def network_error(exc: BaseException) -> Outcome:
     """No answer from Feishu (connect error, timeout, dropped connection): RETRY, with the class and text.
 
-    The text of aiohttp/asyncio errors names the host and path at most; requests carry the token only in a
-    header, which no exception text includes.
+    ``maybe_performed`` unless ``exc`` is one of :data:`NOT_WRITTEN` (module doc). The text of aiohttp/asyncio
+    errors names the host and path at most; requests carry the token only in a header, which no exception text
+    includes.
     """
     text = _short(str(exc))
     msg = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return Outcome(verdict=Verdict.RETRY, http_status=None, code=None, msg=_short(msg))
+    return Outcome(verdict=Verdict.RETRY, http_status=None, code=None, msg=_short(msg),
+                   maybe_performed=not isinstance(exc, NOT_WRITTEN))
+
+
+def token_error(outcome: Outcome) -> Outcome:
+    """A token-endpoint outcome as the answer to an API call that was therefore never sent.
+
+    Named as such in ``msg``; never a reason to slow the API's bucket (the limit hit was the token endpoint's);
+    never performed; and not an attempt of the call (``token_unavailable``): the executor bounds such waits by
+    the retry policy's time only, so a short token outage does not use up an intent's attempts.
+    """
+    return msgspec.structs.replace(outcome, msg=f"tenant_access_token: {outcome.msg}", throttled=False,
+                                   maybe_performed=False, token_unavailable=True)

@@ -5,10 +5,16 @@ Result record (results topic), written whenever the intent's ``id`` can be read:
 intent record's ``traceparent`` and any header named in ``kafka.forward_headers``, unchanged.
 
 Dead letter (dead-letter topic): the original value bytes and key unchanged; headers ``relay.error``
-(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted``, and ``internal`` for a relay bug reported as the
-intent's failure rather than freezing its partition), ``relay.reason`` (one line),
+(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted`` | ``outcome-unknown``, and ``internal`` for a relay
+bug reported as the intent's failure rather than freezing its partition), ``relay.reason`` (one line),
 ``relay.source.topic``, ``relay.source.partition``, ``relay.source.offset``, then the original headers.
 Expired intents are reported, not dead-lettered.
+
+``outcome-unknown``: the call is not safe to repeat (``Call.repeatable``) and Feishu may have performed it, so the
+relay did not send it again: the answer was lost after the request was written (a dropped connection, a read
+timeout), a gateway answered 5xx, Feishu answered 1500; or a previous owner of the partition made the call and
+stopped (killed, cut off in a drain) before writing its result (``relay.journal``). Check at Feishu before
+repeating it by hand; the ``msg`` says which.
 
 A record too large for its topic is written cut rather than never (``cut_result``, ``cut_dead_letter``), with a
 ``relay.truncated`` header holding the original value's size in bytes: a result loses ``data`` (then its
@@ -28,6 +34,8 @@ from relay.intents import AwareTime, Intent
 from relay.outcomes import Attempted, Verdict
 
 Status = Literal["ok", "partial", "superseded", "expired", "failed", "rejected"]
+# ``relay.error`` of a dead letter (docs/results.md lists what each means; new values are added, never renamed)
+DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "internal"]
 
 
 class Result(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -66,16 +74,24 @@ def encode_result(result: Result) -> bytes:
 
 
 def schema() -> dict[str, Any]:
-    """JSON Schema (2020-12) of the contract: ``$defs.Intent`` (tagged on ``kind``) and ``$defs.Result``."""
+    """JSON Schema (2020-12) whose root validates one intent record value; ``$defs.Result`` is the result record.
+
+    The root is ``{"$ref": "#/$defs/Intent"}`` (the union tagged on ``kind``), so a producer can validate a
+    record with the document as it is; a result validates against ``{"$ref": "<this>#/$defs/Result"}``.
+    """
     (intent, _), components = msgspec.json.schema_components((Intent, Result), ref_template="#/$defs/{name}")
     return {  # ``Result`` (a struct) is already among the components; the union ``Intent`` is not
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "feishu-relay intents and results",
+        "title": "feishu-relay intent (the result record is $defs.Result)",
+        "$ref": "#/$defs/Intent",
         "$defs": {**components, "Intent": intent},
     }
 
 
 Headers = list[tuple[str, bytes]]
+
+# ``relay.error`` of a call that may have been performed and was not repeated (module doc)
+OUTCOME_UNKNOWN: Final = "outcome-unknown"
 
 ALWAYS_FORWARDED: Final = "traceparent"
 
@@ -135,15 +151,23 @@ def cut_dead_letter(key: bytes | None, value: bytes, relay_headers: Headers,
     return kept_key, value[: max(0, room)], headers
 
 
-def cut_result(result: Result, headers: Headers, budget: int) -> tuple[bytes, Headers]:
-    """The result within ``budget`` bytes where it can be, marked ``relay.truncated`` (the original value size):
-    without ``data``; if that is still too large, also without its forwarded headers and ``msg`` cut short."""
-    mark = (TRUNCATED, str(len(encode_result(result))).encode())
-    value = encode_result(msgspec.structs.replace(result, data=None))
-    if record_size(result.id.encode() if result.id else None, value, [*headers, mark]) <= budget:
-        return value, [*headers, mark]
-    msg = one_line(result.msg, 200) if result.msg is not None else None
-    return encode_result(msgspec.structs.replace(result, data=None, msg=msg)), [mark]
+def cut_result(value: bytes, headers: Headers, budget: int) -> tuple[bytes, Headers]:
+    """The result record ``value`` within ``budget`` bytes where it can be, marked ``relay.truncated`` (its
+    original size): without ``data``; if that is still too large, also without its forwarded headers and with
+    ``msg`` cut short. (Bytes in, bytes out: a result re-emitted from the journal is cut the same way.)"""
+    mark = (TRUNCATED, str(len(value)).encode())
+    fields = _any_decoder.decode(value)
+    fields["data"] = None
+    cut = _any_encoder.encode(fields)
+    if record_size(None, cut, [*headers, mark]) + len(str(fields.get("id") or "")) <= budget:
+        return cut, [*headers, mark]
+    if isinstance(fields.get("msg"), str):
+        fields["msg"] = one_line(fields["msg"], 200)
+    return _any_encoder.encode(fields), [mark]
+
+
+_any_decoder: Final = msgspec.json.Decoder()
+_any_encoder: Final = msgspec.json.Encoder()
 
 
 def one_line(text: str, limit: int = 500) -> str:
@@ -181,6 +205,11 @@ def from_attempt(attempted: Attempted) -> tuple[str, str | None, dict[str, Any]]
         return "ok", None, fields
     if outcome.verdict is Verdict.PARTIAL:
         return "partial", None, fields
+    if attempted.unknown:
+        last = feishu_reason(outcome.code, outcome.http_status, outcome.msg)
+        fields["msg"] = (f"outcome unknown: attempt {attempted.attempts} may have been performed and this call is "
+                         f"not safe to repeat, so it was not retried; last: {last}")
+        return "failed", OUTCOME_UNKNOWN, fields
     if attempted.exhausted:
         last = feishu_reason(outcome.code, outcome.http_status, outcome.msg)
         fields["msg"] = f"retries exhausted after {attempted.attempts} attempt(s); last: {last}"

@@ -59,6 +59,7 @@ def v2(event_type: str, event: dict[str, Any], *, event_id: str | None = None, t
 
 
 def v1(event_type: str, event: dict[str, Any], *, uuid: str | None = None, token: str = TOKEN) -> bytes:
+    """A v1 envelope (compact JSON); ``event`` may carry ``app_id`` (most v1 types do)."""
     return json.dumps({"ts": "1608725989.000", "uuid": uuid or os.urandom(16).hex(), "token": token,
                        "type": "event_callback", "event": {"type": event_type, **event}}).encode()
 

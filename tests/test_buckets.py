@@ -106,6 +106,56 @@ def test_penalize_twice_slows_further_and_pause_never_shortens() -> None:
     assert bucket.delay(5.0) == pytest.approx(1 / (8.0 * 0.25), rel=0.05)  # a quarter, recovering already
 
 
+def test_penalize_voids_every_reservation_and_restarts_with_one_call() -> None:
+    """Reservations handed out before a throttle are void, whatever their instant (epoch moves on); their debt is
+    forgiven because their holders queue again; after the pause one token, then the slowed rate."""
+    bucket = TokenBucket(rate=10.0, burst=5, now=0.0)
+    handed = [bucket.reserve(0.0) for _ in range(30)]  # 5 now, then 25 queued up to 2.5 s ahead
+    assert handed[-1] == pytest.approx(2.5)
+    assert bucket.epoch == 0
+    bucket.penalize(0.5, 3.0)
+    assert bucket.epoch == 1
+    again = [bucket.reserve(0.6) for _ in range(3)]  # the holders, queueing anew behind the pause
+    assert again[0] == pytest.approx(3.5 - 0.6 + 1 / 5.0, rel=0.01)  # nothing before the reset, no debt left
+    assert again[1] - again[0] == pytest.approx(1 / 5.0, rel=0.05)  # half the rate, not a burst
+
+
+def test_a_second_answer_of_the_same_burst_extends_the_pause_only() -> None:
+    bucket = TokenBucket(rate=8.0, burst=1, now=0.0)
+    bucket.penalize(0.0, 5.0)
+    bucket.reserve(0.0)
+    bucket.penalize(0.1, 2.0, slow_factor=1.0)  # inside the pause: nothing changes, no reservation voided
+    assert bucket.epoch == 1
+    bucket.penalize(0.2, 6.0, slow_factor=1.0)  # longer: the pause grows, the rate is not cut again
+    assert bucket.epoch == 2
+    first, second = bucket.reserve(0.2), bucket.reserve(0.2)
+    assert 0.2 + first == pytest.approx(6.2 + 1 / 4.0, abs=0.01)  # the void holder queues behind the longer pause
+    assert second - first == pytest.approx(1 / 4.0, rel=0.02)  # 4/s: half of 8, not a quarter
+
+
+def test_absorb_counts_the_other_buckets_use() -> None:
+    chat = TokenBucket(rate=4.0, burst=1, now=0.0)
+    alias = TokenBucket(rate=4.0, burst=1, now=0.0)
+    assert chat.take(0.0) and alias.take(0.0)  # one call each under two names of one chat
+    chat.absorb(alias, 0.0)
+    assert chat.tokens(0.0) == pytest.approx(-1.0)  # two calls' worth used: the next is due after two refills
+    assert chat.delay(0.0) == pytest.approx(0.5)
+    paused = TokenBucket(rate=4.0, burst=1, now=0.0)
+    paused.penalize(0.0, 3.0)
+    fresh = TokenBucket(rate=4.0, burst=1, now=0.0)
+    fresh.absorb(paused, 0.0)  # a throttle on one name holds the other too
+    assert fresh.epoch == 1 and fresh.delay(0.0) >= 3.0
+
+
+def test_send_logs_merge() -> None:
+    one, other = SendLog([(2, 1.0)]), SendLog([(2, 1.0)])
+    one.record(0.0)
+    other.record(0.5)
+    assert one.delay(0.6) == 0.0
+    one.merge(other)
+    assert one.delay(0.6) == pytest.approx(0.4)  # both sends count: the next waits for the first to leave
+
+
 def test_set_shape_changes_rate_and_clamps_tokens() -> None:
     bucket = TokenBucket(rate=10.0, burst=10, now=0.0)
     bucket.set_shape(5.0, 3, now=0.0)

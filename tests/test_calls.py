@@ -7,8 +7,18 @@ from typing import Any
 
 import pytest
 
-from relay.buckets import Window
-from relay.calls import API_WINDOWS, PREVIEW_TOKEN_WINDOWS, Call, build_call, check_share, url_preview_call
+from relay.buckets import Window, stricter
+from relay.calls import (
+    API_WINDOWS,
+    PREVIEW_TOKEN_WINDOWS,
+    ROUTES,
+    Call,
+    api_name,
+    build_call,
+    check_share,
+    url_preview_call,
+)
+from relay.errors import IntentError
 from relay.intents import decode_intent
 
 IM = (Window(50, 1), Window(1000, 60))
@@ -35,7 +45,7 @@ CASES: list[tuple[dict[str, Any], str, str, dict[str, str], bytes | None, str, t
     ({"kind": "message.reply", "id": "n-2b", "message_id": "om_1", "msg_type": "text", "content": '{"text":"ok"}'},
      "POST", "/open-apis/im/v1/messages/om_1/reply", {},
      b'{"content":"{\\"text\\":\\"ok\\"}","msg_type":"text","reply_in_thread":false,"uuid":"n-2b"}',
-     "im.message.reply", IM, "message:om_1", FIVE, True),
+     "im.message.reply", IM, "reply:om_1", FIVE, True),
     ({"kind": "message.edit", "id": "n-3", "message_id": "om_1", "msg_type": "text", "content": {"text": "edited"}},
      "PUT", "/open-apis/im/v1/messages/om_1", {},
      b'{"msg_type":"text","content":"{\\"text\\":\\"edited\\"}"}',
@@ -123,15 +133,15 @@ CASES: list[tuple[dict[str, Any], str, str, dict[str, str], bytes | None, str, t
       "path": "/open-apis/im/v1/messages/:message_id/read_users", "path_params": {"message_id": "om_1"},
       "query": {"user_id_type": "open_id"}, "rate": {"per_second": 50, "per_minute": 1000}},
      "GET", "/open-apis/im/v1/messages/om_1/read_users", {"user_id_type": "open_id"}, None,
-     "api:GET /open-apis/im/v1/messages/:message_id/read_users", IM, None, (), False),
+     "api:GET /open-apis/im/v1/messages/:/read_users", IM, None, (), False),
     ({"kind": "api.call", "id": "n-16b", "method": "POST", "path": "/open-apis/im/v1/chats", "body": {"name": "群"},
       "rate": {"per_minute": 100}},
      "POST", "/open-apis/im/v1/chats", {}, '{"name":"群"}'.encode(),
      "api:POST /open-apis/im/v1/chats", (Window(100, 60),), None, (), False),
     ({"kind": "api.call", "id": "n-16c", "method": "PUT", "path": "/open-apis/x/:a/y/:b",
-      "path_params": {"a": "1/2", "b": "é?"}, "body": [1, "two"], "rate": {"per_second": 3}},
-     "PUT", "/open-apis/x/1%2F2/y/%C3%A9%3F", {}, b'[1,"two"]',
-     "api:PUT /open-apis/x/:a/y/:b", (Window(3, 1),), None, (), False),
+      "path_params": {"a": "1 2", "b": "é?"}, "body": [1, "two"], "rate": {"per_second": 3}},
+     "PUT", "/open-apis/x/1%202/y/%C3%A9%3F", {}, b'[1,"two"]',
+     "api:PUT /open-apis/x/:/y/:", (Window(3, 1),), None, (), False),
 ]
 
 
@@ -156,6 +166,37 @@ def test_every_kind_is_covered() -> None:
     assert len(kinds) == 18
 
 
+# kind -> safe to repeat (relay.calls "Safe to repeat"); api.call by method
+REPEATABLE: dict[str, bool] = {
+    "message.send": True, "message.reply": True, "message.forward": True, "message.edit": True,
+    "card.patch": True, "message.recall": True, "reaction.remove": True, "pin.add": True, "pin.remove": True,
+    "chat_button.update": True, "url_preview.update": True, "ephemeral.delete": True,
+    "message.urgent": False, "reaction.add": False, "ephemeral.send": False, "card.delay_update": False,
+    "message.batch_send": False,
+}
+API_CALL_REPEATABLE = {"GET": True, "PUT": True, "DELETE": True, "POST": False, "PATCH": False}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]['kind']}:{c[0]['id']}" for c in CASES])
+def test_repeatable_is_decided_per_api(case: tuple[Any, ...]) -> None:
+    intent = case[0]
+    built = call(intent)
+    expected = API_CALL_REPEATABLE[intent["method"]] if intent["kind"] == "api.call" else REPEATABLE[intent["kind"]]
+    assert built.repeatable is expected
+    assert not built.uuid_protected or built.repeatable  # a uuid makes a call repeatable, never the reverse
+
+
+@pytest.mark.parametrize(("method", "repeatable"), sorted(API_CALL_REPEATABLE.items()))
+def test_api_call_is_repeatable_by_http_method(method: str, repeatable: bool) -> None:
+    built = call({"kind": "api.call", "id": "a-1", "method": method, "path": "/open-apis/x/v1/y",
+                  "rate": {"per_second": 5}})
+    assert built.repeatable is repeatable
+
+
+def test_every_kind_has_a_repeatable_answer() -> None:
+    assert {c[0]["kind"] for c in CASES} - {"api.call"} == set(REPEATABLE)
+
+
 def test_content_string_is_passed_through_untouched() -> None:
     given = '{"text": "hi",  "extra": 1}'
     built = call({"kind": "message.send", "id": "s", "receive_id_type": "open_id", "receive_id": "ou_1",
@@ -173,8 +214,11 @@ def test_content_object_becomes_the_json_string() -> None:
 
 
 def test_ids_cannot_escape_their_path_segment() -> None:
-    built = call({"kind": "message.recall", "id": "r", "message_id": "om_1/../pins?x=1"})
-    assert built.path == "/open-apis/im/v1/messages/om_1%2F..%2Fpins%3Fx%3D1"
+    built = call({"kind": "message.recall", "id": "r", "message_id": "om_1?x=1#y"})
+    assert built.path == "/open-apis/im/v1/messages/om_1%3Fx%3D1%23y"
+    for hostile in ("om_1/../pins", "..", ".", "..;x", "a\\b", "a%2F", "a\x00"):  # refused at decode
+        with pytest.raises(IntentError, match=r"\$\.message_id: must be one path segment"):
+            call({"kind": "message.recall", "id": "r", "message_id": hostile})
 
 
 def test_send_reply_forward_to_one_recipient_share_a_target() -> None:
@@ -246,3 +290,80 @@ def test_every_named_api_has_windows_inside_feishus() -> None:
             assert window.limit > 0 and window.seconds > 0
     assert API_WINDOWS["im.chat_button.update"] == (Window(10, 1),)
     assert API_WINDOWS["im.url_preview.batch_update"] == (Window(5, 1),)
+
+
+def _api_call(method: str, path: str, params: dict[str, str] | None = None, **fields: Any) -> Call:
+    return call({"kind": "api.call", "id": "a", "method": method, "path": path, "path_params": params or {},
+                 "rate": fields.pop("rate", {"per_second": 50, "per_minute": 1000}), **fields})
+
+
+# (method, path, params, extra fields) -> the built-in API, its target
+BUILT_INS: list[tuple[str, str, dict[str, str], dict[str, Any], str, str | None]] = [
+    ("POST", "/open-apis/im/v1/messages", {}, {"query": {"receive_id_type": "chat_id"},
+                                               "body": {"receive_id": "oc_1", "msg_type": "text", "content": "{}"}},
+     "im.message.create", "chat:oc_1"),
+    ("POST", "/open-apis/im/v1/messages/", {}, {"query": {"receive_id_type": "union_id"},
+                                                "body": {"receive_id": "on_1"}},
+     "im.message.create", "user:union_id:on_1"),
+    ("POST", "/open-apis/im/v1/messages", {}, {"body": {"receive_id": "oc_1"}}, "im.message.create", None),
+    ("POST", "/open-apis/im/v1/messages/:id/reply", {"id": "om_1"}, {}, "im.message.reply", "reply:om_1"),
+    ("POST", "/open-apis/im/v1/messages/om_1/reply", {}, {}, "im.message.reply", "reply:om_1"),
+    ("POST", "/open-apis/im/v1/:what/:m/forward", {"what": "messages", "m": "om_1"},
+     {"query": {"receive_id_type": "open_id"}, "body": {"receive_id": "ou_1"}},
+     "im.message.forward", "user:open_id:ou_1"),
+    ("PUT", "/open-apis/im/v1/messages/:x", {"x": "om_1"}, {}, "im.message.update", None),
+    ("DELETE", "/open-apis/im/v1/messages/om_1", {}, {}, "im.message.delete", None),
+    ("PATCH", "/open-apis/im/v1/messages/:message", {"message": "om_1"}, {}, "im.message.patch", "message:om_1"),
+    ("PATCH", "/open-apis/im/v1/messages/:m/urgent_sms", {"m": "om_1"}, {}, "im.message.urgent_sms", None),
+    ("POST", "/open-apis/im/v1/messages/:m/reactions", {"m": "om_1"}, {}, "im.message_reaction.create", None),
+    ("DELETE", "/open-apis/im/v1/messages/:m/reactions/:r", {"m": "om_1", "r": "r_1"}, {},
+     "im.message_reaction.delete", None),
+    ("POST", "/open-apis/im/v1/pins", {}, {"body": {"message_id": "om_1"}}, "im.pin.create", "message:om_1"),
+    ("DELETE", "/open-apis/im/v1/pins/:p", {"p": "om_1"}, {}, "im.pin.delete", "message:om_1"),
+    ("POST", "/open-apis/interactive/v1/card/update", {}, {}, "interactive.card.update", None),
+    ("POST", "/open-apis/ephemeral/v1/send", {}, {"body": {"chat_id": "oc_1"}}, "ephemeral.send",
+     "ephemeral-chat:oc_1"),
+    ("POST", "/open-apis/ephemeral/v1/delete", {}, {}, "ephemeral.delete", None),
+    ("PUT", "/open-apis/im/v2/chat_button", {}, {}, "im.chat_button.update", None),
+    ("POST", "/open-apis/message/v4/batch_send", {}, {}, "message.batch_send", None),
+    ("POST", "/open-apis/message/v4/batch_send/", {}, {}, "message.batch_send", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "params", "fields", "api", "target"), BUILT_INS,
+                         ids=[f"{c[0]} {c[1]}" for c in BUILT_INS])
+def test_an_api_call_to_a_built_in_api_is_that_api(method: str, path: str, params: dict[str, str],
+                                                   fields: dict[str, Any], api: str, target: str | None) -> None:
+    """Same method and path shape as a built-in (any param names, literal ids, a trailing slash): the same API
+    name, so the same app-wide bucket, and the built-in's per-target key where the call names the target."""
+    built = _api_call(method, path, params, **fields)
+    assert built.api == api
+    # 50/s and 1000/min given: the built-in's own windows (a 10/s chat_button also gets the lax minute window)
+    assert built.api_windows == stricter(API_WINDOWS[api], IM)
+    assert built.target == target
+    assert built.target_windows == (() if target is None else
+                                    (Window(40, 1),) if api == "ephemeral.send" else FIVE)
+    assert built.learns is (api in ("im.message.create", "im.message.reply", "im.message.forward"))
+
+
+def test_every_built_in_route_is_a_named_api() -> None:
+    assert {route.api for route in ROUTES} == set(API_WINDOWS) - {"im.url_preview.batch_update"}
+
+
+def test_a_stricter_rate_on_a_built_in_tightens_its_windows() -> None:
+    built = _api_call("POST", "/open-apis/im/v1/messages/om_1/reactions", rate={"per_second": 10})
+    assert built.api == "im.message_reaction.create"
+    assert built.api_windows == (Window(10, 1), Window(1000, 60))
+
+
+def test_other_api_calls_are_one_api_whatever_the_param_names_or_literal_ids() -> None:
+    names = {_api_call("GET", path, params).api for path, params in [
+        ("/open-apis/im/v1/chats/:chat_id/members", {"chat_id": "oc_1"}),
+        ("/open-apis/im/v1/chats/:id/members", {"id": "oc_2"}),
+        ("/open-apis/im/v1/chats/oc_3/members", {}),
+        ("/open-apis/im/v1/chats/oc_3/members/", {}),
+    ]}
+    assert names == {"api:GET /open-apis/im/v1/chats/:/members"}
+    assert api_name("GET", "/open-apis/contact/v3/users/a@b.cn") == "api:GET /open-apis/contact/v3/users/:"
+    assert api_name("GET", "/open-apis/contact/v3/users/batch") == "api:GET /open-apis/contact/v3/users/batch"
+    assert _api_call("GET", "/open-apis/im/v1/messages/om_1").api == "api:GET /open-apis/im/v1/messages/:"

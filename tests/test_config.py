@@ -12,7 +12,8 @@ from relay.config import Secret, apply_env, load_config, parse_config, redacted
 from relay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = '[[apps]]\nname = "default"\napp_id = "cli_1"\napp_secret = "s3cr3t-value"\n'
+APP = ('[[apps]]\nname = "default"\napp_id = "cli_1"\napp_secret = "s3cr3t-value"\n'
+       'verification_token = "v-t0ken-value"\nencrypt_key = "k3y-value"\n')
 
 
 def test_example_and_local_configs_are_valid() -> None:
@@ -80,6 +81,7 @@ def test_secrets_never_print() -> None:
         ("[kafka]\nintents_topics = []\n", {}, "kafka.intents_topics", "length"),
         ("[kafka]\nbootstrap_servers = \"nohost\"\n", {}, "kafka.bootstrap_servers", "host:port"),
         ("[feishu]\nquota_share = 2.0\n", {}, "feishu.quota_share", "<= 1"),
+        ("[inbound]\ndedup_ttl = 3600.0\n", {}, "inbound.dedup_ttl", "at least timestamp_tolerance"),
         ("", {"RELAY_HTTP__PORTT": "1"}, "http.portt", "unknown key"),
         ("", {"RELAY_HTTP__PORT": "x"}, "http.port", "expected int"),
         ("[http\n", {}, "", "not valid TOML"),
@@ -142,4 +144,75 @@ def test_relay_check_cli_good_file(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "ok (1 app(s))" in proc.stdout
-    assert "s3cr3t-value" not in proc.stdout and '"***"' in proc.stdout
+    assert "s3cr3t-value" not in proc.stdout and "v-t0ken-value" not in proc.stdout and '"***"' in proc.stdout
+
+
+# What Kubernetes injects into every pod for a Service named ``relay`` (docker links look the same).
+K8S_SERVICE_ENV = {
+    "RELAY_SERVICE_HOST": "10.96.0.12",
+    "RELAY_SERVICE_PORT": "8080",
+    "RELAY_SERVICE_PORT_HTTP": "8080",
+    "RELAY_PORT": "tcp://10.96.0.12:8080",
+    "RELAY_PORT_8080_TCP": "tcp://10.96.0.12:8080",
+    "RELAY_PORT_8080_TCP_PROTO": "tcp",
+    "RELAY_PORT_8080_TCP_PORT": "8080",
+    "RELAY_PORT_8080_TCP_ADDR": "10.96.0.12",
+}
+
+
+def test_kubernetes_service_variables_are_not_overrides() -> None:
+    config = parse_config({}, env={**K8S_SERVICE_ENV, "RELAY_HTTP__PORT": "9000"})
+    assert config.http.port == 9000  # the real override still applies
+
+
+@pytest.mark.parametrize("var", ["RELAY_HTTP__PORTT", "RELAY_BOGUS__X", "RELAY_APPS__DEFAULT__APP_IDD",
+                                 "RELAY_KAFKA__GROUP_ID__X", "RELAY_APPS__DEFAULT"])
+def test_a_misspelt_override_is_an_error_naming_the_variable(var: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({}, env={**K8S_SERVICE_ENV, var: "1"})
+    assert var in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"RELAY_HTTP__PORT": "eighty"}, "http.port"),
+        ({"RELAY_OUTBOUND__MAX_ATTEMPTS": "-3"}, "outbound.max_attempts"),
+        ({"RELAY_KAFKA__BOOTSTRAP_SERVERS": "nohost"}, "kafka.bootstrap_servers"),
+        ({"RELAY_INBOUND__ROUTES": '{"im.message.receive_v1": 5}'}, "inbound.routes"),
+        ({"RELAY_APPS__DEFAULT__BASE_URL": "ftp://x"}, "apps[default].base_url"),
+    ],
+)
+def test_a_bad_env_value_names_the_variable(env: dict[str, str], key: str) -> None:
+    data = {"apps": [{"name": "default", "app_id": "cli_1", "app_secret": "s"}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env=env)
+    message = str(caught.value)
+    assert message.startswith(key) and f"(from {next(iter(env))})" in message, message
+
+
+def test_relay_check_cli_ignores_kubernetes_variables_but_not_a_misspelt_override(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "good.toml"
+    path.write_text(APP)
+    env = {**os.environ, **K8S_SERVICE_ENV}
+    proc = subprocess.run([sys.executable, "-m", "relay", "check", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "relay", "check", "--config", str(path)],
+                          env={**env, "RELAY_HTTP__PROT": "1"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "RELAY_HTTP__PROT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_replication_settings() -> None:
+    kafka = parse_config({}, env={}).kafka
+    assert (kafka.topic_replication_factor, kafka.topic_min_insync_replicas) == (1, None)
+    kafka = parse_config({}, env={"RELAY_KAFKA__TOPIC_REPLICATION_FACTOR": "3",
+                                  "RELAY_KAFKA__TOPIC_MIN_INSYNC_REPLICAS": "2"}).kafka
+    assert (kafka.topic_replication_factor, kafka.topic_min_insync_replicas) == (3, 2)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"kafka": {"topic_replication_factor": 2, "topic_min_insync_replicas": 3}}, env={})
+    assert caught.value.key == "kafka.topic_min_insync_replicas"

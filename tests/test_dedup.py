@@ -134,3 +134,105 @@ async def test_close_cancels_publishes_in_flight() -> None:
         await dedup.publish_once(["e"], forever, 0.01)
     await dedup.close()
     assert dedup.in_flight == 0 and not dedup.seen(["e"])
+
+
+def test_memory_per_entry() -> None:
+    """Measured, not estimated: the figure in the module docstring and the example config comes from here."""
+    import tracemalloc
+
+    clock = Clock()
+    entries = 200_000
+    dedup = Dedup(ttl=7 * 3600, max_entries=entries, clock=clock)
+    tracemalloc.start()
+    try:
+        for i in range(entries):
+            # a key made per request (so it is traced), as relay.events builds them: a 32-hex event id
+            dedup.mark([f"default\0event\0{i:032x}"])
+            clock.now += 0.001  # 200 s: entries share their expiry stamps per second
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(dedup) == entries
+    per_entry = current / entries
+    assert per_entry < 110, per_entry  # the key strings themselves took 157 bytes, tuples of strings 205
+
+
+def test_evictions_before_the_ttl_are_counted() -> None:
+    dedup = Dedup(ttl=100, max_entries=2, clock=Clock())
+    dedup.mark(["a", "b", "c"])
+    assert len(dedup) == 2 and dedup.evicted == 1
+    assert not dedup.seen(["a"]) and dedup.seen(["b"])
+
+
+def test_beyond_the_cap_the_oldest_percent_goes_at_once() -> None:
+    """One pass over the dict's front per 1% of the cap, not one per mark: CPython keeps deleted slots at a
+    dict's front until it resizes, and each next(iter(d)) rescans them (bench/inbound.py measures the rate)."""
+    clock = Clock()
+    dedup = Dedup(ttl=100, max_entries=1000, clock=clock)
+    dedup.mark([f"k{i}" for i in range(1000)])
+    assert len(dedup) == 1000 and dedup.evicted == 0
+    dedup.mark(["new"])
+    assert len(dedup) == 990 and dedup.evicted == 11  # 1 over the cap, plus 1% of it
+    assert not dedup.seen(["k10"]) and dedup.seen(["k11"]) and dedup.seen(["new"])
+    dedup.mark([f"m{i}" for i in range(9)])
+    assert len(dedup) == 999 and dedup.evicted == 11  # under the cap again: nothing more goes
+
+
+def test_expired_entries_are_swept_once_the_oldest_is_due() -> None:
+    clock = Clock()
+    dedup = Dedup(ttl=10, max_entries=100, clock=clock)
+    dedup.mark(["a"])
+    clock.now += 5
+    dedup.mark(["b"])
+    clock.now += 5.5  # a is due (1010 <= 1010.5), b not (1015)
+    assert not dedup.seen(["a"]) and len(dedup) == 1 and dedup.seen(["b"])
+    clock.now += 10
+    assert not dedup.seen(["b"]) and len(dedup) == 0
+    dedup.mark(["c"])  # an empty memory starts over
+    clock.now += 9
+    assert dedup.seen(["c"])
+
+
+async def test_a_late_outcome_is_reported_after_the_deadline() -> None:
+    dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
+    reported: list[str] = []
+
+    def on_late(error: BaseException | None) -> None:
+        reported.append("ok" if error is None else type(error).__name__)
+
+    for name, ends in (("ok", None), ("fails", ConnectionError("broker down"))):
+        release = asyncio.Event()
+
+        async def slow(ends: BaseException | None = ends, release: asyncio.Event = release) -> None:
+            await release.wait()
+            if ends is not None:
+                raise ends
+
+        with pytest.raises(TimeoutError):
+            await dedup.publish_once([name], slow, 0.01, on_late=on_late)
+        assert reported == (["ok"] if name == "fails" else [])
+        release.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+    assert reported == ["ok", "ConnectionError"]
+    assert dedup.seen(["ok"]) and not dedup.seen(["fails"])
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(TimeoutError):
+        await dedup.publish_once(["cut"], forever, 0.01, on_late=on_late)
+    await dedup.close()  # shutdown cancels it: reported too
+    assert reported == ["ok", "ConnectionError", "CancelledError"]
+
+
+async def test_no_late_report_when_answered_in_time() -> None:
+    dedup = Dedup(ttl=10, max_entries=10, clock=Clock())
+    reported: list[BaseException | None] = []
+
+    async def ok() -> None:
+        pass
+
+    assert await dedup.publish_once(["e"], ok, 1, on_late=reported.append) is Outcome.PUBLISHED
+    await asyncio.sleep(0)
+    assert reported == []

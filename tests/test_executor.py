@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 
 from relay.backoff import RetryPolicy
 from relay.buckets import Window
-from relay.calls import Call
+from relay.calls import Call, build_call
 from relay.executor import Executor
+from relay.feishu import FeishuClient
+from relay.intents import decode_intent
 from relay.limits import Limiter
-from relay.outcomes import Outcome, Verdict
+from relay.outcomes import Outcome, Verdict, classify, network_error
+from relay.sandbox import Sandbox, SandboxOptions
+from tests.relaykit import APP_ID, APP_SECRET, config_data, to_config
 
 CALL = Call(method="POST", path="/open-apis/im/v1/messages", query={}, body=b"{}", api="im.message.create",
             api_windows=(Window(50, 1), Window(1000, 60)), target="chat:oc_1",
-            target_windows=(Window(5, 1),), uuid_protected=True)
+            target_windows=(Window(5, 1),), uuid_protected=True, repeatable=True)
 
 
 def outcome(verdict: Verdict, code: int | None = 0, *, throttled: bool = False,
@@ -155,7 +162,7 @@ async def test_admissible_rejects_what_this_replicas_share_cannot_send() -> None
         await ex.execute("default", tiny)
 
 
-async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it() -> None:
+async def test_the_gate_waits_then_checks_last_right_before_the_request_and_can_stop_it() -> None:
     clock = Clock()
     script = Script([outcome(Verdict.OK)], clock)
     order: list[str] = []
@@ -163,23 +170,225 @@ async def test_gate_and_before_send_run_right_before_the_request_and_can_stop_it
     class Stopped(Exception):
         pass
 
-    open_gate = True
+    class Gate:
+        open = True
+        not_now = 0  # this many checks answer "not at this instant"
 
-    def gate() -> None:
-        order.append("gate")
-        if not open_gate:
-            raise Stopped
+        async def wait(self) -> None:
+            order.append("wait")
+            if not self.open:
+                raise Stopped
+
+        def check(self) -> bool:
+            order.append("check")
+            if not self.open:
+                raise Stopped
+            if self.not_now:
+                self.not_now -= 1
+                return False
+            return True
 
     async def before_send() -> None:
         order.append("before_send")
 
+    gate = Gate()
     limiter = Limiter(jitter=0.0, utilization=0.975, clock=clock, sleep=clock.sleep)
     policy = RetryPolicy(max_attempts=3, max_seconds=60.0, base=0.5, cap=8.0)
     ex = Executor(script, limiter, policy, clock=clock, wall=clock, sleep=clock.sleep, rng=random.Random(1),
                   gate=gate)
-    done = await ex.execute("default", CALL, before_send=before_send)
-    assert done.attempts == 1 and order == ["gate", "before_send"] and len(script.times) == 1
-    open_gate = False
+    async def before_write() -> None:
+        order.append("before_write")
+
+    done = await ex.execute("default", CALL, before_write=before_write, before_send=before_send)
+    assert done.attempts == 1 and order == ["wait", "before_write", "before_send", "check"]
+    assert len(script.times) == 1
+    # "not now" at the instant of writing: wait again (the send-time guard and the hook again), then send, once;
+    # the journal's before_write runs once per attempt, not per gate round
+    order.clear()
+    gate.not_now = 1
+    script.answers.append(outcome(Verdict.OK))
+    done = await ex.execute("default", CALL, before_write=before_write, before_send=before_send)
+    assert done.attempts == 1
+    assert order == ["wait", "before_write", "before_send", "check", "wait", "before_send", "check"]
+    assert len(script.times) == 2
+    gate.open = False
     with pytest.raises(Stopped):
         await ex.execute("default", CALL, before_send=before_send)
-    assert len(script.times) == 1, "a closed gate let a request out"
+    assert len(script.times) == 2, "a closed gate let a request out"
+
+
+# ---- answers lost after the request was written --------------------------------------------------------------
+
+
+def built(intent: dict[str, Any]) -> Call:
+    return build_call(decode_intent(msgspec.json.encode(intent)))
+
+
+REACTION = {"kind": "reaction.add", "id": "r-1", "message_id": "om_1", "emoji_type": "THUMBSUP"}
+URGENT = {"kind": "message.urgent", "id": "u-1", "message_id": "om_1", "channel": "sms", "user_id_list": ["ou_1"]}
+BATCH = {"kind": "message.batch_send", "id": "b-1", "msg_type": "text", "content": {"text": "x"},
+         "open_ids": ["ou_1"]}
+PATCH = {"kind": "card.patch", "id": "p-1", "message_id": "om_1", "content": {"elements": []}}
+SEND = {"kind": "message.send", "id": "s-1", "receive_id_type": "chat_id", "receive_id": "oc_1", "msg_type": "text",
+        "content": {"text": "hi"}}
+
+# what the client answers when the request may have been performed (relay.outcomes)
+MAYBE_PERFORMED = [
+    network_error(aiohttp.ServerDisconnectedError()),
+    network_error(aiohttp.SocketTimeoutError("Timeout on reading data from socket")),
+    network_error(TimeoutError()),
+    classify(502, {}, b"bad gateway"),
+    classify(500, {}, b'{"code":1500,"msg":"internal error"}'),
+]
+
+
+@pytest.mark.parametrize("intent", [REACTION, URGENT, BATCH], ids=lambda i: i["kind"])
+@pytest.mark.parametrize("lost", MAYBE_PERFORMED, ids=lambda o: o.msg[:24])
+async def test_a_call_not_safe_to_repeat_is_not_retried_after_a_maybe_performed_failure(
+        intent: dict[str, Any], lost: Outcome) -> None:
+    clock = Clock()
+    script = Script([lost, outcome(Verdict.OK)], clock)
+    done = await executor(script, clock)[0].execute("default", built(intent))
+    assert len(script.times) == 1, "the call was sent again after its answer was lost"
+    assert done.attempts == 1 and done.unknown and not done.exhausted
+    assert done.outcome is lost
+
+
+@pytest.mark.parametrize("intent", [SEND, PATCH], ids=lambda i: i["kind"])
+async def test_a_repeatable_call_is_retried_after_a_maybe_performed_failure(intent: dict[str, Any]) -> None:
+    clock = Clock()
+    script = Script([network_error(aiohttp.ServerDisconnectedError()), outcome(Verdict.OK)], clock)
+    done = await executor(script, clock)[0].execute("default", built(intent))
+    assert done.attempts == 2 and not done.unknown
+    assert done.outcome is not None and done.outcome.verdict is Verdict.OK
+
+
+@pytest.mark.parametrize("first", [
+    network_error(ConnectionRefusedError(111, "Connection refused")),  # not an aiohttp connector error: maybe
+    classify(429, {"x-ogw-ratelimit-reset": "1"}, b'{"code":99991400,"msg":"limit"}'),
+    classify(400, {}, b'{"code":230020,"msg":"frequency limit"}'),
+], ids=["reset-by-os", "99991400", "230020"])
+async def test_a_call_not_safe_to_repeat_is_retried_when_it_was_not_performed(first: Outcome) -> None:
+    clock = Clock()
+    script = Script([first, outcome(Verdict.OK)], clock)
+    done = await executor(script, clock)[0].execute("default", built(REACTION))
+    if first.maybe_performed:  # a bare OSError names no phase: conservatively maybe performed
+        assert (done.attempts, done.unknown) == (1, True)
+    else:
+        assert (done.attempts, done.unknown) == (2, False)
+
+
+async def test_a_connect_error_is_retried_for_every_call() -> None:
+    clock = Clock()
+    refused = network_error(aiohttp.ConnectionTimeoutError("Connection timeout to host"))
+    script = Script([refused, refused, outcome(Verdict.OK)], clock)
+    done = await executor(script, clock)[0].execute("default", built(URGENT))
+    assert done.attempts == 3 and not done.unknown
+
+
+# ---- token trouble is not an attempt ----------------------------------------------------------------------------
+
+
+class FlakyFeishu:
+    """A real HTTP Feishu: the token endpoint answers a gateway 503 ``down`` times, then tokens; the API answers ok."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.token_requests = 0
+        self.api_requests = 0
+        self.url = ""
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        if self.token_requests <= self.down:
+            return web.Response(status=503, text="503 gateway error")
+        return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": "t-1", "expire": 7200})
+
+    async def api(self, request: web.Request) -> web.Response:
+        self.api_requests += 1
+        return web.json_response({"code": 0, "msg": "success", "data": {}})
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[Callable[[int], Awaitable[FlakyFeishu]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(down: int) -> FlakyFeishu:
+        server = FlakyFeishu(down)
+        app = web.Application()
+        app.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", server.token)
+        app.router.add_route("*", "/open-apis/{tail:.*}", server.api)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        return server
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_a_token_outage_does_not_use_up_the_attempts(
+        flaky: Callable[[int], Awaitable[FlakyFeishu]]) -> None:
+    server = await flaky(6)  # six failed refreshes: 6 holds of FAILED_TOKEN_HOLD, more than max_attempts
+    clock = Clock()
+    client = FeishuClient(to_config(config_data("127.0.0.1:9092", "unused", server.url)), clock=clock)
+    await client.start()
+    try:
+        ex, _ = executor(client, clock, attempts=3, seconds=60.0)  # type: ignore[arg-type]
+        done = await ex.execute("default", built(REACTION))
+    finally:
+        await client.close()
+    assert done.outcome is not None and done.outcome.verdict is Verdict.OK, done
+    assert done.attempts == 1 and server.api_requests == 1 and server.token_requests == 7
+
+
+async def test_a_token_outage_is_still_bounded_by_the_total_time(
+        flaky: Callable[[int], Awaitable[FlakyFeishu]]) -> None:
+    server = await flaky(10_000)
+    clock = Clock()
+    client = FeishuClient(to_config(config_data("127.0.0.1:9092", "unused", server.url)), clock=clock)
+    await client.start()
+    try:
+        ex, _ = executor(client, clock, attempts=3, seconds=30.0)  # type: ignore[arg-type]
+        done = await ex.execute("default", built(REACTION))
+    finally:
+        await client.close()
+    assert done.exhausted and done.attempts == 0 and server.api_requests == 0
+    assert done.outcome is not None and done.outcome.msg.startswith("tenant_access_token:")
+    assert clock.now - 1000.0 <= 30.0 and server.token_requests >= 10  # ~2 s holds within 30 s
+
+
+async def test_a_wrong_secret_ends_at_once_with_the_reason() -> None:
+    box = Sandbox(SandboxOptions(apps={APP_ID: APP_SECRET}, enforce_limits=False))
+    await box.start()
+    data = config_data("127.0.0.1:9092", "unused", box.url)
+    data["apps"][0]["app_secret"] = "wrong"
+    clock = Clock()
+    client = FeishuClient(to_config(data), clock=clock)
+    await client.start()
+    try:
+        ex, _ = executor(client, clock)  # type: ignore[arg-type]
+        done = await ex.execute("default", built(REACTION))
+    finally:
+        await client.close()
+        await box.stop()
+    assert done.outcome is not None and (done.outcome.verdict, done.outcome.code) == (Verdict.PERMANENT, 10014)
+    assert done.attempts == 0 and clock.slept == [] and "tenant_access_token" in done.outcome.msg
+
+
+async def test_before_write_runs_once_a_token_and_connection_are_had_and_can_stop_the_call() -> None:
+    clock = Clock()
+    script = Script([outcome(Verdict.OK)], clock)
+
+    class Refused(Exception):
+        pass
+
+    async def before_write() -> None:
+        raise Refused  # e.g. the journal's start could not be written: nothing may go out
+
+    with pytest.raises(Refused):
+        await executor(script, clock)[0].execute("default", CALL, before_write=before_write)
+    assert script.times == [], "a request left although before_write refused"

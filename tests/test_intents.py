@@ -215,7 +215,7 @@ RULES: list[tuple[str, dict[str, Any], str]] = [
      "$.path_params.chat_id: not a :chat_id segment"),
     ("api.call", {"path_params": {"message_id": ""}}, "$.path_params[...]: expected `str` of length >= 1"),
     ("api.call", {"path": "/open-apis/im/v1/chats?page_size=1", "path_params": {}}, "$.path: put the query"),
-    ("api.call", {"path": "/open-apis/../admin", "path_params": {}}, "$.path: must not contain '..'"),
+    ("api.call", {"path": "/open-apis/../admin", "path_params": {}}, "$.path: must not contain '.' or '..' segments"),
     ("api.call", {"query": {"page_size": 20}}, "$.query[...]: expected `str`, got `int`"),
     ("api.call", {"rate": ...}, "$.rate: required field missing"),
     ("api.call", {"rate": {}}, "$.rate: give per_second and/or per_minute"),
@@ -369,10 +369,10 @@ def test_reply_ordering_is_the_message_even_with_chat_id() -> None:
 
 
 def test_api_call_filled_path_quotes_values() -> None:
-    raw = with_(by_kind("api.call"), path_params={"message_id": "om/1 x"})
+    raw = with_(by_kind("api.call"), path_params={"message_id": "om 1?x#é"})
     intent = decode_intent(enc(raw))
     assert isinstance(intent, ApiCall)
-    assert intent.filled_path == "/open-apis/im/v1/messages/om%2F1%20x/read_users"
+    assert intent.filled_path == "/open-apis/im/v1/messages/om%201%3Fx%23%C3%A9/read_users"
     assert ordering_key(intent) == intent.filled_path
 
 
@@ -423,3 +423,54 @@ def test_schema_describes_intents_and_results() -> None:
     assert set(doc["$defs"]["Result"]["properties"]["status"]["enum"]) == {
         "ok", "partial", "superseded", "expired", "failed", "rejected"}
     assert doc["$defs"]["MessageSend"]["properties"]["id"]["maxLength"] == 50
+
+
+# (path, path_params) -> the field the rejection names: every way a URL library, a gateway or a servlet container
+# could turn the path into one outside /open-apis/ (or into another API than the one validated)
+HOSTILE_PATHS: list[tuple[str, dict[str, str], str]] = [
+    ("/open-apis/../admin", {}, "$.path: must not contain '.' or '..' segments"),
+    ("/open-apis/%2e%2e/%2e%2e/auth/v3/tenant_access_token/internal", {}, "$.path: must not contain '.' or '..'"),
+    ("/open-apis/a/%2E%2E/b", {}, "$.path: must not contain '.' or '..'"),
+    ("/open-apis/a/.%2e/b", {}, "$.path: must not contain '.' or '..'"),
+    ("/open-apis/a/./b", {}, "$.path: must not contain '.' or '..'"),
+    ("/open-apis/a/%2e/b", {}, "$.path: must not contain '.' or '..'"),
+    ("/open-apis/a/..;x/b", {}, "$.path: must not contain '.' or '..'"),
+    ("/open-apis/a/..", {}, "$.path: must not contain '.' or '..'"),
+    ("/open-apis/a/..%2Fb", {}, "$.path: must not contain an encoded slash"),
+    ("/open-apis/a/%2f/b", {}, "$.path: must not contain an encoded slash"),
+    ("/open-apis/a/%5C..%5Cb", {}, "$.path: must not contain an encoded slash"),
+    ("/open-apis/a\\..\\b", {}, "$.path: must not contain a backslash"),
+    ("/open-apis/a/%252e%252e/b", {}, "$.path: must not be percent-encoded twice"),
+    ("/open-apis/a/%zz", {}, "$.path: '%' must start a percent-encoding"),
+    ("/open-apis/a/%", {}, "$.path: '%' must start a percent-encoding"),
+    ("/open-apis//b", {}, "$.path: must not contain empty segments"),
+    ("/open-apis/a/\x00", {}, "$.path: must not contain control characters"),
+    ("/open-apis/a/%0d%0aHost:x", {}, "$.path: must not contain control characters"),
+    ("/open-apis/a b", {}, "$.path: character ' ' must be percent-encoded"),
+    ("/open-apis/é", {}, "$.path: character 'é' must be percent-encoded"),
+    ("/open-apisx/a", {}, "$.path: expected `str` matching regex"),
+    ("/x/open-apis/a", {}, "$.path: expected `str` matching regex"),
+    ("/open-apis/im/v2/url_previews/batch_update", {}, "$.path: URL previews are kind url_preview.update"),
+    ("/open-apis/:a/b", {"a": ".."}, "$.path_params.a: must not be '.' or '..'"),
+    ("/open-apis/:a/b", {"a": "."}, "$.path_params.a: must not be '.' or '..'"),
+    ("/open-apis/:a/b", {"a": "..;x"}, "$.path_params.a: must not be '.' or '..'"),
+    ("/open-apis/:a/b", {"a": "../../auth"}, "$.path_params.a: must not contain '/'"),
+    ("/open-apis/:a/b", {"a": "x\\y"}, "$.path_params.a: must not contain '/' or '\\'"),
+    ("/open-apis/:a/b", {"a": "%2e%2e"}, "$.path_params.a: must not contain '%'"),
+    ("/open-apis/:a/b", {"a": "x\ny"}, "$.path_params.a: must not contain control characters"),
+]
+
+
+@pytest.mark.parametrize(("path", "params", "reason"), HOSTILE_PATHS, ids=[p[0] + str(p[1]) for p in HOSTILE_PATHS])
+def test_an_api_call_path_cannot_leave_open_apis(path: str, params: dict[str, str], reason: str) -> None:
+    method = "POST" if "url_previews" in path else "GET"
+    error = rejected(enc(with_(by_kind("api.call"), method=method, path=path, path_params=params)))
+    assert error.reason.startswith(reason), error.reason
+    assert "\n" not in error.reason
+
+
+def test_a_path_that_stays_is_sent_as_written() -> None:
+    for path in ("/open-apis/im/v1/chats", "/open-apis/message/v4/batch_send/", "/open-apis/a/...",
+                 "/open-apis/a/%C3%A9/b~c", "/open-apis/a/x.y@w:1"):
+        intent = decode_intent(enc(with_(by_kind("api.call"), path=path, path_params={})))
+        assert isinstance(intent, ApiCall) and intent.filled_path == path

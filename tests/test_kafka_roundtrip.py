@@ -58,3 +58,39 @@ async def test_group_consume_with_manual_commit(
     assert sorted(seen + rest) == sorted(f"v{i}".encode() for i in range(10))
     assert not set(seen) & set(rest)
     assert committed == commits
+
+
+async def test_ensure_topics_applies_replication_settings(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """``kafka.topic_replication_factor`` and ``kafka.topic_min_insync_replicas`` reach the topics created."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from relay.config import parse_config
+    from relay.kafka import ensure_topics
+
+    cfg = parse_config({"kafka": {"bootstrap_servers": kafka_bootstrap, "topic_partitions": 2,
+                                  "topic_replication_factor": 1, "topic_min_insync_replicas": 1}}, env={}).kafka
+    name = f"{topic_prefix}.replicated"
+    await ensure_topics(cfg, {name: {"retention.ms": "3600000"}})
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+        entries = {entry[0]: entry[1] for entry in response.resources[0][4]}
+    finally:
+        await admin.close()
+    assert entries["min.insync.replicas"] == "1" and entries["retention.ms"] == "3600000"
+
+
+async def test_a_topic_the_broker_refuses_is_an_error_naming_it(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """The single local broker cannot hold 3 replicas: the relay must say so, not log "created" and go on."""
+    from relay.config import parse_config
+    from relay.errors import RelayError
+    from relay.kafka import ensure_topics
+
+    cfg = parse_config({"kafka": {"bootstrap_servers": kafka_bootstrap, "topic_replication_factor": 3}},
+                       env={}).kafka
+    name = f"{topic_prefix}.three-replicas"
+    with pytest.raises(RelayError) as caught:
+        await ensure_topics(cfg, {name: {}})
+    assert name in str(caught.value) and "replication" in str(caught.value).lower()

@@ -28,7 +28,7 @@ from relay.buckets import (
     size_bucket,
 )
 from relay.config import FeishuConfig
-from relay.limits import Limiter
+from relay.limits import Grant, Limiter, Requeue
 
 T = TypeVar("T")
 
@@ -309,7 +309,7 @@ def test_target_first_does_not_burn_app_tokens() -> None:
             await asyncio.sleep(0)  # let them all reach their waits; virtual time stands still meanwhile
         assert now() == 0.0
         assert app.tokens(now()) == 21  # the waiters took nothing from the app bucket
-        waits = await asyncio.gather(*waiting)
+        waits = [grant.waited for grant in await asyncio.gather(*waiting)]
         gap = 1 / limiter.shape(PER_TARGET).rate
         assert waits == pytest.approx([gap, 2 * gap, 3 * gap], abs=1e-5)
 
@@ -322,8 +322,8 @@ def test_app_throttle_pauses_and_slows_the_app_bucket_only() -> None:
         await limiter.acquire("a", "im", IM)
         await limiter.acquire("a", "other", IM)
         limiter.throttled("a", "im", retry_after=3.0)
-        assert await limiter.acquire("a", "im", IM) == pytest.approx(3.0)
-        assert await limiter.acquire("a", "other", IM) == 0.0
+        assert (await limiter.acquire("a", "im", IM)).waited == pytest.approx(3.0)
+        assert (await limiter.acquire("a", "other", IM)).waited == 0.0
         app = limiter.bucket(("app", "a", "im"))
         assert app is not None and not app.is_full(now() + 10.0)  # still recovering
         assert app.is_full(now() + 31.0)
@@ -338,12 +338,12 @@ def test_target_throttle_pauses_that_target_only() -> None:
         await limiter.acquire("a", "im", IM, "chat", PER_TARGET)
         await asyncio.sleep(5.0)
         limiter.throttled("a", "im", "chat", retry_after=None)  # 230020 without a reset: the default pause
-        assert await limiter.acquire("a", "im", IM, "other", PER_TARGET) == 0.0
-        assert await limiter.acquire("a", "im", IM, "chat", PER_TARGET) == pytest.approx(1.0)
+        assert (await limiter.acquire("a", "im", IM, "other", PER_TARGET)).waited == 0.0
+        assert (await limiter.acquire("a", "im", IM, "chat", PER_TARGET)).waited == pytest.approx(1.0)
         # an evicted target's bucket is created again to hold the penalty
         await asyncio.sleep(60.0)
         limiter.throttled("a", "im", "gone", retry_after=2.0)
-        assert await limiter.acquire("a", "im", IM, "gone", PER_TARGET) == pytest.approx(2.0)
+        assert (await limiter.acquire("a", "im", IM, "gone", PER_TARGET)).waited == pytest.approx(2.0)
         limiter.throttled("a", "never-used")  # nothing to slow: logged, no error
 
     run_virtual(main)
@@ -357,7 +357,7 @@ def test_throttle_while_waiting_on_the_app_retakes() -> None:
         task = asyncio.create_task(limiter.acquire("a", "im", IM, "chat", PER_TARGET))
         await asyncio.sleep(0.01)
         limiter.throttled("a", "im", "chat", retry_after=0.5)
-        waited = await task
+        waited = (await task).waited
         assert waited >= 0.5
         assert limiter.stats().retakes == 1
 
@@ -376,7 +376,7 @@ def test_cancelled_acquire_leaves_buckets_working() -> None:
         await asyncio.gather(*waiting, return_exceptions=True)
         assert all(t.cancelled() for t in waiting)
         # the lost reservation only delays the next caller; the target's lock and counters are released
-        assert await limiter.acquire("a", "im", IM, "chat", PER_TARGET) < 0.2
+        assert (await limiter.acquire("a", "im", IM, "chat", PER_TARGET)).waited < 0.2
         times = _all(await _backlog(limiter, IM, workers=16, duration=now() + 60.0))
         assert violations(times, IM) == []
 
@@ -393,7 +393,7 @@ def test_idle_targets_are_evicted() -> None:
         most = 0
         for i in range(100_000):
             clock[0] += 0.01
-            assert await limiter.acquire("a", "im", big, f"chat-{i}", PER_TARGET) == 0.0
+            assert (await limiter.acquire("a", "im", big, f"chat-{i}", PER_TARGET)).waited == 0.0
             most = max(most, limiter.stats().target_buckets)
         stats = limiter.stats()
         assert most < 100  # a bucket refills in 0.29 s: about 30 are not full at any time
@@ -526,7 +526,8 @@ def test_a_230020_on_reply_slows_the_chat_for_send_too() -> None:
         await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET)
         await asyncio.sleep(5.0)
         limiter.throttled("a", "im.message.reply", "chat:oc_1", retry_after=2.0)
-        assert await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET) == pytest.approx(2.0)
+        grant = await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET)
+        assert grant.waited == pytest.approx(2.0)
 
     run_virtual(main)
 
@@ -545,11 +546,11 @@ def test_a_stall_between_grant_and_send_cannot_bunch_calls_past_the_windows() ->
 
         async def caller() -> None:
             while now() < 20.0:
-                await limiter.acquire("app", "im", IM)
+                grant = await limiter.acquire("app", "im", IM)
                 if 3.0 <= now() < stall_until:
                     await asyncio.sleep(stall_until - now())
                 if guarded:
-                    await limiter.admit("app", "im", IM)
+                    await limiter.admit(grant)
                 sends.append(now())
 
         await asyncio.gather(*(caller() for _ in range(100)))
@@ -560,3 +561,276 @@ def test_a_stall_between_grant_and_send_cannot_bunch_calls_past_the_windows() ->
     held = run_virtual(lambda: main(guarded=True))
     assert busiest(held, 1.0) <= 50 and busiest(held, 60.0) <= 1000
     assert len(held) >= 0.9 * len(bunched)  # the guard only delays the bunched calls
+
+
+# --- a throttle stops every call already granted ---------------------------------------------------------------
+
+
+class _ThrottlingFeishu:
+    """Answers after ``latency``; from the first call sent at or after ``at``, refuses every call that arrives
+    within ``reset`` seconds of that refusal (429, the remaining reset), like Feishu's gateway."""
+
+    def __init__(self, at: float, reset: float, latency: float) -> None:
+        self.at, self.reset, self.latency = at, reset, latency
+        self.until: float | None = None  # Feishu refuses calls arriving before this
+        self.sends: list[float] = []
+        self.refused = 0
+
+    async def call(self) -> float | None:
+        """One call, sent now; the reset Feishu answers (None: accepted)."""
+        sent = now()
+        self.sends.append(sent)
+        if self.until is None and sent >= self.at:
+            self.until = sent + self.reset
+        refused = self.until is not None and sent < self.until
+        await asyncio.sleep(self.latency)
+        if refused:
+            self.refused += 1
+            assert self.until is not None
+            return math.ceil(self.until - sent)
+        return None
+
+
+async def _queued_callers(limiter: Limiter, feishu: _ThrottlingFeishu, callers: int, slots: int) -> list[float]:
+    """``callers`` each make one call (retrying after a 429); returns the instants the relay learnt of a 429."""
+    connections = asyncio.Semaphore(slots)
+    learnt: list[float] = []
+
+    async def caller() -> None:
+        while True:
+            grant = await limiter.acquire("a", "im", IM)
+            while True:
+                try:
+                    async with connections:  # a granted call may wait for a pooled connection
+                        await limiter.admit(grant)
+                        reset = await feishu.call()
+                    break
+                except Requeue as requeue:  # voided by the throttle: queue again without the connection
+                    await requeue.wait()
+            if reset is None:
+                return
+            learnt.append(now())
+            limiter.throttled("a", "im", retry_after=reset, grant=grant)
+            await asyncio.sleep(reset)
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return learnt
+
+
+@pytest.mark.parametrize(("slots", "latency"), [(1000, 0.05), (4, 0.3)])
+def test_a_429_stops_every_call_already_reserved_until_its_reset(slots: int, latency: float) -> None:
+    """120 queued callers, one 429 with ``x-ogw-ratelimit-reset`` 5 s: once the relay has read it, no call may
+    leave before the reset, whether its reservation was made before (a caller asleep on it, or granted and waiting
+    for a connection) or after; and when the pause ends the callers queue again at the slowed rate, not at once."""
+    reset = 5.0
+    feishu = _ThrottlingFeishu(at=1.0, reset=reset, latency=latency)
+    limiter = _limiter()
+    learnt = run_virtual(lambda: _queued_callers(limiter, feishu, 120, slots))
+    first = learnt[0]
+    inside = [t for t in feishu.sends if first < t < first + reset]
+    assert inside == []
+    assert feishu.refused <= 1 + int(latency * 16.25) + slots  # only calls already in flight when it was read
+    after = [t for t in feishu.sends if t >= first + reset]
+    assert len(after) == 120 - (len(feishu.sends) - len(after) - feishu.refused)
+    # the slowed bucket: one call at the end of the pause, then about half the nominal rate, rising
+    assert busiest(after[:20], 1.0) <= 1 + 16.25 / 2 + 1
+    assert violations(feishu.sends, IM) == []
+
+
+def test_a_burst_of_429s_slows_the_bucket_once_not_once_per_answer() -> None:
+    """Every call in flight when Feishu starts refusing is refused too; those answers belong to the burst the
+    first one already paid for: the bucket is halved once, so the backlog finishes soon after the pause."""
+    feishu = _ThrottlingFeishu(at=1.0, reset=5.0, latency=0.3)
+    limiter = _limiter()
+    learnt = run_virtual(lambda: _queued_callers(limiter, feishu, 120, 4))
+    assert feishu.refused == 4 and limiter.stats().throttles == 4
+    bucket = limiter.bucket(("app", "a", "im"))
+    assert bucket is not None and bucket.epoch == 1  # one penalty; the other three changed nothing
+    # ~100 calls left at a rate rising from 8/s: about 9 s (a cascade of halvings would take minutes)
+    assert max(feishu.sends) - (learnt[0] + 5.0) < 12.0
+
+
+# --- one bucket per API, the strictest rate, a bounded number --------------------------------------------------
+
+
+@pytest.mark.parametrize("strict_first", [True, False])
+def test_the_strictest_rate_given_for_an_api_wins_whichever_came_first(strict_first: bool) -> None:
+    lax, strict = (Window(50, 1.0),), (Window(5, 1.0), Window(100, 60.0))
+
+    async def main() -> None:
+        limiter = _limiter()
+        for windows in (strict, lax) if strict_first else (lax, strict):
+            await limiter.acquire("app", "api:GET /open-apis/x/:", windows)
+        bucket = limiter.bucket(("app", "app", "api:GET /open-apis/x/:"))
+        both = limiter.shape((Window(5, 1.0), Window(100, 60.0)))
+        assert bucket is not None and (bucket.rate, bucket.burst) == (pytest.approx(both.rate), both.burst)
+        times = _all(await _backlog(limiter, lax, workers=8, duration=now() + 120.0, api="api:GET /open-apis/x/:"))
+        assert violations(times, strict) == []  # the lax callers are held to the strict rate
+
+    run_virtual(main)
+
+
+def test_app_buckets_are_bounded_and_idle_ones_forgotten() -> None:
+    async def main() -> None:
+        limiter = _limiter(max_api_buckets=3)
+        for i in range(3):
+            await limiter.acquire("a", f"api:GET /open-apis/x{i}", IM)
+        reason = limiter.admissible("api:GET /open-apis/new", IM)
+        assert reason is not None and "3 app-wide buckets in use" in reason and "\n" not in reason
+        assert limiter.admissible("api:GET /open-apis/x1", IM) is None  # one in use: always fine
+        await asyncio.sleep(61.0)  # idle and full: nothing is lost by forgetting them
+        assert limiter.admissible("api:GET /open-apis/new", IM) is None
+        await limiter.acquire("a", "api:GET /open-apis/new", IM)
+        stats = limiter.stats()
+        assert stats.app_buckets == 3 and stats.forgotten_apis == 1
+        assert limiter.bucket(("app", "a", "api:GET /open-apis/x0")) is None  # the least recently used went
+
+    run_virtual(main)
+
+
+# --- one target, one bucket, whatever it is called -------------------------------------------------------------
+
+
+async def _calls_to(limiter: Limiter, names: Sequence[str], chat_id: str, *, per_name: int, latency: float
+                    ) -> list[float]:
+    """Callers sending ``per_name`` calls each under ``names``; every answer names ``chat_id`` (Feishu's p2p chat
+    of the user, or the chat a message is in) after ``latency``; send instants."""
+    sends: list[float] = []
+
+    async def caller(name: str) -> None:
+        for n in range(per_name):
+            grant = await limiter.acquire("a", "im.message.create", IM, name, PER_TARGET, learns=True)
+            await limiter.admit(grant)
+            sends.append(now())
+            await asyncio.sleep(latency)
+            limiter.learn(grant, {"chat_id": chat_id, "message_id": f"om_{name}_{n}"})
+
+    await asyncio.gather(*(caller(name) for name in names for _ in range(2)))
+    return sends
+
+
+@pytest.mark.parametrize("latency", [0.01, 0.1])
+def test_a_user_called_by_four_ids_gets_five_per_second_in_all(latency: float) -> None:
+    """open_id, union_id, user_id and email of one person: Feishu counts one user; once the first answers name
+    their p2p chat, the four names share one bucket and one send log."""
+    names = ["user:open_id:ou_1", "user:union_id:on_1", "user:user_id:u_1", "user:email:a@x.cn"]
+    limiter = _limiter()
+    sends = run_virtual(lambda: _calls_to(limiter, names, "oc_p2p_1", per_name=10, latency=latency))
+    assert len(sends) == 80
+    assert violations(sends, PER_TARGET) == []
+    assert {limiter.resolve("a", name) for name in names} == {"chat:oc_p2p_1"}
+    assert limiter.stats().target_buckets == 1
+    # and not slower than one bucket: 80 calls at 3.48/s
+    assert max(sends) <= 80 / limiter.shape(PER_TARGET, target=True).rate + 1.0
+
+
+def test_without_what_the_answers_teach_four_ids_are_four_buckets() -> None:
+    """The same callers, answers ignored: four buckets, about 4 x 5 per second at Feishu (what main did)."""
+    names = ["user:open_id:ou_1", "user:union_id:on_1", "user:user_id:u_1", "user:email:a@x.cn"]
+    limiter = _limiter()
+
+    async def main() -> list[float]:
+        sends: list[float] = []
+
+        async def caller(name: str) -> None:
+            for _ in range(10):
+                await limiter.admit(await limiter.acquire("a", "im.message.create", IM, name, PER_TARGET))
+                sends.append(now())
+
+        await asyncio.gather(*(caller(name) for name in names))
+        return sends
+
+    assert busiest(run_virtual(main), 1.0) > 10
+
+
+def test_replies_to_a_message_the_relay_sent_count_in_its_chat() -> None:
+    """The send's answer names the message and its chat: a reply to it (no chat_id given) shares the chat's 5/s
+    with sends to the chat from the first reply on."""
+
+    async def main() -> list[float]:
+        limiter = _limiter()
+        sends: list[float] = []
+        grant = await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET, learns=True)
+        await limiter.admit(grant)
+        sends.append(now())
+        limiter.learn(grant, {"chat_id": "oc_1", "message_id": "om_1"})
+        assert limiter.resolve("a", "reply:om_1") == "chat:oc_1"
+
+        async def caller(api: str, target: str) -> None:
+            for _ in range(10):
+                await limiter.admit(await limiter.acquire("a", api, IM, target, PER_TARGET, learns=True))
+                sends.append(now())
+
+        await asyncio.gather(caller("im.message.reply", "reply:om_1"), caller("im.message.create", "chat:oc_1"))
+        assert limiter.stats().target_buckets == 1
+        return sends
+
+    assert violations(run_virtual(main), PER_TARGET) == []
+
+
+def test_a_name_learnt_while_callers_wait_on_it_moves_them_to_the_chat() -> None:
+    """Callers queued on a name's bucket when an answer shows it is a known chat: they continue on the chat's
+    bucket (its sends and the name's together keep 5 per second), and grants made on the name are voided."""
+
+    async def main() -> list[float]:
+        limiter = _limiter()
+        sends: list[float] = []
+
+        async def caller(target: str, n: int) -> None:
+            for _ in range(n):
+                grant = await limiter.acquire("a", "im.message.reply", IM, target, PER_TARGET, learns=True)
+                while True:
+                    try:
+                        await limiter.admit(grant)
+                        break
+                    except Requeue as requeue:
+                        await requeue.wait()
+                sends.append(now())
+
+        async def teach() -> None:
+            await asyncio.sleep(0.7)  # both names have sent by now, each under its own bucket
+            grant = await limiter.acquire("a", "im.message.reply", IM, "chat:oc_1", PER_TARGET)
+            limiter.learn(Grant("a", "im.message.reply", IM, "reply:om_9", PER_TARGET, True),
+                          {"chat_id": "oc_1", "message_id": "om_10"})
+            del grant
+
+        await asyncio.gather(caller("reply:om_9", 12), caller("chat:oc_1", 12), teach())
+        return sends
+
+    sends = run_virtual(main)
+    after = [t for t in sends if t >= 0.7]
+    assert violations(after, PER_TARGET) == []
+
+
+@pytest.mark.parametrize("time_scale", [1.0, 10_000.0])
+def test_a_grant_that_waits_long_for_a_connection_still_goes(time_scale: float) -> None:
+    """Calls to distinct chats granted faster than the connections free up: a target bucket forgotten while its
+    call waited (idle and full again) leaves the grant good; only a throttle voids one. (Voiding it made every
+    call queue again for ever once connection waits outlasted a target's window, as at time_scale 10,000.)"""
+
+    async def main() -> int:
+        limiter = Limiter(jitter=0.0 if time_scale > 1 else JITTER, utilization=UTILIZATION, clock=now,
+                          sleep=asyncio.sleep, time_scale=time_scale)
+        connections = asyncio.Semaphore(4)
+        latency = 2.0 / time_scale  # longer than a chat's window: its bucket is forgotten meanwhile
+        sent = 0
+
+        async def caller(i: int) -> None:
+            nonlocal sent
+            for n in range(10):  # a stream of new chats: their acquires forget the idle buckets
+                grant = await limiter.acquire("a", "im.message.create", IM, f"chat:oc_{i}_{n}", PER_TARGET)
+                while True:
+                    try:
+                        async with connections:
+                            await limiter.admit(grant)
+                            await asyncio.sleep(latency)
+                        break
+                    except Requeue as requeue:
+                        await requeue.wait()
+                sent += 1
+
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(20))), 10_000 / time_scale)
+        assert limiter.stats().voided == 0
+        return sent
+
+    assert run_virtual(main) == 200

@@ -11,11 +11,15 @@ import pytest
 
 from relay.offsets import (
     DEFAULT_CAP,
+    JOURNAL_METADATA_ROOM,
+    JournalPosition,
     OffsetRanges,
     PartitionOffsets,
     decode_metadata,
     encode_metadata,
     payload_budget,
+    split_journal,
+    with_journal,
 )
 
 
@@ -81,7 +85,7 @@ def test_done_offsets_round_trip_through_commit_metadata() -> None:
     text = encode_metadata(100, done | {98, 99})  # below the commit point: not recorded
     assert set(decode_metadata(100, text).done) == done
     assert encode_metadata(100, []) == ""
-    for text in ("", "something else", "done1:!!!", "done2:", "done2:x:r!!", "done2::r" + "gA==", "done2::q"):
+    for text in ("", "something else", "done1:!!!", "done2:", "done2:r!!", "done2:r" + "gA==", "done2:q"):
         assert not decode_metadata(100, text).done, text
 
 
@@ -94,7 +98,7 @@ def test_30000_finished_above_one_pending_offset_fit_in_a_few_bytes() -> None:
         if off != 5000:
             p.done(off)
     point, text = p.uncommitted() or (None, "")
-    assert point == 5000 and len(text) < 40
+    assert point == 5000 and len(text) < 40 and text.startswith("done2:r")
     assert decode_metadata(5000, text).done == OffsetRanges([(5001, 35001)])
 
 
@@ -105,7 +109,7 @@ def test_the_smaller_encoding_wins_and_the_previous_version_can_read_a_bitset() 
     assert set(decode_metadata(0, text).done) == dense
     sparse = {7, 70_000, 900_000}
     text = encode_metadata(0, sparse)
-    assert text.startswith("done2::r") and set(decode_metadata(0, text).done) == sparse
+    assert text.startswith("done2:r") and set(decode_metadata(0, text).done) == sparse
 
 
 def test_metadata_written_by_the_previous_version_is_read() -> None:
@@ -135,18 +139,35 @@ def test_too_many_finished_offsets_keep_the_longest_prefix_that_fits(cap: int) -
 
 def test_the_journal_position_is_kept_when_the_finished_set_is_cut() -> None:
     done = set(range(1, 100_000, 2))
-    text = encode_metadata(0, done, journal=123_456_789, cap=100)
+    position = JournalPosition(3, 123_456_789)
+    text = encode_metadata(0, done, journal=position, cap=100)
     assert len(text) <= 100
     meta = decode_metadata(0, text)
-    assert meta.journal == 123_456_789 and meta.done and set(meta.done) <= done
-    assert decode_metadata(0, encode_metadata(0, [], journal=5)).journal == 5
-    assert decode_metadata(0, encode_metadata(0, [], journal=5)).done == OffsetRanges()
+    assert meta.journal == position and meta.done and set(meta.done) <= done
+    biggest = JournalPosition(2**63 - 1, 2**63 - 1)
+    meta = decode_metadata(0, encode_metadata(0, done, journal=biggest, cap=64))
+    assert meta.journal == biggest  # kept even when nothing else fits
+    assert decode_metadata(0, encode_metadata(0, [], journal=position)).journal == position
+    assert decode_metadata(0, encode_metadata(0, [], journal=position)).done == OffsetRanges()
     p = PartitionOffsets()
     p.add(0)
-    assert p.uncommitted(journal=42) == (0, "done2:42:")
-    p.committed, p.committed_metadata = 0, "done2:42:"
-    assert p.uncommitted(journal=42) is None
-    assert p.uncommitted(journal=43) == (0, "done2:43:")  # the journal moved: worth a commit
+    assert p.uncommitted(journal=JournalPosition(0, 42)) == (0, ";journal=0@42")
+    p.committed, p.committed_metadata = 0, ";journal=0@42"
+    assert p.uncommitted(journal=JournalPosition(0, 42)) is None
+    assert p.uncommitted(journal=JournalPosition(0, 43)) == (0, ";journal=0@43")  # it moved: worth a commit
+
+
+def test_the_journal_position_rides_beside_the_finished_set() -> None:
+    done = encode_metadata(100, {102, 105})
+    for metadata in (done, ""):
+        carried = with_journal(metadata, JournalPosition(3, 12345))
+        assert split_journal(carried) == (metadata, JournalPosition(3, 12345))
+        assert decode_metadata(100, carried).done == decode_metadata(100, metadata).done
+    assert with_journal(done, None) == done and split_journal(done) == (done, None)
+    assert split_journal(None) == ("", None)
+    assert split_journal(done + ";journal=x@1") == (done, None)  # unreadable: read the journal from the start
+    biggest = with_journal("", JournalPosition(2**63 - 1, 2**63 - 1))
+    assert len(biggest) <= JOURNAL_METADATA_ROOM
 
 
 def test_a_previous_owners_finished_set_stays_in_the_metadata_until_reached() -> None:
@@ -167,9 +188,9 @@ def test_garbage_metadata_never_raises() -> None:
     alphabet = string.printable
     for _ in range(2000):
         body = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-        for prefix in ("", "done1:", "done2:", "done2::r", "done2:7:b", "done2:x:r"):
+        for prefix in ("", "done1:", "done2:", "done2:r", ";journal=", ";journal=1@"):
             decode_metadata(rng.randint(0, 10**12), prefix + body)
-    huge = "done2::r" + base64.b64encode(b"\x00" + b"\xff" * 8 + b"\x7f").decode()
+    huge = "done2:r" + base64.b64encode(b"\x00" + b"\xff" * 8 + b"\x7f").decode()
     assert len(decode_metadata(0, huge).done) > 2**60  # a range, not a set of ints
 
 

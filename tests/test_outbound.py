@@ -69,13 +69,19 @@ class FakeConsumer:
         return rec
 
     def subscribe(self, topics: list[str], listener: Any) -> None:
+        """Joins at once: every partition is assigned (from its committed offset), as aiokafka does in the
+        background once subscribed."""
         self.listener = listener
+        self._joining = asyncio.get_running_loop().create_task(self._join())
 
-    async def start(self) -> None:
+    async def _join(self) -> None:
         self.assigned = set(self.logs)
         for tp in self.logs:
             self.position_[tp] = self.committed.get(tp, (0, ""))[0]
         await self.listener.on_partitions_assigned(sorted(self.logs))
+
+    async def start(self) -> None:
+        pass
 
     async def stop(self) -> None:
         pass
@@ -229,7 +235,7 @@ class FakeExecutor:
         return None
 
     async def execute(self, app: str, call: Any, *, expires_at: float | None = None,
-                      before_attempt: Any = None) -> Attempted:
+                      before_attempt: Any = None, before_write: Any = None) -> Attempted:
         id = msgspec.json.decode(call.body)["uuid"]
         if before_attempt is not None:
             await before_attempt()
@@ -385,9 +391,9 @@ async def test_offset_metadata_too_large_halves_the_cap_and_the_partition_commit
         consumer.append(0, f"k{i}", intent(f"n{i}", f"k{i}"))
     async with running(consumer) as h:  # the default cap (4,000) is above this broker's
         h.executor.hold("stuck", *(f"n{i}" for i in range(0, 2000, 5)))
-        await h.until(lambda: bool(consumer.committed.get(TopicPartition(TOPIC, 0), (0, ""))[1]),
-                      "a commit with metadata")
-        assert h.metrics.value("relay_outbound_metadata_refused_total") >= 1
+        await h.until(lambda: h.metrics.value("relay_outbound_metadata_refused_total") >= 1 and bool(consumer.commits)
+                      and len(consumer.commits[-1][TopicPartition(TOPIC, 0)][1]) > 0,
+                      "commits with metadata after a refusal")
         point, metadata = consumer.committed[TopicPartition(TOPIC, 0)]
         assert point == 0 and 0 < len(metadata) <= 150
         assert h.metrics.value("relay_outbound_metadata_cap") <= 150

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 
-from relay.outcomes import CODES, Outcome, Verdict, classify, network_error
+from relay.outcomes import CODES, Outcome, Verdict, classify, network_error, token_error
 
 
 def body(code: int, msg: str = "", data: Any = None, **extra: Any) -> bytes:
@@ -170,3 +171,69 @@ def test_network_error_without_text() -> None:
 def test_network_error_is_one_bounded_line() -> None:
     outcome = network_error(OSError("a\nb " + "y" * 5000))
     assert "\n" not in outcome.msg and len(outcome.msg) <= 500
+
+
+# ---- performed or not ---------------------------------------------------------------------------------------
+
+
+async def _connector_error() -> BaseException:
+    """What aiohttp really raises when nothing listens (a connect error: nothing was written)."""
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.post("http://127.0.0.1:9/open-apis/x", data=b"{}"):
+                pass
+        except aiohttp.ClientError as err:
+            return err
+    raise AssertionError("port 9 answered")
+
+
+async def test_a_connect_error_was_not_performed() -> None:
+    err = await _connector_error()
+    assert isinstance(err, aiohttp.ClientConnectorError)
+    outcome = network_error(err)
+    assert outcome.verdict is Verdict.RETRY and not outcome.maybe_performed
+
+
+@pytest.mark.parametrize("exc", [
+    aiohttp.ConnectionTimeoutError("Connection timeout to host http://x"),
+    aiohttp.InvalidURL("x"),
+])
+def test_failures_before_the_request_is_written_were_not_performed(exc: BaseException) -> None:
+    assert not network_error(exc).maybe_performed
+
+
+@pytest.mark.parametrize("exc", [
+    aiohttp.ServerDisconnectedError(),  # the answer lost after the request was handed to the connection
+    aiohttp.ClientOSError(104, "Connection reset by peer"),
+    aiohttp.ClientPayloadError("Response payload is not completed"),
+    aiohttp.SocketTimeoutError("Timeout on reading data from socket"),
+    TimeoutError(),  # the total request_timeout
+    ConnectionResetError(104, "reset"),
+])
+def test_failures_after_the_request_was_written_may_have_been_performed(exc: BaseException) -> None:
+    outcome = network_error(exc)
+    assert outcome.verdict is Verdict.RETRY and outcome.maybe_performed
+
+
+@pytest.mark.parametrize(("status", "raw", "maybe"), [
+    (500, b"500 gateway error", True),  # a gateway's own answer: it may have forwarded the request
+    (502, b"<html>bad gateway</html>", True),
+    (503, b"", True),
+    (504, b"upstream timed out", True),
+    (500, body(1500, "internal error"), True),  # Feishu's internal error: maybe after the operation
+    (503, body(123456, "unknown"), True),
+    (429, b"too many", False),  # a limit refused it
+    (429, body(99991400, "request trigger frequency limit"), False),
+    (400, body(230020, "This operation triggers the frequency limit"), False),
+    (400, body(230049, "The message is being sent"), False),
+])
+def test_answers_that_may_have_been_performed(status: int, raw: bytes, maybe: bool) -> None:
+    outcome = classify(status, {}, raw)
+    assert outcome.verdict is Verdict.RETRY and outcome.maybe_performed is maybe
+
+
+def test_token_answers_and_final_answers_are_not_maybe_performed() -> None:
+    assert not classify(400, {}, body(99991663)).maybe_performed  # REFRESH: refused before the API ran
+    assert not classify(200, {}, body(0)).maybe_performed
+    held = token_error(network_error(aiohttp.ServerDisconnectedError()))
+    assert held.token_unavailable and not held.maybe_performed and held.msg.startswith("tenant_access_token:")

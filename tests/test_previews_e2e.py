@@ -20,7 +20,10 @@ names a successful call with one of its tokens that arrived after its read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import random
+import re
 import signal
 import statistics
 import time
@@ -34,6 +37,9 @@ from typing import Any
 import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.partitioner import DefaultPartitioner
 
 from relay.sandbox import CallRecord, Sandbox, SandboxOptions
 from tests.relaykit import (
@@ -42,6 +48,7 @@ from tests.relaykit import (
     Collector,
     RelayProcess,
     config_data,
+    create_relay_topics,
     relay_in_process,
     to_config,
     to_toml,
@@ -302,6 +309,13 @@ async def wait_until(condition: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def assigned(relay: RelayProcess) -> bool:
+    """The relay's consumer has been given intent partitions (its log says so)."""
+    text = relay.log_path.read_text(errors="replace") if relay.log_path.exists() else ""
+    return any("partitions assigned: " in line and not line.endswith("partitions assigned: -")
+               for line in text.splitlines())
+
+
 async def test_sigkill_mid_burst_then_restart_keeps_the_5s_rule_and_loses_nothing(
         kafka_bootstrap: str, topic_prefix: str, sandbox_factory: Any, tmp_path: Path) -> None:
     # A restart takes longer than 5 s (the dead member holds its partitions for session_timeout_ms = 6 s), so
@@ -321,6 +335,7 @@ async def test_sigkill_mid_burst_then_restart_keeps_the_5s_rule_and_loses_nothin
     second = RelayProcess(config_path, tmp_path / "relay-2.log")
     try:
         await first.start()
+        await wait_until(lambda: assigned(first), 90, "the first relay's partitions")  # a slow start-up: no burst yet
         producing = asyncio.create_task(
             produce_timed(kafka_bootstrap, config.kafka.intents_topics[0], plan, produced))
         try:
@@ -364,3 +379,203 @@ async def test_sigkill_mid_burst_then_restart_keeps_the_5s_rule_and_loses_nothin
     assert set(a.statuses) <= {"ok", "superseded"}
     assert after[0].at - before[-1].at < interval, "the restart took longer than the rule: nothing was proved"
     assert gaps and min(gaps) >= interval
+
+
+# --- (c) two relays: tokens shared across partitions, a join and a SIGTERM mid-burst ---------------------------
+
+
+def own_audiences(plan: Sequence[Planned]) -> list[Planned]:
+    """Each intent addressed to an open_id of its own: every call's ``open_ids`` then names exactly the intents it
+    carried, so the sandbox's log says how many successful calls delivered each (token, intent)."""
+    return [dataclasses.replace(p, open_ids=(f"ou_{p.id}",)) for p in plan]
+
+
+def deliveries(calls: Sequence[SeenCall]) -> Counter[tuple[str, str]]:
+    """(token, open_id) -> successful calls carrying the token to that open_id."""
+    out: Counter[tuple[str, str]] = Counter()
+    for c in calls:
+        if c.ok and c.audience is not None:
+            out.update((t, who) for t in c.tokens for who in c.audience)
+    return out
+
+
+def token_gaps(calls: Sequence[SeenCall]) -> dict[str, list[float]]:
+    """Per token, the gaps between consecutive calls carrying it (every call the sandbox saw, by arrival)."""
+    times: dict[str, list[float]] = {}
+    for c in calls:
+        for t in c.tokens:
+            times.setdefault(t, []).append(c.at)
+    return {t: [b - a for a, b in itertools.pairwise(sorted(ts))] for t, ts in times.items()}
+
+
+def check_two_relays(plan: Sequence[Planned], by_id: dict[str, list[dict[str, Any]]], sandbox: Sandbox,
+                     interval: float) -> list[SeenCall]:
+    """The acceptance checks: 0 violations, every token's calls >= ``interval`` apart at the sandbox, exactly one
+    successful call per (token, intent) and one result per intent."""
+    calls = seen_calls(sandbox.calls)
+    assert sandbox.violations() == [] and sandbox.throttled_count() == 0, sandbox.violations()[:3]
+    gaps = token_gaps(calls)
+    short = {t: min(g) for t, g in gaps.items() if g and min(g) < interval}
+    assert not short, f"tokens updated within {interval:g}s: {short}"
+    missing = [p.id for p in plan if not by_id.get(p.id)]
+    assert not missing, f"{len(missing)} intents without a result, e.g. {missing[:5]}"
+    assert all(len(rs) == 1 for rs in by_id.values()), [i for i, rs in by_id.items() if len(rs) > 1][:5]
+    statuses = Counter(r["status"] for rs in by_id.values() for r in rs)
+    assert set(statuses) <= {"ok", "superseded"}, statuses
+    delivered = deliveries(calls)
+    counts = Counter(delivered[(t, f"ou_{p.id}")] for p in plan for t in p.tokens)
+    twice = [(p.id, t, [(round(c.at, 3), c.log_id) for c in calls if c.ok and t in c.tokens and c.audience
+                        and f"ou_{p.id}" in c.audience], by_id[p.id])
+             for p in plan for t in p.tokens if delivered[(t, f"ou_{p.id}")] != 1]
+    assert set(counts) == {1}, f"successful calls per (token, intent): {dict(counts)}; e.g. {twice[:3]}"
+    return calls
+
+
+def partition_of(key: str, partitions: int) -> int:
+    return int(DefaultPartitioner()(key.encode(), list(range(partitions)), list(range(partitions))))
+
+
+async def owners(bootstrap: str, group: str, topic: str) -> dict[int, str]:
+    """partition -> member id of the group's current assignment (empty unless the group is Stable)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    state, members = described[0].groups[0][2], described[0].groups[0][5]
+    out: dict[int, str] = {}
+    if state != "Stable":
+        return out
+    for member in members:
+        assignment = ConsumerProtocolMemberAssignment.decode(member[-1]) if member[-1] else None
+        for tp in assignment.partitions() if assignment is not None else ():
+            if tp.topic == topic:
+                out[tp.partition] = member[0]
+    return out
+
+
+async def two_relay_config(kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox, scale: float,
+                           tmp_path: Path) -> tuple[Any, Path]:
+    # two replicas of one group share the app quota; drain_timeout as shipped (20 s for a 5 s rule, scaled with
+    # it), so a started intent's remaining calls finish: a call cut off there may be delivered again
+    drain = 20.0 / min(scale, 1.0)
+    data = config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=scale, feishu={"quota_share": 0.5},
+                       outbound={"drain_timeout": drain, "rebalance_timeout_ms": int(1000 * (drain + 30))})
+    config = to_config(data)
+    await create_relay_topics(config)
+    path = tmp_path / "relay.toml"
+    path.write_text(to_toml(data))
+    return config, path
+
+
+async def test_two_relays_owning_the_partitions_of_a_b_and_of_b_never_update_b_within_5s(
+        kafka_bootstrap: str, topic_prefix: str, sandbox_factory: Any, tmp_path: Path) -> None:
+    scale = 2.0  # the token rule is 2.5 s, 10 calls/s (5 per relay)
+    interval = 5.0 / scale
+    sandbox: Sandbox = await sandbox_factory(scale)
+    config, path = await two_relay_config(kafka_bootstrap, topic_prefix, sandbox, scale, tmp_path)
+    topic, partitions = config.kafka.intents_topics[0], config.kafka.topic_partitions
+    relays = [RelayProcess(path, tmp_path / f"relay-{n}.log") for n in (1, 2)]
+    try:
+        for relay in relays:
+            await relay.start()
+        owned: dict[int, str] = {}
+        for _ in range(600):  # until both relays own partitions
+            owned = await owners(kafka_bootstrap, config.kafka.group_id, topic)
+            if len(owned) == partitions and len(set(owned.values())) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(set(owned.values())) == 2, (owned, relays[0].log_tail(), relays[1].log_tail())
+        # pairs (a, b) whose records [a, b] (keyed by a) and [b] (keyed by b) are read by different relays
+        names = (f"tok-{n}" for n in itertools.count())
+        pairs: list[tuple[str, str]] = []
+        while len(pairs) < 8:
+            a, b = next(names), next(names)
+            if owned[partition_of(a, partitions)] != owned[partition_of(b, partitions)]:
+                pairs.append((a, b))
+        plan = own_audiences([
+            item for r in range(3) for i, (a, b) in enumerate(pairs)  # three rounds, each inside the rule
+            for item in (Planned(f"ab{r}-{i}", r * 0.4 * interval, (a, b), None),
+                         Planned(f"b{r}-{i}", r * 0.4 * interval, (b,), None))])
+        produced: dict[str, float] = {}
+        async with Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+            await produce_timed(kafka_bootstrap, topic, plan, produced)
+            await results.wait_for(len(plan), 90, what="url_preview results")
+            by_id = results.by_id()
+        assert await owners(kafka_bootstrap, config.kafka.group_id, topic) == owned  # no rebalance meanwhile
+        for relay in relays:
+            relay.send(signal.SIGTERM)
+        for relay in relays:
+            assert await relay.wait(60) == 0, relay.log_tail()
+    finally:
+        for relay in relays:
+            await relay.kill()
+    calls = check_two_relays(plan, by_id, sandbox, interval)
+    both = [b for _, b in pairs]
+    print(f"{len(calls)} calls; tokens b: {sum(len(token_gaps(calls)[b]) + 1 for b in both)} updates")
+
+
+async def test_a_relay_joining_and_the_first_sigtermed_mid_burst_keep_every_token_5s_apart_and_deliver_once(
+        kafka_bootstrap: str, topic_prefix: str, sandbox_factory: Any, tmp_path: Path) -> None:
+    # Feishu's time runs at half speed: the token rule is 10 s, longer than a handover (a join or a leave, the
+    # drain, the next owner reading), so the next owner wants to call tokens the previous one updated seconds
+    # ago and only the memory holds it back; few tokens, so no token waits long for the API budget either
+    scale = 0.5
+    interval = 5.0 / scale
+    sandbox: Sandbox = await sandbox_factory(scale)
+    config, path = await two_relay_config(kafka_bootstrap, topic_prefix, sandbox, scale, tmp_path)
+    # the burst goes on (a round of updates every 3 s: each token about 3 times per rule) until the first relay
+    # has stopped, however long the join and the drains take on a busy machine, then three rounds more
+    stopped = asyncio.Event()
+    plan: list[Planned] = []
+    produced: dict[str, float] = {}
+    first = RelayProcess(path, tmp_path / "relay-1.log")
+    second = RelayProcess(path, tmp_path / "relay-2.log")
+
+    async def burst() -> None:
+        rng, rounds = random.Random(6), 0
+        while not stopped.is_set() or rounds < 3:
+            rounds = 0 if not stopped.is_set() else rounds + 1
+            batch = own_audiences(plan_burst(rng, tokens=10, updates=1, seconds=3.0, multi=0.3,
+                                             prefix=f"p{len(plan)}-"))
+            plan.extend(batch)
+            await produce_timed(kafka_bootstrap, config.kafka.intents_topics[0], batch, produced)
+
+    try:
+        await first.start()
+        await wait_until(lambda: assigned(first), 180, "the first relay's partitions")
+        producing = asyncio.create_task(burst())
+        try:
+            await wait_until(lambda: len(sandbox.calls_for(API)) >= 4, 180, "the first calls")
+            second_started = time.monotonic()
+            await second.start()
+            await wait_until(lambda: assigned(second), 180, "the second relay's partitions")
+            first.send(signal.SIGTERM)
+            assert await first.wait(90) == 0, first.log_tail()
+            first_stopped = time.monotonic()
+            stopped.set()
+            await producing
+        finally:
+            if not producing.done():
+                producing.cancel()
+        async with Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+            await results.wait_for(len(plan), 180, what="url_preview results")
+            by_id = results.by_id()
+        second.send(signal.SIGTERM)
+        assert await second.wait(90) == 0, second.log_tail()
+    finally:
+        await first.kill()
+        await second.kill()
+    calls = check_two_relays(plan, by_id, sandbox, interval)
+    assert [c for c in calls if c.at < second_started] and [c for c in calls if c.at > first_stopped]
+    # which relay made a call: the log_id of the results it wrote. A token called by one relay and next by the
+    # other was handed over (a rebalance); those gaps are the ones only the memory keeps
+    by_relay = {m: n for n, relay in enumerate((first, second))
+                for m in re.findall(r"log_id=(\S+)", relay.log_path.read_text(errors="replace"))}
+    handed = [b.at - a.at for t in {t for c in calls for t in c.tokens}
+              for a, b in itertools.pairwise([c for c in calls if t in c.tokens])
+              if a.log_id in by_relay and b.log_id in by_relay and by_relay[a.log_id] != by_relay[b.log_id]]
+    print(f"{len(calls)} calls, {len(plan)} intents; {len(handed)} token updates by the other relay than the one "
+          f"before, min gap {min(handed, default=float('nan')):.2f}s (rule {interval:g}s)")
+    assert handed, "no token was updated by both relays: the handover was not exercised"

@@ -449,3 +449,103 @@ def test_a_call_that_may_expire_does_not_fold_in_a_request_that_outlives_it() ->
     r3 = p.add("i3", "default", ["t"], None, 1.5, 0.5)  # expires before the call does: folded
     done = send(p, call, 1.0)
     assert done[r3].status == "ok" and r2 not in done
+
+
+def test_an_update_seen_later_holds_back_a_token_that_was_already_ready() -> None:
+    # another replica's (or the previous owner's) update of t arrives through the memory after t became ready
+    p = planner()
+    p.add("i1", "default", ["t"], None, None, 0.0)
+    p.remember("default", "t", 1.0)
+    assert p.next_call(1.0) is None
+    assert p.next_wakeup() == pytest.approx(1.0 + SPACING)
+    assert p.next_call(1.0 + SPACING) is not None
+
+
+def test_an_update_seen_later_holds_back_a_cooling_token_longer() -> None:
+    p = planner()
+    p.remember("default", "t", 0.0)
+    p.add("i1", "default", ["t"], None, None, 0.1)
+    p.remember("default", "t", 2.0)
+    assert p.next_call(SPACING) is None
+    assert p.next_wakeup() == pytest.approx(2.0 + SPACING)
+    assert p.next_call(2.0 + SPACING) is not None
+
+
+# --- started: may an intent already be at Feishu (a drain waits for it) -------------------------------------
+
+
+def test_an_intent_is_started_once_a_call_carrying_it_claims_and_stays_so_once_sent() -> None:
+    p = planner()
+    r1 = p.add("i1", "default", ["t"], None, None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None
+    assert not p.started(r1)  # planned: nothing written anywhere yet
+    p.on_claim(call.id)
+    assert p.started(r1)
+    p.on_attempt(call.id, 0.1)
+    p.abort(call.id, 0.2)  # e.g. the executor raised after the request left: it may have been performed
+    assert p.started(r1)
+
+
+def test_a_claim_that_is_not_sent_unstarts_its_intents() -> None:
+    p = planner()
+    r1 = p.add("i1", "default", ["t", "u"], None, None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None and call.tokens == ("t", "u")
+    p.on_claim(call.id)
+    p.abort(call.id, 0.1, hold=0.0)  # the claim lost: nothing was sent
+    assert not p.started(r1)
+    p.withdraw(r1)
+    assert p.pending_intents == 0 and p.next_call(100.0) is None
+
+
+def test_a_request_folded_in_at_the_send_is_started_with_it() -> None:
+    p = planner()
+    p.add("i1", "default", ["t"], None, None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None
+    p.on_claim(call.id)
+    r2 = p.add("i2", "default", ["t"], ["ou_1"], None, 0.05)  # covered by "everyone": rides this attempt
+    assert not p.started(r2)
+    p.on_attempt(call.id, 0.1)
+    assert p.started(r2)
+
+
+def test_a_multi_token_intent_with_one_token_delivered_stays_started() -> None:
+    p = planner()
+    r1 = p.add("i1", "default", ["t", "u"], ["ou_1"], None, 0.0)
+    p.add("i2", "default", ["u"], ["ou_2"], None, 0.0)
+    first = p.next_call(0.0)
+    assert first is not None and first.tokens == ("t",)
+    p.on_claim(first.id)
+    send(p, first, 0.0)
+    assert p.started(r1)  # t was delivered: redoing it elsewhere would update t twice for i1
+
+
+def test_a_lost_claim_waits_a_jitter_past_the_spacing_of_the_winner() -> None:
+    p = planner()
+    p.add("i1", "default", ["t"], None, None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None
+    p.on_claim(call.id)
+    p.remember("default", "t", 0.5)  # the winner's claim (and ours), read by the tail before the verdict
+    p.abort(call.id, 0.01, hold=0.0, jitter=0.3)
+    assert p.next_call(0.5 + SPACING) is None
+    again = p.next_call(0.5 + SPACING + 0.3)
+    assert again is not None and again.tokens == ("t",)
+
+
+def test_a_call_carrying_an_intent_withdrawn_before_its_claim_is_not_claimed_and_replanned_without_it() -> None:
+    p = planner()
+    r1 = p.add("i1", "default", ["t"], ["ou_1"], None, 0.0)
+    r2 = p.add("i2", "default", ["t"], ["ou_2"], None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None and call.open_ids == ("ou_1", "ou_2")
+    p.withdraw(r1)  # a drain gave i1 to the next owner while its call waited for the limiter
+    assert not p.on_claim(call.id) and not p.started(r2)
+    p.abort(call.id, 0.1, hold=0.0)
+    again = p.next_call(0.1)
+    assert again is not None and again.open_ids == ("ou_2",)
+    assert p.on_claim(again.id)
+    p.withdraw(r2)  # claimed: it may be at Feishu; the call goes on (its caller gave up waiting)
+    assert p.on_claim(again.id)

@@ -33,6 +33,15 @@ def test_statuses_from_attempts() -> None:
     assert (status, error) == ("expired", None) and "before any attempt" in fields["msg"]
 
 
+def test_a_maybe_performed_call_not_retried_fails_as_outcome_unknown() -> None:
+    lost = Outcome(verdict=Verdict.RETRY, http_status=None, code=None, msg="ServerDisconnectedError: gone",
+                   maybe_performed=True)
+    status, error, fields = from_attempt(Attempted(lost, 1, unknown=True))
+    assert (status, error) == ("failed", "outcome-unknown")
+    assert fields["msg"].startswith("outcome unknown:") and "ServerDisconnectedError" in fields["msg"]
+    assert dead_letter_reason(error, fields) == fields["msg"]
+
+
 def test_result_record_has_every_contract_field() -> None:
     result = make_result(id="n-1", kind="message.send", app="default", status="ok", received_at=1.5e9,
                          finished_at=1.5e9 + 0.25, code=0, msg="success", data={"message_id": "om_1"},

@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from yarl import URL
 
-from relay.sandbox import Sandbox, SandboxOptions
+from relay.sandbox import Control, Sandbox, SandboxOptions, SandboxUser
 from relay.sandbox.windows import Limit, SlidingWindows
 
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
@@ -244,6 +245,66 @@ async def test_reply_is_limited_per_chat_of_the_replied_message(make: Factory) -
     assert sandbox.violations()[0].targets == ["chat:oc_1"]
 
 
+async def test_a_person_gets_five_per_second_under_all_their_ids_and_their_p2p_chat(make: Factory) -> None:
+    person = SandboxUser(open_id="ou_p", union_id="on_p", user_id="u_p", email="p@x.cn", chat_id="oc_pp")
+    sandbox, client, clock = await make(users=(person,))
+    hi = json.dumps({"text": "hi"})
+    answers = []
+    for id_type, receive_id in (("open_id", "ou_p"), ("union_id", "on_p"), ("user_id", "u_p"), ("email", "p@x.cn"),
+                                ("chat_id", "oc_pp")):
+        answers.append(await client.call("POST", MESSAGES, {"receive_id": receive_id, "msg_type": "text",
+                                                            "content": hi}, {"receive_id_type": id_type}))
+    assert [body["code"] for _, body, _ in answers] == [0] * 5
+    assert {body["data"]["chat_id"] for _, body, _ in answers} == {"oc_pp"}  # one p2p chat, as Feishu answers
+    message_id = answers[0][1]["data"]["message_id"]
+    reply = {"msg_type": "text", "content": hi}
+    assert (await client.call("POST", f"{MESSAGES}/{message_id}/reply", reply))[1]["code"] == 230020
+    _, body, _ = await client.call("POST", f"{MESSAGES}/{message_id}/forward", {"receive_id": "on_p"},
+                                   {"receive_id_type": "union_id"})
+    assert body["code"] == 230020
+    assert len(sandbox.violations()) == 2
+    clock.advance(1.0)
+    other = await client.call("POST", MESSAGES, {"receive_id": "ou_q", "msg_type": "text", "content": hi},
+                              {"receive_id_type": "open_id"})
+    assert other[1]["data"]["chat_id"] == "oc_p2p_ou_q"  # an id nobody lists: a person of its own
+
+
+async def test_a_reply_to_a_message_posted_by_somebody_else_counts_in_its_chat(make: Factory) -> None:
+    _, client, _ = await make(messages={"om_seen": "oc_g"})
+    for _ in range(4):
+        assert (await client.send("oc_g"))[1]["code"] == 0
+    reply = {"msg_type": "text", "content": json.dumps({"text": "ok"})}
+    _, body, _ = await client.call("POST", f"{MESSAGES}/om_seen/reply", reply)
+    assert body["code"] == 0 and body["data"]["chat_id"] == "oc_g"
+    assert (await client.call("POST", f"{MESSAGES}/om_seen/reply", reply))[1]["code"] == 230020
+    _, body, _ = await client.call("POST", f"{MESSAGES}/om_never_seen/reply", reply)  # a chat of its own
+    assert body["code"] == 0 and body["data"]["chat_id"] == "oc_of_om_never_seen"
+
+
+async def test_a_throttled_api_answers_429_with_the_reset_left(make: Factory) -> None:
+    sandbox, client, clock = await make()
+    sandbox.throttle_api("message.send", 3.0)
+    status, body, headers = await client.send("oc_1")
+    assert (status, body["code"], headers["x-ogw-ratelimit-reset"]) == (429, 99991400, "3")
+    clock.advance(1.2)
+    assert (await client.send("oc_1"))[2]["x-ogw-ratelimit-reset"] == "2"
+    assert (await client.react())[1]["code"] == 0  # other APIs are not throttled
+    clock.advance(1.8)
+    assert (await client.send("oc_1"))[1]["code"] == 0
+    assert sandbox.violations() == [] and sandbox.throttled_count() == 2  # injected, not the client's doing
+
+
+@pytest.mark.parametrize("path", ["/open-apis/%2e%2e/auth/v3/x", "/open-apis/im/v1/..%2Fchats", "/open-apis/a/..;/b",
+                                  "/open-apis/a/%252e%252E/b", "/open-apis/a/%5Cb", "/auth/v3/x", "/"])
+async def test_a_path_outside_open_apis_is_a_violation(make: Factory, path: str) -> None:
+    sandbox, client, _ = await make()
+    async with client.session.get(URL(client.base + path, encoded=True)) as resp:
+        assert resp.status in (400, 404)
+    (call,) = sandbox.violations()
+    assert call.raw_path == path and ("/open-apis/" in (call.violation or "") or "dot" in (call.violation or "")
+                                      or "slash" in (call.violation or ""))
+
+
 async def test_preview_token_updated_twice_within_5_seconds(make: Factory) -> None:
     sandbox, client, clock = await make()
     path = "/open-apis/im/v2/url_previews/batch_update"
@@ -423,6 +484,46 @@ async def test_code_1500_and_dropped_connection(make: Factory) -> None:
     assert sandbox.calls[-1].fault == "drop" and sandbox.calls[-1].status == 0
     sandbox.set_faults(fault_rate=0.0)
     assert (await client.react())[1]["code"] == 0
+
+
+async def test_lost_and_hang_perform_the_operation_then_lose_its_answer(make: Factory) -> None:
+    sandbox, client, _ = await make(fault_rate=1.0, fault_kinds=("lost",), hang_seconds=5.0)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await client.react("om_lost")
+    lost = sandbox.calls[-1]
+    assert (lost.fault, lost.performed, lost.status) == ("lost", True, 0)
+    sandbox.set_faults(fault_kinds=("hang",))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await client.react("om_hang")
+    hung = sandbox.calls[-1]
+    assert (hung.fault, hung.performed) == ("hang", True)
+    # a refusal is answered as usual even with an after-fault rolled: nothing was performed, nothing is lost
+    status, body, _ = await client.call("POST", f"{MESSAGES}/om_1/reactions", {"reaction_type": {}})
+    assert (status, body["code"]) == (400, 230001)
+    assert (sandbox.calls[-1].fault, sandbox.calls[-1].performed) == (None, False)
+    sandbox.set_faults(fault_kinds=("drop",))  # before the operation: not performed
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await client.react("om_drop")
+    assert (sandbox.calls[-1].fault, sandbox.calls[-1].performed) == ("drop", False)
+
+
+async def test_a_uuid_answered_from_the_dedup_cache_is_not_performed_again(make: Factory) -> None:
+    sandbox, client, _ = await make()
+    assert (await client.send("oc_1", uuid="u-1"))[1]["code"] == 0
+    assert (await client.send("oc_1", uuid="u-1"))[1]["code"] == 0
+    sends = sandbox.calls_for("message.send")
+    assert [(c.performed, c.deduped) for c in sends] == [(True, False), (False, True)]
+
+
+async def test_token_outage_answers_a_gateway_503_until_cleared(make: Factory) -> None:
+    sandbox, client, _ = await make()
+    sandbox.apply(Control(token_outage=True))
+    async with client.session.post(client.base + TOKEN_PATH, json={"app_id": "cli_a", "app_secret": "s"}) as resp:
+        assert resp.status == 503 and "gateway" in await resp.text()
+    assert sandbox.calls[-1].fault == "token_outage"
+    sandbox.apply(Control(token_outage=False))
+    assert (await client.login())["code"] == 0
 
 
 async def test_http_controls(make: Factory) -> None:

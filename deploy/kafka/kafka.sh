@@ -17,7 +17,7 @@ MAJOR="${KAFKA_MAJOR:-4}"
 LIBS="$HERE/libs-kafka$MAJOR"
 TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 PYTHON="${PYTHON:-python3}"
-JAVA_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m} -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true"
+JAVA_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1536m} -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true"
 PIDFILE="$STATE/kafka.pid"
 LOG="$STATE/logs/stdout.log"
 

@@ -10,10 +10,15 @@ Merging
     The pending requests for one token are merged into the token's next call: the union of their open_ids, or
     everyone (no ``open_ids``) if any of them asked for everyone or the union passes 100 open_ids.
 Spacing
-    A token's next call may start no earlier than ``last attempt + token_interval + margin`` (interval divided
+    A token's next call may start no earlier than ``last update + token_interval + margin`` (interval divided
     by ``feishu.time_scale``; the margin covers event-loop lag and network variance between our send and
-    Feishu's clock). *Every attempt* counts as an update, retries included (Feishu may have acted on an attempt
-    whose answer we never saw), and one token is never in two calls at once.
+    Feishu's clock). An update is every attempt this process sent, stamped at the instant it was sent
+    (:meth:`PreviewPlanner.on_attempt`), retries included (Feishu may have acted on an attempt whose answer we
+    never saw), and every update anyone else may have made (:meth:`PreviewPlanner.remember`: another replica's
+    or a previous owner's claim, read from the shared memory, at the latest instant its writer may have sent);
+    news of a later update holds back a token that was already ready. One token is never in two calls at once.
+    Across replicas the rule is kept by claims (:mod:`relay.previews.claims`); this spacing only decides when a
+    claim is worth making.
 Packing and fairness
     Ready tokens are taken oldest-pending-request first; a call carries the oldest ready token plus up to 9 more
     ready tokens whose merged open_ids set is *the same* (never widened: a wider audience amplifies load, as the
@@ -39,6 +44,11 @@ Results (one per intent; "carried" = included in a call made after the intent wa
   pending requests are withdrawn), or the carrying call stopped because every intent it carried had expired.
 
 ``outcome``/``attempts`` of a result are those of the call that finished the intent.
+
+Started (for drains): an intent is *started* once a call carrying it has claimed its tokens, or has been sent;
+until then nothing of it can have reached Feishu, so :meth:`PreviewPlanner.withdraw` can hand it to the next
+owner. Withdrawing an intent that a planned call carries before that call's first claim makes the call stale:
+it is aborted unsent and its other requests are planned again.
 """
 
 from __future__ import annotations
@@ -112,7 +122,7 @@ class _Request:
 
 
 class _IntentState:
-    __slots__ = ("app", "expires_at", "id", "owed", "ref", "superseders")
+    __slots__ = ("app", "claimed", "expires_at", "id", "owed", "ref", "sent", "superseders")
 
     def __init__(self, ref: int, intent_id: str, app: str, tokens: Iterable[str], expires_at: float | None) -> None:
         self.ref = ref
@@ -121,6 +131,8 @@ class _IntentState:
         self.owed: set[str] = set(tokens)
         self.expires_at = expires_at
         self.superseders: list[tuple[int, str]] = []  # (ref, id) of later intents that carried one of its tokens
+        self.claimed: set[int] = set()  # calls carrying it whose current attempt has claimed and not been sent yet
+        self.sent = False  # an attempt carrying it was sent (it may have been performed)
 
 
 class _TokenState:
@@ -161,13 +173,18 @@ class _TokenState:
 
 
 class _CallState:
-    __slots__ = ("audience", "carried", "keys", "planned")
+    __slots__ = ("audience", "carried", "claimed", "keys", "planned", "stale")
 
     def __init__(self, planned: PlannedCall, keys: list[TokenKey], audience: Audience) -> None:
         self.planned = planned
         self.keys = keys
         self.audience = audience
         self.carried: dict[TokenKey, list[_Request]] = {key: [] for key in keys}  # in read order
+        self.claimed = False  # an attempt has claimed: it may be at Feishu
+        self.stale = False  # an intent it carries was withdrawn before any attempt claimed
+
+    def refs(self) -> set[int]:
+        return {request.ref for requests in self.carried.values() for request in requests}
 
 
 def _covers(call: Audience, request: Audience) -> bool:
@@ -182,10 +199,12 @@ def _outlives(call_expires: float | None, intent_expires: float | None) -> bool:
 class PreviewPlanner:
     """Decides every URL-preview call and every url_preview intent's result; pure: time is passed in.
 
-    Usage: :meth:`add` each intent as it is read; :meth:`next_call` while the caller can send; :meth:`on_attempt`
-    right before each attempt of a call is sent; :meth:`complete` (or :meth:`abort`) when it ends; :meth:`expire`
-    whenever time passes; sleep until :meth:`next_wakeup`. Intents are identified by the ``ref`` returned from
-    :meth:`add` (two records may share an intent ``id``). The rules are in the module docstring.
+    Usage: :meth:`add` each intent as it is read; :meth:`remember` every update of a token made elsewhere (another
+    replica, a previous owner, this process before a restart); :meth:`next_call` while the caller can send;
+    :meth:`on_claim` when an attempt of a call claims its tokens and :meth:`on_attempt` at the instant that attempt
+    is sent; :meth:`complete` (or :meth:`abort`) when the call ends; :meth:`expire` whenever time passes; sleep until
+    :meth:`next_wakeup`. Intents are identified by the ``ref`` returned from :meth:`add` (two records may share an
+    intent ``id``); :meth:`started` says whether one may already be at Feishu. The rules are in the module docstring.
     """
 
     def __init__(self, *, token_interval: float, margin: float = 0.0,
@@ -206,10 +225,17 @@ class PreviewPlanner:
     # -- inputs ------------------------------------------------------------------------------------------
 
     def remember(self, app: str, token: str, at: float) -> None:
-        """Seed the time ``token`` was last updated (from the durable memory); keeps the later of two."""
+        """``token`` was (or may have been) updated at ``at``, by anyone; keeps the later of two.
+
+        A token already ready when the news arrives waits again: it is ready only ``spacing`` after ``at``.
+        """
         state = self._token(app, token)
-        if state.last_update is None or at > state.last_update:
-            state.last_update = at
+        if state.last_update is not None and at <= state.last_update:
+            return
+        state.last_update = at
+        key = (app, token)
+        if self._ready.pop(key, None) is not None or state.cooling_until is not None:
+            self._cool(state)
 
     def add(self, intent_id: str, app: str, tokens: Sequence[str], open_ids: Sequence[str] | None,
             expires_at: float | None, now: float) -> int:
@@ -258,11 +284,30 @@ class PreviewPlanner:
         self._calls[call_id] = state
         return state.planned
 
+    def on_claim(self, call_id: int) -> bool:
+        """An attempt of ``call_id`` is about to claim its tokens: from now on it may be sent, so the intents it
+        carries are :meth:`started` until it ends (or is aborted unsent).
+
+        False, and nothing changes, when an intent it carries was withdrawn before its first claim (a drain gave
+        the intent to the next owner): the caller must :meth:`abort` it unsent, so its other requests are planned
+        again without the withdrawn one.
+        """
+        call = self._calls[call_id]
+        if call.stale:
+            return False
+        call.claimed = True
+        for ref in call.refs():
+            intent = self._intents.get(ref)
+            if intent is not None:
+                intent.claimed.add(call_id)
+        return True
+
     def on_attempt(self, call_id: int, now: float) -> None:
         """An attempt of ``call_id`` is being sent at ``now``: stamp its tokens and fold in covered requests.
 
         Requests read since the call was planned whose open_ids the call covers are carried by it too: the
-        attempt is a call made after they were read, so a success delivers them.
+        attempt is a call made after they were read, so a success delivers them. Every intent it carries is
+        :meth:`started` from now on.
         """
         call = self._calls[call_id]
         for key in call.keys:
@@ -278,6 +323,11 @@ class PreviewPlanner:
                     del token.pending[ref]
                     token.changed()
                     call.carried[key].append(request)
+        for ref in call.refs():
+            intent = self._intents.get(ref)
+            if intent is not None:
+                intent.sent = True
+                intent.claimed.discard(call_id)
 
     def complete(self, call_id: int, now: float, *, delivered: bool, expired: bool = False,
                  reason: str | None = None) -> list[Finished]:
@@ -286,6 +336,7 @@ class PreviewPlanner:
         Returns the intents this finishes.
         """
         call = self._calls.pop(call_id)
+        self._unclaim(call)
         finished: list[Finished] = []
         for key in call.keys:
             token = self._tokens[key]
@@ -311,16 +362,22 @@ class PreviewPlanner:
             self._schedule(token, now)
         return finished
 
-    def abort(self, call_id: int, now: float, hold: float = ERROR_HOLD) -> None:
-        """The call neither succeeded nor failed (it raised): its requests go back to pending, first in line.
+    def abort(self, call_id: int, now: float, hold: float = ERROR_HOLD, *, jitter: float = 0.0) -> None:
+        """The call neither succeeded nor failed (it raised, or its claim lost): its requests go back to pending,
+        first in line; intents it carried are no longer :meth:`started` by it unless one of its attempts was sent.
 
-        Its tokens rest ``hold`` seconds (besides the spacing rule) so a persistent error cannot spin.
+        Its tokens rest ``hold`` seconds (besides the spacing rule) so a persistent error cannot spin, and
+        ``jitter`` seconds past the spacing: two replicas whose claims lost to each other's (each won a token
+        of the other's call) would otherwise both be ready again at the same instant, and race again.
         """
         call = self._calls.pop(call_id)
+        self._unclaim(call)
         for key in call.keys:
             token = self._tokens[key]
             token.in_flight = None
             token.hold_until = now + hold
+            if jitter > 0 and token.last_update is not None:
+                token.hold_until = max(token.hold_until, token.last_update + self.spacing + jitter)
             back = {r.ref: r for r in call.carried[key] if r.ref in self._intents}
             for ref in back:
                 expires_at = self._intents[ref].expires_at
@@ -344,11 +401,24 @@ class PreviewPlanner:
                 finished.append(self._finish(intent, "expired", reason="expires_at passed before the update"))
         return finished
 
-    def withdraw(self, ref: int) -> None:
-        """Forget an intent nobody waits for any more (its caller was cancelled); no result."""
+    def started(self, ref: int) -> bool:
+        """Whether a call carrying intent ``ref`` has claimed or been sent, so the intent may be (or have been)
+        performed at Feishu; False for an intent no longer pending (finished or withdrawn)."""
         intent = self._intents.get(ref)
-        if intent is not None:
-            self._finish(intent, "expired")
+        return intent is not None and (intent.sent or bool(intent.claimed))
+
+    def withdraw(self, ref: int) -> None:
+        """Forget an intent nobody waits for any more (its caller was cancelled, a drain gave it away); no result.
+
+        A call carrying it that has not claimed yet becomes stale (see :meth:`on_claim`): it must not be sent.
+        """
+        intent = self._intents.get(ref)
+        if intent is None:
+            return
+        for call in self._calls.values():
+            if not call.claimed and ref in call.refs():
+                call.stale = True
+        self._finish(intent, "expired")
 
     def next_wakeup(self, *, spacing: bool = True) -> float | None:
         """When time alone next changes something: an intent expires, or (``spacing``) a token becomes ready.
@@ -401,6 +471,22 @@ class PreviewPlanner:
     def _ready_time(self, state: _TokenState) -> float:
         spaced = float("-inf") if state.last_update is None else state.last_update + self.spacing
         return max(spaced, state.hold_until)
+
+    def _unclaim(self, call: _CallState) -> None:
+        for ref in call.refs():
+            intent = self._intents.get(ref)
+            if intent is not None:
+                intent.claimed.discard(call.planned.id)
+
+    def _cool(self, state: _TokenState) -> None:
+        """Put a token with pending requests (and no call) in the cooling heap at its ready time, due or not."""
+        if not state.pending or state.in_flight is not None:
+            state.cooling_until = None
+            return
+        at = self._ready_time(state)
+        if state.cooling_until != at:
+            state.cooling_until = at
+            heapq.heappush(self._cooling, (at, (state.app, state.token)))
 
     def _schedule(self, state: _TokenState, now: float) -> None:
         """Put a token with pending requests (and no call) in the ready set or the cooling heap."""

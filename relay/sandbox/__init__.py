@@ -3,10 +3,14 @@
     server    the aiohttp server: tokens, the APIs the relay calls, limits, faults, the call log, /_sandbox
     bodies    the request bodies it accepts, each documented rule in the type
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
+    emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
 """
 
 from relay.sandbox.server import (
+    AFTER_FAULTS,
     ALL_FAULTS,
+    BEFORE_FAULTS,
+    ApiThrottle,
     CallRecord,
     Control,
     FaultKind,
@@ -14,13 +18,17 @@ from relay.sandbox.server import (
     Message,
     Sandbox,
     SandboxOptions,
+    SandboxUser,
     TargetFailure,
     TargetThrottle,
     serve,
 )
 
 __all__ = [
+    "AFTER_FAULTS",
     "ALL_FAULTS",
+    "BEFORE_FAULTS",
+    "ApiThrottle",
     "CallRecord",
     "Control",
     "FaultKind",
@@ -28,6 +36,7 @@ __all__ = [
     "Message",
     "Sandbox",
     "SandboxOptions",
+    "SandboxUser",
     "TargetFailure",
     "TargetThrottle",
     "serve",

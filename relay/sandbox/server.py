@@ -17,6 +17,10 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
 - ``/_sandbox/calls`` (GET, ``?api=`` filter), ``/_sandbox/stats`` (GET), ``/_sandbox/control`` (POST a
   ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
   subprocess or a curious ``make run`` user.
+- Anything else, and any ``/open-apis/`` path that leaves ``/open-apis/`` once a server decodes it (a ``.`` or
+  ``..`` segment, also percent-encoded or twice encoded or as ``..;``, an encoded slash or backslash): logged with
+  its raw path as a violation and answered 404, before authorization (a real gateway would have normalized it
+  and routed it elsewhere, tenant token attached).
 
 Limits (sliding windows over arrival times, see ``relay.sandbox.windows``; only admitted calls count, refused ones are
 logged as throttled):
@@ -29,10 +33,10 @@ each IM API, per (app, API)            50 in any 1 s AND          HTTP 429, 9999
 url_previews/batch_update, per app     5 in any 1 s               same (seed page)
 chat_button, per app                   10 in any 1 s              same (seed page)
 generic ``/open-apis`` fallback        ``generic_limits``         same
-send / forward / reply per recipient   5 in any 1 s, shared by    HTTP 400, 230020 (facts §2.3: "≤5 QPS to the
-  (``receive:<id>``, reply's             the three APIs             same user; ≤5 QPS to the same group"; a reply
-  ``chat:<chat_id>``)                                               counts in the chat of the replied message when
-  (reply: ``message:<id>`` if unknown)                              the sandbox created it)
+send / forward / reply per chat        5 in any 1 s, shared by    HTTP 400, 230020 (facts §2.3: "≤5 QPS to the
+  (a person's: their p2p chat, however   the three APIs             same user; ≤5 QPS to the same group"; a reply
+  the call names them; a reply: the                                 counts in the chat of the replied message)
+  replied message's chat)
 card.patch per ``message:<id>``        5 in any 1 s               230020 (patch page)
 pin.add / pin.remove per message       5 in any 1 s               230020 (pin create/delete pages)
 ephemeral.send per                     40 in any 1 s              230020 (ephemeral send page)
@@ -44,29 +48,57 @@ API names (the ``api`` of a call record): ``message.send``, ``message.reply``, `
 ``message.recall``, ``message.forward``, ``card.patch``, ``message.urgent_app|urgent_sms|urgent_phone``,
 ``reaction.add``, ``reaction.remove``, ``pin.add``, ``pin.remove``, ``card.delay_update``, ``ephemeral.send``,
 ``ephemeral.delete``, ``url_preview.update``, ``chat_button.update``, ``message.batch_send``, ``api.call``,
-``auth.tenant_access_token``. Each counts in its own app-wide windows (Feishu limits per API x app); per-target
-windows are keyed by (app, API, target key), except a recipient's (``receive:<id>`` and ``chat:<id>`` name the same
-window for the same id: a user or a group gets at most 5 per second whichever API reaches it). Target keys, also
-what ``throttle_target``/``fail_target`` take: ``receive:<receive_id>``, ``chat:<chat_id>``,
-``message:<message_id>``, ``ephemeral-chat:<chat_id>``, ``preview-token:<token>``.
+``auth.tenant_access_token`` (and ``outside`` for a request outside ``/open-apis/``). Each counts in its own
+app-wide windows (Feishu limits per API x app); an ``api.call`` path that is a named API's (``POST
+/open-apis/im/v1/messages``) is routed to that API and counts there. Per-target windows are keyed by (app, API,
+target key), except a recipient's: one window per chat, whichever API reaches it. A send or forward lands in the
+chat it names (``receive_id_type`` chat_id) or in the person's p2p chat: ``users`` lists people with several ids
+(open_id, union_id, user_id, email) and their p2p chat, so all their ids and that chat are one window and every
+answer's ``chat_id`` is that chat; an id no user lists is a person of its own (p2p chat ``oc_p2p_<id>``). A reply
+counts in the chat of the replied message: one the sandbox created, one seeded with ``messages`` (posted by
+somebody else), or else a chat of its own (``oc_of_<message_id>``). Target keys, also what
+``throttle_target``/``fail_target`` take: ``receive:<receive_id>``, ``chat:<chat_id>``, ``message:<message_id>``,
+``ephemeral-chat:<chat_id>``, ``preview-token:<token>``; ``throttle_api`` takes an API name.
 
-Order of checks: authorization → app-wide window → fault injection → request validation (230001 naming the
-field; the body rules are the structs of ``relay.sandbox.bodies``) → forced target errors / timed throttles →
-per-target windows → ``uuid`` dedup → the operation.
+Order of checks: path → authorization → ``throttle_api`` → app-wide window → fault injection → request validation
+(230001 naming the field; the body rules are the structs of ``relay.sandbox.bodies``) → forced target errors /
+timed throttles → per-target windows → ``uuid`` dedup → the operation → an after-operation fault (``lost``,
+``hang``).
 
 ``time_scale`` k divides every Feishu duration (windows, token lifetime and refresh window, the 1 h ``uuid``
-window, ``throttle_target`` seconds) so tests run limits k times faster; reported ``expire`` and
+window, ``throttle_target`` and ``throttle_api`` seconds) so tests run limits k times faster; reported ``expire`` and
 ``x-ogw-ratelimit-reset`` are real seconds (the reset is rounded up to a whole second, as Feishu sends integers).
 Injected latency is network time and is not scaled. Arrival times in the call log are the unscaled clock.
 
 Faults (``fault_rate``, ``latency``) apply to API calls only, never to the token endpoint or ``/_sandbox``.
 A fault is rolled after the app-wide window admitted the call, so a faulted call still counts against the quota,
-as a retried call does at Feishu.
+as a retried call does at Feishu. ``fault_kinds`` picks among (default: the first five, ``BEFORE_FAULTS``):
+
+=============  =====================================================================================
+``http500``,   *instead of* the operation: a gateway's plain-text 500/502/503 (not performed)
+``http502``,
+``http503``
+``code1500``   instead of the operation: Feishu's 1500 "internal error" (not performed)
+``drop``       instead of the operation: the connection is aborted without an answer (not performed)
+``lost``       the operation IS performed, then the connection is aborted without an answer
+``hang``       the operation IS performed, then the answer is held ``hang_seconds`` (past the client's
+               timeout; released at once when the sandbox stops) and written to whoever still listens
+=============  =====================================================================================
+
+``lost`` and ``hang`` (``AFTER_FAULTS``) are what a client cannot tell apart from ``drop`` and a slow network:
+the request may or may not have been performed. They apply only to a call whose operation succeeds (a refusal
+is answered as usual). Every call record says whether its operation took effect (``performed``: not for a
+refusal, a fault before the operation or a ``uuid`` answered from the dedup cache), so a test can count the
+operations performed per message or intent however the answers went.
+
+``token_outage`` (option, ``set_token_outage``, or ``Control.token_outage``) answers every token request with a
+gateway's plain-text 503 until cleared: a token endpoint that is down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -77,6 +109,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
+from urllib.parse import unquote
 
 import msgspec
 from aiohttp import web
@@ -102,8 +135,12 @@ from relay.sandbox.windows import Limit, SlidingWindows
 
 log = logging.getLogger(__name__)
 
-FaultKind = Literal["http500", "http502", "http503", "code1500", "drop"]
-ALL_FAULTS: Final[tuple[FaultKind, ...]] = ("http500", "http502", "http503", "code1500", "drop")
+FaultKind = Literal["http500", "http502", "http503", "code1500", "drop", "lost", "hang"]
+# answered instead of the operation, which is not performed
+BEFORE_FAULTS: Final[tuple[FaultKind, ...]] = ("http500", "http502", "http503", "code1500", "drop")
+# the operation is performed, then its answer is lost (module doc)
+AFTER_FAULTS: Final[tuple[FaultKind, ...]] = ("lost", "hang")
+ALL_FAULTS: Final[tuple[FaultKind, ...]] = BEFORE_FAULTS + AFTER_FAULTS
 
 # Messages Feishu sends with each code (facts §1.3, §2.1, §4; seed pages for 230001/230027).
 MESSAGES: Final[Mapping[int, str]] = {
@@ -130,6 +167,19 @@ IM_APIS: Final[frozenset[str]] = frozenset({
 })
 
 
+class SandboxUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One person under each of their ids, with one p2p chat with the bot (``chat_id``, default
+    ``oc_p2p_<open_id>``): a send or forward to any of the ids, or to that chat, lands in that chat and counts in
+    the person's 5 per second (facts §2.3: "≤5 QPS to the same user"), and the answer's ``chat_id`` is that chat,
+    as at Feishu. An id no user lists is a person of its own, with p2p chat ``oc_p2p_<id>``."""
+
+    open_id: str
+    union_id: str | None = None
+    user_id: str | None = None
+    email: str | None = None
+    chat_id: str | None = None
+
+
 class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How the sandbox behaves. Defaults are Feishu's documented numbers; durations are in Feishu seconds."""
 
@@ -151,8 +201,12 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     latency: float = 0.0  # seconds added before every API answer (not scaled)
     latency_jitter: float = 0.0  # plus uniform(0, jitter)
     fault_rate: float = 0.0  # share of API calls (after the app window) answered by a fault
-    fault_kinds: tuple[FaultKind, ...] = ALL_FAULTS
+    fault_kinds: tuple[FaultKind, ...] = BEFORE_FAULTS
+    hang_seconds: float = 30.0  # how long a ``hang`` fault holds its answer (real seconds, not scaled)
+    token_outage: bool = False  # the token endpoint answers a gateway's 503 (module doc)
     target_errors: dict[str, int] = msgspec.field(default_factory=dict)  # target (key or bare id) -> code
+    users: tuple[SandboxUser, ...] = ()  # people with several ids and one p2p chat each (others: one id each)
+    messages: dict[str, str] = msgspec.field(default_factory=dict)  # message_id -> chat_id existing at start
     failed_users: frozenset[str] = frozenset()  # chat_button user_ids reported in failed_user_reasons
     chats_without_bot: frozenset[str] = frozenset()  # chat_button chat_ids answered 230027
     seed: int | None = None  # for the fault / latency RNG
@@ -164,7 +218,8 @@ class CallRecord(msgspec.Struct, kw_only=True):
 
     at: float  # arrival, the sandbox clock (unscaled)
     method: str
-    path: str
+    path: str  # percent-decoded, as the router matched it
+    raw_path: str = ""  # exactly as it arrived (no query), before any decoding
     api: str
     log_id: str
     app_id: str | None = None
@@ -179,6 +234,7 @@ class CallRecord(msgspec.Struct, kw_only=True):
     throttled: bool = False  # answered 429/99991400 or 230020 for any reason
     violation: str | None = None  # which documented limit the call broke (the relay must never cause one)
     fault: str | None = None  # an injected fault or forced target answer
+    performed: bool = False  # the operation took effect, whether or not its answer reached the client
 
 
 class Message(msgspec.Struct, kw_only=True):
@@ -199,10 +255,16 @@ class FaultSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fault_kinds: tuple[FaultKind, ...] | None = None
     latency: float | None = None
     latency_jitter: float | None = None
+    hang_seconds: float | None = None
 
 
 class TargetThrottle(msgspec.Struct, forbid_unknown_fields=True):
     target: str
+    seconds: float
+
+
+class ApiThrottle(msgspec.Struct, forbid_unknown_fields=True):
+    api: str  # a sandbox API name, e.g. "message.send"
     seconds: float
 
 
@@ -217,8 +279,10 @@ class Control(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     expire_tokens: bool = False
     faults: FaultSettings | None = None
     throttle: list[TargetThrottle] = msgspec.field(default_factory=list)
+    throttle_apis: list[ApiThrottle] = msgspec.field(default_factory=list)
     fail: list[TargetFailure] = msgspec.field(default_factory=list)
     enforce_limits: bool | None = None
+    token_outage: bool | None = None
 
 
 S = TypeVar("S")
@@ -236,6 +300,24 @@ def _status_for(code: int) -> int:
     if code == 1500:
         return 500
     return 400
+
+
+def _escapes(raw_path: str) -> str | None:
+    """How ``raw_path`` leaves ``/open-apis/`` once a server decodes it, or None when it stays.
+
+    RFC 3986 lets a server decode ``%2E`` before removing dot segments, proxies decode ``%2F``/``%5C``, and some
+    decode twice; servlet containers read ``..;x`` as ``..``: every segment is judged as each of those would.
+    """
+    if not raw_path.startswith("/open-apis/"):
+        return "is not under /open-apis/"
+    for segment in raw_path.split("/")[1:]:
+        once = unquote(segment)
+        for decoded in (segment, once, unquote(once)):
+            if decoded.split(";", 1)[0] in (".", ".."):
+                return "has a dot segment"
+            if "/" in decoded or "\\" in decoded:
+                return "has an encoded slash or a backslash"
+    return None
 
 
 def _template(path: str) -> str:
@@ -259,6 +341,12 @@ class _Drop(Exception):
     """Close the connection without answering."""
 
 
+class _After(msgspec.Struct):
+    """An after-operation fault rolled for a call (``lost`` or ``hang``)."""
+
+    kind: FaultKind
+
+
 class _GatewayFault(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
@@ -273,6 +361,7 @@ class _Req:
     body: Any
     now: float
     app_id: str
+    chat: str | None = None  # the chat a receive:<id> target lands in (see _targets)
 
 
 class _Token(msgspec.Struct):
@@ -306,13 +395,24 @@ class Sandbox:
         self._target_windows: SlidingWindows[tuple[str, str, str]] = SlidingWindows()
         self._uuids: dict[tuple[str, str, str, str], tuple[float, dict[str, Any]]] = {}
         self._throttles: dict[str, float] = {}  # target -> clock time until which it answers 230020
+        self._api_throttles: dict[str, float] = {}  # api -> clock time until which it answers 99991400
         self._failures: dict[str, int] = dict(self._initial.target_errors)
+        self._stopping = asyncio.Event()  # releases ``hang`` answers at stop
+        self._p2p: dict[tuple[str, str], str] = {}  # (receive_id_type, id) -> that person's p2p chat
+        for user in self._initial.users:
+            chat = user.chat_id or f"oc_p2p_{user.open_id}"
+            for id_type, value in (("open_id", user.open_id), ("union_id", user.union_id),
+                                   ("user_id", user.user_id), ("email", user.email)):
+                if value:
+                    self._p2p[(id_type, value)] = chat
+        self._seed_messages()
         self.app = self._build_app()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 = any free port); returns the base URL, e.g. ``http://127.0.0.1:PORT``."""
+        self._stopping.clear()
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         try:
@@ -326,6 +426,7 @@ class Sandbox:
         return self.url
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -352,6 +453,12 @@ class Sandbox:
         """Answer 230020 to every call on ``target`` (a key like ``receive:oc_1`` or a bare id) for ``seconds``."""
         self._throttles[target] = self._clock() + self._scaled(seconds)
 
+    def throttle_api(self, api: str, seconds: float) -> None:
+        """Answer every call of ``api`` (a name like ``message.send``) 429 / 99991400 for ``seconds``, each with
+        ``x-ogw-ratelimit-reset`` = the seconds left (rounded up), as Feishu's gateway does once it limits an app:
+        the relay must send nothing more on that API before the reset."""
+        self._api_throttles[api] = self._clock() + self._scaled(seconds)
+
     def fail_target(self, target: str, code: int) -> None:
         """Answer ``code`` to every call on ``target`` (key or bare id) until cleared with code 0."""
         if code == 0:
@@ -365,10 +472,15 @@ class Sandbox:
         self._current.clear()
 
     def set_faults(self, *, fault_rate: float | None = None, fault_kinds: tuple[FaultKind, ...] | None = None,
-                   latency: float | None = None, latency_jitter: float | None = None) -> None:
+                   latency: float | None = None, latency_jitter: float | None = None,
+                   hang_seconds: float | None = None) -> None:
         changes: dict[str, Any] = {"fault_rate": fault_rate, "fault_kinds": fault_kinds, "latency": latency,
-                                   "latency_jitter": latency_jitter}
+                                   "latency_jitter": latency_jitter, "hang_seconds": hang_seconds}
         self.options = msgspec.structs.replace(self.options, **{k: v for k, v in changes.items() if v is not None})
+
+    def set_token_outage(self, down: bool) -> None:
+        """While ``down``, every token request is answered with a gateway's 503 (module doc)."""
+        self.options = msgspec.structs.replace(self.options, token_outage=down)
 
     def set_enforce_limits(self, enforce: bool) -> None:
         self.options = msgspec.structs.replace(self.options, enforce_limits=enforce)
@@ -384,7 +496,21 @@ class Sandbox:
         self._target_windows.clear()
         self._uuids.clear()
         self._throttles.clear()
+        self._api_throttles.clear()
         self._failures = dict(self._initial.target_errors)
+        self._seed_messages()
+
+    def _seed_messages(self) -> None:
+        """The ``messages`` option: messages somebody else posted, which the relay may reply to."""
+        for message_id, chat_id in self._initial.messages.items():
+            self.messages[message_id] = Message(message_id=message_id, chat_id=chat_id, msg_type="text",
+                                                content="{}")
+
+    def p2p_chat(self, receive_id_type: str, receive_id: str) -> str:
+        """The chat a send or forward to ``receive_id`` lands in: the chat itself, or the person's p2p chat."""
+        if receive_id_type == "chat_id":
+            return receive_id
+        return self._p2p.get((receive_id_type, receive_id), f"oc_p2p_{receive_id}")
 
     def apply(self, control: Control) -> None:
         if control.expire_tokens:
@@ -392,13 +518,17 @@ class Sandbox:
         if control.faults is not None:
             f = control.faults
             self.set_faults(fault_rate=f.fault_rate, fault_kinds=f.fault_kinds, latency=f.latency,
-                            latency_jitter=f.latency_jitter)
+                            latency_jitter=f.latency_jitter, hang_seconds=f.hang_seconds)
         for t in control.throttle:
             self.throttle_target(t.target, t.seconds)
+        for a in control.throttle_apis:
+            self.throttle_api(a.api, a.seconds)
         for fail in control.fail:
             self.fail_target(fail.target, fail.code)
         if control.enforce_limits is not None:
             self.set_enforce_limits(control.enforce_limits)
+        if control.token_outage is not None:
+            self.set_token_outage(control.token_outage)
 
     # ---- limits ----------------------------------------------------------------------------------------------
 
@@ -424,9 +554,12 @@ class Sandbox:
                 "x-ogw-ratelimit-reset": str(max(1, math.ceil(refusal.retry_after))),
             })
 
-    def _targets(self, req: _Req, targets: list[tuple[str, Limit | None]]) -> None:
-        """Record the call's targets; answer forced errors and timed throttles; admit through per-target windows."""
+    def _targets(self, req: _Req, targets: list[tuple[str, Limit | None]], chat: str | None = None) -> None:
+        """Record the call's targets; answer forced errors and timed throttles; admit through per-target windows.
+
+        ``chat``: the chat a ``receive:<id>`` target lands in (a person's p2p chat), whose window it counts in."""
         call, now = req.call, req.now
+        req.chat = chat
         call.targets = [key for key, _ in targets]
         for key in call.targets:
             bare = key.split(":", 1)[1]
@@ -450,7 +583,9 @@ class Sandbox:
 
     def _window_key(self, req: _Req, key: str) -> tuple[str, str, str]:
         kind, _, bare = key.partition(":")
-        if kind in ("receive", "chat"):  # a recipient: one window whichever API reaches it (module docstring)
+        if kind == "receive":  # a recipient: one window per chat whichever API and id reach it (module docstring)
+            return (req.app_id, "recipient", req.chat or bare)
+        if kind == "chat":
             return (req.app_id, "recipient", bare)
         return (req.app_id, req.call.api, key)
 
@@ -524,6 +659,7 @@ class Sandbox:
         r.add_get("/_sandbox/stats", self._control_stats)
         r.add_post("/_sandbox/control", self._control)
         r.add_post("/_sandbox/reset", self._control_reset)
+        r.add_route("*", "/{tail:.*}", self._outside)
         return app
 
     def _log_id(self) -> str:
@@ -575,8 +711,13 @@ class Sandbox:
 
     async def _serve_api(self, request: web.Request, api: str, op: Op) -> web.StreamResponse:
         now = self._clock()
-        call = CallRecord(at=now, method=request.method, path=request.path, api=api, log_id=self._log_id())
+        call = CallRecord(at=now, method=request.method, path=request.path, raw_path=request.rel_url.raw_path,
+                          api=api, log_id=self._log_id())
         self.calls.append(call)
+        escape = _escapes(call.raw_path)
+        if escape is not None:  # a gateway would normalize this and route it elsewhere, token attached
+            call.violation = f"path {call.raw_path!r} {escape}"
+            return self._answer(call, 404, "path outside /open-apis/", {})
         body = await self._read_body(request)
         call.body = None if body is _NO_BODY or not self.options.log_bodies else body
         bucket = api if api != "api.call" else f"api.call {request.method} {_template(request.path)}"
@@ -584,9 +725,17 @@ class Sandbox:
         try:
             app_id = self._authorize(request, now)
             call.app_id = app_id
+            until = self._api_throttles.get(api, -math.inf)
+            if until > now:
+                call.fault = f"throttle_api {api}"
+                raise _Refused(99991400, headers={"x-ogw-ratelimit-limit": str(self.options.im_per_second),
+                                                  "x-ogw-ratelimit-reset": str(max(1, math.ceil(until - now)))})
             self._admit_app(call, bucket, now)
-            self._roll_fault(call)
+            after = self._roll_fault(call)
             data = op(_Req(call, request.query, request.match_info, body, now, app_id))
+            call.performed = not call.deduped
+            if after is not None:
+                return await self._lose_answer(request, call, after, data)
             response = self._answer(call, 0, MESSAGES[0], data)
         except _Refused as refused:
             response = self._answer(call, refused.code, refused.msg, refused.data, refused.headers)
@@ -606,17 +755,36 @@ class Sandbox:
         log.debug("sandbox: %s %s -> %s %s", call.method, call.path, call.status, call.code)
         return response
 
-    def _roll_fault(self, call: CallRecord) -> None:
+    def _roll_fault(self, call: CallRecord) -> _After | None:
+        """Raise a fault answered instead of the operation, or return one to apply after it (module doc)."""
         o = self.options
         if o.fault_rate <= 0 or not o.fault_kinds or self._rng.random() >= o.fault_rate:
-            return
+            return None
         kind = self._rng.choice(o.fault_kinds)
+        if kind in AFTER_FAULTS:
+            return _After(kind)  # recorded once the operation succeeded (a refusal is answered as usual)
         call.fault = kind
         if kind == "drop":
             raise _Drop
         if kind == "code1500":
             raise _Refused(1500)
         raise _GatewayFault(int(kind[4:]))
+
+    async def _lose_answer(self, request: web.Request, call: CallRecord, after: _After,
+                           data: dict[str, Any]) -> web.StreamResponse:
+        """The operation was performed: abort without an answer (``lost``), or answer too late (``hang``)."""
+        call.fault = after.kind
+        await self._delay()
+        if after.kind == "hang":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.options.hang_seconds)
+            log.debug("sandbox: answering %s %s after a hang", request.method, request.path)
+            return self._answer(call, 0, MESSAGES[0], data)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        log.debug("sandbox: performed %s %s and lost the answer", request.method, request.path)
+        return web.Response()
 
     async def _delay(self) -> None:
         o = self.options
@@ -625,6 +793,14 @@ class Sandbox:
             await asyncio.sleep(pause)
 
     # ---- token endpoint --------------------------------------------------------------------------------------
+
+    async def _outside(self, request: web.Request) -> web.StreamResponse:
+        """Any request outside ``/open-apis/`` and ``/_sandbox/``: logged as a violation (the relay never sends one)."""
+        call = CallRecord(at=self._clock(), method=request.method, path=request.path,
+                          raw_path=request.rel_url.raw_path, api="outside", log_id=self._log_id(),
+                          violation=f"request outside /open-apis/: {request.rel_url.raw_path!r}")
+        self.calls.append(call)
+        return self._answer(call, 404, "not found", {})
 
     async def _token_endpoint(self, request: web.Request) -> web.StreamResponse:
         now = self._clock()
@@ -640,6 +816,9 @@ class Sandbox:
         call.app_id = creds.app_id or None
         call.body = {"app_id": creds.app_id, "app_secret": "***"}  # never keep a secret in the log
         headers = {"X-Tt-Logid": call.log_id}
+        if self.options.token_outage:
+            call.status, call.fault = 503, "token_outage"
+            return web.Response(status=503, text="503 gateway error", headers=headers)
         if not creds.app_id or not creds.app_secret:
             call.status, call.code, call.msg = 400, 10003, MESSAGES[10003]
             return self._json(400, {"code": 10003, "msg": MESSAGES[10003]}, headers)
@@ -716,11 +895,11 @@ class Sandbox:
     def _send(self, req: _Req) -> dict[str, Any]:
         id_type = self._query(req, "receive_id_type", self._RECEIVE_TYPES)
         body = self._decode(req, SendBody)
-        self._targets(req, [(f"receive:{body.receive_id}", self._per_target())])
+        chat_id = self.p2p_chat(id_type, body.receive_id)
+        self._targets(req, [(f"receive:{body.receive_id}", self._per_target())], chat_id)
         cached = self._dedup(req, body.uuid, "")
         if cached is not None:
             return cached
-        chat_id = body.receive_id if id_type == "chat_id" else f"oc_p2p_{body.receive_id}"
         return self._create(req, chat_id=chat_id, msg_type=body.msg_type, content=body.content, uuid=body.uuid,
                             scope="")
 
@@ -728,12 +907,14 @@ class Sandbox:
         message_id = req.match["message_id"]
         body = self._decode(req, ReplyBody)
         parent = self._live(message_id)
-        key = f"chat:{parent.chat_id}" if parent is not None else f"message:{message_id}"
-        self._targets(req, [(key, self._per_target())])
+        if parent is None:  # posted by somebody else, in a chat of its own (give it with the messages option)
+            parent = self.messages[message_id] = Message(message_id=message_id, chat_id=f"oc_of_{message_id}",
+                                                         msg_type="text", content="{}")
+        chat_id = parent.chat_id
+        self._targets(req, [(f"chat:{chat_id}", self._per_target())])
         cached = self._dedup(req, body.uuid, "")
         if cached is not None:
             return cached
-        chat_id = parent.chat_id if parent is not None else f"oc_of_{message_id}"
         return self._create(req, chat_id=chat_id, msg_type=body.msg_type, content=body.content, uuid=body.uuid,
                             scope="", parent_id=message_id)
 
@@ -773,11 +954,11 @@ class Sandbox:
             raise _Refused(230001, "param is invalid: query `uuid` is longer than 50 characters")
         body = self._decode(req, ForwardBody)
         source = self._live(message_id)
-        self._targets(req, [(f"receive:{body.receive_id}", self._per_target())])
+        chat_id = self.p2p_chat(id_type, body.receive_id)
+        self._targets(req, [(f"receive:{body.receive_id}", self._per_target())], chat_id)
         cached = self._dedup(req, uuid, body.receive_id)  # forward page: same uuid + same target
         if cached is not None:
             return cached
-        chat_id = body.receive_id if id_type == "chat_id" else f"oc_p2p_{body.receive_id}"
         return self._create(req, chat_id=chat_id, msg_type=source.msg_type if source else "text",
                             content=source.content if source else "{}", uuid=uuid, scope=body.receive_id)
 
