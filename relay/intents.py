@@ -395,8 +395,9 @@ def _check_param(name: str, value: str) -> None:
 class Rate(_Strict, frozen=True, kw_only=True):
     """The app-wide limit of the API an ``api.call`` targets, as its Feishu page states it."""
 
-    per_second: Annotated[int, Meta(gt=0)] | None = None
-    per_minute: Annotated[int, Meta(gt=0)] | None = None
+    # bounded so the limiter's arithmetic stays in floats (no Feishu API allows anywhere near this)
+    per_second: Annotated[int, Meta(gt=0, le=1_000_000)] | None = None
+    per_minute: Annotated[int, Meta(gt=0, le=60_000_000)] | None = None
 
     def __post_init__(self) -> None:
         if self.per_second is None and self.per_minute is None:
@@ -457,6 +458,7 @@ _OWN: Final = re.compile(r"^(?P<field>[A-Za-z_][\w.\[\]]*): (?P<msg>.*)$", re.DO
 _MISSING: Final = re.compile(r"^Object missing required field `(?P<field>[^`]*)`$")
 _UNKNOWN: Final = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 _MAX_REASON: Final = 300
+_TOO_DEEP: Final = "value is nested too deeply to read (arrays or objects inside each other, ~1,000 levels)"
 _JSON_NAMES: Final[dict[type, str]] = {
     list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null",
 }
@@ -510,6 +512,8 @@ def decode_intent(raw: bytes | None) -> Intent:
         return _intent_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError
         failure: Exception = exc
+    except RecursionError:  # msgspec's guard for the C stack; a string field's own decode raises it too
+        raise IntentError(_TOO_DEEP, error="decode") from None
     # Slow path, errors only: find out which of the two classes this is and what can still be read.
     try:
         bytes(raw).decode("utf-8")
@@ -519,6 +523,8 @@ def decode_intent(raw: bytes | None) -> Intent:
         value = _any_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise IntentError(f"value is not JSON ({_one_line(str(exc))})", error="decode") from None
+    except RecursionError:
+        raise IntentError(_TOO_DEEP, error="decode") from None
     if not isinstance(value, dict):
         raise IntentError(f"value is not a JSON object (got {_JSON_NAMES.get(type(value), 'a value')})", error="decode")
     ident, kind, app = _peek(value)

@@ -279,6 +279,31 @@ def test_bad_shapes(raw: bytes | None, error_class: str, reason: str, ident: str
     assert (error.id, error.kind) == (ident, kind)
 
 
+DEEP = b"[" * 10_000 + b"]" * 10_000
+DEEP_OBJECT = b'{"a":' * 5_000 + b"1" + b"}" * 5_000
+API_CALL = b'{"kind":"api.call","id":"n-1","method":"POST","path":"/open-apis/x","rate":{"per_second":5}'
+
+
+@pytest.mark.parametrize("raw", [
+    DEEP,
+    API_CALL + b',"body":' + DEEP + b"}",
+    b'{"kind":"message.send","id":"n-1","receive_id_type":"chat_id","receive_id":"oc_1","msg_type":"text",'
+    b'"content":' + DEEP_OBJECT + b"}",
+    b'{"kind":"message.send","id":"n-1","receive_id_type":"chat_id","receive_id":"oc_1","msg_type":"text",'
+    b'"content":' + msgspec.json.encode(DEEP_OBJECT.decode()) + b"}",  # a JSON string holding the deep object
+    b'{"kind":"card.delay_update","id":"n-1","token":"c-1","card":' + DEEP_OBJECT + b"}",
+], ids=["array", "api.call body", "content", "content as a string", "card"])
+def test_a_value_too_deeply_nested_to_read_is_rejected_not_raised(raw: bytes) -> None:
+    error = rejected(raw)  # used to raise RecursionError, which killed the consumer loop
+    assert error.error == "decode" and "nested" in error.reason
+
+
+def test_numbers_the_relay_cannot_use_are_rejected() -> None:
+    assert rejected(API_CALL.replace(b"5}", b"9" * 400 + b"}") + b"}").reason.startswith("$.rate.per_second")
+    assert rejected(API_CALL + b',"body":{"n":1e999}}').error == "decode"  # out of range for a float
+    assert rejected(API_CALL + b',"body":{"n":NaN}}').error == "decode"  # not JSON
+
+
 def test_app_is_recovered_when_readable() -> None:
     assert rejected(enc(with_(SEND, app="lark", receive_id=...))).app == "lark"
     assert rejected(enc(with_(SEND, app=5))).app is None
