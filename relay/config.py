@@ -1,6 +1,6 @@
 """The relay's TOML config, decoded strictly with msgspec.
 
-The keys of SPEC.md (``[kafka]``, ``[feishu]``, ``[[apps]]``, ``[http]``) are the public contract; the other
+The keys of docs/config.md (``[kafka]``, ``[feishu]``, ``[[apps]]``, ``[http]``) are the public contract; the other
 sections (``[outbound]``, ``[inbound]``, ``[previews]``) are ours and documented in ``deploy/relay.example.toml``.
 
 Every key can be overridden from the environment: ``RELAY_<SECTION>__<KEY>`` (``RELAY_HTTP__PORT=8081``) and
@@ -233,7 +233,7 @@ class InboundConfig(_Section, frozen=True):
 
 
 class PreviewsConfig(_Section, frozen=True):
-    # Feishu: one update per preview token per 5 s (seed page); kept slightly above with the margin
+    # Feishu: one update per preview token per 5 s (docs/feishu-rules.md §5.4); kept slightly above with the margin
     token_interval: PositiveFloat = 5.0
     # real seconds a preview call may take from writing its claim to the memory topic to sending its request;
     # past it the request is not sent (claimed again later). Claims on a token are this much further apart.

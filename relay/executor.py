@@ -53,7 +53,7 @@ from relay.outcomes import Attempted, Outcome, Verdict
 
 log = logging.getLogger(__name__)
 
-# Feishu's IM frequency-limit code for a per-target limit (facts §4); 429/99991400 are app-wide
+# Feishu's IM frequency-limit code for a per-target limit (docs/feishu-rules.md §2.3, §4); 429/99991400 are app-wide
 PER_TARGET_LIMIT_CODE = 230020
 
 

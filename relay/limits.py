@@ -135,14 +135,14 @@ class Limiter:
       long as room allows. An API no bucket exists for is not :meth:`admissible` while the cap is full of
       buckets in use (so the memory stays bounded by ``max_api_buckets`` per configured app even then).
     - Per target, keyed by (app, target), not by API: Feishu's 5/s for a chat counts message create, reply and
-      forward together (facts §2.3), so the callers give every API that reaches the same recipient the same
-      target string (see :mod:`relay.calls`), and the limiter resolves that string to the chat it is known to
-      count in (:mod:`relay.targets`). A target's bucket is forgotten once it is idle and full, which is
+      forward together (docs/feishu-rules.md §2.3), so the callers give every API that reaches the same recipient
+      the same target string (see :mod:`relay.calls`), and the limiter resolves that string to the chat it is
+      known to count in (:mod:`relay.targets`). A target's bucket is forgotten once it is idle and full, which is
       indistinguishable from keeping it, so memory follows the targets active in the last second or so.
 
     A throttle stops the bucket at once: nothing is sent on it before Feishu's reset, not by callers asleep on a
     reservation, nor by those already granted and waiting for a connection (:meth:`admit` finds their grant void);
-    they all queue again at the slowed rate. Retries take tokens like first attempts (SPEC).
+    they all queue again at the slowed rate. Retries take tokens like first attempts (docs/feishu-rules.md §2.4).
     """
 
     def __init__(

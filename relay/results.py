@@ -35,7 +35,7 @@ from relay.outcomes import Attempted, Verdict
 
 Status = Literal["ok", "partial", "superseded", "expired", "failed", "rejected"]
 # ``relay.error`` of a dead letter (docs/results.md lists what each means; new values are added, never renamed)
-DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "internal"]
+DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "outcome-unknown", "internal"]
 
 
 class Result(msgspec.Struct, kw_only=True, omit_defaults=False):

@@ -29,7 +29,7 @@ from tests.relaykit import (
 
 pytestmark = pytest.mark.integration
 
-# one intent of each of the 18 kinds (SPEC.md), with ids spread over the results topic's 4 partitions
+# one intent of each of the 18 kinds (docs/intents.md), with ids spread over the results topic's 4 partitions
 EVERY_KIND: list[dict[str, Any]] = [
     {"kind": "message.send", "receive_id_type": "chat_id", "receive_id": "oc_1", "msg_type": "text",
      "content": {"text": "hi"}},

@@ -494,7 +494,8 @@ def test_one_target_with_different_windows_keeps_the_stricter() -> None:
 
 @pytest.mark.parametrize("overshoot", [0.0, 0.02, JITTER])
 def test_send_reply_forward_to_one_chat_share_its_five_per_second(overshoot: float) -> None:
-    """Feishu counts create, reply and forward to one chat together: 5 in any 1 s for all three (facts §2.3)."""
+    """Feishu counts create, reply and forward to one chat together (docs/feishu-rules.md §2.3): 5 in any 1 s for
+    all three."""
     sleep = overshooting(random.Random(13), overshoot) if overshoot else asyncio.sleep
     limiter = _limiter(sleep)
 

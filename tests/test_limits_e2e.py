@@ -104,8 +104,8 @@ async def test_one_person_and_one_group_get_five_per_second_however_named(kafka_
                                                                          sandbox: Sandbox) -> None:
     """A person reached by open_id, union_id, user_id, email and their p2p chat_id, by sends, forwards and
     replies (without chat_id) to messages in that chat; a group by sends, forwards and replies to its messages:
-    Feishu counts one 5/s each (facts §2.3), so the sandbox refuses nothing. (Before: one bucket per name,
-    about 6 x 5/s at the person, refused with 230020.)"""
+    Feishu counts one 5/s each (docs/feishu-rules.md §2.3), so the sandbox refuses nothing. (Before: one bucket per
+    name, about 6 x 5/s at the person, refused with 230020.)"""
     config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url))
     names = [("open_id", "ou_p"), ("union_id", "on_p"), ("user_id", "u_p"), ("email", "p@example.com"),
              ("chat_id", "oc_p2p_p")]
