@@ -131,7 +131,10 @@ class Executor:
             if before_attempt is not None:
                 await before_attempt()
             admit = functools.partial(self._admit, grant, before_write, before_send)
-            outcome = await self._sender.send(app, call, admit)
+            try:
+                outcome = await self._sender.send(app, call, admit)
+            finally:
+                self._limiter.answered(grant)  # its place in the send logs expires from now (SendLog)
             if outcome.token_unavailable:
                 unsent += 1
             else:

@@ -70,7 +70,9 @@ timed throttles → per-target windows → ``uuid`` dedup → the operation → 
 ``time_scale`` k divides every Feishu duration (windows, token lifetime and refresh window, the 1 h ``uuid``
 window, ``throttle_target`` and ``throttle_api`` seconds) so tests run limits k times faster; reported ``expire`` and
 ``x-ogw-ratelimit-reset`` are real seconds (the reset is rounded up to a whole second, as Feishu sends integers).
-Injected latency is network time and is not scaled. Arrival times in the call log are the unscaled clock.
+Injected latency is network time and is not scaled: ``latency`` before the answer, ``request_latency`` before
+the call arrives (and is counted), so calls sent in one order can arrive in another.
+Arrival times in the call log are the unscaled clock.
 
 Faults (``fault_rate``, ``latency``) apply to API calls only, never to the token endpoint or ``/_sandbox``.
 A fault is rolled after the app-wide window admitted the call, so a faulted call still counts against the quota,
@@ -204,6 +206,10 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     uuid_window: float = 3600.0  # docs/feishu-rules.md §3: same uuid at most once per hour
     latency: float = 0.0  # seconds added before every API answer (not scaled)
     latency_jitter: float = 0.0  # plus uniform(0, jitter)
+    # seconds a request travels before Feishu counts it (not scaled): a call the client sent first can arrive
+    # after one it sent later, as on a real network path
+    request_latency: float = 0.0
+    request_latency_jitter: float = 0.0  # plus uniform(0, jitter)
     fault_rate: float = 0.0  # share of API calls (after the app window) answered by a fault
     fault_kinds: tuple[FaultKind, ...] = BEFORE_FAULTS
     hang_seconds: float = 30.0  # how long a ``hang`` fault holds its answer (real seconds, not scaled)
@@ -259,6 +265,8 @@ class FaultSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fault_kinds: tuple[FaultKind, ...] | None = None
     latency: float | None = None
     latency_jitter: float | None = None
+    request_latency: float | None = None
+    request_latency_jitter: float | None = None
     hang_seconds: float | None = None
 
 
@@ -477,9 +485,11 @@ class Sandbox:
 
     def set_faults(self, *, fault_rate: float | None = None, fault_kinds: tuple[FaultKind, ...] | None = None,
                    latency: float | None = None, latency_jitter: float | None = None,
+                   request_latency: float | None = None, request_latency_jitter: float | None = None,
                    hang_seconds: float | None = None) -> None:
         changes: dict[str, Any] = {"fault_rate": fault_rate, "fault_kinds": fault_kinds, "latency": latency,
-                                   "latency_jitter": latency_jitter, "hang_seconds": hang_seconds}
+                                   "latency_jitter": latency_jitter, "request_latency": request_latency,
+                                   "request_latency_jitter": request_latency_jitter, "hang_seconds": hang_seconds}
         self.options = msgspec.structs.replace(self.options, **{k: v for k, v in changes.items() if v is not None})
 
     def set_token_outage(self, down: bool) -> None:
@@ -522,7 +532,8 @@ class Sandbox:
         if control.faults is not None:
             f = control.faults
             self.set_faults(fault_rate=f.fault_rate, fault_kinds=f.fault_kinds, latency=f.latency,
-                            latency_jitter=f.latency_jitter, hang_seconds=f.hang_seconds)
+                            latency_jitter=f.latency_jitter, request_latency=f.request_latency,
+                            request_latency_jitter=f.request_latency_jitter, hang_seconds=f.hang_seconds)
         for t in control.throttle:
             self.throttle_target(t.target, t.seconds)
         for a in control.throttle_apis:
@@ -714,6 +725,7 @@ class Sandbox:
         return handle
 
     async def _serve_api(self, request: web.Request, api: str, op: Op) -> web.StreamResponse:
+        await self._travel()
         now = self._clock()
         call = CallRecord(at=now, method=request.method, path=request.path, raw_path=request.rel_url.raw_path,
                           api=api, log_id=self._log_id())
@@ -789,6 +801,14 @@ class Sandbox:
             transport.abort()
         log.debug("sandbox: performed %s %s and lost the answer", request.method, request.path)
         return web.Response()
+
+    async def _travel(self) -> None:
+        """The way in: ``request_latency`` (+ jitter) before the call arrives and is counted."""
+        o = self.options
+        pause = o.request_latency + (self._rng.uniform(0, o.request_latency_jitter)
+                                     if o.request_latency_jitter > 0 else 0.0)
+        if pause > 0:
+            await asyncio.sleep(pause)
 
     async def _delay(self) -> None:
         o = self.options
