@@ -138,6 +138,7 @@ class Inbound:
         self._callback_types = frozenset(self._cfg.callback_types)
         self.dedup = Dedup(self._cfg.dedup_ttl, self._cfg.dedup_max_entries, clock)
         metrics.collect(self._export)
+        metrics.know_event_types([*self._cfg.routes, *self._callback_types])  # labels the config names
 
     def install(self, app: web.Application) -> None:
         """Add the two routes, and cancel publishes still in flight when the app shuts down."""
@@ -210,18 +211,18 @@ class Inbound:
             why = "timeout" if isinstance(err, TimeoutError) else str(err)
             elapsed = 1000 * (time.perf_counter() - started)
             if not callback:
-                self._count(name, "unavailable", started)
+                self._count(name, event, "unavailable", started)
                 log.warning("inbound app=%s %s %s -> %s not acknowledged (%s) in %.0f ms: 503", name,
                             event.event_type, event.event_id, topic, why, elapsed)
                 return _reply(503, b'{"error":"unavailable"}')
-            self._count(name, "unacknowledged", started)
+            self._count(name, event, "unacknowledged", started)
             if isinstance(err, PublishFailed):
                 self._lost(name, event, topic, why)
             else:
                 log.warning("inbound app=%s %s %s -> %s answered {} unacknowledged after %.0f ms; still publishing",
                             name, event.event_type, event.event_id, topic, elapsed)
             return _reply(200, _EMPTY)
-        self._count(name, outcome.value, started)
+        self._count(name, event, outcome.value, started)
         log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
                  outcome.value, 1000 * (time.perf_counter() - started))
         return _reply(200, _EMPTY if callback else _SUCCESS)
@@ -232,10 +233,8 @@ class Inbound:
         log.error("inbound app=%s %s %s -> %s LOST: answered {} but not published (%s)", name, event.event_type,
                   event.event_id, topic, why)
 
-    def _count(self, name: str, outcome: str, started: float) -> None:
-        self._metrics.inc("relay_inbound_events_total", help="events by outcome", app=name, outcome=outcome)
-        self._metrics.observe("relay_inbound_response_seconds", time.perf_counter() - started,
-                              help="time to answer an event", outcome=outcome)
+    def _count(self, name: str, event: Event, outcome: str, started: float) -> None:
+        self._metrics.inbound_event(name, event.event_type, outcome, time.perf_counter() - started)
 
     def _export(self, metrics: Metrics) -> None:
         metrics.set("relay_inbound_dedup_entries", len(self.dedup), help="event keys remembered")
