@@ -223,8 +223,11 @@ class Inbound:
                             name, event.event_type, event.event_id, topic, elapsed)
             return _reply(200, _EMPTY)
         self._count(name, event, outcome.value, started)
+        elapsed = 1000 * (time.perf_counter() - started)
         log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
-                 outcome.value, 1000 * (time.perf_counter() - started))
+                 outcome.value, elapsed,
+                 extra={"app": name, "event_type": event.event_type, "event_id": event.event_id, "topic": topic,
+                        "outcome": outcome.value, "latency_ms": round(elapsed, 1)})
         return _reply(200, _EMPTY if callback else _SUCCESS)
 
     def _lost(self, name: str, event: Event, topic: str, why: str) -> None:
@@ -245,7 +248,8 @@ class Inbound:
         # the reason is one of a few fixed words, so it is a safe label; the app name comes from the URL and is
         # attacker-chosen for an unknown app, so it is logged shortened and escaped, and not used as a label
         self._metrics.inc("relay_inbound_rejected_total", help="requests refused by a check", reason=err.reason)
-        log.info("inbound app=%.40r rejected: %s (%d)", name, err.reason, err.status)
+        log.info("inbound app=%.40r rejected: %s (%d)", name, err.reason, err.status,
+                 extra={"app": name[:40], "outcome": "rejected", "reason": err.reason, "http_status": err.status})
         return _reply(err.status, b'{"error":"' + err.reason.encode() + b'"}')
 
     async def _read_body(self, request: web.Request, *, unsigned: bool) -> bytes:
