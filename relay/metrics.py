@@ -115,6 +115,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._families: dict[str, MetricWrapperBase] = {}
+        # (name, *label values) -> the labelled child: prometheus-client's labels() takes a lock and builds
+        # tuples per call; the label values are bounded (module doc), so this is too
+        self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
         self._callbacks: list[Callable[[Metrics], None]] = []
         self._snapshots = _Snapshots()
         self.registry.register(self._snapshots)
@@ -124,10 +127,14 @@ class Metrics:
 
     def _family(self, make: Callable[[str, str, list[str]], MetricWrapperBase], name: str, help: str,
                 labels: Mapping[str, str]) -> MetricWrapperBase:
-        family = self._families.get(name)
-        if family is None:
-            family = self._families[name] = make(name, help or name, sorted(labels))
-        return family.labels(**labels) if labels else family
+        key = (name, *labels.values())  # the call sites' keyword order; another order is only another entry
+        child = self._children.get(key)
+        if child is None:
+            family = self._families.get(name)
+            if family is None:
+                family = self._families[name] = make(name, help or name, sorted(labels))
+            child = self._children[key] = family.labels(**labels) if labels else family
+        return child
 
     def _counter(self, name: str, help: str, labels: list[str]) -> Counter:
         return Counter(name, help, labels, registry=self.registry)

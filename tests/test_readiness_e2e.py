@@ -134,7 +134,7 @@ async def test_readyz_follows_a_broker_outage_and_its_log_is_short(own_broker: O
     data["kafka"]["unreachable_after"] = UNREACHABLE_AFTER
     config_path, log_path = tmp_path / "relay.toml", tmp_path / "relay.log"
     config_path.write_text(to_toml(data))
-    relay = RelayProcess(config_path, log_path)
+    relay = RelayProcess(config_path, log_path, log_format=None)  # the default: JSON, stderr being a file
     await relay.start()
     try:
         await until_ready(url, 200, 120, relay)
