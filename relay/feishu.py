@@ -279,7 +279,6 @@ class FeishuClient:
             self.drop_token(app, token)
         return outcome
 
-
     def _count(self, app: str, call: Call, outcome: Outcome, sent: float | None) -> None:
         if self._metrics is not None and sent is not None:  # None: it failed before the request left
             self._metrics.feishu_call(app, call.api, outcome, time.perf_counter() - sent)

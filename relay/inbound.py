@@ -234,7 +234,8 @@ class Inbound:
         self._metrics.inc("relay_inbound_callbacks_lost_total", help="callbacks answered but never published",
                           app=name)
         log.error("inbound app=%s %s %s -> %s LOST: answered {} but not published (%s)", name, event.event_type,
-                  event.event_id, topic, why)
+                  event.event_id, topic, why, extra={"app": name, "event_type": event.event_type,
+                                                     "event_id": event.event_id, "topic": topic, "outcome": "lost"})
 
     def _count(self, name: str, event: Event, outcome: str, started: float) -> None:
         self._metrics.inbound_event(name, event.event_type, outcome, time.perf_counter() - started)

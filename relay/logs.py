@@ -10,9 +10,10 @@ plain :class:`logging.Formatter`, so every module keeps ``logging.getLogger(__na
 client (thousands of lines a minute), which buries the lines that matter. :class:`Repeats` lets the first line
 of each (logger, message template) through, drops the same template for ``repeat_interval`` seconds while
 counting, and lets the next one after the interval through with the count (``repeated``: how many were dropped,
-``[and 812 more like it in 30s]`` in the text). It applies to every aiokafka line and to every WARNING or worse;
-a relay INFO line (one per finished intent, one per inbound request) is never dropped. The count of a burst that
-stops is written with the template's next line (a filter sees no time pass by itself).
+``[and 812 more like it in 30s]`` in the text). It applies to every aiokafka line and to every WARNING or worse,
+except a line about one record (it binds ``intent_id`` or ``event_id``, e.g. a callback answered but lost): a
+relay INFO line (one per finished intent, one per inbound request) and a record's own trouble are never dropped.
+The count of a burst that stops is written with the template's next line (a filter sees no time pass by itself).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pythonjsonlogger.json import JsonFormatter
 LogFormat = Literal["auto", "json", "text"]
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# fields that name one record: a line binding one is about that record, not a repeat of the same trouble
+RECORD_IDS: Final = ("intent_id", "event_id")
 # the remembered templates; each is a (logger, format string) pair, so a few hundred cover any outage
 MAX_TEMPLATES: Final = 512
 
@@ -45,9 +48,10 @@ class Repeats(logging.Filter):
         self._windows: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # -> [window start, dropped]
 
     def _applies(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
+        if any(record.name == name or record.name.startswith(name + ".") for name in self._always):
             return True
-        return any(record.name == name or record.name.startswith(name + ".") for name in self._always)
+        # a line about one record (it binds the record's id) is never dropped: its id is what an operator needs
+        return record.levelno >= logging.WARNING and not any(hasattr(record, key) for key in RECORD_IDS)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._applies(record):

@@ -48,6 +48,10 @@ def test_repeats_keep_templates_apart_and_leave_info_lines_alone() -> None:
         assert repeats.filter(record("relay.outbound", "finished %s", 1, level=logging.INFO))
     assert repeats.filter(record("relay.outbound", "commit failed", level=logging.WARNING))  # its WARNINGs are
     assert not repeats.filter(record("relay.outbound", "commit failed", level=logging.WARNING))
+    for event_id in ("e1", "e2"):  # except a line about one record: its id is what an operator needs
+        lost = record("relay.inbound", "%s LOST", event_id)
+        lost.event_id = event_id
+        assert repeats.filter(lost)
 
 
 def test_json_lines_carry_the_bound_fields() -> None:
