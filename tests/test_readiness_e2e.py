@@ -161,6 +161,11 @@ async def test_readyz_follows_a_broker_outage_and_its_log_is_short(own_broker: O
     finally:
         await relay.kill()
 
+    # the finished-intent line: its fields as JSON keys, never the message's content
+    (finished,) = [x for x in map(json.loads, log_path.read_text().splitlines()) if x.get("intent_id") == "r-1"]
+    assert {k: finished[k] for k in ("kind", "app", "status", "attempts")} == {
+        "kind": "message.send", "app": "default", "status": "ok", "attempts": 1}, finished
+    assert finished["latency_ms"] >= 0 and '"hi"' not in json.dumps(finished), finished
     lines = [json.loads(line) for line in outage]  # JSON lines: stderr is not a terminal
     seconds = lines[-1]["time"], lines[0]["time"]
     summary = "\n".join(f'{x["level"]} {x["logger"]} {x["message"][:150]}' for x in lines)
