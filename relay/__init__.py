@@ -11,6 +11,7 @@ The tree is the architecture (leaves first):
     calls            intent -> Feishu HTTP call (path, body, which limits apply)
     outcomes         one pure function classifying every Feishu answer; how a call ended
     results          the result record and the dead letter written for each intent; ``relay schema``
+    metrics          one prometheus-client registry per relay; label values chosen by the relay, never a producer
     backoff          jittered exponential backoff and the retry budget
     offsets          per-partition commit bookkeeping
     feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
@@ -24,8 +25,9 @@ The tree is the architecture (leaves first):
     dedup            the inbound seen-set
     inbound          the webhook server: verify, publish, dedup, answer
     sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows
-    metrics          counters, gauges and histograms in the Prometheus text format
     kafka            aiokafka clients built from the config, topic creation
+    readiness        ``/healthz``, ``/readyz`` (broker answering, tokens obtainable, parts alive), ``/metrics``
+    logs             JSON or text log lines; repeated aiokafka lines and warnings summarised (entry point only)
     preflight        ``relay check``'s warnings and ``--connect`` probes (broker, each app's token)
     asyncapi         the AsyncAPI 3.0 document of the topics, built from the types (``relay asyncapi``)
     client           a producer for Python services: typed intents, the right key, results awaited

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from relay import __version__
+from relay import __version__, logs
 from relay.config import Config, check_inbound, load_config, redacted
 from relay.errors import ConfigError, ListenError, RelayError
 
@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="path to relay.toml")
     run.add_argument("--with-sandbox", action="store_true",
                      help="when no app has real credentials, start the local Feishu sandbox and use it")
+    run.add_argument("--log-format", choices=("json", "text"), default=None,
+                     help="log lines as JSON objects or text (default: log.format, which is json unless stderr "
+                          "is a terminal)")
 
     check = sub.add_parser("check", help="validate a config file; one line naming the bad key on failure")
     check.add_argument("--config", required=True)
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8090)
     sandbox.add_argument("--time-scale", type=float, default=None, help="divides every Feishu duration (default 1)")
+    sandbox.add_argument("--log-format", choices=("json", "text"), default=None,
+                         help="log lines as JSON objects or text (default: json unless stderr is a terminal)")
     sandbox.add_argument("--options", default="{}",
                          help='any SandboxOptions as JSON, e.g. \'{"fault_rate": 0.1, "latency": 0.01}\'')
     emit = sandbox.add_subparsers(dest="sandbox_command").add_parser(
@@ -70,10 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)  # group/metadata chatter, not our records
+    try:
+        logs.configure(args.log_level, getattr(args, "log_format", None) or "auto")
+    except ValueError:  # logging's own word for an unknown level
+        print(f"error: --log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR)", file=sys.stderr)
+        return 2
     try:
         if args.command == "check":
             return check(args)

@@ -18,18 +18,18 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from relay import logs
 from relay.backoff import RetryPolicy
 from relay.calls import check_share
 from relay.config import AppConfig, Config, Secret, check_inbound, load_config
 from relay.errors import ConfigError, ListenError, RelayError
 from relay.executor import Executor
-from relay.feishu import FeishuClient
+from relay.feishu import FAILED_TOKEN_HOLD, FeishuClient
 from relay.intents import decode_intent, ordering_key
 from relay.journal import KafkaJournal
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
@@ -38,6 +38,7 @@ from relay.membership import Membership, Standing
 from relay.metrics import Metrics
 from relay.outbound import Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
+from relay.readiness import BrokerWatch, Health, probe_interval, retry_tokens, token_problem, watch_broker
 from relay.results import schema
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "send":
         return asyncio.run(send(config, args.intent, args.timeout))
     if args.command == "run":
+        # the config's [log] section, now that it is read (--log-format, when given, wins)
+        logs.configure(args.log_level, args.log_format or config.log.format,
+                       repeat_interval=config.log.repeat_interval)
         check_limits(config)
         check_inbound(config)  # its warnings are logged by Inbound at start
         return asyncio.run(run(config, with_sandbox=args.with_sandbox))
@@ -104,34 +108,6 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     return topics
 
 
-class Health:
-    """``/healthz``: the process is up. ``/readyz``: every enabled part has started, none has died and none
-    reports a problem (a check returning a reason, e.g. results that cannot be written)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.ready = False
-        self.problem: str | None = None
-        self.checks: list[Callable[[], str | None]] = []
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        problem = self.problem or next((reason for check in self.checks if (reason := check())), None)
-        if self.ready and problem is None:
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready", "reason": problem or "starting"}, status=503)
-
-    async def metrics_text(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain")
-
-    def install(self, app: web.Application) -> None:
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_text)
-
-
 async def run(config: Config, *, with_sandbox: bool = False) -> int:
     """``relay run``: serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
@@ -165,6 +141,16 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         producer = make_producer(config.kafka)
         stack.push_async_callback(producer.stop)  # safe even if start() failed half-way
         await producer.start()
+        tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
+        watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
+        stack.push_async_callback(cancel, watched)  # also when a later start fails
+        # /readyz: the broker answers (relay.readiness); the probe asks for one topic's metadata, not the cluster's
+        broker = BrokerWatch(config.kafka.unreachable_after)
+        health.checks.append(broker.problem)
+        await producer.client.add_topic(config.kafka.results_topic)
+        watched.append(asyncio.create_task(watch_broker(broker, producer.client.force_metadata_update,
+                                                        probe_interval(config.kafka.unreachable_after)),
+                                           name="broker watch"))
 
         if config.http.enabled:
             web_app = web.Application(client_max_size=config.inbound.max_body_bytes + 1)
@@ -182,12 +168,12 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
                 raise ListenError("http", config.http.host, config.http.port, err) from None
             log.info("http on %s:%d", config.http.host, config.http.port)
 
-        tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
-        watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
         if config.outbound.enabled:
-            client = FeishuClient(config)
+            client = FeishuClient(config, metrics=metrics)
             await client.start()
             stack.push_async_callback(client.close)
+            health.checks.append(functools.partial(token_problem, client))
+            watched.append(asyncio.create_task(retry_tokens(client, FAILED_TOKEN_HOLD), name="token retry"))
             outbound, previews = await start_outbound(config, client, producer, metrics, stack)
             health.checks.append(outbound.problem)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
@@ -210,6 +196,12 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
     return 1 if failed else 0
 
 
+async def cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def died(health: Health, task: asyncio.Task[Any]) -> None:
     """A part's task ended with an error: ``/readyz`` says so at once (and ``serve`` exits 1)."""
     if task.cancelled() or task.exception() is None:
@@ -227,7 +219,7 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
                          cap=out.backoff_cap)
     # the group-membership lease: no Feishu call and no result once this replica may have lost its partitions
     membership = Membership(out.session_timeout_ms / 1000, out.rebalance_timeout_ms / 1000)
-    executor = Executor(client, limiter, policy, rng=random.Random(), gate=membership)
+    executor = Executor(client, limiter, policy, rng=random.Random(), gate=membership, metrics=metrics)
     metrics.collect(lambda m: export_membership(m, membership))
     metrics.collect(lambda m: export_outbound(m, limiter, client))
     memory = KafkaPreviewMemory(config.kafka, producer)
@@ -246,6 +238,7 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
                         previews=previews, membership=membership, journal=journal,
                         new_producer=lambda: make_producer(config.kafka))
+    metrics.collect(lambda m: m.consumer_lag(outbound.lag()))
     return outbound, previews
 
 

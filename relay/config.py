@@ -1,7 +1,8 @@
 """The relay's TOML config, decoded strictly with msgspec.
 
 The keys of docs/config.md (``[kafka]``, ``[feishu]``, ``[[apps]]``, ``[http]``) are the public contract; the other
-sections (``[outbound]``, ``[inbound]``, ``[previews]``) are ours and documented in ``deploy/relay.example.toml``.
+sections (``[outbound]``, ``[inbound]``, ``[previews]``, ``[log]``) are ours and documented in
+``deploy/relay.example.toml``.
 
 Every key can be overridden from the environment: ``RELAY_<SECTION>__<KEY>`` (``RELAY_HTTP__PORT=8081``) and
 ``RELAY_APPS__<NAME>__<KEY>`` for an app (``RELAY_APPS__DEFAULT__APP_SECRET=...``; an app named only in the
@@ -27,7 +28,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -109,6 +110,8 @@ class KafkaConfig(_Section, frozen=True):
     sasl_username: str | None = None
     sasl_password: Secret | None = None
     ssl_cafile: str | None = None
+    # seconds the broker may go unanswered (a metadata probe every few seconds) before /readyz answers 503
+    unreachable_after: PositiveFloat = 30.0
 
     def __post_init__(self) -> None:
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
@@ -240,6 +243,13 @@ class PreviewsConfig(_Section, frozen=True):
     claim_window: PositiveFloat = 0.5
 
 
+class LogConfig(_Section, frozen=True):
+    # "json" (one object per line), "text", or "auto": json unless stderr is a terminal; --log-format wins
+    format: Literal["auto", "json", "text"] = "auto"
+    # seconds a repeated aiokafka line or WARNING is summarised over: the first is written, the rest counted
+    repeat_interval: PositiveFloat = 30.0
+
+
 class Config(_Section, frozen=True):
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     feishu: FeishuConfig = msgspec.field(default_factory=FeishuConfig)
@@ -248,6 +258,7 @@ class Config(_Section, frozen=True):
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
     previews: PreviewsConfig = msgspec.field(default_factory=PreviewsConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -304,7 +315,7 @@ def _dec_hook(type_: type, obj: Any) -> Any:
 
 _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "kafka": KafkaConfig, "feishu": FeishuConfig, "http": HttpConfig, "outbound": OutboundConfig,
-    "inbound": InboundConfig, "previews": PreviewsConfig,
+    "inbound": InboundConfig, "previews": PreviewsConfig, "log": LogConfig,
 }
 
 

@@ -49,6 +49,7 @@ from typing import Protocol
 from relay.backoff import RetryPolicy
 from relay.calls import Call
 from relay.limits import Grant, Limiter
+from relay.metrics import Metrics
 from relay.outcomes import Attempted, Outcome, Verdict
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ class Executor:
     def __init__(self, sender: Sender, limiter: Limiter, policy: RetryPolicy, *,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: random.Random | None = None, gate: Gate | None = None) -> None:
-        """``gate`` is asked right before every request is written; it raises to stop the call (module doc)."""
+                 rng: random.Random | None = None, gate: Gate | None = None, metrics: Metrics | None = None) -> None:
+        """``gate`` is asked right before every request is written; it raises to stop the call (module doc).
+        ``metrics`` records each limiter wait, by API."""
         self._sender = sender
         self._limiter = limiter
         self._policy = policy
@@ -95,6 +97,7 @@ class Executor:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._gate = gate
+        self._metrics = metrics
 
     def admissible(self, call: Call) -> str | None:
         """Why ``call`` can never go at this replica (one line, for a ``rejected`` result), or None when it can.
@@ -124,8 +127,11 @@ class Executor:
         while True:
             if expires_at is not None and self._wall() >= expires_at:
                 return Attempted(outcome, attempts, expired=True)
+            waiting = self._clock()
             grant = await self._limiter.acquire(app, call.api, call.api_windows, call.target, call.target_windows,
                                                 learns=call.learns)
+            if self._metrics is not None:
+                self._metrics.limiter_waited(call.api, self._clock() - waiting)
             if expires_at is not None and self._wall() >= expires_at:
                 return Attempted(outcome, attempts, expired=True)
             if before_attempt is not None:
@@ -159,8 +165,14 @@ class Executor:
             delay = max(self._policy.delay(backoff, self._rng, outcome.retry_after), min_retry_delay)
             if not self._policy.allows(attempts, first, self._clock(), delay):
                 return Attempted(outcome, attempts, exhausted=True)
-            log.debug("retrying %s for app %s in %.2fs (attempt %d: %s %s)", call.api, app, delay, attempts,
-                      outcome.code, outcome.msg)
+            if outcome.token_unavailable:  # relay.feishu logs the token trouble once per hold, not per call
+                log.debug("retrying %s for app %s in %.2fs: no tenant token", call.api, app, delay)
+            else:  # a retry or a throttle is worth a line: the first sign of a limit set too high or a sick Feishu
+                why = "throttled" if outcome.throttled else "retriable answer"
+                log.warning("retrying %s for app %s in %.2fs (attempt %d, %s: %s %s)", call.api, app, delay,
+                            attempts, why, outcome.code, outcome.msg,
+                            extra={"app": app, "api": call.api, "attempts": attempts, "retry_in": round(delay, 3),
+                                   "reason": why, "code": outcome.code, "log_id": outcome.log_id})
             await self._sleep(delay)
 
     async def _admit(self, grant: Grant, before_write: Callable[[], Awaitable[None]] | None,

@@ -38,6 +38,7 @@ from yarl import URL
 from relay.calls import Call
 from relay.config import AppConfig, Config
 from relay.limits import Requeue
+from relay.metrics import Metrics
 from relay.outcomes import Outcome, Verdict, classify, network_error, token_error
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,12 @@ class _Cached:
 class FeishuClient:
     """Sends one :class:`~relay.calls.Call` for one app and classifies the answer."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
+        """``metrics`` counts each API request (by app, API, outcome, with its latency) and token refresh."""
         self._config = config
         self._clock = clock
+        self._metrics = metrics
         self._apps: dict[str, AppConfig] = {app.name: app for app in config.apps}
         self._tokens: dict[str, _Cached] = {}
         self._refreshing: dict[str, asyncio.Future[str]] = {}
@@ -91,6 +95,7 @@ class FeishuClient:
         # waiters each carry a timeout and are woken one by one on every release
         self._slots = asyncio.Semaphore(config.feishu.max_connections)
         self.token_requests = 0
+        self._unavailable: dict[str, str] = {}  # app -> why its last token refresh failed (until one succeeds)
 
     async def start(self) -> None:
         feishu = self._config.feishu
@@ -126,6 +131,11 @@ class FeishuClient:
 
     def knows(self, app: str) -> bool:
         return app in self._apps
+
+    def token_problems(self) -> dict[str, str]:
+        """Apps whose last tenant_access_token refresh failed (and none has succeeded since), with why; a
+        readiness check (``relay.readiness``) asks for their tokens again so a recovery is noticed unprompted."""
+        return dict(self._unavailable)
 
     # tokens -------------------------------------------------------------------------------------------
 
@@ -169,6 +179,9 @@ class FeishuClient:
             life = expire - margin if expire > 2 * margin else expire / 2
             self._tokens[app_name] = _Cached(token, self._clock() + life)
             self._failed.pop(app_name, None)
+            self._unavailable.pop(app_name, None)
+            if self._metrics is not None:
+                self._metrics.token_refresh(app_name, ok=True)
             result.set_result(token)
         except TokenUnavailable as err:
             result.set_exception(TokenUnavailable(self._hold(app_name, err.outcome)))
@@ -189,6 +202,9 @@ class FeishuClient:
         """Remember a failed refresh for its hold; the outcome its waiters get."""
         hold = outcome.retry_after or FAILED_TOKEN_HOLD
         self._failed[app_name] = (self._clock() + hold, outcome)
+        self._unavailable[app_name] = outcome.msg or "no answer"
+        if self._metrics is not None:
+            self._metrics.token_refresh(app_name, ok=False)
         log.warning("tenant_access_token for app %s unavailable, held for %.1fs: %s", app_name, hold, outcome.msg)
         return _held(outcome, hold)
 
@@ -238,12 +254,14 @@ class FeishuClient:
         # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked in
         # relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
         url = URL(base + call.path, encoded=True)
+        sent: float | None = None  # when the request left (its latency is measured from there)
         try:
             while True:
                 try:
                     async with self._slots:
                         if admit is not None:
                             await admit()
+                        sent = time.perf_counter()
                         async with self._session.request(
                                 call.method, url, params=call.query or None, data=call.body, headers=headers,
                                 proxy=proxy, proxy_auth=proxy_auth) as resp:
@@ -253,10 +271,17 @@ class FeishuClient:
                 except Requeue as requeue:  # a throttle came while it waited: queue again, not holding a slot
                     await requeue.wait()
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
-            return network_error(err)
+            outcome = network_error(err)
+            self._count(app, call, outcome, sent)
+            return outcome
+        self._count(app, call, outcome, sent)
         if outcome.verdict is Verdict.REFRESH:
             self.drop_token(app, token)
         return outcome
+
+    def _count(self, app: str, call: Call, outcome: Outcome, sent: float | None) -> None:
+        if self._metrics is not None and sent is not None:  # None: it failed before the request left
+            self._metrics.feishu_call(app, call.api, outcome, time.perf_counter() - sent)
 
 
 def _held(outcome: Outcome, remaining: float) -> Outcome:

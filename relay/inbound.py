@@ -138,6 +138,7 @@ class Inbound:
         self._callback_types = frozenset(self._cfg.callback_types)
         self.dedup = Dedup(self._cfg.dedup_ttl, self._cfg.dedup_max_entries, clock)
         metrics.collect(self._export)
+        metrics.know_event_types([*self._cfg.routes, *self._callback_types])  # labels the config names
 
     def install(self, app: web.Application) -> None:
         """Add the two routes, and cancel publishes still in flight when the app shuts down."""
@@ -210,32 +211,34 @@ class Inbound:
             why = "timeout" if isinstance(err, TimeoutError) else str(err)
             elapsed = 1000 * (time.perf_counter() - started)
             if not callback:
-                self._count(name, "unavailable", started)
+                self._count(name, event, "unavailable", started)
                 log.warning("inbound app=%s %s %s -> %s not acknowledged (%s) in %.0f ms: 503", name,
                             event.event_type, event.event_id, topic, why, elapsed)
                 return _reply(503, b'{"error":"unavailable"}')
-            self._count(name, "unacknowledged", started)
+            self._count(name, event, "unacknowledged", started)
             if isinstance(err, PublishFailed):
                 self._lost(name, event, topic, why)
             else:
                 log.warning("inbound app=%s %s %s -> %s answered {} unacknowledged after %.0f ms; still publishing",
                             name, event.event_type, event.event_id, topic, elapsed)
             return _reply(200, _EMPTY)
-        self._count(name, outcome.value, started)
+        self._count(name, event, outcome.value, started)
+        elapsed = 1000 * (time.perf_counter() - started)
         log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
-                 outcome.value, 1000 * (time.perf_counter() - started))
+                 outcome.value, elapsed,
+                 extra={"app": name, "event_type": event.event_type, "event_id": event.event_id, "topic": topic,
+                        "outcome": outcome.value, "latency_ms": round(elapsed, 1)})
         return _reply(200, _EMPTY if callback else _SUCCESS)
 
     def _lost(self, name: str, event: Event, topic: str, why: str) -> None:
         self._metrics.inc("relay_inbound_callbacks_lost_total", help="callbacks answered but never published",
                           app=name)
         log.error("inbound app=%s %s %s -> %s LOST: answered {} but not published (%s)", name, event.event_type,
-                  event.event_id, topic, why)
+                  event.event_id, topic, why, extra={"app": name, "event_type": event.event_type,
+                                                     "event_id": event.event_id, "topic": topic, "outcome": "lost"})
 
-    def _count(self, name: str, outcome: str, started: float) -> None:
-        self._metrics.inc("relay_inbound_events_total", help="events by outcome", app=name, outcome=outcome)
-        self._metrics.observe("relay_inbound_response_seconds", time.perf_counter() - started,
-                              help="time to answer an event", outcome=outcome)
+    def _count(self, name: str, event: Event, outcome: str, started: float) -> None:
+        self._metrics.inbound_event(name, event.event_type, outcome, time.perf_counter() - started)
 
     def _export(self, metrics: Metrics) -> None:
         metrics.set("relay_inbound_dedup_entries", len(self.dedup), help="event keys remembered")
@@ -246,7 +249,8 @@ class Inbound:
         # the reason is one of a few fixed words, so it is a safe label; the app name comes from the URL and is
         # attacker-chosen for an unknown app, so it is logged shortened and escaped, and not used as a label
         self._metrics.inc("relay_inbound_rejected_total", help="requests refused by a check", reason=err.reason)
-        log.info("inbound app=%.40r rejected: %s (%d)", name, err.reason, err.status)
+        log.info("inbound app=%.40r rejected: %s (%d)", name, err.reason, err.status,
+                 extra={"app": name[:40], "outcome": "rejected", "reason": err.reason, "http_status": err.status})
         return _reply(err.status, b'{"error":"' + err.reason.encode() + b'"}')
 
     async def _read_body(self, request: web.Request, *, unsigned: bool) -> bytes:

@@ -90,7 +90,7 @@ from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import BATCH_OVERHEAD, MAX_BATCH_SIZE, client_settings, max_message_bytes
 from relay.membership import Membership, MembershipLost, Standing, watch
-from relay.metrics import Metrics
+from relay.metrics import Metrics, kind_label
 from relay.offsets import JOURNAL_METADATA_ROOM, JournalPosition, OffsetRanges, PartitionOffsets, decode_metadata
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped, PreviewTicket
 from relay.results import (
@@ -762,7 +762,8 @@ class Outbound(ConsumerRebalanceListener):
             summary = msgspec.json.decode(entry.result)
             fields = {"attempts": summary.get("attempts"), "code": summary.get("code"),
                       "log_id": summary.get("log_id")}
-            self._finished(record, job.id, job.kind, str(summary.get("status")), fields, received, "re-emitted")
+            self._finished(record, job.id, job.kind, job.app, str(summary.get("status")), fields, received,
+                           "re-emitted")
             return
         job.journaled = True  # its result goes to the journal first, so a later owner writes the same bytes
         fields = {"attempts": 0, "msg": "outcome unknown: a previous owner of this partition started the call and "
@@ -787,7 +788,7 @@ class Outbound(ConsumerRebalanceListener):
             letter = DeadLetter(dl_error, reason) if dl_error is not None else None
             await self._journal.finished(journal.tp, journal.offset, id, value, letter)
         await self._write(record, id, value, dl_error, reason)
-        self._finished(record, id, kind, status, fields, received)
+        self._finished(record, id, kind, app, status, fields, received)
 
     async def _write(self, record: Record, id: str | None, value: bytes | None, dl_error: str | None,
                      reason: str) -> None:
@@ -810,16 +811,30 @@ class Outbound(ConsumerRebalanceListener):
         else:
             await asyncio.gather(*sends)
 
-    def _finished(self, record: Record, id: str | None, kind: str | None, status: str, fields: dict[str, Any],
-                  received: float, note: str = "") -> None:
-        """The metrics and the one log line of a finished record."""
+    def _finished(self, record: Record, id: str | None, kind: str | None, app: str | None, status: str,
+                  fields: dict[str, Any], received: float, note: str = "") -> None:
+        """The metrics and the one log line of a finished record (its fields, never its content)."""
         latency = self._wall() - received  # read -> result acknowledged
-        self._metrics.inc("relay_intents_total", help="intents finished, by kind and status",
-                          kind=kind or "unknown", status=status)
-        self._metrics.observe("relay_intent_seconds", latency, help="read to result written", status=status)
-        log.info("%s[%d]@%d id=%s kind=%s status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f%s",
-                 record.topic, record.partition, record.offset, id, kind, status, fields.get("attempts"),
-                 fields.get("code"), fields.get("log_id"), latency * 1000, f" ({note})" if note else "")
+        self._metrics.intent_finished(kind, status, latency)
+        kind = kind_label(kind)  # the producer's own word only when it is a kind (it may be anything)
+        log.info("%s[%d]@%d id=%.80r kind=%s app=%.40r status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f%s",
+                 record.topic, record.partition, record.offset, id, kind, app, status, fields.get("attempts"),
+                 fields.get("code"), fields.get("log_id"), latency * 1000, f" ({note})" if note else "",
+                 extra={"topic": record.topic, "partition": record.partition, "offset": record.offset,
+                        "intent_id": id and id[:80], "kind": kind, "app": app and app[:80], "status": status,
+                        "attempts": fields.get("attempts"), "code": fields.get("code"),
+                        "log_id": fields.get("log_id"), "latency_ms": round(latency * 1000, 1),
+                        **({"note": note} if note else {})})
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per owned partition: records not yet finished (its high watermark minus its commit point), from the
+        first record read after the assignment (before it, the commit point is not known here)."""
+        lags: dict[tuple[str, int], int] = {}
+        for tp, offsets in list(self._offsets.items()):
+            high, point = self._consumer.highwater(tp), offsets.commit_point()
+            if high is not None and point is not None:
+                lags[(tp.topic, tp.partition)] = max(0, high - point)
+        return lags
 
     @staticmethod
     def _cut_result(key: bytes, value: bytes, headers: Headers, budget: int) -> tuple[bytes | None, bytes, Headers]:

@@ -152,15 +152,19 @@ class SandboxProcess:
 class RelayProcess:
     """``python -m relay run`` as a real child process (for SIGKILL / SIGTERM tests)."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, *, log_format: str | None = "text") -> None:
+        """``log_format``: ``--log-format`` (text by default, for tests reading lines; None: the relay's default,
+        JSON, since its stderr is a file)."""
         self.config_path = config_path
         self.log_path = log_path
+        self.log_format = log_format
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         log = self.log_path.open("ab")
+        chosen = ["--log-format", self.log_format] if self.log_format else []
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "--log-level", "INFO", "run", "--config", str(self.config_path),
+            sys.executable, "-m", "relay", "--log-level", "INFO", "run", "--config", str(self.config_path), *chosen,
             stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
 

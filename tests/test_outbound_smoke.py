@@ -31,15 +31,16 @@ async def test_one_send_gets_one_ok_result(kafka_bootstrap: str, topic_prefix: s
                 Collector(kafka_bootstrap, config.kafka.dead_letter_topic) as dead:
             await results.wait_for(1, 30)
             await dead.wait_for(1, 30, distinct_ids=False)
-        scrape = metrics.render()
+        token_requests = metrics.value("relay_feishu_token_requests_total")
+        throttled = metrics.value("relay_feishu_throttled_total")
+        sent_ok = metrics.value("relay_intents_total", kind="message.send", status="ok")
     (result,) = results.by_id()["n-1"]
     assert result["status"] == "ok", result
     assert result["data"]["message_id"].startswith("om_")
     assert dict(results.records[0].headers) == {"traceparent": b"00-abc-def-01"}
     sends = sandbox.calls_for("message.send")
     assert len(sends) == 1 and sends[0].uuid == "n-1"
-    assert "relay_feishu_token_requests_total 1" in scrape and "relay_feishu_throttled_total 0" in scrape
-    assert 'relay_intents_total{kind="message.send",status="ok"} 1' in scrape
+    assert token_requests == 1 and throttled == 0 and sent_ok == 1
     (poison,) = dead.records
     assert poison.value == b"not json"
     assert dict(poison.headers)["relay.error"] == b"decode"
