@@ -97,8 +97,8 @@ def test_an_http_port_in_use_is_one_line(kafka_bootstrap: str, topic_prefix: str
                            outbound={"enabled": False}, kafka={"create_topics": False})
         path = tmp_path / "relay.toml"
         path.write_text(to_toml(data))
-        proc = subprocess.run([sys.executable, "-m", "relay", "run", "--config", str(path)], capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "relay", "run", "--config", str(path), "--log-format", "json"],
+                              capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if " INFO " not in line and " WARNING " not in line]
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("{")]  # log records are JSON
     assert lines == [f"error: http: 127.0.0.1:{port} is in use"], proc.stderr  # one line, no traceback
