@@ -17,6 +17,9 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
 - ``/_sandbox/calls`` (GET, ``?api=`` filter), ``/_sandbox/stats`` (GET), ``/_sandbox/control`` (POST a
   ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
   subprocess or a curious ``make run`` user.
+- ``POST /callback/ws/endpoint`` and the WebSocket it hands out: Feishu's long connection (``relay.sandbox.ws``:
+  pings, fragments, redelivery of unanswered events, refusals, half-open sockets), with ``/_sandbox/ws/emit``
+  and ``/_sandbox/ws/fault`` for a relay run as a subprocess.
 - Anything else, and any ``/open-apis/`` path that leaves ``/open-apis/`` once a server decodes it (a ``.`` or
   ``..`` segment, also percent-encoded or twice encoded or as ``..;``, an encoded slash or backslash): logged with
   its raw path as a violation and answered 404, before authorization (a real gateway would have normalized it
@@ -132,6 +135,7 @@ from relay.sandbox.bodies import (
     UrlPreviewBody,
 )
 from relay.sandbox.windows import Limit, SlidingWindows
+from relay.sandbox.ws import LongConnections, WsOptions
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +215,7 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     chats_without_bot: frozenset[str] = frozenset()  # chat_button chat_ids answered 230027
     seed: int | None = None  # for the fault / latency RNG
     log_bodies: bool = True  # keep each call's parsed body in the log (off for long benchmarks)
+    ws: WsOptions = msgspec.field(default_factory=WsOptions)  # the long connection (relay.sandbox.ws)
 
 
 class CallRecord(msgspec.Struct, kw_only=True):
@@ -406,6 +411,7 @@ class Sandbox:
                 if value:
                     self._p2p[(id_type, value)] = chat
         self._seed_messages()
+        self.ws = LongConnections(self._initial.apps, self._initial.ws)
         self.app = self._build_app()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -422,11 +428,12 @@ class Sandbox:
             raise
         self._runner = runner
         bound = runner.addresses[0]
-        self.url = f"http://{host}:{bound[1]}"
+        self.url = self.ws.url = f"http://{host}:{bound[1]}"
         return self.url
 
     async def stop(self) -> None:
         self._stopping.set()
+        await self.ws.stop()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -659,6 +666,7 @@ class Sandbox:
         r.add_get("/_sandbox/stats", self._control_stats)
         r.add_post("/_sandbox/control", self._control)
         r.add_post("/_sandbox/reset", self._control_reset)
+        self.ws.install(app)
         r.add_route("*", "/{tail:.*}", self._outside)
         return app
 

@@ -117,7 +117,9 @@ class LongConnection:
 
     def __init__(self, app: AppConfig, config: Config, handler: EventHandler, session: aiohttp.ClientSession,
                  metrics: Metrics, *, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, initial: ClientConfig | None = None) -> None:
+        """``initial``: the settings until the endpoint gives its own (default: Feishu's, as in its SDKs:
+        ping every 120 s, reconnect after up to 30 s, then every 120 s)."""
         self._app = app
         self._name = self.name = app.name
         self._base_url = config.base_url_for(app)
@@ -127,7 +129,7 @@ class LongConnection:
         self._metrics = metrics
         self._clock = clock
         self._reconnect = Reconnect(rng or random.Random())
-        self.config = ClientConfig()
+        self.config = initial or ClientConfig()
         self._fragments = Reassembly(ttl=self._cfg.ws_fragment_ttl, max_bytes=4 * self._cfg.max_body_bytes,
                                      max_event_bytes=self._cfg.max_body_bytes)
         self._tasks: set[asyncio.Task[None]] = set()
