@@ -142,6 +142,7 @@ class LongConnections:
         self.deliveries: list[Delivery] = []
         self.violations: list[str] = []
         self.handshakes = 0  # successful ones
+        self.pings = 0  # pings answered (or ignored on a half-open connection: not counted)
         self.endpoint_calls = 0
         self.url = ""  # the sandbox's base URL (set by the sandbox at start)
 
@@ -272,6 +273,7 @@ class LongConnections:
                 self.violations.append(f"a control frame of type {frame.header('type')!r} from the client")
                 return
             conn.pings += 1
+            self.pings += 1
             if frame.service != conn.service_id:
                 self.violations.append(f"a ping with service {frame.service}, not the URL's {conn.service_id}")
             pong = Frame(service=conn.service_id, method=CONTROL, headers=(("type", "pong"),),

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 _ENDPOINT_BODY_MAX: Final = 64 * 1024  # the endpoint's answer is a few hundred bytes; never read more
 _FRAME_OVERHEAD: Final = 64 * 1024  # a frame's headers around a payload at the body cap
+_LAST_LOOK: Final = 0.05  # seconds
 
 
 class Accept(Protocol):
@@ -224,14 +225,17 @@ class LongConnection:
     async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> Retry:
         liveness = Liveness(self._clock(), self._cfg.ws_liveness_grace)
         while True:
-            remaining = liveness.remaining(self._clock(), self.config)
-            if remaining <= 0:
-                return Retry(f"nothing received for {self.config.ping_interval + self._cfg.ws_liveness_grace:g} s"
-                             " (PingInterval + ws_liveness_grace): half-open socket", "liveness")
             try:
-                msg = await ws.receive(timeout=remaining)
+                msg = await ws.receive(timeout=max(0.0, liveness.remaining(self._clock(), self.config)))
             except TimeoutError:
-                continue
+                if liveness.remaining(self._clock(), self.config) > 0:
+                    continue
+                try:  # one last look: frames a stalled event loop has not read yet are not silence
+                    msg = await ws.receive(timeout=_LAST_LOOK)
+                except TimeoutError:
+                    silence = self.config.ping_interval + self._cfg.ws_liveness_grace
+                    return Retry(f"nothing received for {silence:g} s (PingInterval + ws_liveness_grace): "
+                                 "half-open socket", "liveness")
             if msg.type is aiohttp.WSMsgType.BINARY:
                 liveness.received(self._clock())
                 self._on_frame(ws, msg.data)
