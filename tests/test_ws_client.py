@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -252,3 +253,22 @@ async def test_two_connections_for_one_app_share_the_events(sandbox: Sandbox, ru
     deliveries = [sandbox.ws.push(APP_ID, event(f"e{i}"), event_id=f"e{i}") for i in range(10)]
     await asyncio.wait_for(asyncio.gather(*(d.done.wait() for d in deliveries)), 10)
     assert len(rec1.payloads) + len(rec2.payloads) == 10 and rec1.payloads and rec2.payloads
+
+
+async def emit_cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "relay", "sandbox", "emit", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_relay_sandbox_emit_websocket_pushes_over_the_connection(sandbox: Sandbox, run: Runner) -> None:
+    code, out = await emit_cli("--websocket", sandbox.url, "--event-type", "im.message.receive_v1",
+                               "--app-id", APP_ID, "--event-id", "ev-cli")
+    assert code == 1 and "sandbox HTTP 409" in out and "no long connection" in out  # nobody connected yet
+    _, recorder, _ = await run()
+    code, out = await emit_cli("--websocket", sandbox.url, "--event-type", "im.message.receive_v1",
+                               "--app-id", APP_ID, "--event-id", "ev-cli")
+    assert (code, out.strip()) == (0, "im.message.receive_v1 ev-cli -> over the long connection, answers: 200")
+    assert [json.loads(p)["header"]["event_id"] for p in recorder.payloads] == ["ev-cli"]

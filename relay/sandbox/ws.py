@@ -380,6 +380,8 @@ class LongConnections:
     async def _control_emit(self, request: web.Request) -> web.Response:
         """``{"app_id", "payload": <event JSON text>, "event_id", "event_type"?, "frame_type"?}`` -> pushed."""
         body: dict[str, Any] = msgspec.json.decode(await request.read())
+        if not self.connections(str(body["app_id"])):
+            return web.json_response({"error": f"no long connection for app {body['app_id']!r}"}, status=409)
         delivery = self.push(str(body["app_id"]), str(body["payload"]).encode(), event_id=str(body["event_id"]),
                              event_type=str(body.get("event_type", "")),
                              frame_type=str(body.get("frame_type", "event")))
