@@ -229,3 +229,16 @@ async def test_serve_exits_1_and_readyz_says_why_when_the_preview_memory_tail_di
     assert code == 1
     status, body = await readyz(health)
     assert status == 503 and "preview-memory" in body["reason"] and "memory record unreadable" in body["reason"]
+
+
+async def test_readyz_follows_a_part_whose_readiness_comes_and_goes() -> None:
+    health = Health(Metrics())
+    waiting: list[str | None] = ["websocket apps[ws]: endpoint call timed out after 15 s"]
+    health.checks.append(lambda: waiting[0])
+    assert await readyz(health) == (503, {"status": "not ready", "reason": "starting"})
+    health.ready = True
+    assert await readyz(health) == (503, {"status": "not ready", "reason": waiting[0]})
+    waiting[0] = None
+    assert await readyz(health) == (200, {"status": "ready"})
+    health.problem = "outbound died: boom"
+    assert await readyz(health) == (503, {"status": "not ready", "reason": "outbound died: boom"})

@@ -95,6 +95,7 @@ class Delivery:
     acknowledged: bool = False
     data: bytes | None = None  # the decoded ``data`` of the 200 answer
     late: int = 0  # answers that came after ack_timeout
+    answer_seconds: float | None = None  # the answered attempt's first frame sent -> its answer read
 
 
 @dataclass
@@ -106,6 +107,7 @@ class _Attempt:
     message_id: str
     seq_ids: tuple[int, ...]
     timed_out: bool = False
+    sent_at: float = 0.0  # perf_counter
 
 
 @dataclass
@@ -300,6 +302,7 @@ class LongConnections:
         if attempt.timed_out:
             attempt.delivery.late += 1
         else:
+            attempt.delivery.answer_seconds = time.perf_counter() - attempt.sent_at
             attempt.answered.set_result(answer.code)
 
     @staticmethod
@@ -354,6 +357,7 @@ class LongConnections:
                            frames[0].header("message_id") or "", tuple(f.seq_id for f in frames))
         for frame in frames:  # the answer may come to any of them (the SDKs answer the one that completed it)
             self._sent[frame.seq_id] = _Sent(attempt, frame)
+        attempt.sent_at = time.perf_counter()
         try:
             if not conn.half_open:
                 for frame in frames:

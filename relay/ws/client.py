@@ -133,6 +133,7 @@ class LongConnection:
         self.config = initial or ClientConfig()
         self._fragments = Reassembly(ttl=self._cfg.ws_fragment_ttl, max_bytes=4 * self._cfg.max_body_bytes,
                                      max_event_bytes=self._cfg.max_body_bytes)
+        self._dropped = 0  # fragments dropped on earlier connections
         self._tasks: set[asyncio.Task[None]] = set()
         self._write = asyncio.Lock()
         self.connected = False
@@ -202,6 +203,10 @@ class LongConnection:
         except (aiohttp.ClientError, OSError) as err:
             return Retry(f"handshake failed: {type(err).__name__}", "handshake")
         self.config = connect.config
+        # fragments are per connection: a split event cut off by the loss is redelivered whole
+        self._dropped += self._fragments.dropped
+        self._fragments = Reassembly(ttl=self._cfg.ws_fragment_ttl, max_bytes=4 * self._cfg.max_body_bytes,
+                                     max_event_bytes=self._cfg.max_body_bytes)
         self.connected = True
         self.connections += 1
         self._reconnect.connected()
@@ -319,5 +324,5 @@ class LongConnection:
     def _export(self, metrics: Metrics) -> None:
         metrics.set("relay_ws_connected", 1 if self.connected else 0, help="1 while the long connection is up",
                     app=self._name)
-        metrics.set_total("relay_ws_fragments_dropped_total", self._fragments.dropped,
+        metrics.set_total("relay_ws_fragments_dropped_total", self._dropped + self._fragments.dropped,
                           help="split events dropped incomplete (too old, too large, malformed)", app=self._name)
