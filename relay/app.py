@@ -191,6 +191,8 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
             # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
             watched.append(asyncio.create_task(previews.wait(), name="previews"))
+        if inbound is None and any(a.inbound.mode == "websocket" for a in config.apps):
+            log.warning("inbound.enabled = false: the apps with inbound.mode = \"websocket\" get no connection")
         if inbound is not None:  # apps in websocket mode: one long connection each, watched like the parts above
             for connection in await start_websockets(config, inbound, metrics, stack):
                 health.checks.append(connection.problem)

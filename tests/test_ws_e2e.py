@@ -151,6 +151,23 @@ async def test_a_thousand_events_land_once_each_answered_only_after_its_ack(
     assert sandbox.ws.violations == []
 
 
+async def test_two_replicas_connected_for_one_app_publish_each_event_once(
+        kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox) -> None:
+    """The replica rule: every replica holds its own connection; Feishu sends each event to one of them."""
+    config = config_for(kafka_bootstrap, topic_prefix, sandbox.url)
+    await create_topics(kafka_bootstrap, [f"{topic_prefix}.events", f"{topic_prefix}.callbacks"])
+    async with client(config) as (first, _, _, one), client(config) as (second, _, _, two):
+        await eventually(lambda: first.connected and second.connected)
+        assert sandbox.ws.connections(APP_ID) == 2
+        deliveries = [sandbox.ws.push(APP_ID, body, event_id=eid) for eid, body in map(event, range(200))]
+        await asyncio.wait_for(asyncio.gather(*(d.done.wait() for d in deliveries)), 60)
+        assert all(d.acknowledged for d in deliveries)
+        counts = [m.value("relay_inbound_events_total", app="ws", outcome="published") for m in (one, two)]
+        assert all(counts) and sum(counts) <= 200  # both served; none published by both
+    records = await read_all(kafka_bootstrap, f"{topic_prefix}.events")
+    assert sorted(dict(r.headers)["event_id"].decode() for r in records) == sorted(f"ev-{i}" for i in range(200))
+
+
 async def test_broker_outage_answers_500_and_the_redelivery_is_published_once(
         own_broker: tuple[str, Callable[[str], Awaitable[None]]], sandbox: Sandbox) -> None:  # noqa: F811
     bootstrap, control = own_broker
