@@ -23,7 +23,10 @@ The tree is the architecture (leaves first):
     events           inbound crypto, signatures, envelopes and typed event views
     dedup            the inbound seen-set
     inbound          the webhook server: verify, publish, dedup, answer
-    sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows
+    ws/              Feishu's long connection (WebSocket event mode): frame codec, protocol rules (pure),
+                     the client that publishes through inbound's path
+    sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows,
+                     the long connection
     metrics          counters, gauges and histograms in the Prometheus text format
     kafka            aiokafka clients built from the config, topic creation
     preflight        ``relay check``'s warnings and ``--connect`` probes (broker, each app's token)

@@ -39,7 +39,7 @@ INITIAL = ClientConfig(reconnect_interval=0.1, reconnect_nonce=0.1, ping_interva
 def config(**inbound: object) -> Config:
     return parse_config({"apps": [{"name": "ws", "app_id": APP_ID, "app_secret": SECRET,
                                    "inbound": {"mode": "websocket"}}],
-                         "inbound": {"ws_liveness_grace": 0.5, "ws_connect_timeout": 2.0, **inbound}}, env={})
+                         "inbound": {"ws_liveness_grace": 1.0, "ws_connect_timeout": 2.0, **inbound}}, env={})
 
 
 class Recorder:
@@ -175,7 +175,7 @@ async def test_a_half_open_socket_is_given_up_and_a_new_one_made(
     sandbox.ws.half_open()  # pings go unanswered, nothing comes: the socket looks open to the client
     delivery = sandbox.ws.push(APP_ID, event("ev-lost"), event_id="ev-lost")
     with caplog.at_level(logging.WARNING, logger="relay.ws.client"):
-        # PingInterval 0.3 + grace 0.5: noticed within a second; reconnected within the jitter after
+        # PingInterval 0.3 + grace 1.0: noticed within 1.3 s; reconnected within the jitter after
         await eventually(lambda: conn.connections == 2 and conn.connected, timeout=5)
     assert any("half-open" in r.getMessage() and "reconnecting" in r.getMessage() for r in caplog.records)
     await asyncio.wait_for(delivery.done.wait(), 10)  # the event lost on the dead socket is redelivered
@@ -272,3 +272,23 @@ async def test_relay_sandbox_emit_websocket_pushes_over_the_connection(sandbox: 
                                "--app-id", APP_ID, "--event-id", "ev-cli")
     assert (code, out.strip()) == (0, "im.message.receive_v1 ev-cli -> over the long connection, answers: 200")
     assert [json.loads(p)["header"]["event_id"] for p in recorder.payloads] == ["ev-cli"]
+
+
+async def test_past_the_in_flight_bound_an_event_is_answered_500_at_once_and_redelivered(
+        sandbox: Sandbox, run: Runner) -> None:
+    sandbox.ws.options = msgspec.structs.replace(FAST, redelivery=(0.5,) * 10)
+    _, recorder, _ = await run(config(ws_max_in_flight=1))
+    recorder.delay = 0.1  # the first event holds the only slot for a while
+    deliveries = [sandbox.ws.push(APP_ID, event(f"f{i}"), event_id=f"f{i}") for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*(d.done.wait() for d in deliveries)), 10)
+    assert all(d.acknowledged for d in deliveries)
+    assert any(d.answers[0] == 500 for d in deliveries)  # refused at once, not left unanswered
+    assert sandbox.ws.violations == []
+
+
+async def test_a_data_frame_of_an_unknown_type_is_answered_500(sandbox: Sandbox, run: Runner) -> None:
+    _, recorder, _ = await run()
+    delivery = sandbox.ws.push(APP_ID, event("odd"), event_id="odd", frame_type="mystery")
+    await eventually(lambda: len(delivery.answers) >= 1)
+    assert delivery.answers[0] == 500 and recorder.payloads == []
+    assert sandbox.ws.violations == []

@@ -228,7 +228,7 @@ async def test_relay_run_serves_a_websocket_app_through_a_half_open_socket(
             await asyncio.wait_for(asyncio.gather(*(d.done.wait() for d in first)), 60)
             sandbox.ws.half_open()  # the connection goes silent: pings unanswered, events lost on the way
             second = [sandbox.ws.push(APP_ID, e[1], event_id=e[0]) for e in map(event, range(50, 100))]
-            await eventually(lambda: metrics.value("relay_ws_reconnects_total", app="ws", reason="liveness") == 1)
+            await eventually(lambda: metrics.value("relay_ws_reconnects_total", app="ws", reason="liveness") >= 1)
             await asyncio.wait_for(asyncio.gather(*(d.done.wait() for d in second)), 60)
             assert all(d.acknowledged for d in first + second)
             assert any(d.answers[0] is None for d in second)  # some were lost on the dead socket, then redelivered
