@@ -292,3 +292,16 @@ async def test_a_data_frame_of_an_unknown_type_is_answered_500(sandbox: Sandbox,
     await eventually(lambda: len(delivery.answers) >= 1)
     assert delivery.answers[0] == 500 and recorder.payloads == []
     assert sandbox.ws.violations == []
+
+
+async def test_a_server_that_keeps_dropping_the_connection_backs_off_to_the_interval(
+        sandbox: Sandbox, run: Runner) -> None:
+    conn, _, _ = await run()
+    for made in range(2, 5):  # each connection dropped at once, well within a ping interval
+        await sandbox.ws.disconnect()
+        await eventually(lambda made=made: conn.connections == made and conn.connected)
+    assert conn.reconnect_attempts == 3  # not reset by connections that did not last: interval + jitter
+    await asyncio.sleep(0.4)  # one that lasts a ping interval (0.3 s) was healthy
+    await sandbox.ws.disconnect()
+    await eventually(lambda: conn.connections == 5 and conn.connected)
+    assert conn.reconnect_attempts == 1

@@ -141,6 +141,11 @@ class LongConnection:
         self.connections = 0  # connections made
         metrics.collect(self._export)
 
+    @property
+    def reconnect_attempts(self) -> int:
+        """Failed or short-lived connections since the last healthy one (what the next delay depends on)."""
+        return self._reconnect.attempts
+
     def problem(self) -> str | None:
         """None while connected; else why not (``/readyz``)."""
         return None if self.connected else f"websocket apps[{self._name}]: {self.reason}"
@@ -209,7 +214,7 @@ class LongConnection:
                                      max_event_bytes=self._cfg.max_body_bytes)
         self.connected = True
         self.connections += 1
-        self._reconnect.connected()
+        up_since = self._clock()
         log.info("ws app=%s connected (device %s, ping every %g s)", self._name, connect.device_id,
                  self.config.ping_interval)
         pinger = asyncio.create_task(self._ping_loop(ws, connect.service_id), name=f"ws-ping-{self._name}")
@@ -217,6 +222,10 @@ class LongConnection:
             return await self._receive(ws)
         finally:
             self.connected = False
+            # a connection that lasted a ping interval was healthy: the next attempt waits only the jitter; one
+            # the server keeps dropping at once is retried at ReconnectInterval, not in a tight loop
+            if self._clock() - up_since >= self.config.ping_interval:
+                self._reconnect.connected()
             pinger.cancel()
             await asyncio.gather(pinger, return_exceptions=True)
             try:

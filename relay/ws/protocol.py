@@ -209,7 +209,8 @@ def read_config(payload: bytes | None) -> ClientConfig | None:
 class Reconnect:
     """When to try the next connection: ``uniform(0, nonce)`` first, then ``interval + uniform(0, nonce)``.
 
-    :meth:`connected` starts over (the next loss waits only the jitter again). Randomness is injected.
+    :meth:`connected` starts over (the next loss waits only the jitter again); the client calls it when a
+    connection ends after lasting at least a ping interval. Randomness is injected.
     """
 
     __slots__ = ("_rng", "attempts")
