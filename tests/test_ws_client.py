@@ -305,3 +305,22 @@ async def test_a_server_that_keeps_dropping_the_connection_backs_off_to_the_inte
     await sandbox.ws.disconnect()
     await eventually(lambda: conn.connections == 5 and conn.connected)
     assert conn.reconnect_attempts == 1
+
+
+async def test_sandbox_stats_and_reset_cover_the_long_connection(sandbox: Sandbox, run: Runner) -> None:
+    await run()
+    delivery = sandbox.ws.push(APP_ID, event("st"), event_id="st")
+    await asyncio.wait_for(delivery.done.wait(), 10)
+    async with aiohttp.ClientSession() as http, http.get(sandbox.url + "/_sandbox/ws/stats") as resp:
+        ws = await resp.json()
+    assert ws["connections"] == 1 and ws["handshakes"] == 1 and ws["violations"] == []
+    assert ws["deliveries"] == [{"event_id": "st", "answers": [200], "acknowledged": True}]
+    sandbox.reset()
+    assert sandbox.ws.deliveries == [] and sandbox.ws.connections() == 1
+
+
+def test_sandbox_options_take_the_long_connection_settings() -> None:
+    options = msgspec.json.decode(b'{"ws": {"ping_interval": 5, "fragment_size": 100}}', type=SandboxOptions)
+    assert options.ws.ping_interval == 5 and options.ws.fragment_size == 100
+    with pytest.raises(msgspec.ValidationError, match="ping_intervall"):
+        msgspec.json.decode(b'{"ws": {"ping_intervall": 5}}', type=SandboxOptions)

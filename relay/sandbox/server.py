@@ -18,8 +18,8 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
   ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
   subprocess or a curious ``make run`` user.
 - ``POST /callback/ws/endpoint`` and the WebSocket it hands out: Feishu's long connection (``relay.sandbox.ws``:
-  pings, fragments, redelivery of unanswered events, refusals, half-open sockets), with ``/_sandbox/ws/emit``
-  and ``/_sandbox/ws/fault`` for a relay run as a subprocess.
+  pings, fragments, redelivery of unanswered events, refusals, half-open sockets), with ``/_sandbox/ws/emit``,
+  ``/_sandbox/ws/fault`` and ``/_sandbox/ws/stats`` for a relay run as a subprocess.
 - Anything else, and any ``/open-apis/`` path that leaves ``/open-apis/`` once a server decodes it (a ``.`` or
   ``..`` segment, also percent-encoded or twice encoded or as ``..;``, an encoded slash or backslash): logged with
   its raw path as a violation and answered 404, before authorization (a real gateway would have normalized it
@@ -493,7 +493,8 @@ class Sandbox:
         self.options = msgspec.structs.replace(self.options, enforce_limits=enforce)
 
     def reset(self) -> None:
-        """Forget calls, messages, windows, uuids, throttles and faults; issued tokens stay valid."""
+        """Forget calls, messages, windows, uuids, throttles and faults (the long connection's deliveries,
+        violations and refusals too: its connections stay); issued tokens stay valid."""
         self.options = self._initial
         self.calls.clear()
         self.token_requests = 0
@@ -506,6 +507,7 @@ class Sandbox:
         self._api_throttles.clear()
         self._failures = dict(self._initial.target_errors)
         self._seed_messages()
+        self.ws.reset()
 
     def _seed_messages(self) -> None:
         """The ``messages`` option: messages somebody else posted, which the relay may reply to."""

@@ -153,6 +153,7 @@ class LongConnections:
         app.router.add_get(CONNECT, self._connect)
         app.router.add_post("/_sandbox/ws/emit", self._control_emit)
         app.router.add_post("/_sandbox/ws/fault", self._control_fault)
+        app.router.add_get("/_sandbox/ws/stats", self._control_stats)
 
     # ---- what tests call --------------------------------------------------------------------------------------
 
@@ -175,6 +176,21 @@ class LongConnections:
     def fail_endpoint(self, code: int | None) -> None:
         """The endpoint answers ``code`` (None: normally again)."""
         self._endpoint_code = code
+
+    def reset(self) -> None:
+        """Forget deliveries, violations, refusals and counts (connections and events in flight stay)."""
+        self.deliveries.clear()
+        self.violations.clear()
+        self._refusal = None
+        self._endpoint_code = None
+        self.handshakes = self.endpoint_calls = self.pings = 0
+
+    def stats(self) -> dict[str, Any]:
+        """For ``/_sandbox/ws/stats``: connections, counts, violations, what became of each delivery."""
+        return {"connections": self.connections(), "handshakes": self.handshakes,
+                "endpoint_calls": self.endpoint_calls, "pings": self.pings, "violations": list(self.violations),
+                "deliveries": [{"event_id": d.event_id, "answers": d.answers, "acknowledged": d.acknowledged}
+                               for d in self.deliveries[-1000:]]}
 
     def push(self, app_id: str, payload: bytes, *, event_id: str, event_type: str = "",
              frame_type: str = "event") -> Delivery:
@@ -393,6 +409,9 @@ class LongConnections:
             await delivery.done.wait()
         return web.json_response({"event_id": delivery.event_id, "answers": delivery.answers,
                                   "acknowledged": delivery.acknowledged})
+
+    async def _control_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
 
     async def _control_fault(self, request: web.Request) -> web.Response:
         """``{"half_open": true}``, ``{"disconnect": true}``, ``{"refuse": [status, autherrcode]|null}``,
