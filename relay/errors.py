@@ -4,6 +4,7 @@
     ├── ConfigError            the config file or an env override is wrong (names the key)
     ├── IntentError            an intent record cannot be performed as written (names the field)
     ├── SignatureError         an inbound request failed verification (short reason, no body)
+    ├── ListenError            a server cannot listen on its address (``http: 127.0.0.1:8080 is in use``)
     └── LongConnectionError    Feishu refused an app's long connection for good (names the app and the reason)
 
 Expected outcomes of a Feishu call (throttled, refused, token expired) are *values* (see
@@ -12,6 +13,7 @@ Expected outcomes of a Feishu call (throttled, refused, token expired) are *valu
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 
@@ -59,3 +61,13 @@ class LongConnectionError(RelayError):
         super().__init__(f"apps[{app}]: Feishu refused the long connection, not retrying: {reason}")
         self.app = app
         self.reason = reason
+
+
+class ListenError(RelayError):
+    """A server (``what``: ``http``, ``sandbox``) cannot listen on ``host:port``; one line naming both."""
+
+    def __init__(self, what: str, host: str, port: int, err: OSError) -> None:
+        if err.errno == errno.EADDRINUSE:
+            super().__init__(f"{what}: {host}:{port} is in use")
+        else:
+            super().__init__(f"{what}: cannot listen on {host}:{port}: {err.strerror or err}")
