@@ -24,7 +24,10 @@ The tree is the architecture (leaves first):
     events           inbound crypto, signatures, envelopes and typed event views
     dedup            the inbound seen-set
     inbound          the webhook server: verify, publish, dedup, answer
-    sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows
+    ws/              Feishu's long connection (WebSocket event mode): frame codec, protocol rules (pure),
+                     the client that publishes through inbound's path
+    sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows,
+                     the long connection
     kafka            aiokafka clients built from the config, topic creation
     readiness        ``/healthz``, ``/readyz`` (broker answering, tokens obtainable, parts alive), ``/metrics``
     logs             JSON or text log lines; repeated aiokafka lines and warnings summarised (entry point only)

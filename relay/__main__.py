@@ -51,8 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--options", default="{}",
                          help='any SandboxOptions as JSON, e.g. \'{"fault_rate": 0.1, "latency": 0.01}\'')
     emit = sandbox.add_subparsers(dest="sandbox_command").add_parser(
-        "emit", help="post a signed, encrypted sample Feishu event to a webhook URL, as Feishu would")
-    emit.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/feishu/events")
+        "emit", help="post a signed, encrypted sample Feishu event to a webhook URL, as Feishu would (or have a "
+                     "running sandbox push it over its long connection: --websocket)")
+    target = emit.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="e.g. http://127.0.0.1:8080/feishu/events")
+    target.add_argument("--websocket", metavar="SANDBOX_URL",
+                        help="e.g. http://127.0.0.1:8090: the sandbox pushes the event to the relay connected "
+                             "for --app-id (an app with inbound.mode = \"websocket\")")
     emit.add_argument("--event-type", required=True,
                       help="im.message.receive_v1, im.message.message_read_v1, im.message.recalled_v1, "
                            "im.message.reaction.created_v1, im.message.reaction.deleted_v1, card.action.trigger, "
@@ -153,9 +158,23 @@ def emit(args: argparse.Namespace) -> int:
 
     import aiohttp
 
-    from relay.sandbox.emit import Ids, post
+    from relay.sandbox.emit import Ids, post, push
 
     ids = Ids(chat_id=args.chat_id, message_id=args.message_id, open_id=args.open_id, tenant_key=args.tenant_key)
+    if args.websocket:
+        try:
+            pushed = asyncio.run(push(args.websocket, args.event_type, verification_token=args.verification_token,
+                                      app_id=args.app_id, ids=ids, event_id=args.event_id))
+        except ValueError as err:
+            raise RelayError(str(err)) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            raise RelayError(f"{args.websocket}: {err or type(err).__name__}") from None
+        if pushed.status != 200:
+            print(f"{args.event_type} {pushed.event_id} -> sandbox HTTP {pushed.status} {pushed.body}")
+            return 1
+        answers = ", ".join("none" if code is None else str(code) for code in pushed.answers)
+        print(f"{args.event_type} {pushed.event_id} -> over the long connection, answers: {answers}")
+        return 0 if pushed.acknowledged else 1
     try:
         answer = asyncio.run(post(args.url, args.event_type, encrypt_key=args.encrypt_key,
                                   verification_token=args.verification_token, app_id=args.app_id, ids=ids,

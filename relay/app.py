@@ -152,13 +152,17 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
                                                         probe_interval(config.kafka.unreachable_after)),
                                            name="broker watch"))
 
+        inbound = None
+        if config.inbound.enabled:
+            from relay.inbound import Inbound, KafkaPublisher
+
+            inbound = Inbound(config, KafkaPublisher(producer), metrics)
+            stack.push_async_callback(inbound.close)  # after the server and the long connections stopped
         if config.http.enabled:
             web_app = web.Application(client_max_size=config.inbound.max_body_bytes + 1)
             health.install(web_app)
-            if config.inbound.enabled:
-                from relay.inbound import Inbound, KafkaPublisher
-
-                Inbound(config, KafkaPublisher(producer), metrics).install(web_app)
+            if inbound is not None:
+                inbound.install(web_app)
             runner = web.AppRunner(web_app, access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
@@ -179,6 +183,12 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
             # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
             watched.append(asyncio.create_task(previews.wait(), name="previews"))
+        if inbound is None and any(a.inbound.mode == "websocket" for a in config.apps):
+            log.warning("inbound.enabled = false: the apps with inbound.mode = \"websocket\" get no connection")
+        if inbound is not None:  # apps in websocket mode: one long connection each, watched like the parts above
+            for connection in await start_websockets(config, inbound, metrics, stack):
+                health.checks.append(connection.problem)
+                watched.append(asyncio.create_task(connection.run(), name=f"websocket apps[{connection.name}]"))
         health.ready = True
         log.info("relay running (apps: %s)", ", ".join(a.name for a in config.apps) or "none")
         stopper = asyncio.create_task(stop.wait())
@@ -206,8 +216,28 @@ def died(health: Health, task: asyncio.Task[Any]) -> None:
     """A part's task ended with an error: ``/readyz`` says so at once (and ``serve`` exits 1)."""
     if task.cancelled() or task.exception() is None:
         return
-    health.problem = health.problem or f"{task.get_name()} died: {task.exception()}"
-    log.error("%s died: %s", task.get_name(), task.exception(), exc_info=task.exception())
+    error = task.exception()
+    health.problem = health.problem or f"{task.get_name()} died: {error}"
+    if isinstance(error, RelayError):  # says what was wrong in one line (a refused long connection)
+        log.error("%s stopped: %s", task.get_name(), error)
+    else:
+        log.error("%s died: %s", task.get_name(), error, exc_info=error)
+
+
+async def start_websockets(config: Config, inbound: Any, metrics: Metrics,
+                           stack: contextlib.AsyncExitStack) -> list[Any]:
+    """A :class:`relay.ws.LongConnection` per app in websocket mode (none: nothing started), on one session."""
+    apps = [app for app in config.apps if app.inbound.mode == "websocket"]
+    if not apps:
+        return []
+    import aiohttp
+
+    from relay.ws import LongConnection, PushedEvents
+
+    session = aiohttp.ClientSession()
+    stack.push_async_callback(session.close)
+    return [LongConnection(app, config, PushedEvents(app, config, inbound, metrics), session, metrics)
+            for app in apps]
 
 
 async def start_outbound(config: Config, client: FeishuClient, producer: Any, metrics: Metrics,

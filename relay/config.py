@@ -152,6 +152,12 @@ class FeishuConfig(_Section, frozen=True):
         _check_url("base_url", self.base_url)
 
 
+class AppInboundConfig(_Section, frozen=True):
+    # how Feishu delivers this app's events: "webhook" (it posts to the event URL) or "websocket" (the relay
+    # holds the app's long connection, relay.ws: no public URL needed; Feishu allows it for self-built apps)
+    mode: Literal["webhook", "websocket"] = "webhook"
+
+
 class AppConfig(_Section, frozen=True):
     name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     app_id: str
@@ -159,6 +165,7 @@ class AppConfig(_Section, frozen=True):
     verification_token: Secret | None = None
     encrypt_key: Secret | None = None
     base_url: str | None = None
+    inbound: AppInboundConfig = msgspec.field(default_factory=AppInboundConfig)
 
     def __post_init__(self) -> None:
         if self.base_url is not None:
@@ -228,6 +235,14 @@ class InboundConfig(_Section, frozen=True):
     # event types answered synchronously and published to kafka.callbacks_topic
     callback_types: list[str] = msgspec.field(
         default_factory=lambda: ["card.action.trigger", "url.preview.get"])
+    # long connection (apps with inbound.mode = "websocket"): the endpoint call and the WebSocket handshake
+    # each get this long; the connection counts as dead when nothing arrived for PingInterval + ws_liveness_grace
+    ws_connect_timeout: PositiveFloat = 15.0
+    ws_liveness_grace: PositiveFloat = 30.0
+    # fragments of a split event are kept this long for the rest (Feishu's SDKs: 5-10 s)
+    ws_fragment_ttl: PositiveFloat = 10.0
+    # data frames being published at once per connection; past it a frame is answered 500 (Feishu redelivers)
+    ws_max_in_flight: PositiveInt = 1000
 
     def __post_init__(self) -> None:
         if self.dedup_ttl < self.timestamp_tolerance:
@@ -288,11 +303,11 @@ def check_inbound(config: Config) -> list[str]:
     if not (config.http.enabled and config.inbound.enabled):
         return []
     for app in config.apps:
-        if not app.verification_token:
+        if app.inbound.mode == "webhook" and not app.verification_token:
             raise ConfigError(f"apps[{app.name}].verification_token",
                               "required while inbound is enabled (without it anyone can post events for this "
                               "app); copy it from the Feishu console, or set inbound.enabled = false")
-    return [warning for app in config.apps if (warning := unsigned_warning(app))]
+    return [warning for app in config.apps if app.inbound.mode == "webhook" and (warning := unsigned_warning(app))]
 
 
 def unsigned_warning(app: AppConfig) -> str | None:

@@ -4,7 +4,8 @@
     ├── ConfigError            the config file or an env override is wrong (names the key)
     ├── IntentError            an intent record cannot be performed as written (names the field)
     ├── SignatureError         an inbound request failed verification (short reason, no body)
-    └── ListenError            a server cannot listen on its address (``http: 127.0.0.1:8080 is in use``)
+    ├── ListenError            a server cannot listen on its address (``http: 127.0.0.1:8080 is in use``)
+    └── LongConnectionError    Feishu refused an app's long connection for good (names the app and the reason)
 
 Expected outcomes of a Feishu call (throttled, refused, token expired) are *values* (see
 ``outcomes``), not exceptions; these errors are for what a caller cannot branch around.
@@ -51,6 +52,15 @@ class SignatureError(RelayError):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+class LongConnectionError(RelayError):
+    """Feishu refused an app's long connection in a way retrying cannot heal (``relay.ws``): one line."""
+
+    def __init__(self, app: str, reason: str) -> None:
+        super().__init__(f"apps[{app}]: Feishu refused the long connection, not retrying: {reason}")
+        self.app = app
+        self.reason = reason
 
 
 class ListenError(RelayError):

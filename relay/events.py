@@ -583,8 +583,11 @@ def _challenge(app: AppConfig, envelope: Envelope) -> Challenge | None:
     return Challenge(challenge)
 
 
-def read_event(app: AppConfig, plaintext: bytes, envelope: Envelope) -> Event:
-    """The event in a decoded envelope, once its type, id, token and app id check out (see the module docstring)."""
+def read_event(app: AppConfig, plaintext: bytes, envelope: Envelope, *, check_token: bool = True) -> Event:
+    """The event in a decoded envelope, once its type, id, token and app id check out (see the module docstring).
+
+    ``check_token=False`` only for :func:`verify_pushed`, whose app has no token configured.
+    """
     if envelope.schema is not None or len(envelope.header):
         try:
             header = _HEADER.decode(envelope.header) if len(envelope.header) else Header()
@@ -605,7 +608,8 @@ def read_event(app: AppConfig, plaintext: bytes, envelope: Envelope) -> Event:
         raise SignatureError("envelope", 400)
     if not event_type or not event_id or not _NAME.fullmatch(event_type) or not _NAME.fullmatch(event_id):
         raise SignatureError("envelope", 400)
-    _check_token(app, token)
+    if check_token:
+        _check_token(app, token)
     if not app_id_ok:
         raise SignatureError("app_id", 403)
     chat_id = message_id = None
@@ -647,3 +651,18 @@ def verify_request(app: AppConfig, signed: SignedHeaders | None, raw_body: bytes
     _check_timestamp(signed.timestamp, now, cfg)
     plain, envelope = _plaintext(app, raw_body)
     return _challenge(app, envelope) or read_event(app, plain, envelope)
+
+
+def verify_pushed(app: AppConfig, payload: bytes) -> Event:
+    """Check one event pushed over the long connection (:mod:`relay.ws`), the webhook's checks that apply there.
+
+    The connection itself was authenticated with the app secret, and Feishu sends its events as plain JSON,
+    neither signed nor encrypted (an ``{"encrypt": ...}`` body is still decrypted, as node-sdk does). So: the
+    envelope, the verification token **when the app has one configured** (the console shows one for every app;
+    a long-connection app need not copy it), and the app id. A ``url_verification`` never comes this way and is
+    refused as an ``envelope``. Raises :class:`SignatureError` with the reasons of the module docstring.
+    """
+    plain, envelope = _plaintext(app, payload)
+    if url_verification(envelope) is not None:
+        raise SignatureError("envelope", 400)
+    return read_event(app, plain, envelope, check_token=bool(app.verification_token))

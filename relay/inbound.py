@@ -129,8 +129,10 @@ class Inbound:
         self._clock = clock
         # an app without a verification token is refused by check_inbound; one that gets here anyway (the
         # sandbox's stand-in app) is not served: anyone could post its events
-        self._apps: dict[str, AppConfig] = {app.name: app for app in config.apps if app.verification_token}
-        for app in config.apps:
+        # an app in websocket mode gets its events over the long connection (relay.ws), never at the URL
+        webhook = [app for app in config.apps if app.inbound.mode == "webhook"]
+        self._apps: dict[str, AppConfig] = {app.name: app for app in webhook if app.verification_token}
+        for app in webhook:
             if not app.verification_token:
                 log.warning("inbound: apps[%s] has no verification_token: not served at the event URL", app.name)
             elif warning := unsigned_warning(app):
@@ -229,6 +231,14 @@ class Inbound:
                  extra={"app": name, "event_type": event.event_type, "event_id": event.event_id, "topic": topic,
                         "outcome": outcome.value, "latency_ms": round(elapsed, 1)})
         return _reply(200, _EMPTY if callback else _SUCCESS)
+
+    async def accept(self, name: str, event: Event, started: float) -> tuple[int, bytes]:
+        """Publish a verified event exactly as the event URL does (dedup, topic, key, headers, deadline from
+        ``started``, a ``time.perf_counter()``); the HTTP status and body the URL would answer. The long
+        connection (``relay.ws``) answers its frames from these, so a consumer cannot tell the modes apart."""
+        response = await self._publish(name, event, started)
+        body = response.body
+        return response.status, body if isinstance(body, bytes) else b""
 
     def _lost(self, name: str, event: Event, topic: str, why: str) -> None:
         self._metrics.inc("relay_inbound_callbacks_lost_total", help="callbacks answered but never published",

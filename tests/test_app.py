@@ -253,3 +253,15 @@ def test_a_sandbox_port_in_use_is_one_line() -> None:
                               text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: sandbox: 127.0.0.1:{port} is in use"], proc.stderr
+
+
+async def test_readyz_follows_a_part_whose_readiness_comes_and_goes() -> None:
+    health = Health(Metrics())
+    waiting: list[str | None] = ["websocket apps[ws]: endpoint call timed out after 15 s"]
+    health.checks.append(lambda: waiting[0])
+    health.ready = True
+    assert await readyz(health) == (503, {"status": "not ready", "reason": waiting[0]})
+    waiting[0] = None
+    assert await readyz(health) == (200, {"status": "ready"})
+    health.problem = "outbound died: boom"
+    assert await readyz(health) == (503, {"status": "not ready", "reason": "outbound died: boom"})

@@ -85,6 +85,10 @@ def test_secrets_never_print() -> None:
         ("", {"RELAY_HTTP__PORTT": "1"}, "http.portt", "unknown key"),
         ("", {"RELAY_HTTP__PORT": "x"}, "http.port", "expected int"),
         ("[http\n", {}, "", "not valid TOML"),
+        (APP + '[apps.inbound]\nmode = "socket"\n', {}, "apps[default].inbound.mode", "invalid enum value"),
+        (APP + '[apps.inbound]\nmod = "websocket"\n', {}, "apps[default].inbound.mod", "unknown key"),
+        ("", {"RELAY_APPS__DEFAULT__INBOUND": '{"mode":"ws"}'}, "apps[default].inbound.mode", "invalid enum"),
+        ("[inbound]\nws_liveness_grace = 0\n", {}, "inbound.ws_liveness_grace", "> 0"),
         # the drain and the commit after it must fit in the time the group waits for a rebalance
         ("[outbound]\ndrain_timeout = 25.0\n", {}, "outbound.drain_timeout", "rebalance_timeout_ms"),
         ("[outbound]\nrebalance_timeout_ms = 20000\n", {}, "outbound.drain_timeout", "does not fit"),
@@ -216,3 +220,19 @@ def test_replication_settings() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"kafka": {"topic_replication_factor": 2, "topic_min_insync_replicas": 3}}, env={})
     assert caught.value.key == "kafka.topic_min_insync_replicas"
+
+
+def test_an_app_in_websocket_mode_needs_no_verification_token() -> None:
+    from relay.config import check_inbound
+
+    data = {"apps": [{"name": "ws", "app_id": "cli_1", "app_secret": "s", "inbound": {"mode": "websocket"}},
+                     {"name": "hook", "app_id": "cli_2", "app_secret": "s", "verification_token": "t",
+                      "encrypt_key": "k"}]}
+    config = parse_config(data, env={})
+    assert [app.inbound.mode for app in config.apps] == ["websocket", "webhook"]
+    assert check_inbound(config) == []  # no warning either: the ws app's events never come unsigned over HTTP
+    data["apps"][1].pop("verification_token")
+    with pytest.raises(ConfigError, match=r"^apps\[hook\]\.verification_token: required"):
+        check_inbound(parse_config(data, env={}))
+    env = {"RELAY_APPS__WS__INBOUND": '{"mode": "webhook"}'}
+    assert parse_config({"apps": data["apps"][:1]}, env=env).apps[0].inbound.mode == "webhook"

@@ -470,3 +470,35 @@ def test_every_im_event_type_is_in_the_key_table() -> None:
 ])
 def test_record_key_rule_edge_cases(body: dict[str, Any], key: str) -> None:
     assert event_of(*signed(v2("card.action.trigger", body, event_id="ev-odd"))).key == key
+
+
+# --- events pushed over the long connection (relay.ws) ----------------------------------------------------------
+
+WS_APP = AppConfig(name="ws", app_id="cli_test", app_secret=Secret("s"))
+
+
+def test_a_pushed_event_is_read_like_a_webhook_one_and_loses_its_token() -> None:
+    plain = receive("om_1", chat_id="oc_9")
+    for app in (WS_APP, PLAIN_APP, APP):  # no token configured, a token, a token and a key
+        event = relay.events.verify_pushed(app, plain)
+        assert event.key == "oc_9" and event.event_type == "im.message.receive_v1"
+        assert TOKEN.encode() not in event.record
+        assert event.record == relay.events.verify_request(PLAIN_APP, None, plain, time.time(), CFG).record
+
+
+def test_a_pushed_event_checks_the_token_when_one_is_configured_and_always_the_app_id() -> None:
+    with pytest.raises(SignatureError, match="token"):
+        relay.events.verify_pushed(PLAIN_APP, receive("om_1", token="wrong"))
+    assert relay.events.verify_pushed(WS_APP, receive("om_1", token="")).event_type == "im.message.receive_v1"
+    for app in (WS_APP, PLAIN_APP):
+        with pytest.raises(SignatureError, match="app_id"):
+            relay.events.verify_pushed(app, receive("om_1", app_id="cli_other"))
+
+
+def test_a_pushed_challenge_or_garbage_is_refused() -> None:
+    with pytest.raises(SignatureError, match="envelope"):
+        relay.events.verify_pushed(PLAIN_APP, challenge())
+    with pytest.raises(SignatureError, match="json"):
+        relay.events.verify_pushed(WS_APP, b"\x00not json")
+    encrypted = json.dumps({"encrypt": encrypt(receive("om_2"))}).encode()
+    assert relay.events.verify_pushed(APP, encrypted).message_id == "om_2"  # decrypted, as node-sdk does

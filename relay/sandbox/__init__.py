@@ -4,6 +4,7 @@
     bodies    the request bodies it accepts, each documented rule in the type
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
     emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
+    ws        the long connection (WebSocket event mode): endpoint, handshake, pings, fragments, redelivery
 """
 
 from relay.sandbox.server import (
@@ -23,6 +24,7 @@ from relay.sandbox.server import (
     TargetThrottle,
     serve,
 )
+from relay.sandbox.ws import Delivery, LongConnections, WsOptions
 
 __all__ = [
     "AFTER_FAULTS",
@@ -31,13 +33,16 @@ __all__ = [
     "ApiThrottle",
     "CallRecord",
     "Control",
+    "Delivery",
     "FaultKind",
     "FaultSettings",
+    "LongConnections",
     "Message",
     "Sandbox",
     "SandboxOptions",
     "SandboxUser",
     "TargetFailure",
     "TargetThrottle",
+    "WsOptions",
     "serve",
 ]

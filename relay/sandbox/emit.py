@@ -15,6 +15,10 @@ What a request looks like (docs/feishu-rules.md §6):
 The event types are the IM events of Feishu's message overview (``SAMPLES``) and the two callbacks the relay
 answers; their fields follow the event pages (§6.7). Building a request is pure (time, ids and IV are passed in);
 only :func:`post` does I/O.
+
+``relay sandbox emit --websocket http://127.0.0.1:8090 ...`` instead asks a running sandbox to push the sample
+over its long connection to the relay connected for that app (:func:`push`, ``POST /_sandbox/ws/emit``): the
+sandbox sends it as Feishu would (frames, fragments, redelivery until answered 200) and reports the answers.
 """
 
 from __future__ import annotations
@@ -155,3 +159,32 @@ async def post(url: str, event_type: str, *, encrypt_key: str | None = None, ver
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, \
             http.post(url, data=body, headers=headers) as resp:
         return Emitted(event_id=event_id, status=resp.status, body=(await resp.text())[:500])
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    """What became of an event pushed over the sandbox's long connection: each attempt's answer code."""
+
+    event_id: str
+    status: int  # the sandbox's HTTP status (409: no relay connected for the app)
+    answers: tuple[int | None, ...]
+    acknowledged: bool
+    body: str
+
+
+async def push(sandbox_url: str, event_type: str, *, verification_token: str | None = None,
+               app_id: str = "cli_sandbox", ids: Ids = Ids(), event_id: str | None = None,
+               timeout: float = 60.0) -> Pushed:
+    """Have the sandbox at ``sandbox_url`` push one sample event over its long connection; wait for the outcome."""
+    import aiohttp
+
+    event_id = event_id or os.urandom(16).hex()
+    plaintext = envelope(event_type, event_id=event_id, now=time.time(), app_id=app_id,
+                         verification_token=verification_token, ids=ids)
+    body = {"app_id": app_id, "event_id": event_id, "event_type": event_type, "payload": plaintext.decode()}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, \
+            http.post(sandbox_url.rstrip("/") + "/_sandbox/ws/emit", json=body) as resp:
+        text = (await resp.text())[:500]
+        answer = json.loads(text) if resp.status == 200 else {}
+    return Pushed(event_id=event_id, status=resp.status, answers=tuple(answer.get("answers", ())),
+                  acknowledged=bool(answer.get("acknowledged")), body=text)

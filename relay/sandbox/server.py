@@ -19,6 +19,9 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
 - ``/_sandbox/calls`` (GET, ``?api=`` filter), ``/_sandbox/stats`` (GET), ``/_sandbox/control`` (POST a
   ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
   subprocess or a curious ``make run`` user.
+- ``POST /callback/ws/endpoint`` and the WebSocket it hands out: Feishu's long connection (``relay.sandbox.ws``:
+  pings, fragments, redelivery of unanswered events, refusals, half-open sockets), with ``/_sandbox/ws/emit``,
+  ``/_sandbox/ws/fault`` and ``/_sandbox/ws/stats`` for a relay run as a subprocess.
 - Anything else, and any ``/open-apis/`` path that leaves ``/open-apis/`` once a server decodes it (a ``.`` or
   ``..`` segment, also percent-encoded or twice encoded or as ``..;``, an encoded slash or backslash): logged with
   its raw path as a violation and answered 404, before authorization (a real gateway would have normalized it
@@ -136,6 +139,7 @@ from relay.sandbox.bodies import (
     UrlPreviewBody,
 )
 from relay.sandbox.windows import Limit, SlidingWindows
+from relay.sandbox.ws import LongConnections, WsOptions
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +225,7 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     chats_without_bot: frozenset[str] = frozenset()  # chat_button chat_ids answered 230027
     seed: int | None = None  # for the fault / latency RNG
     log_bodies: bool = True  # keep each call's parsed body in the log (off for long benchmarks)
+    ws: WsOptions = msgspec.field(default_factory=WsOptions)  # the long connection (relay.sandbox.ws)
 
 
 class CallRecord(msgspec.Struct, kw_only=True):
@@ -418,6 +423,7 @@ class Sandbox:
                 if value:
                     self._p2p[(id_type, value)] = chat
         self._seed_messages()
+        self.ws = LongConnections(self._initial.apps, self._initial.ws)
         self.app = self._build_app()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -434,11 +440,12 @@ class Sandbox:
             raise
         self._runner = runner
         bound = runner.addresses[0]
-        self.url = f"http://{host}:{bound[1]}"
+        self.url = self.ws.url = f"http://{host}:{bound[1]}"
         return self.url
 
     async def stop(self) -> None:
         self._stopping.set()
+        await self.ws.stop()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -500,7 +507,8 @@ class Sandbox:
         self.options = msgspec.structs.replace(self.options, enforce_limits=enforce)
 
     def reset(self) -> None:
-        """Forget calls, messages, windows, uuids, throttles and faults; issued tokens stay valid."""
+        """Forget calls, messages, windows, uuids, throttles and faults (the long connection's deliveries,
+        violations and refusals too: its connections stay); issued tokens stay valid."""
         self.options = self._initial
         self.calls.clear()
         self.token_requests = 0
@@ -513,6 +521,7 @@ class Sandbox:
         self._api_throttles.clear()
         self._failures = dict(self._initial.target_errors)
         self._seed_messages()
+        self.ws.reset()
 
     def _seed_messages(self) -> None:
         """The ``messages`` option: messages somebody else posted, which the relay may reply to."""
@@ -674,6 +683,7 @@ class Sandbox:
         r.add_get("/_sandbox/stats", self._control_stats)
         r.add_post("/_sandbox/control", self._control)
         r.add_post("/_sandbox/reset", self._control_reset)
+        self.ws.install(app)
         r.add_route("*", "/{tail:.*}", self._outside)
         return app
 
