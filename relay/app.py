@@ -37,6 +37,7 @@ from relay.membership import Membership, Standing
 from relay.metrics import Metrics
 from relay.outbound import Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
+from relay.replies import Replies
 from relay.results import schema
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics: dict[str, dict[str, str]] = {name: {} for name in k.intents_topics}
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
+    if config.inbound.callback_replies:
+        from relay.replies import REPLIES_TOPIC_CONFIG
+
+        topics[k.replies_topic] = {**REPLIES_TOPIC_CONFIG, **large}  # a reply may be a card near the cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
     # a Finished entry carries a result: as large as the results topic allows
     topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
@@ -159,13 +164,15 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         stack.push_async_callback(producer.stop)  # safe even if start() failed half-way
         await producer.start()
 
+        watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
         if config.http.enabled:
             web_app = web.Application(client_max_size=config.inbound.max_body_bytes + 1)
             health.install(web_app)
             if config.inbound.enabled:
                 from relay.inbound import Inbound, KafkaPublisher
 
-                Inbound(config, KafkaPublisher(producer), metrics).install(web_app)
+                replies = await start_replies(config, metrics, stack, watched)
+                Inbound(config, KafkaPublisher(producer), metrics, replies=replies).install(web_app)
             runner = web.AppRunner(web_app, access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
@@ -173,7 +180,6 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             log.info("http on %s:%d", config.http.host, config.http.port)
 
         tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
-        watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
         if config.outbound.enabled:
             client = FeishuClient(config)
             await client.start()
@@ -197,6 +203,20 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         failed = [t for t in (*tasks, *watched) if t.done() and not t.cancelled() and t.exception() is not None]
         log.info("relay stopped")
     return 1 if failed else 0
+
+
+async def start_replies(config: Config, metrics: Metrics, stack: contextlib.AsyncExitStack,
+                        watched: list[asyncio.Task[Any]]) -> Replies | None:
+    """The callback reply reader (``inbound.callback_replies``), at the topic's end before any callback is
+    answered; its read loop is watched (dead, every click would get the fallback)."""
+    if not config.inbound.callback_replies:
+        return None
+    replies = Replies(config, metrics)
+    stack.push_async_callback(replies.stop)
+    await replies.start()
+    assert replies.run_task is not None
+    watched.append(replies.run_task)
+    return replies
 
 
 def died(health: Health, task: asyncio.Task[Any]) -> None:

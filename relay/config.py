@@ -27,7 +27,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -87,6 +87,8 @@ class KafkaConfig(_Section, frozen=True):
     dead_letter_topic: str = "feishu.dead-letter"
     events_topic: str = "feishu.events"
     callbacks_topic: str = "feishu.callbacks"
+    # where services write their answers to callbacks (relay.replies); every replica reads all of it
+    replies_topic: str = "feishu.callback-replies"
     # compacted topic remembering when each URL-preview token was last updated (survives restarts)
     preview_memory_topic: str = "feishu.relay.preview-memory"
     # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
@@ -207,6 +209,16 @@ class InboundConfig(_Section, frozen=True):
     # event types answered synchronously and published to kafka.callbacks_topic
     callback_types: list[str] = msgspec.field(
         default_factory=lambda: ["card.action.trigger", "url.preview.get"])
+    # wait for a service's answer to each callback on kafka.replies_topic (relay.replies); false: answer the
+    # fallback as soon as Kafka has the callback
+    callback_replies: bool = True
+    # from a callback's arrival to its answer, reply or not (Feishu gives up at 3 s and shows error 200671)
+    reply_timeout: Annotated[float, Meta(gt=0, lt=3)] = 2.5
+    # the answer when no valid reply came in time: {} (no change), or for a card click this toast when set
+    fallback_toast: str = ""
+    fallback_toast_type: Literal["info", "success", "error", "warning"] = "info"
+    # a reply larger than this is malformed (a card may be at most 30 KB)
+    max_answer_bytes: PositiveInt = 30 * 1024
 
     def __post_init__(self) -> None:
         if self.dedup_ttl < self.timestamp_tolerance:

@@ -1,0 +1,359 @@
+"""Callbacks answered over Kafka: the correlator's bookkeeping (pure), then end to end on the real broker with a
+real aiohttp server, Feishu-made requests and the real responder (``relay.responder``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+from feishu_requests import ENCRYPT_KEY, TOKEN, signed, v2
+
+from relay.answers import CardActionAnswer, Toast
+from relay.config import AppConfig, Config, InboundConfig, KafkaConfig, Secret
+from relay.inbound import Inbound, KafkaPublisher
+from relay.kafka import make_producer
+from relay.metrics import Metrics
+from relay.replies import CORRELATION_HEADER, DEADLINE_HEADER, REPLY_TOPIC_HEADER, Correlator, Delivery, Replies
+from relay.responder import Callback, Responder
+
+NewTopicMaker = Callable[..., Awaitable[str]]
+JSON = {"Content-Type": "application/json; charset=utf-8"}
+
+
+# --- the correlator (pure) -----------------------------------------------------------------------------------
+
+
+async def test_a_reply_reaches_its_request_once_and_only_before_it_ended() -> None:
+    table = Correlator("replies", replica="r1")
+    first, second = table.open("card.action.trigger", 1000), table.open("url.preview.get", 2000)
+    assert first.correlation_id != second.correlation_id and first.correlation_id.startswith("r1.")
+    assert dict(first.headers) == {CORRELATION_HEADER: first.correlation_id.encode(),
+                                   REPLY_TOPIC_HEADER: b"replies", DEADLINE_HEADER: b"1000"}
+    assert table.deliver(first.correlation_id, b'{"a":1}') is Delivery.ANSWERED
+    assert first.reply.result() == b'{"a":1}'
+    assert table.deliver(first.correlation_id, b"{}") is Delivery.DUPLICATE  # still open, already answered
+    table.close(first)
+    assert table.deliver(first.correlation_id, b"{}") is Delivery.DUPLICATE  # ended answered
+    table.close(second)  # ended without a reply: the deadline passed
+    assert second.reply.cancelled()
+    assert table.deliver(second.correlation_id, b"{}") is Delivery.LATE
+    assert table.deliver("r1.999", b"{}") is Delivery.UNKNOWN
+    assert table.deliver("r2.1", b"{}") is Delivery.FOREIGN
+    assert table.deliver("no-dot", b"{}") is Delivery.FOREIGN
+    assert table.deliver(None, b"{}") is Delivery.UNREADABLE
+    assert len(table) == 0
+
+
+async def test_ended_requests_are_remembered_within_a_bound() -> None:
+    table = Correlator("replies", replica="r1", remember=2)
+    pendings = [table.open("card.action.trigger", 0) for _ in range(3)]
+    for pending in pendings:
+        table.close(pending)
+    # the oldest is forgotten: a reply to it is unknown, not late (still dropped)
+    assert [table.deliver(p.correlation_id, b"{}") for p in pendings] == [Delivery.UNKNOWN, Delivery.LATE,
+                                                                          Delivery.LATE]
+
+
+async def test_replicas_draw_different_ids() -> None:
+    assert Correlator("t").replica != Correlator("t").replica
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topics:
+    events: str
+    callbacks: str
+    replies: str
+
+
+@pytest.fixture
+async def topics(new_topic: NewTopicMaker) -> Topics:
+    events, callbacks, replies = await asyncio.gather(new_topic("events"), new_topic("callbacks"),
+                                                      new_topic("replies"))
+    return Topics(events, callbacks, replies)
+
+
+def make_config(bootstrap: str, topics: Topics, **inbound: Any) -> Config:
+    app = AppConfig(name="default", app_id="cli_test", app_secret=Secret("s"), verification_token=Secret(TOKEN),
+                    encrypt_key=Secret(ENCRYPT_KEY))
+    return Config(kafka=KafkaConfig(bootstrap_servers=bootstrap, events_topic=topics.events,
+                                    callbacks_topic=topics.callbacks, replies_topic=topics.replies,
+                                    create_topics=False),
+                  apps=[app], inbound=InboundConfig(**inbound))
+
+
+@dataclass
+class Relay:
+    replies: Replies
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    base: str
+
+    async def click(self, value: str, event_id: str | None = None) -> tuple[int, dict[str, Any], float]:
+        """One card click, as Feishu posts it; (status, answer, seconds to the answer)."""
+        headers, body = signed(v2("card.action.trigger", {
+            "operator": {"open_id": "ou_1"}, "token": "c-1", "action": {"tag": "button", "value": {"v": value}},
+            "context": {"open_message_id": "om_1", "open_chat_id": f"oc_{value}"}}, event_id=event_id))
+        started = time.perf_counter()
+        async with self.session.post(self.base + "/feishu/events", data=body, headers={**JSON, **headers}) as resp:
+            answer = await resp.json(content_type=None)
+            return resp.status, answer, time.perf_counter() - started
+
+    def answers(self, source: str) -> float:
+        return self.metrics.value("relay_callback_answers_total", app="default", event_type="card.action.trigger",
+                                  source=source)
+
+    def replies_read(self, outcome: str) -> float:
+        return self.metrics.value("relay_callback_replies_total", outcome=outcome)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Relay]:
+    metrics = Metrics()
+    publisher = KafkaPublisher(make_producer(config.kafka))
+    replies = Replies(config, metrics)
+    await publisher.start()
+    try:
+        await replies.start()
+        app = web.Application()
+        Inbound(config, publisher, metrics, replies=replies).install(app)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                yield Relay(replies, metrics, session, str(server.make_url("")).rstrip("/"))
+        finally:
+            await server.close()
+    finally:
+        await replies.stop()
+        await asyncio.wait_for(publisher.stop(), 30)
+
+
+def value_of(callback: Callback) -> str:
+    value: str = callback.event()["event"]["action"]["value"]["v"]
+    return value
+
+
+async def echo(callback: Callback) -> CardActionAnswer:
+    """The test responder: a toast naming the click it answers."""
+    return CardActionAnswer(toast=Toast(type="success", content=f"got {value_of(callback)}"))
+
+
+@contextlib.asynccontextmanager
+async def responding(bootstrap: str, topics: Topics, handler: Any, **options: Any) -> AsyncIterator[Responder]:
+    responder = Responder(bootstrap, handler, callbacks_topic=topics.callbacks, group_id=f"{topics.callbacks}.r",
+                          **options)
+    await responder.start()
+    task = asyncio.create_task(responder.run())
+    try:
+        await responder.assigned()
+        yield responder
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await responder.stop()
+
+
+async def clicks(relay: Relay, values: list[str], concurrency: int) -> list[tuple[int, dict[str, Any], float]]:
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(value: str) -> tuple[int, dict[str, Any], float]:
+        async with slots:
+            return await relay.click(value)
+
+    return await asyncio.gather(*(one(v) for v in values))
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.integration
+async def test_500_clicks_each_get_their_own_answer(kafka_bootstrap: str, topics: Topics) -> None:
+    config = make_config(kafka_bootstrap, topics)
+    async with running(config) as relay, responding(kafka_bootstrap, topics, echo) as responder:
+        values = [f"c{i}" for i in range(500)]
+        answers = await clicks(relay, values, concurrency=64)
+        assert [a[:2] for a in answers] == [(200, {"toast": {"type": "success", "content": f"got {v}"}})
+                                            for v in values]
+        assert relay.answers("reply") == 500 and relay.answers("timeout") == 0
+        assert relay.replies_read("answered") == 500
+        assert responder.stats.answered == 500
+
+
+@pytest.mark.integration
+async def test_a_second_responder_joining_mid_stream_loses_no_click(kafka_bootstrap: str, topics: Topics) -> None:
+    """A new group starts at the end of the topic; the rebalance a second member causes must not move it there
+    again (callbacks published meanwhile would never be read: their clicks would all time out)."""
+    config = make_config(kafka_bootstrap, topics)
+    async with running(config) as relay, responding(kafka_bootstrap, topics, echo):
+        values = [f"c{i}" for i in range(300)]
+        first = asyncio.create_task(clicks(relay, values[:150], concurrency=8))
+        await eventually(lambda: relay.answers("reply") >= 20)
+        async with responding(kafka_bootstrap, topics, echo):
+            second = await clicks(relay, values[150:], concurrency=8)
+        answers = [*await first, *second]
+    assert [a[:2] for a in answers] == [(200, {"toast": {"type": "success", "content": f"got {v}"}})
+                                        for v in values]
+
+
+@pytest.mark.integration
+async def test_responder_down_every_click_gets_the_fallback_by_the_deadline(kafka_bootstrap: str,
+                                                                           topics: Topics) -> None:
+    config = make_config(kafka_bootstrap, topics, reply_timeout=0.5, fallback_toast="Received, working on it")
+    async with running(config) as relay:
+        answers = await clicks(relay, [f"c{i}" for i in range(20)], concurrency=20)
+    fallback = {"toast": {"type": "info", "content": "Received, working on it"}}
+    assert [a[:2] for a in answers] == [(200, fallback)] * 20
+    assert max(a[2] for a in answers) < 3.0  # Feishu's own deadline (the budget is 0.5 s: a wide margin)
+    assert relay.answers("timeout") == 20
+
+
+@pytest.mark.integration
+async def test_a_slow_responder_gets_its_late_replies_dropped_and_counted(kafka_bootstrap: str,
+                                                                         topics: Topics) -> None:
+    async def slow(callback: Callback) -> CardActionAnswer:
+        await asyncio.sleep(1.0)
+        return await echo(callback)
+
+    config = make_config(kafka_bootstrap, topics, reply_timeout=0.3)
+    # its clock runs 10 s behind, so it does not notice it is late and writes every reply anyway
+    async with running(config) as relay, \
+            responding(kafka_bootstrap, topics, slow, clock=lambda: time.time() - 10) as responder:
+        answers = await clicks(relay, ["a", "b", "c"], concurrency=3)
+        assert [a[:2] for a in answers] == [(200, {})] * 3
+        await eventually(lambda: relay.replies_read("late") == 3)
+        assert responder.stats.answered == 3
+        assert relay.answers("timeout") == 3 and relay.answers("reply") == 0
+
+
+class Manual:
+    """A hand-made responder: reads the callbacks topic and lets the test write replies."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self.consumer = AIOKafkaConsumer(topics.callbacks, bootstrap_servers=bootstrap, group_id=None,
+                                         auto_offset_reset="earliest", fetch_max_wait_ms=20)
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+
+    async def __aenter__(self) -> Manual:
+        await self.consumer.start()
+        await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+        await self.producer.stop()
+
+    async def next_callback(self) -> ConsumerRecord[bytes, bytes]:
+        record: ConsumerRecord[bytes, bytes] = await asyncio.wait_for(self.consumer.getone(), 30)
+        return record
+
+    async def reply(self, record: ConsumerRecord[bytes, bytes], value: bytes, *, correlation: bytes | None = None,
+                    as_key_only: bool = False) -> None:
+        headers = dict(record.headers)
+        correlation = correlation or headers[CORRELATION_HEADER]
+        topic = headers[REPLY_TOPIC_HEADER].decode()
+        await self.producer.send_and_wait(topic, value, key=correlation,
+                                          headers=[] if as_key_only else [(CORRELATION_HEADER, correlation)])
+
+
+@pytest.mark.integration
+async def test_late_second_and_stray_replies_are_dropped_and_counted(kafka_bootstrap: str, topics: Topics) -> None:
+    config = make_config(kafka_bootstrap, topics, reply_timeout=0.3)
+    async with running(config) as relay, Manual(kafka_bootstrap, topics) as manual:
+        # no reply in time: the fallback; the reply written afterwards is late
+        status, answer, _ = await relay.click("late")
+        assert (status, answer) == (200, {})
+        late = await manual.next_callback()
+        await manual.reply(late, b'{"toast":{"type":"info","content":"too late"}}')
+        await eventually(lambda: relay.replies_read("late") == 1)
+
+        # answered by a reply keyed only (no header); a second reply to it is a duplicate
+        click = asyncio.create_task(relay.click("keyed"))
+        keyed = await manual.next_callback()
+        await manual.reply(keyed, b'{"toast":{"type":"info","content":"by key"}}', as_key_only=True)
+        assert (await click)[:2] == (200, {"toast": {"type": "info", "content": "by key"}})
+        await manual.reply(keyed, b"{}")
+        await eventually(lambda: relay.replies_read("duplicate") == 1)
+
+        # another replica's id is skipped; this replica's id that it never issued is unknown
+        await manual.reply(keyed, b"{}", correlation=b"someone-else.1")
+        await manual.reply(keyed, b"{}", correlation=f"{relay.replies.replica}.999999".encode())
+        await eventually(lambda: relay.replies_read("foreign") == 1 and relay.replies_read("unknown") == 1)
+    assert relay.answers("timeout") == 1 and relay.answers("reply") == 1
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (b'{"toast":{"type":"loud","content":"x"}}', "shape: Invalid enum value 'loud' - at `$.toast.type`"),
+    (b'{"tost":{"type":"info","content":"x"}}', "shape: Object contains unknown field `tost`"),
+    (b'{"card":{"type":"raw"}}', "shape: Object missing required field `data`"),
+    (b"not json", "json: not a JSON document"),
+    (b'{"card":{"type":"raw","data":{"elements":["' + b"x" * 40000 + b'"]}}}', "too_large: 40"),
+])
+@pytest.mark.integration
+async def test_a_malformed_reply_becomes_the_fallback_with_one_log_line(
+        kafka_bootstrap: str, topics: Topics, reply: bytes, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config(kafka_bootstrap, topics, fallback_toast="Sorry, try again", fallback_toast_type="error")
+    caplog.set_level(logging.INFO, logger="relay.replies")
+    async with running(config) as relay, Manual(kafka_bootstrap, topics) as manual:
+        click = asyncio.create_task(relay.click("m"))
+        await manual.reply(await manual.next_callback(), reply)
+        status, answer, _ = await click
+    assert (status, answer) == (200, {"toast": {"type": "error", "content": "Sorry, try again"}})
+    assert relay.answers("malformed") == 1
+    [line] = [r.getMessage() for r in caplog.records if r.name == "relay.replies" and r.levelno >= logging.WARNING]
+    assert "malformed reply" in line and reason in line
+    assert "x" * 100 not in line  # the reason, not the body
+
+
+@pytest.mark.integration
+async def test_two_relays_sharing_the_replies_topic_each_get_their_own_replies(kafka_bootstrap: str,
+                                                                             topics: Topics) -> None:
+    config = make_config(kafka_bootstrap, topics)
+    async with running(config) as one, running(config) as two, responding(kafka_bootstrap, topics, echo):
+        assert one.replies.replica != two.replies.replica
+        values = [f"c{i}" for i in range(200)]
+
+        async def click(i: int, value: str) -> tuple[int, dict[str, Any], float]:
+            return await (one if i % 2 else two).click(value)
+
+        answers = await asyncio.gather(*(click(i, v) for i, v in enumerate(values)))
+        assert [a[:2] for a in answers] == [(200, {"toast": {"type": "success", "content": f"got {v}"}})
+                                            for v in values]
+        for relay in (one, two):
+            assert relay.answers("reply") == 100
+            # each read the other's 100 replies too, and left them alone
+            await eventually(lambda r=relay: r.replies_read("foreign") == 100)  # type: ignore[misc]
+
+
+@pytest.mark.integration
+async def test_a_relay_started_after_old_replies_never_reads_them(kafka_bootstrap: str, topics: Topics) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for i in range(30):
+            await producer.send_and_wait(topics.replies, b"{}", key=f"old.{i}".encode())
+    finally:
+        await producer.stop()
+    async with running(make_config(kafka_bootstrap, topics)) as relay, responding(kafka_bootstrap, topics, echo):
+        assert (await relay.click("new"))[:2] == (200, {"toast": {"type": "success", "content": "got new"}})
+        total = sum(relay.replies_read(d.value) for d in Delivery)
+        assert total == 1, msgspec.json.encode({d.value: relay.replies_read(d.value) for d in Delivery})
