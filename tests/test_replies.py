@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -357,3 +358,42 @@ async def test_a_relay_started_after_old_replies_never_reads_them(kafka_bootstra
         assert (await relay.click("new"))[:2] == (200, {"toast": {"type": "success", "content": "got new"}})
         total = sum(relay.replies_read(d.value) for d in Delivery)
         assert total == 1, msgspec.json.encode({d.value: relay.replies_read(d.value) for d in Delivery})
+
+
+@pytest.mark.integration
+async def test_relay_run_answers_callbacks_with_the_replies_of_a_service(kafka_bootstrap: str,
+                                                                        topic_prefix: str) -> None:
+    """The wiring of ``relay run``: the replies topic created, its reader started before the event URL."""
+    from relay import app
+    from tests.relaykit import config_data, to_config
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = config_data(kafka_bootstrap, topic_prefix, "http://127.0.0.1:9", http={"enabled": True, "port": port},
+                       outbound={"enabled": False})
+    data["kafka"]["replies_topic"] = f"{topic_prefix}.replies"
+    data["apps"][0]["encrypt_key"] = ENCRYPT_KEY
+    data["apps"][0]["verification_token"] = TOKEN
+    config = to_config(data)
+    topics = Topics(config.kafka.events_topic, config.kafka.callbacks_topic, config.kafka.replies_topic)
+    stop = asyncio.Event()
+    metrics = Metrics()
+    serving = asyncio.create_task(app.serve(config, stop, metrics=metrics))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(base + "/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                assert not serving.done(), serving.result()
+                await asyncio.sleep(0.05)
+            relay = Relay(None, metrics, session, base)  # type: ignore[arg-type]  # only click() is used
+            async with responding(kafka_bootstrap, topics, echo):
+                assert (await relay.click("run"))[:2] == (200, {"toast": {"type": "success", "content": "got run"}})
+            assert relay.answers("reply") == 1
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(serving, 60) == 0
