@@ -4,6 +4,7 @@
     bodies    the request bodies it accepts, each documented rule in the type
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
     emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
+    callbacks how Feishu judges a callback's answer: 3 s, the answer shapes, 200671 / 200673
 """
 
 from relay.sandbox.server import (
