@@ -372,7 +372,6 @@ async def test_relay_run_answers_callbacks_with_the_replies_of_a_service(kafka_b
         port = probe.getsockname()[1]
     data = config_data(kafka_bootstrap, topic_prefix, "http://127.0.0.1:9", http={"enabled": True, "port": port},
                        outbound={"enabled": False})
-    data["kafka"]["replies_topic"] = f"{topic_prefix}.replies"
     data["apps"][0]["encrypt_key"] = ENCRYPT_KEY
     data["apps"][0]["verification_token"] = TOKEN
     config = to_config(data)

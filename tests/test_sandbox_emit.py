@@ -129,7 +129,6 @@ async def test_emit_judges_a_click_answered_by_a_service_as_feishu_would(kafka_b
     data: dict[str, Any] = config_data(kafka_bootstrap, topic_prefix, "http://127.0.0.1:9",
                                        http={"enabled": True, "port": port})
     data["apps"][0].update(verification_token=TOKEN, encrypt_key=ENCRYPT_KEY)
-    data["kafka"]["replies_topic"] = f"{topic_prefix}.replies"
     config = to_config(data)
     url = f"http://127.0.0.1:{port}/feishu/events"
     async with relay_in_process(config), Responder(kafka_bootstrap, answer, group_id=f"{topic_prefix}.responder",
