@@ -1,9 +1,10 @@
 """The AsyncAPI 3.0 document of the relay's topics, built from the msgspec types (``relay asyncapi``).
 
-The relay is the application the document describes: it *receives* intents and *sends* results, dead letters,
-events and callbacks. Every payload schema comes from the structs that decode or encode the records
-(:mod:`relay.intents`, :mod:`relay.results`, :mod:`relay.answers`), so the document cannot drift from the code; the structs below only
-describe what the relay writes without decoding it (record headers, the Feishu envelopes it forwards as bytes).
+The relay is the application the document describes: it *receives* intents and callback replies and *sends*
+results, dead letters, events and callbacks. Every payload schema comes from the structs that decode or encode
+the records (:mod:`relay.intents`, :mod:`relay.results`, :mod:`relay.answers`), so the document cannot drift
+from the code; the structs below only describe what the relay writes without decoding it (record headers, the
+Feishu envelopes it forwards as bytes).
 
 ``docs/asyncapi.json`` is this document as ``relay asyncapi`` prints it; a test checks that the checked-in file is
 current and that it validates against the official AsyncAPI 3.0.0 JSON Schema. The examples (one per intent kind)
