@@ -199,7 +199,8 @@ class InboundConfig(_Section, frozen=True):
     timestamp_tolerance: PositiveFloat = 7 * 3600.0
     future_tolerance: PositiveFloat = 300.0
     # from a request's arrival to its answer: an event not acknowledged by Kafka by then gets 503 (Feishu
-    # redelivers); a callback gets its default answer and its publish goes on (Feishu waits 3 s)
+    # redelivers); a callback gets its fallback answer and its publish goes on (Feishu waits 3 s). A callback
+    # whose reply is awaited (callback_replies) waits for Kafka up to reply_timeout instead.
     publish_timeout: PositiveFloat = 2.0
     dedup_ttl: PositiveFloat = 7 * 3600.0
     # 91 bytes an entry (relay.dedup, measured): the default takes 87 MiB when full (95 MiB of RSS)

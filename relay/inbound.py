@@ -30,8 +30,8 @@ Guarantees. ``inbound.publish_timeout`` runs from a request's arrival to its ans
   succeed later the event counts as seen (see :mod:`relay.dedup`), so the redelivery is not published twice.
 * **Callbacks** are never redelivered and a non-200 is an error the user sees (200671), so they are always
   answered 200 by ``inbound.reply_timeout``: with the reply a service wrote (:mod:`relay.replies`), else the
-  fallback (``{}`` or ``inbound.fallback_toast``). The publish waits at most ``publish_timeout`` (and never past
-  ``reply_timeout``); a publish not acknowledged by then goes on in the background
+  fallback (``{}`` or ``inbound.fallback_toast``). The publish waits at most ``reply_timeout`` when a reply is
+  awaited, else ``publish_timeout``; a publish not acknowledged by then goes on in the background
   and ends in one log line either way: published late (``relay_inbound_callbacks_late_total``) or lost
   (``relay_inbound_callbacks_lost_total``, an error line; also when the broker refused it, or shutdown cancelled
   it). Never silently.
@@ -219,7 +219,9 @@ class Inbound:
             else:
                 self._lost(name, event, topic, type(error).__name__)
 
-        limit = min(self._cfg.publish_timeout, self._cfg.reply_timeout) if callback else self._cfg.publish_timeout
+        # a callback whose reply is awaited may wait for the broker as long as for the reply: the answer is the
+        # fallback either way, and an acknowledgement at 2.2 s still leaves the reply its chance
+        limit = self._cfg.reply_timeout if pending is not None else self._cfg.publish_timeout
         remaining = max(0.0, limit - (time.perf_counter() - started))
         try:
             outcome = await self.dedup.publish_once(event.dedup_keys(name), publish, remaining,
