@@ -27,9 +27,9 @@ client keys replies by correlation id).
 The reader is assigned every partition the replies topic has at start and positioned at the end *before* the
 relay answers its first callback: replies written earlier are never read (they answer requests of processes that
 are gone), and a reply to a callback published afterwards is never skipped. It fetches with a short
-``fetch_max_wait_ms`` (:data:`FETCH_MAX_WAIT_MS`): a broker holds an empty fetch that long, and the reply to
-every click waits behind it. Partitions added to the replies topic later are read after the next restart (add
-them with the relays restarted, or not at all: the topic holds seconds of traffic).
+``fetch_max_wait_ms`` (:data:`FETCH_MAX_WAIT_MS`, 20 ms): a reply may wait that long behind a fetch already in
+flight (the constant's comment says when). Partitions added to the replies topic later are read after the
+next restart (add them with the relays restarted, or not at all: the topic holds seconds of traffic).
 
 Guarantee: one HTTP answer per callback, by the deadline; each reply is used at most once, only by the request
 it names, only before that request's deadline. A reply lost on its way (responder down, broker slow) costs the
@@ -63,8 +63,10 @@ CORRELATION_HEADER: Final = "relay.correlation_id"
 REPLY_TOPIC_HEADER: Final = "relay.reply_topic"
 DEADLINE_HEADER: Final = "relay.reply_deadline"
 
-# the broker holds an empty fetch this long; a reply that arrives meanwhile is usually returned at once (the
-# broker completes a waiting fetch on a write), this bounds the wait when it is not
+# the broker holds a fetch with nothing new this long. It answers a waiting fetch as soon as a reply lands in a
+# partition the fetch asked for, but aiokafka sends one fetch per broker at a time, and a partition whose records
+# were still being handed over when that fetch left is not in it: a reply landing there waits for the fetch
+# to come back, up to this long (aiokafka's default 500 ms would be a fifth of the whole budget)
 FETCH_MAX_WAIT_MS: Final = 20
 # correlation ids remembered after their request ended, to tell a late or second reply from a stray one
 REMEMBERED: Final = 65536
