@@ -29,7 +29,9 @@ relay answers its first callback: replies written earlier are never read (they a
 are gone), and a reply to a callback published afterwards is never skipped. It fetches with a short
 ``fetch_max_wait_ms`` (:data:`FETCH_MAX_WAIT_MS`, 20 ms): a reply may wait that long behind a fetch already in
 flight (the constant's comment says when). Partitions added to the replies topic later are read after the
-next restart (add them with the relays restarted, or not at all: the topic holds seconds of traffic).
+The reader looks for partitions added to the replies topic every :data:`PARTITION_CHECK_SECONDS` and reads a
+new one from its beginning (everything in it came after the reader started); a reply landing there before it
+is noticed may come too late for its request, so add partitions when clicks are few.
 
 Guarantee: one HTTP answer per callback, by the deadline; each reply is used at most once, only by the request
 it names, only before that request's deadline. A reply lost on its way (responder down, broker slow) costs the
@@ -44,8 +46,9 @@ import enum
 import itertools
 import logging
 import secrets
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -68,6 +71,8 @@ DEADLINE_HEADER: Final = "relay.reply_deadline"
 # were still being handed over when that fetch left is not in it: a reply landing there waits for the fetch
 # to come back, up to this long (aiokafka's default 500 ms would be a fifth of the whole budget)
 FETCH_MAX_WAIT_MS: Final = 20
+# how often the reader looks for partitions added to the replies topic (one metadata request)
+PARTITION_CHECK_SECONDS: Final = 10.0
 # correlation ids remembered after their request ended, to tell a late or second reply from a stray one
 REMEMBERED: Final = 65536
 # a topic created a moment ago may be missing from the metadata briefly
@@ -182,7 +187,8 @@ class Replies:
     """
 
     def __init__(self, config: Config, metrics: Metrics, *, consumer: AIOKafkaConsumer | None = None,
-                 replica: str | None = None) -> None:
+                 replica: str | None = None, partition_check: float = PARTITION_CHECK_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._cfg = config.inbound
         self._topic = config.kafka.replies_topic
         self._metrics = metrics
@@ -190,9 +196,16 @@ class Replies:
         self._consumer = consumer or make_consumer(config.kafka, group_id=None, auto_offset_reset="latest",
                                                    fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
         self._started = False
+        self._partitions: list[TopicPartition] = []
+        self._partition_check = partition_check
+        self._clock = clock
         self.run_task: asyncio.Task[None] | None = None
-        metrics.collect(lambda m: m.set("relay_callback_waiting", len(self._correlator),
-                                        help="callbacks waiting for their reply"))
+        metrics.collect(self._export)
+
+    def _export(self, metrics: Metrics) -> None:
+        metrics.set("relay_callback_waiting", len(self._correlator), help="callbacks waiting for their reply")
+        metrics.set("relay_callback_reply_partitions", len(self._partitions),
+                    help="partitions of kafka.replies_topic this replica reads")
 
     @property
     def replica(self) -> str:
@@ -217,6 +230,7 @@ class Replies:
         await self._consumer.seek_to_end(*tps)
         for tp in tps:  # resolve the end offsets now: a reply written after this is read
             await self._consumer.position(tp)
+        self._partitions = tps
         self.run_task = asyncio.create_task(self._read(), name="callback-replies")
         log.info("callback replies: replica %s reading %d partition(s) of %s", self.replica, len(tps), self._topic)
 
@@ -231,8 +245,12 @@ class Replies:
             await self._consumer.stop()
 
     async def _read(self) -> None:
+        checked = self._clock()
         while True:
-            batch = await self._consumer.getmany(timeout_ms=1000)
+            if self._clock() - checked >= self._partition_check:
+                checked = self._clock()
+                await self._follow_new_partitions()
+            batch = await self._consumer.getmany(timeout_ms=min(1000, int(1000 * self._partition_check)))
             for records in batch.values():
                 for record in records:
                     correlation = record_correlation(record.key, record.headers)
@@ -241,6 +259,23 @@ class Replies:
                                       "them", outcome=outcome.value)
                     if outcome in (Delivery.LATE, Delivery.DUPLICATE, Delivery.UNKNOWN, Delivery.UNREADABLE):
                         log.info("callback reply %.80s dropped: %s", correlation, outcome.value)
+
+    async def _follow_new_partitions(self) -> None:
+        """Read partitions added to the replies topic since the last look, each from its beginning."""
+        await self._consumer._client.force_metadata_update()
+        known = {tp.partition for tp in self._partitions}
+        found = self._consumer._client.cluster.partitions_for_topic(self._topic) or set()
+        new = [TopicPartition(self._topic, p) for p in sorted(found - known)]
+        if not new:
+            return
+        # assign() replaces the assignment and forgets positions: keep the old partitions where they are
+        positions = {tp: await self._consumer.position(tp) for tp in self._partitions}
+        self._consumer.assign([*self._partitions, *new])
+        for tp, offset in positions.items():
+            self._consumer.seek(tp, offset)
+        await self._consumer.seek_to_beginning(*new)
+        self._partitions = [*self._partitions, *new]
+        log.info("callback replies: reading %d new partition(s) of %s from their beginning", len(new), self._topic)
 
     def open(self, event_type: str, deadline_ms: int) -> Pending:
         """Register a callback before publishing it; put ``pending.headers`` on its record.

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.structs import ConsumerRecord
 from feishu_requests import ENCRYPT_KEY, TOKEN, signed, v2
 
@@ -134,10 +135,10 @@ class SlowPublisher:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config, *, ack_delay: float = 0.0) -> AsyncIterator[Relay]:
+async def running(config: Config, *, ack_delay: float = 0.0, **replies_options: Any) -> AsyncIterator[Relay]:
     metrics = Metrics()
     publisher = KafkaPublisher(make_producer(config.kafka))
-    replies = Replies(config, metrics)
+    replies = Replies(config, metrics, **replies_options)
     await publisher.start()
     try:
         await replies.start()
@@ -306,11 +307,11 @@ class Manual:
         return record
 
     async def reply(self, record: ConsumerRecord[bytes, bytes], value: bytes, *, correlation: bytes | None = None,
-                    as_key_only: bool = False) -> None:
+                    as_key_only: bool = False, partition: int | None = None) -> None:
         headers = dict(record.headers)
         correlation = correlation or headers[CORRELATION_HEADER]
         topic = headers[REPLY_TOPIC_HEADER].decode()
-        await self.producer.send_and_wait(topic, value, key=correlation,
+        await self.producer.send_and_wait(topic, value, key=correlation, partition=partition,
                                           headers=[] if as_key_only else [(CORRELATION_HEADER, correlation)])
 
 
@@ -436,3 +437,26 @@ async def test_relay_run_answers_callbacks_with_the_replies_of_a_service(kafka_b
     finally:
         stop.set()
         assert await asyncio.wait_for(serving, 60) == 0
+
+
+@pytest.mark.integration
+async def test_partitions_added_to_the_replies_topic_are_read(kafka_bootstrap: str, new_topic: NewTopicMaker) -> None:
+    topics = Topics(await new_topic("events"), await new_topic("callbacks"), await new_topic("replies", partitions=1))
+    config = make_config(kafka_bootstrap, topics)
+    async with running(config, partition_check=0.2) as relay, Manual(kafka_bootstrap, topics) as manual:
+        relay.metrics.render()  # gauges are read at a scrape
+        assert relay.metrics.value("relay_callback_reply_partitions") == 1
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_partitions({topics.replies: NewPartitions(total_count=3)})
+        finally:
+            await admin.close()
+        await eventually(lambda: (relay.metrics.render() and
+                                  relay.metrics.value("relay_callback_reply_partitions") == 3))
+        for partition in (2, 0):  # a new partition, and the old one (still where it was)
+            click = asyncio.create_task(relay.click(f"p{partition}"))
+            await manual.reply(await manual.next_callback(), b'{"toast":{"type":"info","content":"p"}}',
+                               partition=partition)
+            assert (await click)[:2] == (200, {"toast": {"type": "info", "content": "p"}})
+    assert relay.answers("reply") == 2
