@@ -23,7 +23,10 @@ and answers Feishu with the first valid reply written by the deadline. What this
   nothing is written (``stats.failed``, also for a reply Kafka refused): the relay answers the fallback at its
   deadline.
 * **Where it starts**: a consumer group (default ``feishu-callback-responder``); a new group starts at the end
-  of the topic (older callbacks are long past their deadline), offsets are auto-committed. This is for
+  of the topic (older callbacks are long past their deadline), offsets are auto-committed every
+  ``commit_interval_ms``. A responder that dies holds its partitions until ``session_timeout_ms`` (10 s) has
+  passed: their clicks get the relay's fallback meanwhile; the next owner re-reads what was not committed, past
+  its deadline by then, so skipped, not answered twice. This is for
   answering; a service that must act on every click even across its own restarts also reads the callbacks
   topic with a group of its own.
 
@@ -131,6 +134,7 @@ class Responder:
     def __init__(self, bootstrap_servers: str, handler: Handler, *,
                  callbacks_topic: str = DEFAULT_CALLBACKS_TOPIC, group_id: str = DEFAULT_GROUP,
                  max_concurrency: int = 256, client_id: str = "feishu-callback-responder",
+                 session_timeout_ms: int = 10000, commit_interval_ms: int = 5000,
                  clock: Callable[[], float] = time.time, **kafka_settings: Any) -> None:
         self.handler = handler
         self.callbacks_topic = callbacks_topic
@@ -140,8 +144,13 @@ class Responder:
                                     **kafka_settings}
         # replies matter for seconds: one acknowledgement is enough, and no batching delay
         self._producer = AIOKafkaProducer(**settings, acks=1, linger_ms=0)
+        # a responder that dies holds its partitions until session_timeout_ms passes (their clicks get the relay's
+        # fallback meanwhile); the next owner re-reads up to commit_interval_ms of callbacks, already expired
         self._consumer = AIOKafkaConsumer(**settings, group_id=group_id, auto_offset_reset="latest",
-                                          enable_auto_commit=True, fetch_max_wait_ms=20)
+                                          enable_auto_commit=True, auto_commit_interval_ms=commit_interval_ms,
+                                          session_timeout_ms=session_timeout_ms,
+                                          heartbeat_interval_ms=max(1, min(3000, session_timeout_ms // 4)),
+                                          fetch_max_wait_ms=20)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._producer_started = self._consumer_started = False

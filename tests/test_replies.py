@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -460,3 +462,45 @@ async def test_partitions_added_to_the_replies_topic_are_read(kafka_bootstrap: s
                                partition=partition)
             assert (await click)[:2] == (200, {"toast": {"type": "info", "content": "p"}})
     assert relay.answers("reply") == 2
+
+
+@pytest.mark.integration
+async def test_a_responder_killed_mid_stream_costs_clicks_the_fallback_until_the_group_moves_on(
+        kafka_bootstrap: str, topics: Topics) -> None:
+    """SIGKILL one of two responders: its partitions' clicks get the fallback until its session times out, then
+    the other answers them all; what the dead one read but never committed is re-read, past its deadline, and
+    skipped (no reply written for it: the relay counts no late reply)."""
+    config = make_config(kafka_bootstrap, topics, reply_timeout=1.0)
+    group = f"{topics.callbacks}.r"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).with_name("responder_child.py")), kafka_bootstrap, topics.callbacks,
+        group, stdout=asyncio.subprocess.PIPE)
+    try:
+        async with running(config) as relay, responding(kafka_bootstrap, topics, echo,
+                                                        session_timeout_ms=6000) as survivor:
+            assert child.stdout is not None
+            assert await asyncio.wait_for(child.stdout.readline(), 120) == b"assigned\n"
+            await warm_up(relay)
+            before = await clicks(relay, [f"a{i}" for i in range(40)], concurrency=4)
+            assert all(a[1] == {"toast": {"type": "success", "content": f"got a{i}"}} for i, a in enumerate(before))
+            child.kill()
+            await child.wait()
+            # click on until 40 clicks in a row are answered by a responder (the survivor, once it owns all)
+            streak, total, fallback = 0, 0, 0
+            while streak < 40:
+                assert total < 2000, f"no 40 answered in a row after {total} clicks ({fallback} fallbacks)"
+                value = f"b{total}"
+                status, answer, _ = await relay.click(value)
+                total += 1
+                if answer == {}:
+                    fallback, streak = fallback + 1, 0
+                else:
+                    assert (status, answer) == (200, {"toast": {"type": "success", "content": f"got {value}"}})
+                    streak += 1
+            assert fallback > 0  # the dead one held partitions for a while: proof the kill landed mid-stream
+            assert survivor.stats.expired > 0  # re-read what the dead one never committed, and skipped it
+            assert relay.replies_read("late") == 0
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
