@@ -1,6 +1,6 @@
 """Intents: what a producer asks Feishu to do, the outbound wire contract (results are :mod:`relay.results`).
 
-One intent is one Kafka record whose value is a JSON object tagged by ``kind`` (SPEC.md "Outbound"). Every
+One intent is one Kafka record whose value is a JSON object tagged by ``kind`` (docs/intents.md). Every
 kind is a strict, frozen ``msgspec.Struct`` (unknown fields are an error: a typo must not silently drop a
 field); the union ``Intent`` is decoded once, at the edge, by ``decode_intent``. Field rules taken from the
 Feishu docs sit next to the field they constrain, with the page they came from, so that a bad record fails
@@ -98,7 +98,7 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 
 class _Intent(_Strict, tag_field="kind", frozen=True, kw_only=True):
-    """Fields every intent kind has (SPEC.md "Common fields")."""
+    """Fields every intent kind has (docs/intents.md "Common fields")."""
 
     id: IntentId
     app: Annotated[str, Meta(min_length=1, description="Name of a configured Feishu app.")] = "default"
@@ -124,7 +124,7 @@ class MessageSend(_Intent, tag="message.send", frozen=True, kw_only=True):
 class MessageReply(_Intent, tag="message.reply", frozen=True, kw_only=True):
     """POST /open-apis/im/v1/messages/:message_id/reply (im-v1/message/reply); ``id`` is sent as ``uuid``.
 
-    ``chat_id`` is optional and only keys the 5/s per-chat limit (facts §2.3, reply: same 5 QPS per group rule).
+    ``chat_id`` is optional and only keys the 5/s per-chat limit (docs/feishu-rules.md §2.3).
     """
 
     message_id: PathId
@@ -241,14 +241,14 @@ class EphemeralDelete(_Intent, tag="ephemeral.delete", frozen=True, kw_only=True
 
 
 class UrlPreviewUpdate(_Intent, tag="url_preview.update", frozen=True, kw_only=True):
-    """POST /open-apis/im/v2/url_previews/batch_update (seeds/url_preview_batch_update.md).
+    """POST /open-apis/im/v2/url_previews/batch_update (docs/feishu-rules.md §5.4).
 
-    ``open_ids`` absent or ``[]`` both mean every member of the chat (the seed: "若不传，则默认更新 … 所有成员").
+    ``open_ids`` absent or ``[]`` both mean every member of the chat (Feishu: absent = everyone; ``[]`` is not sent).
     """
 
-    # seed: preview_tokens 长度范围 1～10; distinct because the coalescer keys pending work by token.
+    # Feishu: preview_tokens 1 to 10; distinct because the coalescer keys pending work by token.
     preview_tokens: Annotated[list[NonEmpty], Meta(min_length=1, max_length=10)]
-    # seed: open_ids 长度范围 0～100.
+    # Feishu: open_ids 0 to 100.
     open_ids: Annotated[list[NonEmpty], Meta(max_length=100)] | None = None
 
     def __post_init__(self) -> None:
@@ -257,7 +257,7 @@ class UrlPreviewUpdate(_Intent, tag="url_preview.update", frozen=True, kw_only=T
 
 
 class ChatButtonUrls(_Strict, frozen=True, kw_only=True, omit_defaults=True):
-    """``multi_url`` (seeds/chat_button_update.md: https only, each ≤ 700 characters)."""
+    """``multi_url`` (docs/feishu-rules.md §5.5: https only, each ≤ 700 characters)."""
 
     url: Annotated[str, Meta(max_length=700, pattern="^https://")] | None = None
     android_url: Annotated[str, Meta(max_length=700, pattern="^https://")] | None = None
@@ -266,13 +266,13 @@ class ChatButtonUrls(_Strict, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ChatButtonText(_Strict, frozen=True, kw_only=True):
-    """``text`` (seed: text 长度范围 1～30 字符)."""
+    """``text`` (docs/feishu-rules.md §5.5: 1 to 30 characters)."""
 
     text: Annotated[str, Meta(min_length=1, max_length=30)]
 
 
 class ChatButton(_Strict, frozen=True, kw_only=True, omit_defaults=True):
-    """One ``open_app_feed_card_button`` (seeds/chat_button_update.md); unset optionals are not sent."""
+    """One ``open_app_feed_card_button`` (docs/feishu-rules.md §5.5); unset optionals are not sent."""
 
     action_type: Literal["url_page", "webhook"]
     text: ChatButtonText
@@ -282,18 +282,18 @@ class ChatButton(_Strict, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ChatButtons(_Strict, frozen=True, kw_only=True):
-    """``buttons`` keeps Feishu's nesting: ``buttons.buttons`` is a full replacement, 0..2 (seed: 长度范围 0～2)."""
+    """``buttons`` keeps Feishu's nesting: ``buttons.buttons``, 0..2, replaces all (docs/feishu-rules.md §5.5)."""
 
     buttons: Annotated[list[ChatButton], Meta(max_length=2)]
 
 
 class ChatButtonUpdate(_Intent, tag="chat_button.update", frozen=True, kw_only=True):
-    """PUT /open-apis/im/v2/chat_button (seeds/chat_button_update.md; 10/s; no bot_id)."""
+    """PUT /open-apis/im/v2/chat_button (docs/feishu-rules.md §5.5; 10/s; no bot_id)."""
 
-    chat_id: NonEmpty  # seed: 必填
-    user_id_type: UserIdType = "open_id"  # seed: default open_id
-    user_ids: Annotated[list[NonEmpty], Meta(min_length=1, max_length=20)] | None = None  # seed: 长度范围 1～20
-    buttons: ChatButtons | None = None  # seed: absent = no buttons shown
+    chat_id: NonEmpty  # required
+    user_id_type: UserIdType = "open_id"  # Feishu's default
+    user_ids: Annotated[list[NonEmpty], Meta(min_length=1, max_length=20)] | None = None  # Feishu: 1 to 20
+    buttons: ChatButtons | None = None  # absent = no buttons shown
 
 
 # --- message/v4 ---------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ _PATH_PARAM: Final = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
 _PATH_CHARS: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
 _PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
-# seeds/url_preview_batch_update.md: one update per token per 5 s, kept only by kind url_preview.update
+# docs/feishu-rules.md §5.4: one update per token per 5 s, kept only by kind url_preview.update
 _URL_PREVIEWS: Final = ("im", "v2", "url_previews", "batch_update")
 
 
@@ -395,8 +395,9 @@ def _check_param(name: str, value: str) -> None:
 class Rate(_Strict, frozen=True, kw_only=True):
     """The app-wide limit of the API an ``api.call`` targets, as its Feishu page states it."""
 
-    per_second: Annotated[int, Meta(gt=0)] | None = None
-    per_minute: Annotated[int, Meta(gt=0)] | None = None
+    # bounded so the limiter's arithmetic stays in floats (no Feishu API allows anywhere near this)
+    per_second: Annotated[int, Meta(gt=0, le=1_000_000)] | None = None
+    per_minute: Annotated[int, Meta(gt=0, le=60_000_000)] | None = None
 
     def __post_init__(self) -> None:
         if self.per_second is None and self.per_minute is None:
@@ -457,6 +458,7 @@ _OWN: Final = re.compile(r"^(?P<field>[A-Za-z_][\w.\[\]]*): (?P<msg>.*)$", re.DO
 _MISSING: Final = re.compile(r"^Object missing required field `(?P<field>[^`]*)`$")
 _UNKNOWN: Final = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 _MAX_REASON: Final = 300
+_TOO_DEEP: Final = "value is nested too deeply to read (arrays or objects inside each other, ~1,000 levels)"
 _JSON_NAMES: Final[dict[type, str]] = {
     list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null",
 }
@@ -510,6 +512,8 @@ def decode_intent(raw: bytes | None) -> Intent:
         return _intent_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError
         failure: Exception = exc
+    except RecursionError:  # msgspec's guard for the C stack; a string field's own decode raises it too
+        raise IntentError(_TOO_DEEP, error="decode") from None
     # Slow path, errors only: find out which of the two classes this is and what can still be read.
     try:
         bytes(raw).decode("utf-8")
@@ -519,6 +523,8 @@ def decode_intent(raw: bytes | None) -> Intent:
         value = _any_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise IntentError(f"value is not JSON ({_one_line(str(exc))})", error="decode") from None
+    except RecursionError:
+        raise IntentError(_TOO_DEEP, error="decode") from None
     if not isinstance(value, dict):
         raise IntentError(f"value is not a JSON object (got {_JSON_NAMES.get(type(value), 'a value')})", error="decode")
     ident, kind, app = _peek(value)
@@ -527,7 +533,9 @@ def decode_intent(raw: bytes | None) -> Intent:
 
 
 def ordering_key(intent: Intent) -> str:
-    """The key that orders this intent against others (SPEC.md "default ordering key"); ``order_key`` wins."""
+    """The key that orders this intent against others (docs/intents.md "Ordering keys and limits").
+
+    ``order_key`` wins."""
     if intent.order_key is not None:
         return intent.order_key
     match intent:
