@@ -13,7 +13,9 @@ The handler (the webhook's, or any other inbound mode's) calls :meth:`Replies.op
 ``pending.headers`` to the record, and after the broker acknowledged it awaits :meth:`Replies.answer`, which
 always returns an :class:`Answer` by the deadline: the service's answer when it came in time and is valid
 (:func:`relay.answers.check_answer`), else the fallback (``{}`` or ``inbound.fallback_toast``) with the reason
-counted and, for a malformed answer, logged. Never an exception, never a 500.
+counted and, for a malformed answer, logged. Never an exception, never a 500. A handler that gives up before
+(the publish failed: no reply can come) calls :meth:`Replies.close`; either way the request is forgotten and
+a reply to it from then on is dropped as late.
 
 **Several replicas: every replica reads every partition of the replies topic, and keeps its own.** Each process
 draws a random replica id at start; the correlation id begins with it, so a replica knows at a glance whether a
@@ -28,10 +30,10 @@ The reader is assigned every partition the replies topic has at start and positi
 relay answers its first callback: replies written earlier are never read (they answer requests of processes that
 are gone), and a reply to a callback published afterwards is never skipped. It fetches with a short
 ``fetch_max_wait_ms`` (:data:`FETCH_MAX_WAIT_MS`, 20 ms): a reply may wait that long behind a fetch already in
-flight (the constant's comment says when). Partitions added to the replies topic later are read after the
-The reader looks for partitions added to the replies topic every :data:`PARTITION_CHECK_SECONDS` and reads a
-new one from its beginning (everything in it came after the reader started); a reply landing there before it
-is noticed may come too late for its request, so add partitions when clicks are few.
+flight (the constant's comment says when). The reader looks for partitions added to the replies topic every
+:data:`PARTITION_CHECK_SECONDS` and reads a new one from its beginning (everything in it came after the reader
+started); a reply landing there before it is noticed may come too late for its request, so add partitions
+when clicks are few.
 
 Guarantee: one HTTP answer per callback, by the deadline; each reply is used at most once, only by the request
 it names, only before that request's deadline. A reply lost on its way (responder down, broker slow) costs the
