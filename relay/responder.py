@@ -18,8 +18,9 @@ and answers Feishu with the first valid reply written by the deadline. What this
 * **Deadlines**: a callback whose ``relay.reply_deadline`` has passed is not handed to the function (nobody waits
   for its answer: counted in ``stats.expired``); an answer ready after it is not written (``stats.late``).
 * **Answers**: a :mod:`relay.answers` struct, a dict or bytes; ``None`` is ``{}``. An answer the relay would
-  refuse (:func:`relay.answers.check_answer`) is not written: logged and counted (``stats.malformed``), the
-  user gets the relay's fallback. An exception in the function is logged with the callback's event id and
+  refuse (:func:`relay.answers.check_answer`, with ``max_answer_bytes``: the relay's
+  ``inbound.max_answer_bytes``) is not written: logged and counted (``stats.malformed``), the user gets the
+  relay's fallback. An exception in the function is logged with the callback's event id and
   nothing is written (``stats.failed``, also for a reply Kafka refused): the relay answers the fallback at its
   deadline.
 * **Where it starts**: a consumer group (default ``feishu-callback-responder``); a new group starts at the end
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALLBACKS_TOPIC: Final = "feishu.callbacks"
 DEFAULT_GROUP: Final = "feishu-callback-responder"
-# the relay's own cap (inbound.max_answer_bytes) may differ; this one only keeps an absurd answer off the topic
+# the relay's default inbound.max_answer_bytes; give the responder the relay's value when it was changed
 MAX_ANSWER_BYTES: Final = 30 * 1024
 
 _encoder: Final = msgspec.json.Encoder()
@@ -135,11 +136,13 @@ class Responder:
                  callbacks_topic: str = DEFAULT_CALLBACKS_TOPIC, group_id: str = DEFAULT_GROUP,
                  max_concurrency: int = 256, client_id: str = "feishu-callback-responder",
                  session_timeout_ms: int = 10000, commit_interval_ms: int = 5000,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES,
                  clock: Callable[[], float] = time.time, **kafka_settings: Any) -> None:
         self.handler = handler
         self.callbacks_topic = callbacks_topic
         self.stats = ResponderStats()
         self._clock = clock
+        self._max_answer_bytes = max_answer_bytes
         settings: dict[str, Any] = {"bootstrap_servers": bootstrap_servers, "client_id": client_id,
                                     **kafka_settings}
         # replies matter for seconds: one acknowledgement is enough, and no batching delay
@@ -228,7 +231,7 @@ class Responder:
             return
         answer = encode_answer(value)
         try:
-            check_answer(callback.event_type, answer, MAX_ANSWER_BYTES)
+            check_answer(callback.event_type, answer, self._max_answer_bytes)
         except Malformed as err:
             self.stats.malformed += 1
             log.warning("responder: answer to %s %s not written: %s", callback.event_type, callback.event_id,
