@@ -242,8 +242,9 @@ class Inbound:
                             "still publishing", name, event.event_type, event.event_id, topic, elapsed)
             return self._answer(name, event, started, Answer(self._fallback(event.event_type), "unpublished"))
         self._count(name, outcome.value, started)
-        log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
-                 outcome.value, 1000 * (time.perf_counter() - started))
+        if pending is None:  # else the answer's line says it all, once the reply came or not
+            log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
+                     outcome.value, 1000 * (time.perf_counter() - started))
         if not callback:
             return _reply(200, _SUCCESS)
         if pending is None or self._replies is None or outcome is not Outcome.PUBLISHED:
@@ -264,8 +265,8 @@ class Inbound:
                               "from", app=name, event_type=event.event_type, source=answer.source)
             self._metrics.observe("relay_callback_answer_seconds", elapsed, help="callback arrival to answer",
                                   source=answer.source)
-            log.info("inbound app=%s %s %s answered from %s in %.1f ms", name, event.event_type, event.event_id,
-                     answer.source, 1000 * elapsed)
+            log.info("inbound app=%s %s %s -> %s answered from %s in %.1f ms", name, event.event_type,
+                     event.event_id, self.topic_for(event.event_type), answer.source, 1000 * elapsed)
         return _reply(200, answer.body)
 
     def _lost(self, name: str, event: Event, topic: str, why: str) -> None:
