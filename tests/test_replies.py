@@ -117,6 +117,15 @@ class Relay:
             answer = await resp.json(content_type=None)
             return resp.status, answer, time.perf_counter() - started
 
+    async def preview(self, url: str) -> tuple[int, dict[str, Any], float]:
+        """One link preview request, as Feishu posts it."""
+        headers, body = signed(v2("url.preview.get", {
+            "operator": {"open_id": "ou_1"}, "host": "im_message",
+            "context": {"url": url, "preview_token": "pt-1", "open_chat_id": "oc_1"}}))
+        started = time.perf_counter()
+        async with self.session.post(self.base + "/feishu/events", data=body, headers={**JSON, **headers}) as resp:
+            return resp.status, await resp.json(content_type=None), time.perf_counter() - started
+
     def answers(self, source: str) -> float:
         return self.metrics.value("relay_callback_answers_total", app="default", event_type="card.action.trigger",
                                   source=source)
@@ -504,3 +513,24 @@ async def test_a_responder_killed_mid_stream_costs_clicks_the_fallback_until_the
         if child.returncode is None:
             child.kill()
             await child.wait()
+
+
+@pytest.mark.integration
+async def test_link_previews_are_answered_by_their_own_shape(kafka_bootstrap: str, topics: Topics) -> None:
+    async def preview(callback: Callback) -> dict[str, Any]:
+        url = callback.event()["event"]["context"]["url"]
+        if url.endswith("/toast"):  # a click's answer to a preview: the responder would not write it
+            return {"toast": {"type": "info", "content": "x"}}
+        return {"inline": {"title": f"Title of {url}", "url": {"pc": url}}}
+
+    config = make_config(kafka_bootstrap, topics, reply_timeout=1.0, fallback_toast="not for previews")
+    async with running(config) as relay, responding(kafka_bootstrap, topics, preview) as responder:
+        ok = await relay.preview("https://example.com/1")
+        wrong = await relay.preview("https://example.com/toast")
+    assert ok[:2] == (200, {"inline": {"title": "Title of https://example.com/1",
+                                       "url": {"pc": "https://example.com/1"}}})
+    assert wrong[:2] == (200, {})  # a preview's fallback is {}: a toast means nothing there
+    assert responder.stats.malformed == 1
+    count = relay.metrics.value
+    assert count("relay_callback_answers_total", app="default", event_type="url.preview.get", source="reply") == 1
+    assert count("relay_callback_answers_total", app="default", event_type="url.preview.get", source="timeout") == 1
