@@ -23,17 +23,20 @@ The tree is the architecture (leaves first):
     outbound         the consumer: keyed lanes, limits, retries, results, dead letters, commits
     events           inbound crypto, signatures, envelopes and typed event views
     dedup            the inbound seen-set
+    answers          the answers Feishu takes to callbacks (toast, card, inline preview), checked (pure)
+    replies          callbacks answered by services: request–reply over Kafka, correlation, the reply reader
     inbound          the webhook server: verify, publish, dedup, answer
     ws/              Feishu's long connection (WebSocket event mode): frame codec, protocol rules (pure),
                      the client that publishes through inbound's path
     sandbox/         a local stand-in for the Feishu Open Platform: server, request bodies, sliding windows,
-                     the long connection
+                     the long connection, sample events and Feishu's verdict on a callback's answer
     kafka            aiokafka clients built from the config, topic creation
     readiness        ``/healthz``, ``/readyz`` (broker answering, tokens obtainable, parts alive), ``/metrics``
     logs             JSON or text log lines; repeated aiokafka lines and warnings summarised (entry point only)
     preflight        ``relay check``'s warnings and ``--connect`` probes (broker, each app's token)
     asyncapi         the AsyncAPI 3.0 document of the topics, built from the types (``relay asyncapi``)
     client           a producer for Python services: typed intents, the right key, results awaited
+    responder        the callback side for Python services: read callbacks, call a function, write the reply
     app              wiring and lifetime (imported only by __main__)
 """
 

@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--message-id", default="om_sandbox_message")
     emit.add_argument("--open-id", default="ou_sandbox_user")
     emit.add_argument("--tenant-key", default="sandbox-tenant")
+    emit.add_argument("--action-value", default=None,
+                      help='a card click\'s action.value as a JSON object (default {"choice": "approve"})')
 
     send = sub.add_parser("send", help="produce one intent (JSON) to the intents topic and wait for its result")
     send.add_argument("--config", required=True)
@@ -153,14 +155,24 @@ def check(args: argparse.Namespace) -> int:
 
 
 def emit(args: argparse.Namespace) -> int:
-    """``relay sandbox emit``: one line with the webhook's answer; exit 0 on a 2xx, 1 otherwise."""
+    """``relay sandbox emit``: one line with the webhook's answer (for a callback also its time and Feishu's
+    verdict); exit 0 on a 2xx that Feishu would take, 1 otherwise."""
     import asyncio
 
     import aiohttp
 
     from relay.sandbox.emit import Ids, post, push
 
-    ids = Ids(chat_id=args.chat_id, message_id=args.message_id, open_id=args.open_id, tenant_key=args.tenant_key)
+    value = None
+    if args.action_value is not None:
+        try:
+            value = json.loads(args.action_value)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise RelayError("--action-value: must be a JSON object")
+    ids = Ids(chat_id=args.chat_id, message_id=args.message_id, open_id=args.open_id, tenant_key=args.tenant_key,
+              action_value=value)
     if args.websocket:
         try:
             pushed = asyncio.run(push(args.websocket, args.event_type, verification_token=args.verification_token,
@@ -183,8 +195,12 @@ def emit(args: argparse.Namespace) -> int:
         raise RelayError(str(err)) from None
     except (aiohttp.ClientError, TimeoutError, OSError) as err:
         raise RelayError(f"{args.url}: {err or type(err).__name__}") from None
-    print(f"{args.event_type} {answer.event_id} -> HTTP {answer.status} {answer.body}")
-    return 0 if 200 <= answer.status < 300 else 1
+    verdict = ""
+    if answer.verdict is not None:  # a callback: Feishu's verdict, as the clicking user would get it
+        outcome = "ok" if answer.verdict.ok else f"Feishu error {answer.verdict.code}: {answer.verdict.why}"
+        verdict = f" in {1000 * answer.elapsed:.0f} ms: {outcome}"
+    print(f"{args.event_type} {answer.event_id} -> HTTP {answer.status} {answer.body}{verdict}")
+    return 0 if answer.ok else 1
 
 
 def _connect(config: Config, timeout: float) -> int:

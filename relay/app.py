@@ -39,6 +39,7 @@ from relay.metrics import Metrics
 from relay.outbound import Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
 from relay.readiness import BrokerWatch, Health, probe_interval, retry_tokens, token_problem, watch_broker
+from relay.replies import Replies
 from relay.results import schema
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics: dict[str, dict[str, str]] = {name: {} for name in k.intents_topics}
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
+    if config.inbound.callback_replies:
+        from relay.replies import REPLIES_TOPIC_CONFIG
+
+        topics[k.replies_topic] = {**REPLIES_TOPIC_CONFIG, **large}  # a reply may be a card near the cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
     # a Finished entry carries a result: as large as the results topic allows
     topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
@@ -156,7 +161,8 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         if config.inbound.enabled:
             from relay.inbound import Inbound, KafkaPublisher
 
-            inbound = Inbound(config, KafkaPublisher(producer), metrics)
+            replies = await start_replies(config, metrics, stack, watched)
+            inbound = Inbound(config, KafkaPublisher(producer), metrics, replies=replies)
             stack.push_async_callback(inbound.close)  # after the server and the long connections stopped
         if config.http.enabled:
             web_app = web.Application(client_max_size=config.inbound.max_body_bytes + 1)
@@ -210,6 +216,20 @@ async def cancel(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def start_replies(config: Config, metrics: Metrics, stack: contextlib.AsyncExitStack,
+                        watched: list[asyncio.Task[Any]]) -> Replies | None:
+    """The callback reply reader (``inbound.callback_replies``), at the topic's end before any callback is
+    answered; its read loop is watched (dead, every click would get the fallback)."""
+    if not config.inbound.callback_replies:
+        return None
+    replies = Replies(config, metrics)
+    stack.push_async_callback(replies.stop)
+    await replies.start()
+    assert replies.run_task is not None
+    watched.append(replies.run_task)
+    return replies
 
 
 def died(health: Health, task: asyncio.Task[Any]) -> None:

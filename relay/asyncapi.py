@@ -1,9 +1,10 @@
 """The AsyncAPI 3.0 document of the relay's topics, built from the msgspec types (``relay asyncapi``).
 
-The relay is the application the document describes: it *receives* intents and *sends* results, dead letters,
-events and callbacks. Every payload schema comes from the structs that decode or encode the records
-(:mod:`relay.intents`, :mod:`relay.results`), so the document cannot drift from the code; the structs below only
-describe what the relay writes without decoding it (record headers, the Feishu envelopes it forwards as bytes).
+The relay is the application the document describes: it *receives* intents and callback replies and *sends*
+results, dead letters, events and callbacks. Every payload schema comes from the structs that decode or encode
+the records (:mod:`relay.intents`, :mod:`relay.results`, :mod:`relay.answers`), so the document cannot drift
+from the code; the structs below only describe what the relay writes without decoding it (record headers, the
+Feishu envelopes it forwards as bytes).
 
 ``docs/asyncapi.json`` is this document as ``relay asyncapi`` prints it; a test checks that the checked-in file is
 current and that it validates against the official AsyncAPI 3.0.0 JSON Schema. The examples (one per intent kind)
@@ -22,6 +23,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from relay import __version__
+from relay.answers import CardActionAnswer, PreviewAnswer
 from relay.config import KafkaConfig
 from relay.intents import Intent
 from relay.results import DeadLetterError, Result
@@ -110,6 +112,24 @@ class EventHeaders(msgspec.Struct):
     tenant_key: str | None = None
 
 
+class CallbackHeaders(msgspec.Struct):
+    """Headers of a callback record: an event's, and the request–reply headers (``inbound.callback_replies``)."""
+
+    event_type: str
+    event_id: str
+    app: str
+    tenant_key: str | None = None
+    correlation_id: str | None = msgspec.field(default=None, name="relay.correlation_id")
+    reply_topic: str | None = msgspec.field(default=None, name="relay.reply_topic")
+    reply_deadline: str | None = msgspec.field(default=None, name="relay.reply_deadline")  # Unix ms, decimal
+
+
+class ReplyHeaders(msgspec.Struct):
+    """Headers of a reply record (the key is the correlation id too)."""
+
+    correlation_id: str = msgspec.field(name="relay.correlation_id")
+
+
 class EventHeader(msgspec.Struct):
     """``header`` of a schema 2.0 envelope (Feishu may add fields)."""
 
@@ -161,11 +181,16 @@ def _asyncapi_schema(node: Any) -> Any:
 
 def _schemas() -> dict[str, Any]:
     types = (Intent, Result, IntentHeaders, ResultHeaders, DeadLetterHeaders, EventHeaders, FeishuEventV2,
-             FeishuEventV1)
+             FeishuEventV1, CallbackHeaders, ReplyHeaders, CardActionAnswer, PreviewAnswer)
     (intent, *_), components = msgspec.json.schema_components(types, ref_template=_REF)
     # msgspec unions only tagged structs; the two envelopes are told apart by ``schema`` / ``type`` instead
     event = {"oneOf": [_ref("FeishuEventV2"), _ref("FeishuEventV1")]}
-    schemas: dict[str, Any] = _asyncapi_schema({**components, "Intent": intent, "FeishuEvent": event})
+    # an answer is read by the callback's event type (relay.answers), not by a tag of its own
+    answer = {"description": "the JSON Feishu takes as the answer to the callback: CardActionAnswer for "
+                             "card.action.trigger, PreviewAnswer for url.preview.get, any object otherwise",
+              "anyOf": [_ref("CardActionAnswer"), _ref("PreviewAnswer"), {"type": "object"}]}
+    schemas: dict[str, Any] = _asyncapi_schema({**components, "Intent": intent, "FeishuEvent": event,
+                                                "CallbackAnswer": answer})
     return schemas
 
 
@@ -228,10 +253,21 @@ def document(kafka: KafkaConfig | None = None) -> dict[str, Any]:
                       "headers": _ref("EventHeaders"), "payload": _ref("FeishuEvent"),
                       "correlationId": {"location": "$message.header#/event_id"}, "bindings": event_bindings}}),
         "callbacks": (k.callbacks_topic, "kafka.callbacks_topic",
-                      "Callbacks Feishu wants answered (inbound.callback_types), answered {} by the relay.", {
+                      "Callbacks Feishu wants answered (inbound.callback_types): the relay answers Feishu with the "
+                      "reply a service writes to the topic in relay.reply_topic by relay.reply_deadline, else with "
+                      "its fallback.", {
             "callback": {"name": "callback", "title": "Feishu callback", "contentType": "application/json",
-                         "headers": _ref("EventHeaders"), "payload": _ref("FeishuEvent"),
+                         "headers": _ref("CallbackHeaders"), "payload": _ref("FeishuEvent"),
+                         "correlationId": {"location": "$message.header#/relay.correlation_id"},
                          "bindings": event_bindings}}),
+        "replies": (k.replies_topic, "kafka.replies_topic",
+                    "Services' answers to callbacks; every relay replica reads every partition.", {
+            "reply": {"name": "reply", "title": "Callback reply", "contentType": "application/json",
+                      "headers": _ref("ReplyHeaders"), "payload": _ref("CallbackAnswer"),
+                      "correlationId": {"location": "$message.header#/relay.correlation_id"},
+                      "bindings": _kafka_key("the callback's relay.correlation_id"),
+                      "examples": [{"name": "toast", "payload": {"toast": {"type": "success",
+                                                                           "content": "Approved"}}}]}}),
     }
     channels = {
         name: {"address": address, "title": address, "description": f"{about} Config key: {key}.",
@@ -252,7 +288,13 @@ def document(kafka: KafkaConfig | None = None) -> dict[str, Any]:
                             "messages": refs("deadLetters")},
         "sendEvents": {"action": "send", "channel": {"$ref": "#/channels/events"}, "messages": refs("events")},
         "sendCallbacks": {"action": "send", "channel": {"$ref": "#/channels/callbacks"},
-                          "messages": refs("callbacks")},
+                          "summary": "Publish each callback and wait for a service's answer",
+                          "messages": refs("callbacks"),
+                          "reply": {"address": {"location": "$message.header#/relay.reply_topic"},
+                                    "channel": {"$ref": "#/channels/replies"}, "messages": refs("replies")}},
+        "receiveReplies": {"action": "receive", "channel": {"$ref": "#/channels/replies"},
+                           "summary": "Answer Feishu's callback with the reply whose correlation id it carries",
+                           "messages": refs("replies")},
     }
     return {
         "asyncapi": "3.0.0",

@@ -88,6 +88,8 @@ class KafkaConfig(_Section, frozen=True):
     dead_letter_topic: str = "feishu.dead-letter"
     events_topic: str = "feishu.events"
     callbacks_topic: str = "feishu.callbacks"
+    # where services write their answers to callbacks (relay.replies); every replica reads all of it
+    replies_topic: str = "feishu.callback-replies"
     # compacted topic remembering when each URL-preview token was last updated (survives restarts)
     preview_memory_topic: str = "feishu.relay.preview-memory"
     # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
@@ -225,7 +227,8 @@ class InboundConfig(_Section, frozen=True):
     timestamp_tolerance: PositiveFloat = 7 * 3600.0
     future_tolerance: PositiveFloat = 300.0
     # from a request's arrival to its answer: an event not acknowledged by Kafka by then gets 503 (Feishu
-    # redelivers); a callback gets its default answer and its publish goes on (Feishu waits 3 s)
+    # redelivers); a callback gets its fallback answer and its publish goes on (Feishu waits 3 s). A callback
+    # whose reply is awaited (callback_replies) waits for Kafka up to reply_timeout instead.
     publish_timeout: PositiveFloat = 2.0
     dedup_ttl: PositiveFloat = 7 * 3600.0
     # 91 bytes an entry (relay.dedup, measured): the default takes 87 MiB when full (95 MiB of RSS)
@@ -243,6 +246,16 @@ class InboundConfig(_Section, frozen=True):
     ws_fragment_ttl: PositiveFloat = 10.0
     # data frames being published at once per connection; past it a frame is answered 500 (Feishu redelivers)
     ws_max_in_flight: PositiveInt = 1000
+    # wait for a service's answer to each callback on kafka.replies_topic (relay.replies); false: answer the
+    # fallback as soon as Kafka has the callback
+    callback_replies: bool = True
+    # from a callback's arrival to its answer, reply or not (Feishu gives up at 3 s and shows error 200671)
+    reply_timeout: Annotated[float, Meta(gt=0, lt=3)] = 2.5
+    # the answer when no valid reply came in time: {} (no change), or for a card click this toast when set
+    fallback_toast: str = ""
+    fallback_toast_type: Literal["info", "success", "error", "warning"] = "info"
+    # a reply larger than this is malformed (a card may be at most 30 KB)
+    max_answer_bytes: PositiveInt = 30 * 1024
 
     def __post_init__(self) -> None:
         if self.dedup_ttl < self.timestamp_tolerance:

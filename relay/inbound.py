@@ -18,9 +18,10 @@
    are listed in :mod:`relay.events`;
 3. a ``url_verification`` -> ``{"challenge": ...}``;
 4. anything else is published: the plaintext as Feishu sent it minus the verification token, to the callbacks
-   topic for ``inbound.callback_types`` (answer ``{}``) or to ``inbound.routes[event_type]`` /
-   ``kafka.events_topic``; key = the chat id, else the message id, else the event id
-   (:class:`relay.events.EventIds`); headers ``event_type``, ``event_id``, ``app``, ``tenant_key``.
+   topic for ``inbound.callback_types`` or to ``inbound.routes[event_type]`` / ``kafka.events_topic``; key =
+   the chat id, else the message id, else the event id (:class:`relay.events.EventIds`); headers
+   ``event_type``, ``event_id``, ``app``, ``tenant_key``, and for a callback the request–reply headers of
+   :mod:`relay.replies`, whose answer (a service's reply, or the fallback) is the HTTP answer.
 
 Guarantees. ``inbound.publish_timeout`` runs from a request's arrival to its answer:
 
@@ -28,7 +29,9 @@ Guarantees. ``inbound.publish_timeout`` runs from a request's arrival to its ans
   by the deadline the answer is 503 and Feishu redelivers; the publish itself keeps going, and should it
   succeed later the event counts as seen (see :mod:`relay.dedup`), so the redelivery is not published twice.
 * **Callbacks** are never redelivered and a non-200 is an error the user sees (200671), so they are always
-  answered ``{}``, by the deadline at the latest. A publish not acknowledged by then goes on in the background
+  answered 200 by ``inbound.reply_timeout``: with the reply a service wrote (:mod:`relay.replies`), else the
+  fallback (``{}`` or ``inbound.fallback_toast``). The publish waits at most ``reply_timeout`` when a reply is
+  awaited, else ``publish_timeout``; a publish not acknowledged by then goes on in the background
   and ends in one log line either way: published late (``relay_inbound_callbacks_late_total``) or lost
   (``relay_inbound_callbacks_lost_total``, an error line; also when the broker refused it, or shutdown cancelled
   it). Never silently.
@@ -57,11 +60,12 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from relay.config import AppConfig, Config, unsigned_warning
-from relay.dedup import Dedup, PublishFailed
+from relay.dedup import Dedup, Outcome, PublishFailed
 from relay.errors import SignatureError
 from relay.events import CHALLENGE_MAX_BYTES, Challenge, Event, read_signature_headers, verify_request
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_producer
 from relay.metrics import Metrics
+from relay.replies import Answer, Pending, Replies, Source, fallback_for
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,6 @@ def _reply(status: int, body: bytes) -> web.Response:
 
 
 _SUCCESS: Final = b'{"msg":"success"}'
-_EMPTY: Final = b"{}"
 
 
 def _check_content_type(request: web.Request) -> None:
@@ -121,10 +124,11 @@ class Inbound:
     """The aiohttp handlers of the event URL; one instance per process (it holds the dedup memory)."""
 
     def __init__(self, config: Config, publisher: Publisher, metrics: Metrics, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, replies: Replies | None = None) -> None:
         self._config = config
         self._cfg = config.inbound
         self._publisher = publisher
+        self._replies = replies  # None: callbacks get the fallback answer once Kafka has them
         self._metrics = metrics
         self._clock = clock
         # an app without a verification token is refused by check_inbound; one that gets here anyway (the
@@ -190,9 +194,22 @@ class Inbound:
     async def _publish(self, name: str, event: Event, started: float) -> web.Response:
         topic = self.topic_for(event.event_type)
         callback = event.event_type in self._callback_types
+        pending = None
+        if callback and self._replies is not None:  # the reply is awaited by relay.replies (docs there)
+            budget = self._cfg.reply_timeout - (time.perf_counter() - started)
+            pending = self._replies.open(event.event_type, int(1000 * (self._clock() + budget)))
+        try:
+            return await self._publish_and_answer(name, event, started, topic, callback, pending)
+        finally:
+            if pending is not None and self._replies is not None:
+                self._replies.close(pending)
+
+    async def _publish_and_answer(self, name: str, event: Event, started: float, topic: str, callback: bool,
+                                  pending: Pending | None) -> web.Response:
+        headers = event.headers(name) + (pending.headers if pending is not None else [])
 
         async def publish() -> None:
-            await self._publisher.publish(topic, event.key.encode(), event.record, event.headers(name))
+            await self._publisher.publish(topic, event.key.encode(), event.record, headers)
 
         def late(error: BaseException | None) -> None:
             if error is None:
@@ -205,7 +222,10 @@ class Inbound:
             else:
                 self._lost(name, event, topic, type(error).__name__)
 
-        remaining = max(0.0, self._cfg.publish_timeout - (time.perf_counter() - started))
+        # a callback whose reply is awaited may wait for the broker as long as for the reply: the answer is the
+        # fallback either way, and an acknowledgement at 2.2 s still leaves the reply its chance
+        limit = self._cfg.reply_timeout if pending is not None else self._cfg.publish_timeout
+        remaining = max(0.0, limit - (time.perf_counter() - started))
         try:
             outcome = await self.dedup.publish_once(event.dedup_keys(name), publish, remaining,
                                                     on_late=late if callback else None)
@@ -221,16 +241,42 @@ class Inbound:
             if isinstance(err, PublishFailed):
                 self._lost(name, event, topic, why)
             else:
-                log.warning("inbound app=%s %s %s -> %s answered {} unacknowledged after %.0f ms; still publishing",
-                            name, event.event_type, event.event_id, topic, elapsed)
-            return _reply(200, _EMPTY)
+                log.warning("inbound app=%s %s %s -> %s answered the fallback unacknowledged after %.0f ms; "
+                            "still publishing", name, event.event_type, event.event_id, topic, elapsed)
+            return self._answer(name, event, started, Answer(self._fallback(event.event_type), "unpublished"))
         self._count(name, event, outcome.value, started)
-        elapsed = 1000 * (time.perf_counter() - started)
-        log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
-                 outcome.value, elapsed,
-                 extra={"app": name, "event_type": event.event_type, "event_id": event.event_id, "topic": topic,
-                        "outcome": outcome.value, "latency_ms": round(elapsed, 1)})
-        return _reply(200, _EMPTY if callback else _SUCCESS)
+        if pending is None:  # else the answer's line says it all, once the reply came or not
+            elapsed = 1000 * (time.perf_counter() - started)
+            log.info("inbound app=%s %s %s -> %s %s in %.1f ms", name, event.event_type, event.event_id, topic,
+                     outcome.value, elapsed,
+                     extra={"app": name, "event_type": event.event_type, "event_id": event.event_id, "topic": topic,
+                            "outcome": outcome.value, "latency_ms": round(elapsed, 1)})
+        if not callback:
+            return _reply(200, _SUCCESS)
+        if pending is None or self._replies is None or outcome is not Outcome.PUBLISHED:
+            # no replies awaited, or a duplicate (the first copy's request has the reply)
+            source: Source = "duplicate" if outcome is not Outcome.PUBLISHED else "timeout"
+            return self._answer(name, event, started, Answer(self._fallback(event.event_type), source))
+        answer = await self._replies.answer(pending, self._cfg.reply_timeout - (time.perf_counter() - started))
+        return self._answer(name, event, started, answer)
+
+    def _fallback(self, event_type: str) -> bytes:
+        return fallback_for(self._config, event_type)
+
+    def _answer(self, name: str, event: Event, started: float, answer: Answer) -> web.Response:
+        """Count and log a callback's answer (``source``: reply, timeout, malformed, unpublished, duplicate)."""
+        elapsed = time.perf_counter() - started
+        if self._replies is not None:
+            self._metrics.inc("relay_callback_answers_total", help="callbacks answered, by where the answer came "
+                              "from", app=name, event_type=self._metrics.event_type(event.event_type),
+                              source=answer.source)
+            self._metrics.observe("relay_callback_answer_seconds", elapsed, help="callback arrival to answer",
+                                  source=answer.source)
+            log.info("inbound app=%s %s %s -> %s answered from %s in %.1f ms", name, event.event_type,
+                     event.event_id, self.topic_for(event.event_type), answer.source, 1000 * elapsed,
+                     extra={"app": name, "event_type": event.event_type, "event_id": event.event_id,
+                            "source": answer.source, "latency_ms": round(1000 * elapsed, 1)})
+        return _reply(200, answer.body)
 
     async def accept(self, name: str, event: Event, started: float) -> tuple[int, bytes]:
         """Publish a verified event exactly as the event URL does (dedup, topic, key, headers, deadline from

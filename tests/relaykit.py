@@ -40,6 +40,7 @@ def config_data(bootstrap: str, prefix: str, base_url: str, *, time_scale: float
             "dead_letter_topic": f"{prefix}.dlq",
             "events_topic": f"{prefix}.events",
             "callbacks_topic": f"{prefix}.callbacks",
+            "replies_topic": f"{prefix}.replies",
             "preview_memory_topic": f"{prefix}.preview-memory",
             "journal_topic": f"{prefix}.journal",
             "topic_partitions": 4,

@@ -94,7 +94,8 @@ def test_an_http_port_in_use_is_one_line(kafka_bootstrap: str, topic_prefix: str
         taken.listen()
         port = taken.getsockname()[1]
         data = config_data(kafka_bootstrap, topic_prefix, "http://127.0.0.1:9", http={"enabled": True, "port": port},
-                           outbound={"enabled": False}, kafka={"create_topics": False})
+                           outbound={"enabled": False}, kafka={"create_topics": False},
+                           inbound={"callback_replies": False})  # no replies topic to read either
         path = tmp_path / "relay.toml"
         path.write_text(to_toml(data))
         proc = subprocess.run([sys.executable, "-m", "relay", "run", "--config", str(path), "--log-format", "json"],

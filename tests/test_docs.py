@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [*DOCS, ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "tests" / "data" / "README.md"]
 BLOCK = re.compile(r"^```(?P<info>[^\n]*)\n(?P<body>.*?)^```$", re.DOTALL | re.MULTILINE)
-TAGS = ("Intent", "Result", "DeadLetterHeaders", "EventHeaders", "FeishuEvent")
+TAGS = ("Intent", "Result", "DeadLetterHeaders", "EventHeaders", "FeishuEvent", "CallbackHeaders", "ReplyHeaders",
+        "CallbackAnswer")
 
 
 def blocks(language: str) -> list[tuple[str, str, str]]:

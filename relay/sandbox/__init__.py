@@ -5,6 +5,7 @@
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
     emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
     ws        the long connection (WebSocket event mode): endpoint, handshake, pings, fragments, redelivery
+    callbacks how Feishu judges a callback's answer: 3 s, the answer shapes, 200671 / 200673
 """
 
 from relay.sandbox.server import (

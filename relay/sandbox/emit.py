@@ -13,8 +13,9 @@ What a request looks like (docs/feishu-rules.md §6):
   SHA-256(timestamp + nonce + key + body); without one, the plain envelope, unsigned (as Feishu does).
 
 The event types are the IM events of Feishu's message overview (``SAMPLES``) and the two callbacks the relay
-answers; their fields follow the event pages (§6.7). Building a request is pure (time, ids and IV are passed in);
-only :func:`post` does I/O.
+answers; their fields follow the event pages (§6.7). For those two, :func:`post` times the answer and judges
+it the way Feishu would (:mod:`relay.sandbox.callbacks`: 3 s, the answer shapes, 200671 / 200673). Building a
+request is pure (time, ids and IV are passed in); only :func:`post` and :func:`push` do I/O.
 
 ``relay sandbox emit --websocket http://127.0.0.1:8090 ...`` instead asks a running sandbox to push the sample
 over its long connection to the relay connected for that app (:func:`push`, ``POST /_sandbox/ws/emit``): the
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from relay.events import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+from relay.sandbox.callbacks import Verdict, judge
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,7 @@ class Ids:
     message_id: str = "om_sandbox_message"
     open_id: str = "ou_sandbox_user"
     tenant_key: str = "sandbox-tenant"
+    action_value: dict[str, Any] | None = None  # a card click's action.value (default {"choice": "approve"})
 
 
 def _user(ids: Ids) -> dict[str, Any]:
@@ -77,7 +80,7 @@ def _reaction(ids: Ids, now_ms: int) -> dict[str, Any]:
 
 def _card_action(ids: Ids, now_ms: int) -> dict[str, Any]:
     return {"operator": {"tenant_key": ids.tenant_key, **_user(ids)}, "token": "c-sandbox-callback-token",
-            "action": {"tag": "button", "value": {"choice": "approve"}}, "host": "im_message",
+            "action": {"tag": "button", "value": ids.action_value or {"choice": "approve"}}, "host": "im_message",
             "context": {"open_message_id": ids.message_id, "open_chat_id": ids.chat_id}}
 
 
@@ -96,6 +99,8 @@ SAMPLES: Final[dict[str, Callable[[Ids, int], dict[str, Any]]]] = {
     "card.action.trigger": _card_action,
     "url.preview.get": _preview,
 }
+# the samples Feishu waits for an answer to: emit judges the answer as Feishu would
+CALLBACKS: Final = frozenset({"card.action.trigger", "url.preview.get"})
 
 
 def envelope(event_type: str, *, event_id: str, now: float, app_id: str, verification_token: str | None,
@@ -137,11 +142,17 @@ def request(plaintext: bytes, *, encrypt_key: str | None, now: float, nonce: str
 
 @dataclass(frozen=True, slots=True)
 class Emitted:
-    """What the webhook answered."""
+    """What the webhook answered, how fast, and for a callback Feishu's verdict on it (``relay.sandbox.callbacks``)."""
 
     event_id: str
     status: int
     body: str
+    elapsed: float = 0.0
+    verdict: Verdict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and (self.verdict is None or self.verdict.ok)
 
 
 async def post(url: str, event_type: str, *, encrypt_key: str | None = None, verification_token: str | None = None,
@@ -156,9 +167,14 @@ async def post(url: str, event_type: str, *, encrypt_key: str | None = None, ver
                          verification_token=verification_token, ids=ids)
     headers, body = request(plaintext, encrypt_key=encrypt_key, now=now, nonce=os.urandom(8).hex(),
                             iv=os.urandom(16))
+    started = time.perf_counter()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, \
             http.post(url, data=body, headers=headers) as resp:
-        return Emitted(event_id=event_id, status=resp.status, body=(await resp.text())[:500])
+        answer = await resp.read()
+        elapsed = time.perf_counter() - started
+    verdict = judge(event_type, resp.status, answer, elapsed) if event_type in CALLBACKS else None
+    return Emitted(event_id=event_id, status=resp.status, body=answer[:500].decode(errors="replace"),
+                   elapsed=elapsed, verdict=verdict)
 
 
 @dataclass(frozen=True, slots=True)
