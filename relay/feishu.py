@@ -35,7 +35,7 @@ import msgspec
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from relay.calls import Call
+from relay.calls import Call, FormField
 from relay.config import AppConfig, Config
 from relay.limits import Requeue
 from relay.outcomes import Outcome, Verdict, classify, network_error, token_error
@@ -234,7 +234,9 @@ class FeishuClient:
             return err.outcome
         base = self._config.base_url_for(self._apps[app])
         proxy, proxy_auth = self._proxies.get(base, (None, None))
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON_CONTENT}
+        headers = {"Authorization": f"Bearer {token}"}
+        if not call.form:
+            headers["Content-Type"] = JSON_CONTENT  # a form sets its own, with the boundary
         # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked in
         # relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
         url = URL(base + call.path, encoded=True)
@@ -245,7 +247,8 @@ class FeishuClient:
                         if admit is not None:
                             await admit()
                         async with self._session.request(
-                                call.method, url, params=call.query or None, data=call.body, headers=headers,
+                                call.method, url, params=call.query or None, headers=headers,
+                                data=_form(call.form) if call.form else call.body,
                                 proxy=proxy, proxy_auth=proxy_auth) as resp:
                             raw = await resp.read()
                             outcome = classify(resp.status, resp.headers, raw, api=call.api)
@@ -257,6 +260,14 @@ class FeishuClient:
         if outcome.verdict is Verdict.REFRESH:
             self.drop_token(app, token)
         return outcome
+
+
+def _form(fields: tuple[FormField, ...]) -> aiohttp.FormData:
+    """A multipart/form-data body, built afresh for each attempt (aiohttp consumes a FormData once sent)."""
+    form = aiohttp.FormData()
+    for field in fields:
+        form.add_field(field.name, field.value, filename=field.filename, content_type=field.content_type)
+    return form
 
 
 def _held(outcome: Outcome, remaining: float) -> Outcome:

@@ -351,7 +351,8 @@ class CardStream(_CardOp, tag="card.stream", frozen=True, kw_only=True):
     """
 
     element_id: ElementId
-    content: str
+    # cardkit-v1/card-element/content: content 最小长度 1, 最大长度 100000 (the full text, not a delta)
+    content: Annotated[str, Meta(min_length=1, max_length=100_000, description="The element's full text.")]
 
 
 class CardSettings(_CardOp, tag="card.settings", frozen=True, kw_only=True):

@@ -58,11 +58,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from relay.calls import build_call
+from relay.calls import build_call, card_sequence, unsendable
 from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
-from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
+from relay.folding import Folding
+from relay.intents import Intent, SequencedCardIntent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import client_settings
 from relay.membership import Membership, MembershipLost, Standing, watch
@@ -146,6 +147,7 @@ class Outbound(ConsumerRebalanceListener):
         self._skip: dict[TopicPartition, set[int]] = {}
         self._jobs: dict[TopicPartition, set[Job]] = {}
         self._lanes: dict[tuple[TopicPartition, str], asyncio.Task[None]] = {}
+        self._folding = Folding()  # latest-wins among the records waiting in a lane (relay.folding)
         self._inflight = 0
         self._inflight_by_tp: dict[TopicPartition, int] = {}
         self._all_paused = False  # the global cap was reached; cleared at half
@@ -357,7 +359,8 @@ class Outbound(ConsumerRebalanceListener):
                 coro = self._preview(job, record, intent, received)
             else:
                 lane = (tp, ordering_key(intent))
-                coro = self._perform(job, record, intent, received, self._lanes.get(lane))
+                self._folding.add(lane, record.offset, intent)
+                coro = self._perform(job, record, intent, received, self._lanes.get(lane), lane)
         task = asyncio.create_task(self._run_job(job, coro))
         job.task = task
         self._jobs.setdefault(tp, set()).add(job)
@@ -403,15 +406,37 @@ class Outbound(ConsumerRebalanceListener):
     # the three kinds of job -----------------------------------------------------------------------------
 
     async def _perform(self, job: Job, record: Record, intent: Intent, received: float,
-                       previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])  # order per key; its outcome (even a cancellation) is its own
+                       previous: asyncio.Task[None] | None, lane: tuple[TopicPartition, str]) -> None:
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # order per key; its outcome (even a cancellation) is its own
+            superseded_by = self._folding.superseded_by(lane, record.offset)
+            if superseded_by is not None:  # a later update waiting behind it replaces it whole (relay.folding)
+                job.started = True
+                fields = {"attempts": 0, "superseded_by": superseded_by,
+                          "msg": f"superseded by {superseded_by}, a later full update of the same target"}
+                await self._finish(record, intent.id, job.kind, intent.app, "superseded", fields, None, received)
+                return
+            refusal = unsendable(intent, key=record.key, offset=record.offset,
+                                 max_upload_bytes=self._out.max_upload_bytes)
+            if refusal is not None:
+                await self._reject(job, record, IntentError(refusal, id=intent.id, kind=job.kind, app=intent.app),
+                                   received)
+                return
+            await self._call(job, record, intent, received)
+        finally:
+            self._folding.done(lane, record.offset)
+
+    async def _call(self, job: Job, record: Record, intent: Intent, received: float) -> None:
         expires_at = intent.expires_at.timestamp() if intent.expires_at is not None else None
 
         async def started() -> None:
             job.started = True
 
-        call = build_call(intent)
+        if isinstance(intent, SequencedCardIntent):
+            call = build_call(intent, sequence=card_sequence(record.offset))  # checked by unsendable
+        else:
+            call = build_call(intent)
         journal_start = None
         if self._journal is not None and not call.repeatable:
             journal = self._journal
@@ -671,5 +696,6 @@ class Outbound(ConsumerRebalanceListener):
             self._skip.pop(tp, None)
         if self._journal is not None:
             self._journal.forget(gone)
+        self._folding.forget(gone)
         for lane in [lane for lane in self._lanes if lane[0] in gone]:
             del self._lanes[lane]
