@@ -25,6 +25,7 @@ becomes a RETRY outcome). Retrying, limits and expiry are the executor's job.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -263,10 +264,14 @@ class FeishuClient:
 
 
 def _form(fields: tuple[FormField, ...]) -> aiohttp.FormData:
-    """A multipart/form-data body, built afresh for each attempt (aiohttp consumes a FormData once sent)."""
+    """A multipart/form-data body, built afresh for each attempt (aiohttp consumes a FormData once sent).
+
+    File bytes go as a BytesIO: aiohttp warns (ResourceWarning) for a plain ``bytes`` part over 1 MB, which
+    would also stream from memory, but says "pass a BytesIO"."""
     form = aiohttp.FormData()
     for field in fields:
-        form.add_field(field.name, field.value, filename=field.filename, content_type=field.content_type)
+        value = io.BytesIO(field.value) if isinstance(field.value, bytes) else field.value
+        form.add_field(field.name, value, filename=field.filename, content_type=field.content_type)
     return form
 
 
