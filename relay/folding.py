@@ -29,7 +29,10 @@ from typing import Any
 
 from relay.intents import CardPatch, CardStream, Intent
 
-__all__ = ["Folding", "foldable", "supersedes"]
+__all__ = ["SEQUENCE_COMPARE_FAILED", "Folding", "foldable", "overtaken", "supersedes"]
+
+# feishu-next §D1: "sequence number compare failed", a sequence not greater than the card's last
+SEQUENCE_COMPARE_FAILED = 300317
 
 
 def foldable(intent: Intent) -> bool:
@@ -53,6 +56,20 @@ def supersedes(earlier: Intent, later: Intent) -> bool:
     if isinstance(earlier, CardPatch) and earlier.latest_wins:
         return isinstance(later, CardPatch) and later.message_id == earlier.message_id
     return False
+
+
+def overtaken(intent: Intent, code: int | None) -> bool:
+    """A ``card.stream`` Feishu refused with 300317 was overtaken by a later update already performed: it is
+    ``superseded`` (``superseded_by`` unknown), not failed.
+
+    The relay's sequences are the records' offsets (:func:`relay.calls.card_sequence`), so Feishu holding a
+    larger one means it performed a later record of the card, and the lane performs a record only after every
+    earlier one finished. This happens after a restart: records superseded before it are redone, and one that the
+    redo does not supersede (the batches fall differently) reaches Feishu after its successor did. Its text is
+    contained in what Feishu already shows, which is what superseded means. Other operations are never
+    superseded, so for them 300317 stays a failure (a repeat of a performed one is answered from its uuid).
+    """
+    return isinstance(intent, CardStream) and code == SEQUENCE_COMPARE_FAILED
 
 
 def _transparent(earlier: Intent, between: Intent) -> bool:

@@ -62,7 +62,7 @@ from relay.calls import build_call, card_sequence, unsendable
 from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
-from relay.folding import Folding
+from relay.folding import Folding, overtaken
 from relay.intents import Intent, SequencedCardIntent, UrlPreviewUpdate, decode_intent, ordering_key
 from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import client_settings
@@ -148,6 +148,9 @@ class Outbound(ConsumerRebalanceListener):
         self._jobs: dict[TopicPartition, set[Job]] = {}
         self._lanes: dict[tuple[TopicPartition, str], asyncio.Task[None]] = {}
         self._folding = Folding()  # latest-wins among the records waiting in a lane (relay.folding)
+        # a job's turn in its lane, when that ends before its task does: a superseded job's turn ends once it is
+        # decided, before its result is written, so the next job need not wait for that write (_perform)
+        self._turns: dict[asyncio.Task[None], asyncio.Future[None]] = {}
         self._inflight = 0
         self._inflight_by_tp: dict[TopicPartition, int] = {}
         self._all_paused = False  # the global cap was reached; cleared at half
@@ -341,6 +344,7 @@ class Outbound(ConsumerRebalanceListener):
         received = self._wall()
         job = Job(tp, record, received)
         lane: tuple[TopicPartition, str] | None = None
+        turn: asyncio.Future[None] | None = None
         coro: Coroutine[Any, Any, None]
         try:
             intent = decode_intent(record.value)
@@ -360,7 +364,8 @@ class Outbound(ConsumerRebalanceListener):
             else:
                 lane = (tp, ordering_key(intent))
                 self._folding.add(lane, record.offset, intent)
-                coro = self._perform(job, record, intent, received, self._lanes.get(lane), lane)
+                turn = asyncio.get_running_loop().create_future()
+                coro = self._perform(job, record, intent, received, self._lanes.get(lane), lane, turn)
         task = asyncio.create_task(self._run_job(job, coro))
         job.task = task
         self._jobs.setdefault(tp, set()).add(job)
@@ -369,8 +374,11 @@ class Outbound(ConsumerRebalanceListener):
         if lane is not None:
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done, lane))
+            if turn is not None:
+                self._turns[task] = turn
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
+        self._turns.pop(task, None)
         if self._lanes.get(lane) is task:
             del self._lanes[lane]
 
@@ -406,12 +414,16 @@ class Outbound(ConsumerRebalanceListener):
     # the three kinds of job -----------------------------------------------------------------------------
 
     async def _perform(self, job: Job, record: Record, intent: Intent, received: float,
-                       previous: asyncio.Task[None] | None, lane: tuple[TopicPartition, str]) -> None:
+                       previous: asyncio.Task[None] | None, lane: tuple[TopicPartition, str],
+                       turn: asyncio.Future[None]) -> None:
+        """``turn`` ends when the next job of the lane may go: when this one is done, or decided superseded."""
         try:
-            if previous is not None:
-                await asyncio.wait([previous])  # order per key; its outcome (even a cancellation) is its own
+            if previous is not None:  # order per key; its outcome (even a cancellation) is its own
+                await asyncio.wait([self._turns.get(previous) or previous])
             superseded_by = self._folding.superseded_by(lane, record.offset)
             if superseded_by is not None:  # a later update waiting behind it replaces it whole (relay.folding)
+                self._folding.done(lane, record.offset)
+                turn.set_result(None)  # it makes no call: the lane goes on while its result is written
                 job.started = True
                 fields = {"attempts": 0, "superseded_by": superseded_by,
                           "msg": f"superseded by {superseded_by}, a later full update of the same target"}
@@ -426,6 +438,8 @@ class Outbound(ConsumerRebalanceListener):
             await self._call(job, record, intent, received)
         finally:
             self._folding.done(lane, record.offset)
+            if not turn.done():
+                turn.set_result(None)
 
     async def _call(self, job: Job, record: Record, intent: Intent, received: float) -> None:
         expires_at = intent.expires_at.timestamp() if intent.expires_at is not None else None
@@ -455,6 +469,9 @@ class Outbound(ConsumerRebalanceListener):
                                                  before_write=journal_start)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
+        if status == "failed" and overtaken(intent, fields.get("code")):
+            status, dl_error = "superseded", None  # a later update of its card is at Feishu already (folding)
+            fields["msg"] = f"superseded: a later update of the card was performed first ({fields.get('msg')})"
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received, journal=job)
 

@@ -96,3 +96,10 @@ def test_lanes_without_foldable_records_keep_nothing_and_forget_drops_a_partitio
     fold.add(("t-1", "c2"), 2, stream("s", "a", card="c2"))
     fold.forget(["t-0"])
     assert len(fold) == 1
+
+
+def test_a_stream_refused_for_its_sequence_was_overtaken_other_operations_were_not() -> None:
+    from relay.folding import overtaken
+    assert overtaken(stream("s", "a"), 300317)
+    assert not overtaken(stream("s", "a"), 300309)
+    assert not overtaken(CardSettings(id="x", card_id="c1", settings={"config": {}}), 300317)
