@@ -218,3 +218,26 @@ async def test_uploads_end_to_end_and_what_is_refused(
     assert errors == [b"feishu", b"invalid", b"invalid"]
     assert json.loads(sandbox.messages[by_id["send-img"][0]["data"]["message_id"]].content) == {
         "image_key": image_key}
+
+
+async def test_card_patch_latest_wins_is_opt_in(kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox) -> None:
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url))
+
+    def patches(message: str, latest_wins: bool) -> list[dict[str, Any]]:
+        return [{"kind": "card.patch", "id": f"{message}-{i}", "message_id": message, "latest_wins": latest_wins,
+                 "content": {"elements": [{"tag": "div", "text": {"tag": "plain_text", "content": f"{i}%"}}]}}
+                for i in range(40)]
+
+    async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0],
+                      patches("om_fold", True) + patches("om_each", False))
+        await results.wait_for(80, 60, what="patch results")
+    by_id = results.by_id()
+    folded = [c for c in sandbox.calls_for("card.patch") if c.path.endswith("om_fold")]
+    each = [c for c in sandbox.calls_for("card.patch") if c.path.endswith("om_each")]
+    assert len(each) == 40 and all(by_id[f"om_each-{i}"][0]["status"] == "ok" for i in range(40))
+    assert len(folded) < 40 and by_id["om_fold-39"][0]["status"] == "ok"
+    statuses = {by_id[f"om_fold-{i}"][0]["status"] for i in range(39)}
+    assert statuses <= {"ok", "superseded"} and "superseded" in statuses
+    assert json.loads(folded[-1].body["content"])["elements"][0]["text"]["content"] == "39%"
+    assert sandbox.violations() == []
