@@ -186,10 +186,10 @@ class OutboundConfig(_Section, frozen=True):
     session_timeout_ms: PositiveInt = 10000
     # Kafka waits this long for a rebalance (must cover drain_timeout)
     rebalance_timeout_ms: PositiveInt = 30000
-    # the most bytes an image.upload / file.upload may carry (decoded); Feishu's own caps (10 MB images, 30 MB
-    # files) apply too. The record holding them base64-encoded is 4/3 as large: the topic's max.message.bytes
-    # and the producer's max_request_size must allow it
-    max_upload_bytes: Annotated[int, Meta(ge=1, le=30 * 1024 * 1024)] = 10 * 1024 * 1024
+    # the most bytes an image.upload / file.upload may carry (decoded). The record holds them base64-encoded (4/3
+    # as large), and its dead letter must fit the relay's 2 MiB record cap (relay.kafka.MAX_REQUEST_SIZE), so at
+    # most 1.5 MB; the intents topic's max.message.bytes must allow the record too (brokers default to 1 MB)
+    max_upload_bytes: Annotated[int, Meta(ge=1, le=1_500_000)] = 700_000
 
 
 class InboundConfig(_Section, frozen=True):
