@@ -333,7 +333,7 @@ def unsendable(intent: Intent, *, key: bytes | None, offset: int, max_upload_byt
         if card_sequence(offset) is None:
             return f"sequence: offset {offset} is past the int32 range CardKit takes for a sequence"
         return None
-    if isinstance(intent, ImageUpload | FileUpload):
+    if isinstance(intent, ImageUpload | FileUpload) and intent.data is not None:  # a url's: once downloaded
         return upload_refusal(intent, max_upload_bytes)
     return None
 
@@ -356,6 +356,8 @@ def _card_op(method: str, path: str, api: str, intent: CardStream | CardSettings
 
 def _upload_call(intent: ImageUpload | FileUpload) -> Call:
     """POST /open-apis/im/v1/images or /files as multipart/form-data (feishu-next §E); the file part last."""
+    if intent.data is None:
+        raise ValueError(f"{intent.id}: an upload by url needs its bytes first (relay.fetch)")
     form: tuple[FormField, ...]
     if isinstance(intent, ImageUpload):
         form = (FormField(name="image_type", value=intent.image_type),

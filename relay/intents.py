@@ -14,8 +14,9 @@ Decisions worth knowing:
   ``card.finish``) take no ``order_key``: the relay derives the sequence from the record's offset, which orders
   a card's operations only while all of them share one partition, so their key is always the ``card_id``
   (:func:`relay.calls.card_sequence`).
-* Bytes to upload travel base64-encoded in ``data`` (msgspec decodes it); the relay's configured cap on them
-  is checked when the intent is performed, not here (:mod:`relay.media`).
+* Bytes to upload travel base64-encoded in ``data`` (msgspec decodes it), or the relay downloads them from
+  ``url``; the relay's configured cap on them is checked when the intent is performed, not here
+  (:mod:`relay.media`, :mod:`relay.fetch`).
 * ``decode_intent`` raises ``IntentError`` with ``error="decode"`` when the value is not a UTF-8 JSON object at
   all and ``error="invalid"`` otherwise; the reason is one line that names the field and never quotes the body.
   ``id``/``kind``/``app`` are recovered leniently when readable, so a ``rejected`` result can still be keyed.
@@ -129,6 +130,16 @@ class _Intent(_Strict, tag_field="kind", frozen=True, kw_only=True):
 # when the intent is performed (relay.media), since it is configuration, not contract.
 InlineBytes = Annotated[bytes, Meta(min_length=1, max_length=30 * 1024 * 1024,
                                     description="The bytes to upload, base64-encoded (1 byte .. 30 MB).")]
+# A URL the relay downloads the bytes from itself (relay.fetch guards it: public addresses only).
+FetchUrl = Annotated[str, Meta(pattern=r"^https?://[^/?#\s]+", max_length=2048,
+                               description="http(s) URL the relay downloads the bytes from (public addresses only).")]
+
+
+def _one_source(data: bytes | None, url: str | None) -> None:
+    if (data is None) == (url is None):
+        raise ValueError("data: give exactly one of data (base64 bytes) and url")
+
+
 # feishu-next §E, file/create: file_name required, with its extension.
 FileName = Annotated[str, Meta(min_length=3, max_length=250,
                                pattern=r"^[^/\\\x00-\x1f]*[^/\\\x00-\x1f.]\.[A-Za-z0-9]+$",
@@ -401,10 +412,15 @@ SequencedCardIntent: TypeAlias = CardStream | CardSettings | CardUpdate | CardFi
 
 class ImageUpload(_Intent, tag="image.upload", frozen=True, kw_only=True):
     """POST /open-apis/im/v1/images (multipart): ``data.image_key``. ≤ 10 MB, JPG/JPEG/PNG/WEBP/GIF/BMP/ICO/TIFF/
-    HEIC (by the bytes' signature), checked before the upload (:mod:`relay.media`)."""
+    HEIC (by the bytes' signature), checked before the upload (:mod:`relay.media`). The bytes are ``data``, or
+    downloaded by the relay from ``url`` (:mod:`relay.fetch`)."""
 
     image_type: Literal["message", "avatar"] = "message"
-    data: InlineBytes
+    data: InlineBytes | None = None
+    url: FetchUrl | None = None
+
+    def __post_init__(self) -> None:
+        _one_source(self.data, self.url)
 
 
 # feishu-next §E, file/create: file_type (anything else → stream).
@@ -413,14 +429,16 @@ FileType = Literal["opus", "mp4", "pdf", "doc", "xls", "ppt", "stream"]
 
 class FileUpload(_Intent, tag="file.upload", frozen=True, kw_only=True):
     """POST /open-apis/im/v1/files (multipart): ``data.file_key``. ≤ 30 MB, not empty; ``file_name`` with its
-    extension; ``duration`` (ms) for opus/mp4 only."""
+    extension; ``duration`` (ms) for opus/mp4 only. The bytes are ``data``, or downloaded from ``url``."""
 
     file_type: FileType = "stream"
     file_name: FileName
     duration: DurationMs | None = None
-    data: InlineBytes
+    data: InlineBytes | None = None
+    url: FetchUrl | None = None
 
     def __post_init__(self) -> None:
+        _one_source(self.data, self.url)
         if self.duration is not None and self.file_type not in ("opus", "mp4"):
             raise ValueError("duration: only for file_type opus or mp4")
 

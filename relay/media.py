@@ -50,7 +50,8 @@ def image_type(data: bytes) -> str | None:
 
 def upload_refusal(intent: ImageUpload | FileUpload, max_bytes: int) -> str | None:
     """Why Feishu (or the relay's cap) would refuse this upload, or None when it may go."""
-    size = len(intent.data)
+    data = intent.data or b""  # an upload by url is checked once its bytes are downloaded
+    size = len(data)
     image = isinstance(intent, ImageUpload)
     feishu_max, what = (IMAGE_MAX_BYTES, "an image") if image else (FILE_MAX_BYTES, "a file")
     if size == 0:
@@ -59,6 +60,6 @@ def upload_refusal(intent: ImageUpload | FileUpload, max_bytes: int) -> str | No
         return f"data: {size} bytes is more than Feishu takes for an {what} ({feishu_max // MB} MB)"
     if size > max_bytes:
         return f"data: {size} bytes is more than outbound.max_upload_bytes ({max_bytes})"
-    if image and image_type(intent.data) is None:
+    if image and image_type(data) is None:
         return "data: not an image Feishu takes (JPEG, PNG, WEBP, GIF, BMP, ICO, TIFF or HEIC, by its signature)"
     return None

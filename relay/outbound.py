@@ -62,10 +62,20 @@ from relay.calls import build_call, card_sequence, unsendable
 from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
+from relay.fetch import Fetcher, FetchFailed, FetchRefused
 from relay.folding import Folding, overtaken
-from relay.intents import Intent, SequencedCardIntent, UrlPreviewUpdate, decode_intent, ordering_key
+from relay.intents import (
+    FileUpload,
+    ImageUpload,
+    Intent,
+    SequencedCardIntent,
+    UrlPreviewUpdate,
+    decode_intent,
+    ordering_key,
+)
 from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import client_settings
+from relay.media import FILE_MAX_BYTES, IMAGE_MAX_BYTES, upload_refusal
 from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
 from relay.offsets import JournalPosition, PartitionOffsets, decode_done, split_journal, with_journal
@@ -127,7 +137,8 @@ class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
                  previews: PreviewCoalescer | None = None, membership: Membership | None = None,
-                 journal: Journal | None = None, wall: Callable[[], float] = time.time,
+                 journal: Journal | None = None, fetcher: Fetcher | None = None,
+                 wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
         without a group coordinator. ``journal``: the write-ahead journal of calls not safe to repeat."""
@@ -141,6 +152,7 @@ class Outbound(ConsumerRebalanceListener):
         self._previews = previews
         self._membership = membership
         self._journal = journal
+        self._fetcher = fetcher  # downloads the bytes of an upload given by url (relay.fetch)
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
@@ -435,11 +447,39 @@ class Outbound(ConsumerRebalanceListener):
                 await self._reject(job, record, IntentError(refusal, id=intent.id, kind=job.kind, app=intent.app),
                                    received)
                 return
+            if isinstance(intent, ImageUpload | FileUpload) and intent.url is not None:
+                fetched = await self._fetch(job, record, intent, received)
+                if fetched is None:
+                    return
+                intent = fetched
             await self._call(job, record, intent, received)
         finally:
             self._folding.done(lane, record.offset)
             if not turn.done():
                 turn.set_result(None)
+
+    async def _fetch(self, job: Job, record: Record, intent: ImageUpload | FileUpload,
+                     received: float) -> ImageUpload | FileUpload | None:
+        """The upload with the bytes its ``url`` holds; None once a refusal (rejected) or failure is written."""
+        assert intent.url is not None
+        job.started = True  # a download is under way: not abandoned unstarted (it is no Feishu call)
+        try:
+            if self._fetcher is None:
+                raise FetchRefused("url: this relay downloads no files (no fetcher)")
+            limit = IMAGE_MAX_BYTES if isinstance(intent, ImageUpload) else FILE_MAX_BYTES
+            fetched = msgspec.structs.replace(intent, data=await self._fetcher.fetch(intent.url, limit), url=None)
+            refusal = upload_refusal(fetched, limit)
+            if refusal is not None:
+                raise FetchRefused(refusal)
+        except FetchRefused as err:
+            await self._reject(job, record, IntentError(str(err), id=intent.id, kind=job.kind, app=intent.app),
+                               received)
+            return None
+        except FetchFailed as err:
+            await self._finish(record, intent.id, job.kind, intent.app, "failed", {"msg": str(err), "attempts": 0},
+                               "fetch", received)
+            return None
+        return fetched
 
     async def _call(self, job: Job, record: Record, intent: Intent, received: float) -> None:
         expires_at = intent.expires_at.timestamp() if intent.expires_at is not None else None

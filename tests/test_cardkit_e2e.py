@@ -241,3 +241,81 @@ async def test_card_patch_latest_wins_is_opt_in(kafka_bootstrap: str, topic_pref
     assert statuses <= {"ok", "superseded"} and "superseded" in statuses
     assert json.loads(folded[-1].body["content"])["elements"][0]["text"]["content"] == "39%"
     assert sandbox.violations() == []
+
+
+class FileServer:
+    """A loopback HTTP server holding a few files, counting the requests it gets."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[str] = []
+        self.url = ""
+        self._runner: Any = None
+
+    async def __aenter__(self) -> FileServer:
+        from aiohttp import web
+
+        async def serve(request: web.Request) -> web.StreamResponse:
+            self.requests.append(request.path)
+            if request.path == "/moved.png":
+                raise web.HTTPFound("/logo.png")
+            body = self.files.get(request.path)
+            return web.Response(body=body) if body is not None else web.Response(status=404)
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+async def test_uploads_by_url_from_an_allow_listed_server(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox
+) -> None:
+    pdf = b"%PDF-1.4\n" + b"y" * 5000
+    files = {"/logo.png": PNG, "/doc.pdf": pdf, "/big.png": PNG + b"\x00" * (10 * 1024 * 1024)}
+    async with FileServer(files) as server:
+        config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url,
+                                       outbound={"fetch_allowed_networks": ["127.0.0.1/32"]}))
+        intents = [
+            {"kind": "image.upload", "id": "logo", "url": f"{server.url}/logo.png"},
+            {"kind": "image.upload", "id": "moved", "url": f"{server.url}/moved.png"},  # a redirect, checked
+            {"kind": "file.upload", "id": "doc", "file_type": "pdf", "file_name": "doc.pdf",
+             "url": f"{server.url}/doc.pdf"},
+            {"kind": "image.upload", "id": "big", "url": f"{server.url}/big.png"},  # over Feishu's 10 MB
+            {"kind": "image.upload", "id": "gone", "url": f"{server.url}/missing.png"},
+        ]
+        async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+            await produce(kafka_bootstrap, config.kafka.intents_topics[0], intents)
+            await results.wait_for(len(intents), 60, what="results")
+    by_id = {id: rs[0] for id, rs in results.by_id().items()}
+    for id in ("logo", "moved"):
+        assert by_id[id]["status"] == "ok", by_id[id]
+        assert sandbox.uploads.images[by_id[id]["data"]["image_key"]].data == PNG
+    assert sandbox.uploads.files[by_id["doc"]["data"]["file_key"]].data == pdf
+    assert by_id["big"]["status"] == "rejected" and "more than Feishu takes" in by_id["big"]["msg"]
+    assert (by_id["gone"]["status"], by_id["gone"]["msg"]) == ("failed", "url: HTTP 404 from 127.0.0.1")
+    assert len(sandbox.calls_for("image.upload")) == 2  # nothing refused was uploaded
+
+
+async def test_a_url_to_loopback_is_refused_before_any_connection_without_the_allow_list(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox
+) -> None:
+    async with FileServer({"/logo.png": PNG}) as server:
+        config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url))
+        intent = {"kind": "image.upload", "id": "inside", "url": f"{server.url}/logo.png"}
+        async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results, \
+                Collector(kafka_bootstrap, config.kafka.dead_letter_topic) as dead:
+            await produce(kafka_bootstrap, config.kafka.intents_topics[0], [intent])
+            await results.wait_for(1, 60, what="the result")
+            await dead.wait_for(1, 30, distinct_ids=False)
+    (result,) = results.by_id()["inside"]
+    assert result["status"] == "rejected" and result["msg"] == "url: 127.0.0.1 is a loopback address", result
+    assert server.requests == [] and sandbox.calls_for("image.upload") == []
+    assert dict(dead.records[0].headers)["relay.error"] == b"invalid"

@@ -381,6 +381,9 @@ def test_card_create_refuses_what_cardkit_refuses(change: dict[str, Any], reason
     ("image.upload", {"data": ""}, r"\$.data"),
     ("file.upload", {"file_name": "noext"}, r"file_name"),
     ("file.upload", {"duration": 1000}, r"duration: only for file_type opus or mp4"),
+    ("image.upload", {"url": "https://files.example/a.png"}, r"exactly one of data \(base64 bytes\) and url"),
+    ("file.upload", {"data": ..., "url": "file:///etc/passwd"}, r"\$.url"),
+    ("image.upload", {"data": ...}, r"exactly one of data"),
 ])
 def test_cardkit_and_upload_field_rules(kind: str, change: dict[str, Any], reason: str) -> None:
     with pytest.raises(IntentError, match=reason):
