@@ -414,6 +414,8 @@ def build_call(intent: Intent, *, sequence: int | None = None) -> Call:
         case ImageUpload() | FileUpload():
             return _upload_call(intent)
         case MessageSend():
+            if intent.content is None:
+                raise ValueError(f"{intent.id}: a message.send with upload is sent once uploaded (relay.media)")
             return _call(
                 "POST", _MESSAGES, "im.message.create", query={"receive_id_type": intent.receive_id_type},
                 body={"receive_id": intent.receive_id, "msg_type": intent.msg_type,

@@ -56,6 +56,7 @@ __all__ = [
     "FileUpload",
     "ImageUpload",
     "Intent",
+    "MediaUpload",
     "MessageBatchSend",
     "MessageEdit",
     "MessageForward",
@@ -148,15 +149,45 @@ FileName = Annotated[str, Meta(min_length=3, max_length=250,
 DurationMs = Annotated[int, Meta(gt=0, lt=2**31, description="Duration in milliseconds (opus and mp4 only).")]
 
 
+class MediaUpload(_Strict, frozen=True, kw_only=True):
+    """The file a ``message.send`` of ``msg_type`` image, file, audio or media uploads first, from ``url``.
+
+    image: POST /im/v1/images (``image_type`` message); file: POST /im/v1/files with ``file_type`` from the name's
+    extension (pdf, doc(x), xls(x), ppt(x), else stream); audio: opus; media: mp4 (feishu-next §E).
+    ``file_name`` (with its extension) is required for all but images; ``duration`` (ms) for audio and media.
+    """
+
+    url: FetchUrl
+    file_name: FileName | None = None
+    duration: DurationMs | None = None
+
+
+# Message types whose content is an uploaded key (feishu-next §E "Message content after upload").
+UPLOAD_MSG_TYPES: Final = ("image", "file", "audio", "media")
+
+
 class MessageSend(_Intent, tag="message.send", frozen=True, kw_only=True):
-    """POST /open-apis/im/v1/messages (im-v1/message/create); ``id`` is sent as ``uuid``."""
+    """POST /open-apis/im/v1/messages (im-v1/message/create); ``id`` is sent as ``uuid``.
+
+    With ``upload`` instead of ``content`` (``msg_type`` image, file, audio or media), the relay first downloads
+    the file from its url and uploads it, then sends the key it got as the content (:mod:`relay.media`)."""
 
     receive_id_type: ReceiveIdType
     receive_id: NonEmpty
     msg_type: MsgType
-    content: Content
+    content: Content | None = None
+    upload: MediaUpload | None = None
 
     def __post_init__(self) -> None:
+        if (self.content is None) == (self.upload is None):
+            raise ValueError("content: give exactly one of content and upload")
+        if self.upload is not None:
+            if self.msg_type not in UPLOAD_MSG_TYPES:
+                raise ValueError(f"upload: msg_type must be one of {', '.join(UPLOAD_MSG_TYPES)} to upload a file")
+            if self.msg_type != "image" and self.upload.file_name is None:
+                raise ValueError("upload.file_name: required to upload a file (Feishu needs its extension)")
+            if self.upload.duration is not None and self.msg_type not in ("audio", "media"):
+                raise ValueError("upload.duration: only for msg_type audio or media")
         _check_json_object("content", self.content)
 
 

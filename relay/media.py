@@ -13,11 +13,12 @@ decode. Each refusal is one line naming the field, for a ``rejected`` result.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-from relay.intents import FileUpload, ImageUpload
+from relay.intents import FileType, FileUpload, ImageUpload, MessageSend
 
-__all__ = ["FILE_MAX_BYTES", "IMAGE_MAX_BYTES", "image_type", "upload_refusal"]
+__all__ = ["FILE_MAX_BYTES", "IMAGE_MAX_BYTES", "file_type", "image_type", "send_with_key", "upload_for",
+           "upload_refusal"]
 
 MB: Final = 1024 * 1024
 IMAGE_MAX_BYTES: Final = 10 * MB  # im-v1/image/create: 不能超过 10 M
@@ -63,3 +64,42 @@ def upload_refusal(intent: ImageUpload | FileUpload, max_bytes: int) -> str | No
     if image and image_type(data) is None:
         return "data: not an image Feishu takes (JPEG, PNG, WEBP, GIF, BMP, ICO, TIFF or HEIC, by its signature)"
     return None
+
+
+# feishu-next §E, file/create file_type: opus, mp4, pdf, doc, xls, ppt, else stream
+_EXTENSIONS: Final[dict[str, FileType]] = {"pdf": "pdf", "doc": "doc", "docx": "doc", "xls": "xls", "xlsx": "xls",
+                                           "ppt": "ppt", "pptx": "ppt", "opus": "opus", "mp4": "mp4"}
+
+
+def file_type(msg_type: str, file_name: str) -> FileType:
+    """The ``file_type`` of an upload for a message of ``msg_type``: audio is opus, media mp4 (feishu-next §E:
+    other audio must be converted), a file by its name's extension."""
+    if msg_type == "audio":
+        return "opus"
+    if msg_type == "media":
+        return "mp4"
+    return _EXTENSIONS.get(file_name.rsplit(".", 1)[-1].lower(), "stream")
+
+
+def upload_for(send: MessageSend) -> ImageUpload | FileUpload:
+    """The upload a ``message.send`` with ``upload`` makes first (same id, app and expiry), by its url."""
+    upload = send.upload
+    assert upload is not None
+    if send.msg_type == "image":
+        return ImageUpload(id=send.id, app=send.app, expires_at=send.expires_at, url=upload.url)
+    assert upload.file_name is not None  # checked at decode for every other type
+    return FileUpload(id=send.id, app=send.app, expires_at=send.expires_at, url=upload.url,
+                      file_name=upload.file_name, duration=upload.duration,
+                      file_type=file_type(send.msg_type, upload.file_name))
+
+
+def send_with_key(send: MessageSend, data: Any) -> MessageSend | None:
+    """The message to send once the upload answered ``data``: its key as the content (feishu-next §E: image
+    ``{"image_key"}``, file/audio/media ``{"file_key"}``), or None when the answer holds no key."""
+    name = "image_key" if send.msg_type == "image" else "file_key"
+    key = data.get(name) if isinstance(data, dict) else None
+    if not isinstance(key, str) or not key:
+        return None
+    return MessageSend(id=send.id, app=send.app, expires_at=send.expires_at, order_key=send.order_key,
+                       receive_id_type=send.receive_id_type, receive_id=send.receive_id, msg_type=send.msg_type,
+                       content={name: key})

@@ -58,7 +58,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from relay.calls import build_call, card_sequence, unsendable
+from relay.calls import Call, build_call, card_sequence, unsendable
 from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
@@ -68,6 +68,7 @@ from relay.intents import (
     FileUpload,
     ImageUpload,
     Intent,
+    MessageSend,
     SequencedCardIntent,
     UrlPreviewUpdate,
     decode_intent,
@@ -75,10 +76,11 @@ from relay.intents import (
 )
 from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import client_settings
-from relay.media import FILE_MAX_BYTES, IMAGE_MAX_BYTES, upload_refusal
+from relay.media import FILE_MAX_BYTES, IMAGE_MAX_BYTES, send_with_key, upload_for, upload_refusal
 from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
 from relay.offsets import JournalPosition, PartitionOffsets, decode_done, split_journal, with_journal
+from relay.outcomes import Attempted
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped, PreviewTicket
 from relay.results import (
     OUTCOME_UNKNOWN,
@@ -452,6 +454,11 @@ class Outbound(ConsumerRebalanceListener):
                 if fetched is None:
                     return
                 intent = fetched
+            if isinstance(intent, MessageSend) and intent.upload is not None:
+                uploaded = await self._upload_first(job, record, intent, received)
+                if uploaded is None:
+                    return
+                intent = uploaded
             await self._call(job, record, intent, received)
         finally:
             self._folding.done(lane, record.offset)
@@ -481,16 +488,36 @@ class Outbound(ConsumerRebalanceListener):
             return None
         return fetched
 
-    async def _call(self, job: Job, record: Record, intent: Intent, received: float) -> None:
+    async def _upload_first(self, job: Job, record: Record, send: MessageSend,
+                            received: float) -> MessageSend | None:
+        """A ``message.send`` with ``upload``: download, upload, and the message with the key as its content; None
+        once the intent's result is written instead (the download or upload refused or failed: ``msg`` says
+        which step). The upload is journaled like any call not safe to repeat, so a new owner does not repeat it."""
+        upload = await self._fetch(job, record, upload_for(send), received)
+        if upload is None:
+            return None
+        attempted = await self._attempt(job, record, upload, build_call(upload), received)
+        if attempted is None:
+            return None
+        status, dl_error, fields = from_attempt(attempted)
+        outcome = attempted.outcome
+        message = send_with_key(send, outcome.data) if status == "ok" and outcome is not None else None
+        if message is None:
+            if status == "ok":
+                status, dl_error = "failed", "feishu"
+            fields["msg"] = f"upload: {fields.get('msg')}"
+            await self._finish(record, send.id, job.kind, send.app, status, fields, dl_error, received, journal=job)
+        return message
+
+    async def _attempt(self, job: Job, record: Record, intent: Intent, call: Call,
+                       received: float) -> Attempted | None:
+        """``call`` performed for ``intent`` to its end (journaled first when not safe to repeat); None once a
+        rejection is written instead (a call this replica's quota share leaves no room for)."""
         expires_at = intent.expires_at.timestamp() if intent.expires_at is not None else None
 
         async def started() -> None:
             job.started = True
 
-        if isinstance(intent, SequencedCardIntent):
-            call = build_call(intent, sequence=card_sequence(record.offset))  # checked by unsendable
-        else:
-            call = build_call(intent)
         journal_start = None
         if self._journal is not None and not call.repeatable:
             journal = self._journal
@@ -504,10 +531,20 @@ class Outbound(ConsumerRebalanceListener):
         if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
             err = IntentError(f"rate: {unsendable}", id=intent.id, kind=job.kind, app=intent.app)
             await self._reject(job, record, err, received)
-            return
+            return None
         attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
                                                  before_write=journal_start)
         job.started = True
+        return attempted
+
+    async def _call(self, job: Job, record: Record, intent: Intent, received: float) -> None:
+        if isinstance(intent, SequencedCardIntent):
+            call = build_call(intent, sequence=card_sequence(record.offset))  # checked by unsendable
+        else:
+            call = build_call(intent)
+        attempted = await self._attempt(job, record, intent, call, received)
+        if attempted is None:
+            return
         status, dl_error, fields = from_attempt(attempted)
         if status == "failed" and overtaken(intent, fields.get("code")):
             status, dl_error = "superseded", None  # a later update of its card is at Feishu already (folding)

@@ -290,6 +290,13 @@ async def test_uploads_by_url_from_an_allow_listed_server(
              "url": f"{server.url}/doc.pdf"},
             {"kind": "image.upload", "id": "big", "url": f"{server.url}/big.png"},  # over Feishu's 10 MB
             {"kind": "image.upload", "id": "gone", "url": f"{server.url}/missing.png"},
+            # one intent: download, upload, send the key
+            {"kind": "message.send", "id": "send-logo", "receive_id_type": "chat_id", "receive_id": "oc_u",
+             "msg_type": "image", "upload": {"url": f"{server.url}/logo.png"}},
+            {"kind": "message.send", "id": "send-doc", "receive_id_type": "chat_id", "receive_id": "oc_u",
+             "msg_type": "file", "upload": {"url": f"{server.url}/doc.pdf", "file_name": "doc.pdf"}},
+            {"kind": "message.send", "id": "send-gone", "receive_id_type": "chat_id", "receive_id": "oc_u",
+             "msg_type": "image", "upload": {"url": f"{server.url}/missing.png"}},
         ]
         async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
             await produce(kafka_bootstrap, config.kafka.intents_topics[0], intents)
@@ -301,7 +308,15 @@ async def test_uploads_by_url_from_an_allow_listed_server(
     assert sandbox.uploads.files[by_id["doc"]["data"]["file_key"]].data == pdf
     assert by_id["big"]["status"] == "rejected" and "more than Feishu takes" in by_id["big"]["msg"]
     assert (by_id["gone"]["status"], by_id["gone"]["msg"]) == ("failed", "url: HTTP 404 from 127.0.0.1")
-    assert len(sandbox.calls_for("image.upload")) == 2  # nothing refused was uploaded
+    for id, name, store in (("send-logo", "image_key", sandbox.uploads.images),
+                            ("send-doc", "file_key", sandbox.uploads.files)):
+        result = by_id[id]
+        assert result["status"] == "ok", result
+        key = json.loads(sandbox.messages[result["data"]["message_id"]].content)[name]
+        assert key in store  # the sandbox refuses a key nobody uploaded
+    assert (by_id["send-gone"]["status"], by_id["send-gone"]["msg"]) == ("failed", "url: HTTP 404 from 127.0.0.1")
+    assert len(sandbox.calls_for("image.upload")) == 3  # nothing refused was uploaded
+    assert len(sandbox.calls_for("message.send")) == 2
 
 
 async def test_a_url_to_loopback_is_refused_before_any_connection_without_the_allow_list(

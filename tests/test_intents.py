@@ -164,7 +164,7 @@ RULES: list[tuple[str, dict[str, Any], str]] = [
     ("message.send", {"receive_id": ""}, "$.receive_id: expected `str` of length >= 1"),
     ("message.send", {"content": "not json"}, "$.content: string is not JSON"),
     ("message.send", {"content": "[1]"}, "$.content: string must encode a JSON object"),
-    ("message.send", {"content": 5}, "$.content: expected `str | object`, got `int`"),
+    ("message.send", {"content": 5}, "$.content: expected `str | object | null`, got `int`"),
     ("message.reply", {"reply_in_thread": "yes"}, "$.reply_in_thread: expected `bool`"),
     ("message.edit", {"msg_type": "interactive"}, "$.msg_type: invalid enum value"),
     ("message.urgent", {"channel": "email"}, "$.channel: invalid enum value"),
@@ -384,6 +384,12 @@ def test_card_create_refuses_what_cardkit_refuses(change: dict[str, Any], reason
     ("image.upload", {"url": "https://files.example/a.png"}, r"exactly one of data \(base64 bytes\) and url"),
     ("file.upload", {"data": ..., "url": "file:///etc/passwd"}, r"\$.url"),
     ("image.upload", {"data": ...}, r"exactly one of data"),
+    ("message.send", {"upload": {"url": "https://f.example/a.png"}}, r"exactly one of content and upload"),
+    ("message.send", {"content": ..., "upload": {"url": "https://f.example/a.png"}}, r"upload: msg_type must be"),
+    ("message.send", {"content": ..., "msg_type": "file", "upload": {"url": "https://f.example/a"}},
+     r"upload.file_name: required"),
+    ("message.send", {"content": ..., "msg_type": "image", "upload": {"url": "https://f.example/a", "duration": 5}},
+     r"upload.duration: only for msg_type audio or media"),
 ])
 def test_cardkit_and_upload_field_rules(kind: str, change: dict[str, Any], reason: str) -> None:
     with pytest.raises(IntentError, match=reason):

@@ -42,3 +42,24 @@ def test_sizes_feishu_refuses() -> None:
 def test_the_configured_cap() -> None:
     reason = upload_refusal(FileUpload(id="f", file_name="a.bin", data=b"\x00" * 1001), 1000)
     assert reason == "data: 1001 bytes is more than outbound.max_upload_bytes (1000)"
+
+
+def test_a_send_with_upload_uploads_by_its_type_then_sends_the_key() -> None:
+    from relay.intents import MediaUpload, MessageSend
+    from relay.media import file_type, send_with_key, upload_for
+
+    image = MessageSend(id="m", receive_id_type="chat_id", receive_id="oc_1", msg_type="image",
+                        upload=MediaUpload(url="https://files.example/a.png"))
+    up = upload_for(image)
+    assert isinstance(up, ImageUpload) and (up.id, up.url, up.data) == ("m", "https://files.example/a.png", None)
+    sent = send_with_key(image, {"image_key": "img_v3_1"})
+    assert sent is not None and (sent.content, sent.upload, sent.id) == ({"image_key": "img_v3_1"}, None, "m")
+    assert send_with_key(image, {"file_key": "x"}) is None and send_with_key(image, None) is None
+    audio = MessageSend(id="a", receive_id_type="chat_id", receive_id="oc_1", msg_type="audio",
+                        upload=MediaUpload(url="https://files.example/v.opus", file_name="v.opus", duration=1200))
+    up = upload_for(audio)
+    assert isinstance(up, FileUpload) and (up.file_type, up.file_name, up.duration) == ("opus", "v.opus", 1200)
+    assert send_with_key(audio, {"file_key": "file_v3_9"}).content == {"file_key": "file_v3_9"}  # type: ignore[union-attr]
+    assert [file_type("file", n) for n in ("a.PDF", "b.docx", "c.xlsx", "d.pptx", "e.zip")] == [
+        "pdf", "doc", "xls", "ppt", "stream"]
+    assert file_type("media", "clip.mov") == "mp4"
