@@ -53,7 +53,8 @@ async def run(args: argparse.Namespace) -> int:
     previews = {"claim_window": args.claim_window} if args.claim_window else {}
     data = config_data(args.bootstrap, prefix, sandbox.url, time_scale=1.0,
                        outbound={"max_in_flight": args.max_in_flight or total + 1,
-                                 "drain_timeout": 30.0, "max_retry_seconds": 300.0}, previews=previews)
+                                 "drain_timeout": 30.0, "rebalance_timeout_ms": 45000, "max_retry_seconds": 300.0},
+                       previews=previews)
     config = to_config(data)
     plan = plan_burst(random.Random(args.seed), tokens=args.tokens, updates=args.updates, seconds=args.seconds)
     produced: dict[str, float] = {}

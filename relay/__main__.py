@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from relay import __version__
 from relay.config import Config, check_inbound, load_config, redacted
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, ListenError, RelayError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,8 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise RelayError(f"--options: {err}") from None
             if args.time_scale is not None:
                 options = msgspec.structs.replace(options, time_scale=args.time_scale)
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(serve(args.host, args.port, options))
+            try:
+                with contextlib.suppress(KeyboardInterrupt):
+                    asyncio.run(serve(args.host, args.port, options))
+            except OSError as err:
+                raise ListenError("sandbox", args.host, args.port, err) from None
             return 0
         from aiokafka.errors import KafkaError
 

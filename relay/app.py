@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -26,7 +27,7 @@ from aiohttp import web
 from relay.backoff import RetryPolicy
 from relay.calls import check_share
 from relay.config import AppConfig, Config, Secret, check_inbound, load_config
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, ListenError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
 from relay.fetch import Fetcher
@@ -105,20 +106,23 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
 
 
 class Health:
-    """``/healthz``: the process is up. ``/readyz``: every enabled part has started and none has died."""
+    """``/healthz``: the process is up. ``/readyz``: every enabled part has started, none has died and none
+    reports a problem (a check returning a reason, e.g. results that cannot be written)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.ready = False
         self.problem: str | None = None
+        self.checks: list[Callable[[], str | None]] = []
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.ready and self.problem is None:
+        problem = self.problem or next((reason for check in self.checks if (reason := check())), None)
+        if self.ready and problem is None:
             return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready", "reason": self.problem or "starting"}, status=503)
+        return web.json_response({"status": "not ready", "reason": problem or "starting"}, status=503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics.render(), content_type="text/plain")
@@ -149,7 +153,10 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             from relay.sandbox import Sandbox, SandboxOptions
 
             sandbox = Sandbox(SandboxOptions(time_scale=config.feishu.time_scale))
-            base_url = await sandbox.start("127.0.0.1", SANDBOX_PORT)
+            try:
+                base_url = await sandbox.start("127.0.0.1", SANDBOX_PORT)
+            except OSError as err:
+                raise ListenError("sandbox", "127.0.0.1", SANDBOX_PORT, err) from None
             stack.push_async_callback(sandbox.stop)
             config = with_sandbox_url(config, base_url)
             log.info("no real app credentials: using the local Feishu sandbox at %s", base_url)
@@ -170,7 +177,10 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             runner = web.AppRunner(web_app, access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, config.http.host, config.http.port).start()
+            try:
+                await web.TCPSite(runner, config.http.host, config.http.port).start()
+            except OSError as err:
+                raise ListenError("http", config.http.host, config.http.port, err) from None
             log.info("http on %s:%d", config.http.host, config.http.port)
 
         tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
@@ -180,6 +190,7 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             await client.start()
             stack.push_async_callback(client.close)
             outbound, previews = await start_outbound(config, client, producer, metrics, stack)
+            health.checks.append(outbound.problem)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
             # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
             watched.append(asyncio.create_task(previews.wait(), name="previews"))
@@ -237,7 +248,8 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     await fetcher.start()
     stack.push_async_callback(fetcher.close)
     outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                        previews=previews, membership=membership, journal=journal, fetcher=fetcher)
+                        previews=previews, membership=membership, journal=journal, fetcher=fetcher,
+                        new_producer=lambda: make_producer(config.kafka))
     return outbound, previews
 
 
@@ -296,7 +308,9 @@ async def send(config: Config, text: str, timeout: float) -> int:
         await producer.start()
         results = config.kafka.results_topic
         await ensure_topics(config.kafka, {results: {}})
-        partitions = [TopicPartition(results, p) for p in (consumer.partitions_for_topic(results) or {0})]
+        # every partition of the results topic: the result is keyed by the id, so it may land on any of them
+        # (the consumer's own metadata may not list the topic yet; the producer's call waits for it)
+        partitions = [TopicPartition(results, p) for p in sorted(await producer.partitions_for(results))]
         consumer.assign(partitions)
         await consumer.seek_to_end(*partitions)
         for tp in partitions:

@@ -1,4 +1,4 @@
-"""When to retry a Feishu call that failed retriably, and when to give up (SPEC "Retries").
+"""When to retry a Feishu call that failed retriably, and when to give up (docs/guarantees.md "Bounded retries").
 
 Pure arithmetic over an injected ``random.Random`` and explicit times, so tests never sleep. The delay is "full
 jitter" exponential backoff (uniform in ``[0, min(cap, base * 2**(attempt-1))]``): replicas and keys that failed

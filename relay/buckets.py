@@ -310,21 +310,31 @@ def stricter(*window_sets: Sequence[Window]) -> tuple[Window, ...]:
 
 
 class SendLog:
-    """When calls were actually sent, checked against the windows right before the next one goes.
+    """When calls may reach Feishu, checked against the windows right before the next one goes.
 
     The token bucket bounds when calls are *granted*. A call granted on time but sent late — the event loop
     stalled (GC, a busy host), or it waited for a pooled connection — would go out together with the calls granted
-    after it, and a stall of half a second flushes a burst that Feishu counts in one window. This log is the hard
-    guarantee on *send* times: at most ``limit`` sends in any window of ``span`` seconds (the window plus the
-    jitter margin). It costs a bisect per send and binds only after such a stall; the bucket keeps the pace.
+    after it, and a stall of half a second flushes a burst that Feishu counts in one window. And Feishu counts a
+    call when it *arrives*, some instant between its send and its answer: a request that travels longer (a
+    congested path, a loop that stalled after the send was recorded) arrives after calls sent later.
+
+    So a call counts in every window from :meth:`record` (about to be sent) until :meth:`release` (its answer came,
+    or it was given up), and then until ``span`` seconds after the release. Sending now is allowed when fewer than
+    ``limit`` calls count. Then no window of *arrivals* holds more than ``limit``, whatever the travel times: take
+    the call of a window sent last, at ``s``; every other call of that window was sent before it and arrived after
+    ``s - span``, so its answer came after ``s - span`` (or has not come): it counted when the last one was let go,
+    and fewer than ``limit`` did. What it costs: each call holds its place one round trip longer than the window.
+    It costs a bisect per send and binds only after such a stall, or while ``limit`` calls are in flight at once.
     """
 
-    __slots__ = ("_longest", "_spans", "_start", "_times")
+    __slots__ = ("_into", "_longest", "_open", "_spans", "_start", "_times")
 
     def __init__(self, spans: Sequence[tuple[int, float]]) -> None:
         self.spans = spans
-        self._times: list[float] = []
-        self._start = 0  # times before it are older than the longest span
+        self._times: list[float] = []  # releases, in order
+        self._start = 0  # releases before it are older than the longest span
+        self._open = 0  # recorded, not yet released
+        self._into: SendLog | None = None  # merged into that log: releases go there
 
     @property
     def spans(self) -> tuple[tuple[int, float], ...]:
@@ -336,8 +346,14 @@ class SendLog:
         self._spans = tuple(spans)
         self._longest = max((span for _, span in self._spans), default=0.0)
 
+    @property
+    def open(self) -> int:
+        """Calls recorded and not yet released (in flight)."""
+        return self._open
+
     def delay(self, now: float) -> float:
-        """Seconds until a send keeps every window within its limit (0: send now)."""
+        """Seconds until a send keeps every window within its limit (0: send now; ``inf``: only the release of a
+        call in flight can make room)."""
         longest = self._longest
         times, start = self._times, self._start
         while start < len(times) and times[start] <= now - longest:
@@ -348,21 +364,37 @@ class SendLog:
         self._start = start
         wait = 0.0
         for limit, span in self._spans:
-            inside = len(times) - bisect.bisect_right(times, now - span, lo=start)
-            if inside >= limit:  # the limit-th most recent send must leave the window first
-                wait = max(wait, times[len(times) - limit] + span - now)
+            first = bisect.bisect_right(times, now - span, lo=start)
+            inside = len(times) - first + self._open
+            if inside >= limit:  # the release that must leave the window first
+                leave = first + inside - limit
+                wait = max(wait, times[leave] + span - now if leave < len(times) else math.inf)
         return wait
 
     def merge(self, other: SendLog) -> None:
-        """Add ``other``'s sends: both logs turned out to count one limit (two names of one chat)."""
+        """Take ``other``'s calls: both logs turned out to count one limit (two names of one chat). Its calls in
+        flight are released here from now on."""
         times = sorted(self._times[self._start:] + other._times[other._start:])
         self._times, self._start = times, 0
+        self._open += other._open
+        other._open = 0
+        other._into = self
 
-    def record(self, now: float) -> None:
-        if self._times and now < self._times[-1]:
-            now = self._times[-1]  # a clock never runs backwards here; keep the list sorted
-        self._times.append(now)
+    def record(self) -> None:
+        """A call is about to be sent: it counts from now until its :meth:`release`."""
+        self._open += 1
+
+    def release(self, now: float) -> None:
+        """A recorded call was answered (or given up) at ``now``: it counts until ``now + span``."""
+        log = self
+        while log._into is not None:
+            log = log._into
+        log._open = max(0, log._open - 1)
+        times = log._times
+        if times and now < times[-1]:
+            now = times[-1]  # a clock never runs backwards here; keep the list sorted
+        times.append(now)
 
     def idle(self, now: float) -> bool:
-        """No send within the longest span: forgetting this log changes nothing."""
-        return not self._times or self._times[-1] <= now - self._longest
+        """Nothing in flight and no release within the longest span: forgetting this log changes nothing."""
+        return self._open == 0 and (not self._times or self._times[-1] <= now - self._longest)

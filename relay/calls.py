@@ -9,9 +9,9 @@ object given by the producer is encoded to that string, a string is passed throu
 object (``message/v4/batch_send``, ``interactive/v1/card/update``, ``ephemeral/v1/send``) get the object; a
 string given by the producer is embedded as the JSON it holds (``decode_intent`` checked it is an object).
 
-Limits (facts = feishu-facts.md, seeds = the seed API pages): the limiter keys app-wide windows by (app, ``api``)
+Limits (docs/feishu-rules.md §2.2 app-wide, §2.3 per target): the limiter keys app-wide windows by (app, ``api``)
 and per-target windows by (app, ``target``); both must admit a call. Feishu's "≤5 QPS to the same user; ≤5 QPS
-to the same group" counts send, reply and forward together (facts §2.3), so the three name a recipient the same
+to the same group" counts send, reply and forward together (§2.3), so the three name a recipient the same
 way, and the limiter resolves the names Feishu's answers showed to be one chat (:mod:`relay.targets`):
 
     send / forward to receive_id_type chat_id      ``chat:<chat_id>``
@@ -26,7 +26,7 @@ Safe to repeat (``Call.repeatable``), decided per API, not from the HTTP method 
 again on every call):
 
     repeatable      message.send / reply / forward (uuid = intent id: Feishu performs a uuid at most once per
-                    hour, facts §3; a repeat more than an hour later is not protected), message.edit (PUT of
+                    hour, §3; a repeat more than an hour later is not protected), message.edit (PUT of
                     the same content), card.patch (PATCH of the same card), message.recall, reaction.remove,
                     pin.remove (DELETE), pin.add (pinning a pinned message leaves one pin),
                     chat_button.update (PUT of the whole set), url_preview.update (the coalescer counts every
@@ -140,7 +140,8 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     target: str | None = None  # the per-target limit key shared by every API, e.g. "chat:oc_1" (module doc)
     target_windows: tuple[Window, ...] = ()
     learns: bool = False  # the answer names the chat of the message made (create, reply, forward): module doc
-    uuid_protected: bool = False  # Feishu performs the call at most once per hour for this uuid (facts §3)
+    # Feishu performs the call at most once per hour for this uuid (docs/feishu-rules.md §3)
+    uuid_protected: bool = False
     # performing it twice has the effect of performing it once (module doc, "Safe to repeat"); the executor
     # retries a call whose last attempt may have been performed only when this is set, and only such calls go
     # without a journal entry (relay.journal). The default is the safe answer for a call nobody classified.
@@ -149,31 +150,31 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
 
 # --- limits -------------------------------------------------------------------------------------------------
 
-# facts §2.3 (im-v1 message create/reply/update/patch/delete/forward, reactions, pins, card/update, ephemeral,
-# batch_send): "1000/min & 50/s" -- both windows must hold.
+# docs/feishu-rules.md §2.2 (im-v1 message create/reply/update/patch/delete/forward, reactions, pins, card/update,
+# ephemeral, batch_send): "1000/min & 50/s" -- both windows must hold.
 IM: Final = (Window(50, 1), Window(1000, 60))
-# facts §2.3 urgent_app "默认接口限流为 50 QPS", urgent_sms "1000/min & 50/s", urgent_phone assumed the same:
-# we keep the stricter pair for all three.
+# docs/feishu-rules.md §2.2: urgent_app "默认接口限流为 50 QPS", urgent_sms "1000/min & 50/s", urgent_phone assumed
+# the same: we keep the stricter pair for all three.
 URGENT: Final = IM
-# seeds/url_preview_batch_update.md: 接口频率限制 5 次/秒.
+# docs/feishu-rules.md §2.2: url_preview batch_update "5 次/秒" (5 per second).
 URL_PREVIEW: Final = (Window(5, 1),)
-# seeds/url_preview_batch_update.md: "单个 token 限制更新频率为 1次/5秒" (for the coalescer, keyed by token).
+# docs/feishu-rules.md §2.3, §5.4: "单个 token 限制更新频率为 1次/5秒" (for the coalescer, keyed by token).
 PREVIEW_TOKEN_WINDOWS: Final = (Window(1, 5),)
-# seeds/chat_button_update.md: 接口频率限制 10 次/秒.
+# docs/feishu-rules.md §2.2: chat_button "10 次/秒" (10 per second).
 CHAT_BUTTON: Final = (Window(10, 1),)
-# facts §2.3 batch_send: "1000/min & 50/s".
+# docs/feishu-rules.md §2.2 batch_send: "1000/min & 50/s".
 BATCH_SEND: Final = IM
-# facts §2.3 create/reply/forward: "≤5 QPS to the same user; ≤5 QPS to the same group"; patch: "single message
-# ≤5 QPS"; pin/unpin: "same message ≤5 QPS".
+# docs/feishu-rules.md §2.3 create/reply/forward: "≤5 QPS to the same user; ≤5 QPS to the same group"; patch:
+# "single message ≤5 QPS"; pin/unpin: "same message ≤5 QPS".
 PER_TARGET: Final = (Window(5, 1),)
-# facts §2.3 ephemeral send: "40 QPS per group".
+# docs/feishu-rules.md §2.3 ephemeral send: "40 QPS per group".
 EPHEMERAL_CHAT: Final = (Window(40, 1),)
 
-# feishu-next §D1: every CardKit API "1000/min & 50/s" per app; §D2: "≤ 10 card/element API calls per second" per
+# docs/feishu-rules.md §5.7: every CardKit API "1000/min & 50/s" per app; "≤ 10 card/element API calls per second" per
 # card entity, on top (the per-target key ``card:<card_id>``, shared by every call on that card).
 CARDKIT: Final = IM
 PER_CARD: Final = (Window(10, 1),)
-# feishu-next §E: image and file upload "1000/min & 50/s".
+# docs/feishu-rules.md §5.8: image and file upload "1000/min & 50/s".
 UPLOAD: Final = IM
 
 # The app-wide windows of every named API (api.call's come from its intent).
@@ -273,7 +274,8 @@ def url_preview_call(tokens: Sequence[str], open_ids: Sequence[str] | None) -> C
     """POST /open-apis/im/v2/url_previews/batch_update for merged requests; ``None`` or ``[]`` = everyone.
 
     The coalescer owns the per-token 1/5 s rule (``PREVIEW_TOKEN_WINDOWS``) and the merge; this only checks the
-    seed's per-call bounds (1..10 tokens, 0..100 open_ids) so a coalescer bug fails loudly, not at Feishu.
+    per-call bounds of docs/feishu-rules.md §5.4 (1..10 tokens, 0..100 open_ids) so a coalescer bug fails loudly,
+    not at Feishu.
     """
     if not 1 <= len(tokens) <= 10:
         raise ValueError(f"url_preview_call: {len(tokens)} tokens (Feishu takes 1..10 per call)")
@@ -294,8 +296,8 @@ def card_sequence(offset: int) -> int | None:
     """The ``sequence`` of the CardKit call made for the intent record at ``offset``; None when there is none.
 
     Feishu wants every operation on a card (content, settings, full update) to carry a positive int32 that is
-    greater than the last one it took for that card, else 300317 (feishu-next §D1). The relay needs no counter to
-    give one, because Kafka already keeps the order it must follow:
+    greater than the last one it took for that card, else 300317 (docs/feishu-rules.md §5.7). The relay needs no
+    counter to give one, because Kafka already keeps the order it must follow:
 
     * every sequenced operation on a card has the ``card_id`` as its record key (``order_key`` is refused at
       decode, and the consumer refuses a record keyed otherwise), so all of them are on one partition of the
@@ -355,7 +357,7 @@ def _card_op(method: str, path: str, api: str, intent: CardStream | CardSettings
 
 
 def _upload_call(intent: ImageUpload | FileUpload) -> Call:
-    """POST /open-apis/im/v1/images or /files as multipart/form-data (feishu-next §E); the file part last."""
+    """POST /open-apis/im/v1/images or /files as multipart/form-data (docs/feishu-rules.md §5.8); the file part last."""
     if intent.data is None:
         raise ValueError(f"{intent.id}: an upload by url needs its bytes first (relay.fetch)")
     form: tuple[FormField, ...]
@@ -376,8 +378,8 @@ def _upload_call(intent: ImageUpload | FileUpload) -> Call:
 
 
 def build_call(intent: Intent, *, sequence: int | None = None) -> Call:
-    """The one HTTP call that performs ``intent`` (SPEC.md "Kinds"); ``sequence`` is the CardKit sequence of a
-    card operation (:func:`card_sequence`), required for those and ignored otherwise."""
+    """The one HTTP call that performs ``intent`` (docs/intents.md, the kinds table); ``sequence`` is the CardKit
+    sequence of a card operation (:func:`card_sequence`), required for those and ignored otherwise."""
     match intent:
         case CardCreate():
             if intent.card is not None:
@@ -488,7 +490,7 @@ def build_call(intent: Intent, *, sequence: int | None = None) -> Call:
 
 
 def _chat_button_call(intent: ChatButtonUpdate) -> Call:
-    """PUT /open-apis/im/v2/chat_button (seeds/chat_button_update.md); unset optionals are left out."""
+    """PUT /open-apis/im/v2/chat_button (docs/feishu-rules.md §5.5); unset optionals are left out."""
     body: dict[str, Any] = {"chat_id": intent.chat_id}
     if intent.user_ids is not None:
         body["user_ids"] = intent.user_ids

@@ -1,6 +1,6 @@
 """The relay's TOML config, decoded strictly with msgspec.
 
-The keys of SPEC.md (``[kafka]``, ``[feishu]``, ``[[apps]]``, ``[http]``) are the public contract; the other
+The keys of docs/config.md (``[kafka]``, ``[feishu]``, ``[[apps]]``, ``[http]``) are the public contract; the other
 sections (``[outbound]``, ``[inbound]``, ``[previews]``) are ours and documented in ``deploy/relay.example.toml``.
 
 Every key can be overridden from the environment: ``RELAY_<SECTION>__<KEY>`` (``RELAY_HTTP__PORT=8081``) and
@@ -169,6 +169,12 @@ class HttpConfig(_Section, frozen=True):
     port: Port = 8080
 
 
+# a revoked partition's drain is preceded by the membership's answer (a heartbeat: at most 3 s) and followed by up
+# to 5 s for cut-off jobs to stop, then the commit: the group waits rebalance_timeout_ms for all of it, or the
+# member is dropped and its commit refused
+DRAIN_MARGIN: Final = 10.0
+
+
 class OutboundConfig(_Section, frozen=True):
     enabled: bool = True
     # records read but not finished; past it the consumer pauses fetching
@@ -185,8 +191,14 @@ class OutboundConfig(_Section, frozen=True):
     drain_timeout: PositiveFloat = 20.0
     commit_interval: PositiveFloat = 0.5
     session_timeout_ms: PositiveInt = 10000
-    # Kafka waits this long for a rebalance (must cover drain_timeout)
+    # Kafka waits this long for a rebalance: it must cover drain_timeout plus DRAIN_MARGIN (checked below)
     rebalance_timeout_ms: PositiveInt = 30000
+    # the most characters of commit metadata (finished offsets above the commit point); keep it at or below the
+    # broker's offset.metadata.max.bytes (default 4096). A broker refusing it gets half, and a log line
+    commit_metadata_max_bytes: Annotated[int, Meta(ge=64)] = 4000
+    # a result or dead letter unacknowledged this long makes /readyz answer 503 (the write keeps being retried)
+    write_alarm_after: PositiveFloat = 10.0
+
     # the most bytes an image.upload / file.upload may carry (decoded). The record holds them base64-encoded (4/3
     # as large), and its dead letter must fit the relay's 2 MiB record cap (relay.kafka.MAX_REQUEST_SIZE), so at
     # most 1.5 MB; the intents topic's max.message.bytes must allow the record too (brokers default to 1 MB)
@@ -203,6 +215,11 @@ class OutboundConfig(_Section, frozen=True):
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(f"fetch_allowed_networks: {network!r} is not an IP network (CIDR)") from None
+        if self.drain_timeout + DRAIN_MARGIN > self.rebalance_timeout_ms / 1000:
+            raise ValueError(
+                f"drain_timeout: {self.drain_timeout:g}s does not fit in rebalance_timeout_ms "
+                f"({self.rebalance_timeout_ms} ms) with {DRAIN_MARGIN:g}s left to cut off and commit; "
+                f"lower it or raise rebalance_timeout_ms")
 
 
 class InboundConfig(_Section, frozen=True):
@@ -232,7 +249,7 @@ class InboundConfig(_Section, frozen=True):
 
 
 class PreviewsConfig(_Section, frozen=True):
-    # Feishu: one update per preview token per 5 s (seed page); kept slightly above with the margin
+    # Feishu: one update per preview token per 5 s (docs/feishu-rules.md §5.4); kept slightly above with the margin
     token_interval: PositiveFloat = 5.0
     # real seconds a preview call may take from writing its claim to the memory topic to sending its request;
     # past it the request is not sent (claimed again later). Claims on a token are this much further apart.

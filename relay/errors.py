@@ -3,7 +3,8 @@
     RelayError                 retriable = False unless a subclass says otherwise
     ├── ConfigError            the config file or an env override is wrong (names the key)
     ├── IntentError            an intent record cannot be performed as written (names the field)
-    └── SignatureError         an inbound request failed verification (short reason, no body)
+    ├── SignatureError         an inbound request failed verification (short reason, no body)
+    └── ListenError            a server cannot listen on its address (``http: 127.0.0.1:8080 is in use``)
 
 Expected outcomes of a Feishu call (throttled, refused, token expired) are *values* (see
 ``outcomes``), not exceptions; these errors are for what a caller cannot branch around.
@@ -11,6 +12,7 @@ Expected outcomes of a Feishu call (throttled, refused, token expired) are *valu
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 
@@ -49,3 +51,13 @@ class SignatureError(RelayError):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+class ListenError(RelayError):
+    """A server (``what``: ``http``, ``sandbox``) cannot listen on ``host:port``; one line naming both."""
+
+    def __init__(self, what: str, host: str, port: int, err: OSError) -> None:
+        if err.errno == errno.EADDRINUSE:
+            super().__init__(f"{what}: {host}:{port} is in use")
+        else:
+            super().__init__(f"{what}: cannot listen on {host}:{port}: {err.strerror or err}")

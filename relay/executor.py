@@ -53,7 +53,7 @@ from relay.outcomes import Attempted, Outcome, Verdict
 
 log = logging.getLogger(__name__)
 
-# Feishu's IM frequency-limit code for a per-target limit (facts §4); 429/99991400 are app-wide
+# Feishu's IM frequency-limit code for a per-target limit (docs/feishu-rules.md §2.3, §4); 429/99991400 are app-wide
 PER_TARGET_LIMIT_CODE = 230020
 
 
@@ -131,7 +131,10 @@ class Executor:
             if before_attempt is not None:
                 await before_attempt()
             admit = functools.partial(self._admit, grant, before_write, before_send)
-            outcome = await self._sender.send(app, call, admit)
+            try:
+                outcome = await self._sender.send(app, call, admit)
+            finally:
+                self._limiter.answered(grant)  # its place in the send logs expires from now (SendLog)
             if outcome.token_unavailable:
                 unsent += 1
             else:

@@ -1,6 +1,6 @@
 """The Feishu Open API client: one pooled aiohttp session, tenant tokens per app, one attempt per ``send``.
 
-Tokens (feishu-facts §1): ``tenant_access_token`` is fetched on demand, cached until ``expire`` minus a margin
+Tokens (docs/feishu-rules.md §1): ``tenant_access_token`` is fetched on demand, cached until ``expire`` minus a margin
 (``feishu.token_refresh_margin``, the Python SDK uses 10 min), and refreshed by **one** request per app however
 many calls need it at once (a shared future). When Feishu says a token is invalid (99991663/99991664/99991671)
 the client drops *that* token (compare-and-drop, so a hundred calls failing on the same stale token cause one

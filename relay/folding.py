@@ -2,12 +2,14 @@
 
 Two kinds of intent replace what they update as a whole, so only the last of a run of them matters:
 
-* ``card.stream`` (always): CardKit's element content is the element's *full* text each time (feishu-next §D2),
-  so an update is pointless once a later update of the same element of the same card, whose text starts with
-  this one's (it contains the whole answer so far), is waiting behind it. The later text is what Feishu shows
-  either way, and the prefix keeps the typewriter animation going from what the reader saw.
-* ``card.patch`` with ``latest_wins`` (opt-in): a patch replaces the whole card of one message (facts §2.3,
-  5 per second per message), so with a later patch of the same message waiting, this one need not go.
+* ``card.stream`` (always): CardKit's element content is the element's *full* text each time
+  (docs/feishu-rules.md §5.7), so an update is pointless once a later update of the same element of the same
+  card, whose text starts with this one's (it contains the whole answer so far), is waiting behind it. The
+  later text is what Feishu shows either way, and the prefix keeps the typewriter animation going from what the
+  reader saw.
+* ``card.patch`` with ``latest_wins`` (opt-in): a patch replaces the whole card of one message
+  (docs/feishu-rules.md §2.3, 5 per second per message), so with a later patch of the same message waiting,
+  this one need not go.
 
 A run is broken by anything else in the lane between the two (a settings change that closes streaming mode, a
 full card update, an edit, a recall, ...): an update is superseded only by one that follows it with nothing but
@@ -31,7 +33,7 @@ from relay.intents import CardPatch, CardStream, Intent
 
 __all__ = ["SEQUENCE_COMPARE_FAILED", "Folding", "foldable", "overtaken", "supersedes"]
 
-# feishu-next §D1: "sequence number compare failed", a sequence not greater than the card's last
+# docs/feishu-rules.md §5.7: "sequence number compare failed", a sequence not greater than the card's last
 SEQUENCE_COMPARE_FAILED = 300317
 
 

@@ -1,6 +1,6 @@
 """Intents: what a producer asks Feishu to do, the outbound wire contract (results are :mod:`relay.results`).
 
-One intent is one Kafka record whose value is a JSON object tagged by ``kind`` (SPEC.md "Outbound"). Every
+One intent is one Kafka record whose value is a JSON object tagged by ``kind`` (docs/intents.md). Every
 kind is a strict, frozen ``msgspec.Struct`` (unknown fields are an error: a typo must not silently drop a
 field); the union ``Intent`` is decoded once, at the edge, by ``decode_intent``. Field rules taken from the
 Feishu docs sit next to the field they constrain, with the page they came from, so that a bad record fails
@@ -116,7 +116,7 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 
 class _Intent(_Strict, tag_field="kind", frozen=True, kw_only=True):
-    """Fields every intent kind has (SPEC.md "Common fields")."""
+    """Fields every intent kind has (docs/intents.md "Common fields")."""
 
     id: IntentId
     app: Annotated[str, Meta(min_length=1, description="Name of a configured Feishu app.")] = "default"
@@ -127,8 +127,8 @@ class _Intent(_Strict, tag_field="kind", frozen=True, kw_only=True):
 # --- im/v1 messages -----------------------------------------------------------------------------------------
 
 
-# feishu-next §E: images ≤ 10 MB, files ≤ 30 MB; the relay's own cap (``outbound.max_upload_bytes``) is checked
-# when the intent is performed (relay.media), since it is configuration, not contract.
+# docs/feishu-rules.md §5.8: images ≤ 10 MB, files ≤ 30 MB; the relay's own cap (``outbound.max_upload_bytes``)
+# is checked when the intent is performed (relay.media), since it is configuration, not contract.
 InlineBytes = Annotated[bytes, Meta(min_length=1, max_length=30 * 1024 * 1024,
                                     description="The bytes to upload, base64-encoded (1 byte .. 30 MB).")]
 # A URL the relay downloads the bytes from itself (relay.fetch guards it: public addresses only).
@@ -141,11 +141,11 @@ def _one_source(data: bytes | None, url: str | None) -> None:
         raise ValueError("data: give exactly one of data (base64 bytes) and url")
 
 
-# feishu-next §E, file/create: file_name required, with its extension.
+# docs/feishu-rules.md §5.8, file/create: file_name required, with its extension.
 FileName = Annotated[str, Meta(min_length=3, max_length=250,
                                pattern=r"^[^/\\\x00-\x1f]*[^/\\\x00-\x1f.]\.[A-Za-z0-9]+$",
                                description="File name with its extension, e.g. report.pdf.")]
-# feishu-next §E, file/create: duration in milliseconds (audio/video; without it no duration is shown).
+# docs/feishu-rules.md §5.8, file/create: duration in milliseconds (audio/video; without it no duration is shown).
 DurationMs = Annotated[int, Meta(gt=0, lt=2**31, description="Duration in milliseconds (opus and mp4 only).")]
 
 
@@ -153,7 +153,7 @@ class MediaUpload(_Strict, frozen=True, kw_only=True):
     """The file a ``message.send`` of ``msg_type`` image, file, audio or media uploads first, from ``url``.
 
     image: POST /im/v1/images (``image_type`` message); file: POST /im/v1/files with ``file_type`` from the name's
-    extension (pdf, doc(x), xls(x), ppt(x), else stream); audio: opus; media: mp4 (feishu-next §E).
+    extension (pdf, doc(x), xls(x), ppt(x), else stream); audio: opus; media: mp4 (docs/feishu-rules.md §5.8).
     ``file_name`` (with its extension) is required for all but images; ``duration`` (ms) for audio and media.
     """
 
@@ -162,7 +162,7 @@ class MediaUpload(_Strict, frozen=True, kw_only=True):
     duration: DurationMs | None = None
 
 
-# Message types whose content is an uploaded key (feishu-next §E "Message content after upload").
+# Message types whose content is an uploaded key (docs/feishu-rules.md §5.8 "Message content after upload").
 UPLOAD_MSG_TYPES: Final = ("image", "file", "audio", "media")
 
 
@@ -194,7 +194,7 @@ class MessageSend(_Intent, tag="message.send", frozen=True, kw_only=True):
 class MessageReply(_Intent, tag="message.reply", frozen=True, kw_only=True):
     """POST /open-apis/im/v1/messages/:message_id/reply (im-v1/message/reply); ``id`` is sent as ``uuid``.
 
-    ``chat_id`` is optional and only keys the 5/s per-chat limit (facts §2.3, reply: same 5 QPS per group rule).
+    ``chat_id`` is optional and only keys the 5/s per-chat limit (docs/feishu-rules.md §2.3).
     """
 
     message_id: PathId
@@ -313,9 +313,9 @@ class EphemeralDelete(_Intent, tag="ephemeral.delete", frozen=True, kw_only=True
     message_id: PathId
 
 
-# --- CardKit v1 (feishu-next §D) ----------------------------------------------------------------------------
+# --- CardKit v1 (docs/feishu-rules.md §5.7) -----------------------------------------------------------------
 
-# feishu-next §D1: card_id and element_id 1–20 characters; element_id letters, digits and underscore, starting
+# docs/feishu-rules.md §5.7: card_id and element_id 1–20 characters; element_id letters, digits and underscore, starting
 # with a letter.
 CardId = Annotated[str, Meta(min_length=1, max_length=20, pattern=_PATH_ID, description="A CardKit card_id.")]
 ElementId = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,19}$",
@@ -326,7 +326,7 @@ ElementId = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,19}$",
 def _card_json(field: str, value: Content) -> dict[str, Any]:
     """A CardKit card: a JSON 2.0 card (``"schema": "2.0"``) that does not set ``update_multi`` false.
 
-    feishu-next §D1: CardKit takes JSON 2.0 cards only and rejects ``update_multi=false``.
+    docs/feishu-rules.md §5.7: CardKit takes JSON 2.0 cards only and rejects ``update_multi=false``.
     """
     card = value if isinstance(value, dict) else _any_decoder.decode(value)
     if card.get("schema") != "2.0":
@@ -364,7 +364,7 @@ class CardCreate(_Intent, tag="card.create", frozen=True, kw_only=True):
 
 class CardSend(_Intent, tag="card.send", frozen=True, kw_only=True):
     """POST /open-apis/im/v1/messages with ``msg_type`` interactive and content
-    ``{"type":"card","data":{"card_id":…}}``: send a card entity (feishu-next §D1: it can be sent once).
+    ``{"type":"card","data":{"card_id":…}}``: send a card entity (docs/feishu-rules.md §5.7: it can be sent once).
 
     A ``message.send`` underneath: same uuid (the intent id), same per-recipient 5/s, same ordering key."""
 
@@ -388,7 +388,7 @@ class _CardOp(_Intent, frozen=True, kw_only=True):
 class CardStream(_CardOp, tag="card.stream", frozen=True, kw_only=True):
     """PUT …/cardkit/v1/cards/:card_id/elements/:element_id/content: the element's full text, streamed.
 
-    Streaming mode must be open (feishu-next §D2: it closes 10 min after it was opened; then 300309). An
+    Streaming mode must be open (docs/feishu-rules.md §5.7: it closes 10 min after it was opened; then 300309). An
     update that a later one of the same element already read replaces is not sent (:mod:`relay.folding`).
     """
 
@@ -416,7 +416,7 @@ class CardSettings(_CardOp, tag="card.settings", frozen=True, kw_only=True):
 
 class CardUpdate(_CardOp, tag="card.update", frozen=True, kw_only=True):
     """PUT …/cardkit/v1/cards/:card_id: replace the whole card entity (a JSON 2.0 card); works in or out of
-    streaming mode (feishu-next §D2)."""
+    streaming mode (docs/feishu-rules.md §5.7)."""
 
     card: Content
 
@@ -438,7 +438,7 @@ class CardFinish(_CardOp, tag="card.finish", frozen=True, kw_only=True):
 SequencedCardIntent: TypeAlias = CardStream | CardSettings | CardUpdate | CardFinish
 
 
-# --- uploads (feishu-next §E) --------------------------------------------------------------------------------
+# --- uploads (docs/feishu-rules.md §5.8) --------------------------------------------------------------------
 
 
 class ImageUpload(_Intent, tag="image.upload", frozen=True, kw_only=True):
@@ -454,7 +454,7 @@ class ImageUpload(_Intent, tag="image.upload", frozen=True, kw_only=True):
         _one_source(self.data, self.url)
 
 
-# feishu-next §E, file/create: file_type (anything else → stream).
+# docs/feishu-rules.md §5.8, file/create: file_type (anything else → stream).
 FileType = Literal["opus", "mp4", "pdf", "doc", "xls", "ppt", "stream"]
 
 
@@ -478,14 +478,14 @@ class FileUpload(_Intent, tag="file.upload", frozen=True, kw_only=True):
 
 
 class UrlPreviewUpdate(_Intent, tag="url_preview.update", frozen=True, kw_only=True):
-    """POST /open-apis/im/v2/url_previews/batch_update (seeds/url_preview_batch_update.md).
+    """POST /open-apis/im/v2/url_previews/batch_update (docs/feishu-rules.md §5.4).
 
-    ``open_ids`` absent or ``[]`` both mean every member of the chat (the seed: "若不传，则默认更新 … 所有成员").
+    ``open_ids`` absent or ``[]`` both mean every member of the chat (Feishu: absent = everyone; ``[]`` is not sent).
     """
 
-    # seed: preview_tokens 长度范围 1～10; distinct because the coalescer keys pending work by token.
+    # Feishu: preview_tokens 1 to 10; distinct because the coalescer keys pending work by token.
     preview_tokens: Annotated[list[NonEmpty], Meta(min_length=1, max_length=10)]
-    # seed: open_ids 长度范围 0～100.
+    # Feishu: open_ids 0 to 100.
     open_ids: Annotated[list[NonEmpty], Meta(max_length=100)] | None = None
 
     def __post_init__(self) -> None:
@@ -494,7 +494,7 @@ class UrlPreviewUpdate(_Intent, tag="url_preview.update", frozen=True, kw_only=T
 
 
 class ChatButtonUrls(_Strict, frozen=True, kw_only=True, omit_defaults=True):
-    """``multi_url`` (seeds/chat_button_update.md: https only, each ≤ 700 characters)."""
+    """``multi_url`` (docs/feishu-rules.md §5.5: https only, each ≤ 700 characters)."""
 
     url: Annotated[str, Meta(max_length=700, pattern="^https://")] | None = None
     android_url: Annotated[str, Meta(max_length=700, pattern="^https://")] | None = None
@@ -503,13 +503,13 @@ class ChatButtonUrls(_Strict, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ChatButtonText(_Strict, frozen=True, kw_only=True):
-    """``text`` (seed: text 长度范围 1～30 字符)."""
+    """``text`` (docs/feishu-rules.md §5.5: 1 to 30 characters)."""
 
     text: Annotated[str, Meta(min_length=1, max_length=30)]
 
 
 class ChatButton(_Strict, frozen=True, kw_only=True, omit_defaults=True):
-    """One ``open_app_feed_card_button`` (seeds/chat_button_update.md); unset optionals are not sent."""
+    """One ``open_app_feed_card_button`` (docs/feishu-rules.md §5.5); unset optionals are not sent."""
 
     action_type: Literal["url_page", "webhook"]
     text: ChatButtonText
@@ -519,18 +519,18 @@ class ChatButton(_Strict, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ChatButtons(_Strict, frozen=True, kw_only=True):
-    """``buttons`` keeps Feishu's nesting: ``buttons.buttons`` is a full replacement, 0..2 (seed: 长度范围 0～2)."""
+    """``buttons`` keeps Feishu's nesting: ``buttons.buttons``, 0..2, replaces all (docs/feishu-rules.md §5.5)."""
 
     buttons: Annotated[list[ChatButton], Meta(max_length=2)]
 
 
 class ChatButtonUpdate(_Intent, tag="chat_button.update", frozen=True, kw_only=True):
-    """PUT /open-apis/im/v2/chat_button (seeds/chat_button_update.md; 10/s; no bot_id)."""
+    """PUT /open-apis/im/v2/chat_button (docs/feishu-rules.md §5.5; 10/s; no bot_id)."""
 
-    chat_id: NonEmpty  # seed: 必填
-    user_id_type: UserIdType = "open_id"  # seed: default open_id
-    user_ids: Annotated[list[NonEmpty], Meta(min_length=1, max_length=20)] | None = None  # seed: 长度范围 1～20
-    buttons: ChatButtons | None = None  # seed: absent = no buttons shown
+    chat_id: NonEmpty  # required
+    user_id_type: UserIdType = "open_id"  # Feishu's default
+    user_ids: Annotated[list[NonEmpty], Meta(min_length=1, max_length=20)] | None = None  # Feishu: 1 to 20
+    buttons: ChatButtons | None = None  # absent = no buttons shown
 
 
 # --- message/v4 ---------------------------------------------------------------------------------------------
@@ -576,7 +576,7 @@ _PATH_PARAM: Final = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
 _PATH_CHARS: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
 _PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
-# seeds/url_preview_batch_update.md: one update per token per 5 s, kept only by kind url_preview.update
+# docs/feishu-rules.md §5.4: one update per token per 5 s, kept only by kind url_preview.update
 _URL_PREVIEWS: Final = ("im", "v2", "url_previews", "batch_update")
 
 
@@ -632,8 +632,9 @@ def _check_param(name: str, value: str) -> None:
 class Rate(_Strict, frozen=True, kw_only=True):
     """The app-wide limit of the API an ``api.call`` targets, as its Feishu page states it."""
 
-    per_second: Annotated[int, Meta(gt=0)] | None = None
-    per_minute: Annotated[int, Meta(gt=0)] | None = None
+    # bounded so the limiter's arithmetic stays in floats (no Feishu API allows anywhere near this)
+    per_second: Annotated[int, Meta(gt=0, le=1_000_000)] | None = None
+    per_minute: Annotated[int, Meta(gt=0, le=60_000_000)] | None = None
 
     def __post_init__(self) -> None:
         if self.per_second is None and self.per_minute is None:
@@ -695,6 +696,7 @@ _OWN: Final = re.compile(r"^(?P<field>[A-Za-z_][\w.\[\]]*): (?P<msg>.*)$", re.DO
 _MISSING: Final = re.compile(r"^Object missing required field `(?P<field>[^`]*)`$")
 _UNKNOWN: Final = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 _MAX_REASON: Final = 300
+_TOO_DEEP: Final = "value is nested too deeply to read (arrays or objects inside each other, ~1,000 levels)"
 _JSON_NAMES: Final[dict[type, str]] = {
     list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null",
 }
@@ -748,6 +750,8 @@ def decode_intent(raw: bytes | None) -> Intent:
         return _intent_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError
         failure: Exception = exc
+    except RecursionError:  # msgspec's guard for the C stack; a string field's own decode raises it too
+        raise IntentError(_TOO_DEEP, error="decode") from None
     # Slow path, errors only: find out which of the two classes this is and what can still be read.
     try:
         bytes(raw).decode("utf-8")
@@ -757,6 +761,8 @@ def decode_intent(raw: bytes | None) -> Intent:
         value = _any_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise IntentError(f"value is not JSON ({_one_line(str(exc))})", error="decode") from None
+    except RecursionError:
+        raise IntentError(_TOO_DEEP, error="decode") from None
     if not isinstance(value, dict):
         raise IntentError(f"value is not a JSON object (got {_JSON_NAMES.get(type(value), 'a value')})", error="decode")
     ident, kind, app = _peek(value)
@@ -765,7 +771,9 @@ def decode_intent(raw: bytes | None) -> Intent:
 
 
 def ordering_key(intent: Intent) -> str:
-    """The key that orders this intent against others (SPEC.md "default ordering key"); ``order_key`` wins."""
+    """The key that orders this intent against others (docs/intents.md "Ordering keys and limits").
+
+    ``order_key`` wins."""
     if intent.order_key is not None:
         return intent.order_key
     match intent:

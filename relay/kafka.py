@@ -7,12 +7,14 @@ relay commits explicit offsets itself (see ``offsets``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from relay.config import KafkaConfig
 from relay.errors import RelayError
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 # room for a 1 MiB inbound body plus headers and batch overhead; the local broker allows 2 MiB
 MAX_REQUEST_SIZE = 2 * 1024 * 1024
+MAX_BATCH_SIZE = 1 << 20
+# what a topic's max.message.bytes must leave beside one record (results.record_size): the batch header (61 bytes
+# in format v2) and the record's own framing
+BATCH_OVERHEAD = 96
 
 
 def client_settings(cfg: KafkaConfig) -> dict[str, Any]:
@@ -51,7 +57,7 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
         "linger_ms": 2,
         # the default 16 KiB batch fills when ~100 results finish together, and every sender then waits on the
         # drain with a timer of its own (6,518 waits for 6,000 records in the engine benchmark; 2 with 1 MiB)
-        "max_batch_size": 1 << 20,
+        "max_batch_size": MAX_BATCH_SIZE,
         "max_request_size": MAX_REQUEST_SIZE,
         **overrides,
     }
@@ -96,18 +102,52 @@ async def ensure_topics(cfg: KafkaConfig, topics: dict[str, dict[str, str]]) -> 
     admin = AIOKafkaAdminClient(**client_settings(cfg))
     await admin.start()
     try:
-        missing = new_topics(cfg, topics, set(await admin.list_topics()))
-        if not missing:
-            return
-        response = await admin.create_topics(missing)
+        # asked to create them all: an existing one answers TOPIC_ALREADY_EXISTS. Listing the cluster's topics
+        # first costs a metadata response as large as the cluster (thousands of topics: seconds, and memory)
+        response = await admin.create_topics(new_topics(cfg, topics, set()))
         # (topic, error_code) in v0, (topic, error_code, error_message) from v1 on
         answers: list[tuple[Any, ...]] = getattr(response, "topic_errors", [])
         refused = [answer for answer in answers if answer[1] not in (0, TopicAlreadyExistsError.errno)]
+        if refused:  # e.g. not authorized to create: not a problem for a topic that exists
+            existing = set(await admin.list_topics())
+            refused = [answer for answer in refused if answer[0] not in existing]
         if refused:
             topic, code = refused[0][:2]
             why = (refused[0][2] if len(refused[0]) > 2 else None) or for_code(code).__name__
             raise RelayError(f"Kafka refused to create topic {topic!r} (replication factor "
                              f"{cfg.topic_replication_factor}): {why}")
-        log.info("created topics %s", ", ".join(t.name for t in missing))
+        if created := [answer[0] for answer in answers if answer[1] == 0]:
+            log.info("created topics %s", ", ".join(created))
+            await _until_led(admin, created)
     finally:
         await admin.close()
+
+
+async def _until_led(admin: AIOKafkaAdminClient, topics: list[str], timeout: float = 10.0) -> None:
+    """Wait (a little) until every partition of new ``topics`` has a leader: a client using a topic the instant it
+    is created is answered NOT_LEADER_OR_FOLLOWER meanwhile (retried, but logged as an error by aiokafka)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        described = await admin.describe_topics(topics)
+        if all(not d.get("error_code") and d.get("partitions")
+               and all(p.get("leader", -1) >= 0 for p in d["partitions"]) for d in described):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def max_message_bytes(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Each topic's ``max.message.bytes`` (the most a batch may hold); a topic the broker does not tell about (no
+    DescribeConfigs permission, unknown topic) is left out."""
+    wanted = [ConfigResource(ConfigResourceType.TOPIC, t, configs={"max.message.bytes": None}) for t in topics]
+    try:
+        responses = await admin.describe_configs(wanted)
+    except KafkaError as err:
+        log.warning("cannot read max.message.bytes of %s: %s", ", ".join(topics), err)
+        return {}
+    limits: dict[str, int] = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            for entry in resource["config_entries"] if not resource["error_code"] else ():
+                if entry["config_names"] == "max.message.bytes" and str(entry["config_value"]).isdigit():
+                    limits[resource["resource_name"]] = int(entry["config_value"])
+    return limits

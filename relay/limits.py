@@ -7,6 +7,7 @@ arithmetic of :mod:`relay.buckets`, with the clock and sleep injected.
     acquire    wait for the target's token, then the API's: returns a :class:`Grant`, the leave to send one call
     admit      right before the request is written: the grant is still good (no throttle since), and the send
                logs have room; records the send
+    answered   the call's answer came (or it was given up): its place in the send logs starts to expire
     throttled  Feishu said "too many": pause and slow that bucket, voiding every grant it handed out
     learn      a create/reply/forward answer named the chat: every name of that chat shares one bucket from now
 
@@ -87,8 +88,8 @@ class Grant:
     burst already paid for (see :meth:`Limiter.throttled`).
     """
 
-    __slots__ = ("_app", "_app_epoch", "_target", "_target_epoch", "api", "api_windows", "app", "learns", "target",
-                 "target_windows", "waited")
+    __slots__ = ("_app", "_app_epoch", "_sent", "_target", "_target_epoch", "api", "api_windows", "app", "learns",
+                 "target", "target_windows", "waited")
 
     def __init__(self, app: str, api: str, api_windows: tuple[Window, ...], target: str | None,
                  target_windows: tuple[Window, ...], learns: bool) -> None:
@@ -103,6 +104,7 @@ class Grant:
         self._app_epoch = 0
         self._target: _Entry | None = None
         self._target_epoch = 0
+        self._sent: list[SendLog] = []  # the logs admit recorded this call in, until answered
 
 
 class Requeue(Exception):
@@ -135,14 +137,14 @@ class Limiter:
       long as room allows. An API no bucket exists for is not :meth:`admissible` while the cap is full of
       buckets in use (so the memory stays bounded by ``max_api_buckets`` per configured app even then).
     - Per target, keyed by (app, target), not by API: Feishu's 5/s for a chat counts message create, reply and
-      forward together (facts §2.3), so the callers give every API that reaches the same recipient the same
-      target string (see :mod:`relay.calls`), and the limiter resolves that string to the chat it is known to
-      count in (:mod:`relay.targets`). A target's bucket is forgotten once it is idle and full, which is
+      forward together (docs/feishu-rules.md §2.3), so the callers give every API that reaches the same recipient
+      the same target string (see :mod:`relay.calls`), and the limiter resolves that string to the chat it is
+      known to count in (:mod:`relay.targets`). A target's bucket is forgotten once it is idle and full, which is
       indistinguishable from keeping it, so memory follows the targets active in the last second or so.
 
     A throttle stops the bucket at once: nothing is sent on it before Feishu's reset, not by callers asleep on a
     reservation, nor by those already granted and waiting for a connection (:meth:`admit` finds their grant void);
-    they all queue again at the slowed rate. Retries take tokens like first attempts (SPEC).
+    they all queue again at the slowed rate. Retries take tokens like first attempts (docs/feishu-rules.md §2.4).
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class Limiter:
         self._guarded = 0  # sends the send log held back (after an event-loop stall)
         self._voided = 0
         self._forgotten = 0
+        self._released = asyncio.Event()  # set (and replaced) whenever an answered call makes room
 
     @classmethod
     def from_config(cls, feishu: FeishuConfig, *, clock: Clock, sleep: Sleep) -> Limiter:
@@ -298,7 +301,8 @@ class Limiter:
         connection would keep the connections from the calls granted meanwhile, which then could not go: the
         connections all held by calls queued for late tokens, the calls holding early tokens waiting for a
         connection. Otherwise wait until sending now keeps the app's and the target's windows (a short wait,
-        only after a stall), and record the send. See :class:`SendLog`.
+        only after a stall or with a window's whole limit in flight), and record the send until :meth:`answered`.
+        See :class:`SendLog`.
         """
         while True:
             live = self._live(grant)
@@ -312,12 +316,30 @@ class Limiter:
             if target_log is not None:
                 wait = max(wait, target_log.delay(now))
             if wait <= DUE:
-                app_log.record(now)
+                app_log.record()
+                grant._sent.append(app_log)
                 if target_log is not None:
-                    target_log.record(now)
+                    target_log.record()
+                    grant._sent.append(target_log)
                 return
             self._guarded += 1
-            await self._sleep(wait)
+            if math.isinf(wait):  # the windows are full of calls in flight: only an answer makes room
+                await self._released.wait()
+            else:
+                await self._sleep(wait)
+
+    def answered(self, grant: Grant) -> None:
+        """The call :meth:`admit` let go was answered, failed, or was given up: from now its place in the send
+        logs expires with the windows (see :class:`~relay.buckets.SendLog`). Call it once per attempt, also when
+        the attempt was cancelled; a grant never admitted is a no-op."""
+        if not grant._sent:
+            return
+        now = self._clock()
+        for log in grant._sent:
+            log.release(now)
+        grant._sent.clear()
+        released, self._released = self._released, asyncio.Event()
+        released.set()
 
     def throttled(self, app: str, api: str, target: str | None = None, retry_after: float | None = None, *,
                   grant: Grant | None = None) -> None:

@@ -1,6 +1,6 @@
 """What Feishu refuses of an upload, checked before the upload is made (pure).
 
-feishu-next §E (im-v1/image/create, im-v1/file/create):
+docs/feishu-rules.md §5.8 (im-v1/image/create, im-v1/file/create):
 
     image.upload   not empty, at most 10 MB, one of JPG/JPEG, PNG, WEBP, GIF, BMP, ICO, TIFF, HEIC
     file.upload    not empty, at most 30 MB
@@ -66,14 +66,14 @@ def upload_refusal(intent: ImageUpload | FileUpload, max_bytes: int) -> str | No
     return None
 
 
-# feishu-next §E, file/create file_type: opus, mp4, pdf, doc, xls, ppt, else stream
+# docs/feishu-rules.md §5.8, file/create file_type: opus, mp4, pdf, doc, xls, ppt, else stream
 _EXTENSIONS: Final[dict[str, FileType]] = {"pdf": "pdf", "doc": "doc", "docx": "doc", "xls": "xls", "xlsx": "xls",
                                            "ppt": "ppt", "pptx": "ppt", "opus": "opus", "mp4": "mp4"}
 
 
 def file_type(msg_type: str, file_name: str) -> FileType:
-    """The ``file_type`` of an upload for a message of ``msg_type``: audio is opus, media mp4 (feishu-next §E:
-    other audio must be converted), a file by its name's extension."""
+    """The ``file_type`` of an upload for a message of ``msg_type``: audio is opus, media mp4
+    (docs/feishu-rules.md §5.8: other audio must be converted), a file by its name's extension."""
     if msg_type == "audio":
         return "opus"
     if msg_type == "media":
@@ -94,7 +94,7 @@ def upload_for(send: MessageSend) -> ImageUpload | FileUpload:
 
 
 def send_with_key(send: MessageSend, data: Any) -> MessageSend | None:
-    """The message to send once the upload answered ``data``: its key as the content (feishu-next §E: image
+    """The message to send once the upload answered ``data``: its key as the content (docs/feishu-rules.md §5.8: image
     ``{"image_key"}``, file/audio/media ``{"file_key"}``), or None when the answer holds no key."""
     name = "image_key" if send.msg_type == "image" else "file_key"
     key = data.get(name) if isinstance(data, dict) else None

@@ -8,14 +8,21 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   metadata so the next owner skips them instead of calling Feishu again. Killed at any instant, the relay redoes
   at most the uncommitted tail; a drained stop (SIGTERM) or a rebalance redoes no call already made.
 * **Order per key.** Records of one partition with the same ordering key run one after another (a *lane*: each
-  job waits for the previous job of its key), so their calls are attempted in partition order. Different keys
-  run concurrently: a key waiting on its own limit or on a retry never holds back the others.
-  ``url_preview.update`` intents skip the lanes: they are merged by the preview coalescer.
-* **Bounded work.** At most ``outbound.max_in_flight`` records are read but unfinished, and at most
-  ``outbound.max_in_flight_per_partition`` of one partition. A partition over its share is paused alone (resumed at
-  half), so a hot key with a long backlog on its limit holds back only the keys that share its partition, and only
-  once that partition's share is used; past the global cap every partition pauses. Pauses are re-applied after a
-  rebalance, since Kafka forgets them.
+  job waits for the previous job of its key, which ends only once its result is written), so their calls are
+  attempted in partition order and a later record of a key never finishes before an earlier one, on any
+  failure path. The one exception: a record superseded by a later one of its lane (``relay.folding``) makes no
+  call, and the next job goes as soon as that is decided, while its ``superseded`` result is being written.
+  Different keys run concurrently: a key waiting on its own limit or on a retry never holds back
+  the others. ``url_preview.update`` intents skip the lanes: they are merged by the preview coalescer; records
+  that cannot be decoded have no ordering key.
+* **Bounded work, exactly.** At most ``outbound.max_in_flight`` records are read but unfinished, and at most
+  ``outbound.max_in_flight_per_partition`` of one partition: each partition is read on its own with
+  ``max_records`` = the room it has left (and the global room), so neither cap is ever passed. A partition over
+  its share is paused alone (resumed at half), so a hot key with a long backlog on its limit holds back only the
+  keys that share its partition; past the global cap every partition pauses. A partition also pauses while its
+  records finished above the commit point might no longer fit the commit metadata
+  (``offsets.PartitionOffsets.metadata_room``), so a rebalance never repeats a finished record. Pauses are
+  re-applied after a rebalance, since Kafka forgets them.
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped. A
@@ -39,8 +46,17 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   start, ``failed`` / ``outcome-unknown``) instead of calling Feishu, whatever stopped the previous owner
   (proved with SIGKILL, a rebalance and answers lost after the operation in ``tests/test_outbound_faults.py``).
 
-Decoding failures, unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead
-letters; they never stop a partition.
+* **Writes that fail.** A result or dead letter is never dropped: its record's offset waits. A record too large
+  for its topic is written cut and says so (``results.cut_result``, ``results.cut_dead_letter``); any other
+  error is retried, backing off to ``outbound.backoff_cap``; one that cannot be retried (not authorized, too large
+  even when cut, ...) or a write unacknowledged for ``outbound.write_alarm_after`` makes :meth:`Outbound.problem`
+  say so (``/readyz`` answers 503 with it) until the write succeeds.
+* **Commit metadata** is at most ``outbound.commit_metadata_max_bytes`` characters; a broker that refuses it
+  (``OFFSET_METADATA_TOO_LARGE``: its ``offset.metadata.max.bytes`` is smaller) gets half as much, at once.
+
+No record can stop a partition or the process: decoding failures (including values too deeply nested to read),
+unknown kinds, broken field rules and unknown apps become ``rejected`` results plus dead letters, and a record the
+Kafka client itself cannot parse (an invalid UTF-8 header name) becomes a dead letter naming its offset.
 """
 
 from __future__ import annotations
@@ -49,14 +65,24 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    CorruptRecordException,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OffsetMetadataTooLargeError,
+    OutOfOrderSequenceNumber,
+)
+from aiokafka.partitioner import DefaultPartitioner
 
 from relay.calls import Call, build_call, card_sequence, unsendable
 from relay.config import Config
@@ -75,28 +101,37 @@ from relay.intents import (
     ordering_key,
 )
 from relay.journal import DeadLetter, Entry, Finished, Journal
-from relay.kafka import client_settings
+from relay.kafka import BATCH_OVERHEAD, MAX_BATCH_SIZE, client_settings, max_message_bytes
 from relay.media import FILE_MAX_BYTES, IMAGE_MAX_BYTES, send_with_key, upload_for, upload_refusal
 from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics
-from relay.offsets import JournalPosition, PartitionOffsets, decode_done, split_journal, with_journal
+from relay.offsets import JOURNAL_METADATA_ROOM, JournalPosition, OffsetRanges, PartitionOffsets, decode_metadata
 from relay.outcomes import Attempted
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped, PreviewTicket
 from relay.results import (
     OUTCOME_UNKNOWN,
     Headers,
+    cut_dead_letter,
+    cut_result,
     dead_letter_headers,
     dead_letter_reason,
     encode_result,
     forwarded_headers,
     from_attempt,
     make_result,
+    one_line,
+    record_size,
 )
 
 log = logging.getLogger(__name__)
 
 # seconds between two looks, during a drain, for preview jobs that stopped being started (see Outbound._drain)
 DRAIN_RECHECK = 0.25
+_NOTHING: Final = OffsetRanges()
+# after a record the client could not parse, its partition is read one record at a time for this many records
+_CAREFUL_READS: Final = 500
+# an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
+_MIN_METADATA_CAP: Final = 64
 
 
 def intent_kind(intent: Intent) -> str:
@@ -135,15 +170,65 @@ class Job:
         self.preview: PreviewTicket | None = None
 
 
+class Unreadable:
+    """A record the Kafka client could not parse: only where it is, for its dead letter."""
+
+    __slots__ = ("offset", "partition", "topic")
+
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: Any = ()
+
+    def __init__(self, tp: TopicPartition, offset: int) -> None:
+        self.topic, self.partition, self.offset = tp.topic, tp.partition, offset
+
+
+class Bare:
+    """A record without its headers: what an internal error is reported with when the full report fails."""
+
+    __slots__ = ("key", "offset", "partition", "topic", "value")
+
+    headers: Any = ()
+
+    def __init__(self, record: Record) -> None:
+        self.topic, self.partition, self.offset = record.topic, record.partition, record.offset
+        self.key, self.value = record.key, record.value
+
+
+class Write:
+    """One result or dead letter not yet acknowledged: since when, and the error that keeps failing it."""
+
+    __slots__ = ("error", "since", "stuck", "what")
+
+    def __init__(self, what: str, since: float) -> None:
+        self.what = what
+        self.since = since
+        self.error: str | None = None
+        self.stuck = False  # the error cannot be retried into success: an operator must act
+
+
+class _TooLarge(Exception):
+    """A record its topic's known ``max.message.bytes`` cannot take even cut (never sent: see ``_send``)."""
+
+
+def _unparsable(err: Exception) -> bool:
+    """An error of the Kafka client *parsing* a fetched record, not of Kafka itself (module doc)."""
+    return isinstance(err, CorruptRecordException) or not isinstance(err, KafkaError)
+
+
 class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
                  previews: PreviewCoalescer | None = None, membership: Membership | None = None,
                  journal: Journal | None = None, fetcher: Fetcher | None = None,
                  wall: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, admin: AIOKafkaAdminClient | None = None,
+                 new_producer: Callable[[], AIOKafkaProducer] | None = None) -> None:
         """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
-        without a group coordinator. ``journal``: the write-ahead journal of calls not safe to repeat."""
+        without a group coordinator. ``journal``: the write-ahead journal of calls not safe to repeat.
+        ``admin`` reads the previous owner's commit metadata and topic limits; None: ``run`` makes one from the
+        config. ``new_producer`` makes a replacement for a producer a refused batch broke (see ``_send``); the
+        replacements are this object's to stop, ``producer`` stays its owner's."""
         self._config = config
         self._out = config.outbound
         self._consumer = consumer
@@ -158,7 +243,7 @@ class Outbound(ConsumerRebalanceListener):
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
-        self._skip: dict[TopicPartition, set[int]] = {}
+        self._skip: dict[TopicPartition, OffsetRanges] = {}
         self._jobs: dict[TopicPartition, set[Job]] = {}
         self._lanes: dict[tuple[TopicPartition, str], asyncio.Task[None]] = {}
         self._folding = Folding()  # latest-wins among the records waiting in a lane (relay.folding)
@@ -169,17 +254,35 @@ class Outbound(ConsumerRebalanceListener):
         self._inflight_by_tp: dict[TopicPartition, int] = {}
         self._all_paused = False  # the global cap was reached; cleared at half
         self._paused: set[TopicPartition] = set()
-        self._admin: AIOKafkaAdminClient | None = None
+        self._admin = admin
         self._rebalancing = False  # between revoke and assign: no periodic commits
         self._periodic: asyncio.Task[None] | None = None  # the periodic commit in flight
+        self._progress = asyncio.Event()  # a job ended: room may have opened
+        self._careful: dict[TopicPartition, int] = {}  # partition -> single-record reads left (see _read)
+        self._round = 0  # rotates which partition is read first, so none starves under the global cap
+        self._writes: dict[Write, None] = {}  # results and dead letters being written, oldest first
+        self._reports_failing = 0  # internal errors whose report cannot be built (see _internal_failure)
+        self._metadata_cap = self._out.commit_metadata_max_bytes  # halved by OFFSET_METADATA_TOO_LARGE
+        # the journal position's suffix needs room beside the finished set (offsets.JOURNAL_METADATA_ROOM)
+        self._journal_room = JOURNAL_METADATA_ROOM if journal is not None else 0
+        self._partitioner = DefaultPartitioner()
+        self._limits: dict[str, tuple[int | None, float]] = {}  # topic -> (max.message.bytes, when asked)
+        self._limits_lock = asyncio.Lock()
+        self._new_producer = new_producer
+        self._renewed: list[AIOKafkaProducer] = []  # producers made here, the current one last
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -math.inf
+        self._stopping: set[asyncio.Task[None]] = set()  # replaced producers being stopped
         self.finished = 0  # records finished (result acknowledged), for progress lines and tests
 
     # lifetime -----------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain, commit and leave the group."""
-        self._admin = AIOKafkaAdminClient(**client_settings(self._config.kafka))
-        await self._admin.start()
+        own_admin = self._admin is None
+        admin = self._admin = self._admin or AIOKafkaAdminClient(**client_settings(self._config.kafka))
+        if own_admin:
+            await admin.start()
         try:
             await self._consumer.start()  # not subscribed yet: returns without joining the group
             try:
@@ -190,30 +293,46 @@ class Outbound(ConsumerRebalanceListener):
             finally:
                 await asyncio.wait_for(self._consumer.stop(), 30)
         finally:
-            await self._admin.close()
+            if own_admin:
+                await admin.close()
+            for producer in self._renewed:
+                with contextlib.suppress(KafkaError):
+                    await producer.stop()
+            await asyncio.gather(*self._stopping, return_exceptions=True)  # their errors do not matter now
         log.info("outbound stopped: %d records finished", self.finished)
+
+    def problem(self) -> str | None:
+        """Why records cannot finish right now, for ``/readyz`` (None when all is well); see the module doc."""
+        now = self._clock()
+        stuck = [w for w in self._writes if w.stuck]
+        late = [w for w in self._writes if now - w.since >= self._out.write_alarm_after]
+        if stuck or late:
+            first = (stuck or late)[0]
+            why = first.error or f"no acknowledgement for {now - first.since:.0f}s"
+            return f"{first.what} fails ({len(stuck or late)} record(s) waiting): {why}"
+        if self._reports_failing:
+            return f"{self._reports_failing} internal error(s) cannot be reported; their keys wait (see the log)"
+        return None
 
     async def _consume(self, stop: asyncio.Event) -> None:
         committer = asyncio.create_task(self._commit_loop(), name="relay-committer")
+        stopped = asyncio.ensure_future(stop.wait())  # every wait below also ends on it: the drain starts at once
         try:
             while not stop.is_set():
-                valid = self._standing() is Standing.VALID
-                if valid:
-                    self._backpressure()
-                # while anything is paused, come back soon to resume it as work finishes. Polled also while the
-                # membership is not valid: aiokafka leaves the group and will not rejoin after max_poll_interval
-                # without a poll
-                batch = await self._consumer.getmany(timeout_ms=20 if valid and self._paused else 200,
-                                                     max_records=500)
-                if batch and self._standing() is not Standing.VALID:
-                    self._unread(batch)  # nothing is dispatched until the membership is confirmed
-                    assert self._membership is not None
-                    await self._membership.changed(timeout=0.2)
+                if self._standing() is Standing.VALID:
+                    await self._fetch(stopped)
                     continue
-                for tp, records in batch.items():
-                    for record in records:
-                        self._dispatch(tp, record)
+                # polled also while the membership is not valid: aiokafka leaves the group and will not rejoin
+                # after max_poll_interval without a poll. Nothing is dispatched until it is confirmed
+                try:
+                    self._unread(await self._consumer.getmany(timeout_ms=200, max_records=1))
+                except Exception as err:
+                    if not _unparsable(err):
+                        raise  # (a record the client cannot parse is met again, and handled, once valid)
+                assert self._membership is not None
+                await self._membership.changed(timeout=0.2)
         finally:
+            stopped.cancel()
             committer.cancel()
             with contextlib.suppress(BaseException):  # its own errors are logged in the loop
                 await committer
@@ -302,9 +421,9 @@ class Outbound(ConsumerRebalanceListener):
             committed = {}
         positions: dict[TopicPartition, tuple[int, JournalPosition | None]] = {tp: (0, None) for tp in assigned}
         for tp, meta in committed.items():
-            metadata, position = split_journal(meta.metadata)
-            positions[tp] = (meta.offset, position)
-            done = decode_done(meta.offset, metadata)
+            previous = decode_metadata(meta.offset, meta.metadata)
+            positions[tp] = (meta.offset, previous.journal)
+            done = previous.done
             if done:
                 self._skip[tp] = done
                 log.info("%s[%d]: skipping %d records finished by the previous owner", tp.topic, tp.partition,
@@ -327,18 +446,133 @@ class Outbound(ConsumerRebalanceListener):
 
     # dispatch -----------------------------------------------------------------------------------------
 
-    def _backpressure(self) -> None:
+    async def _fetch(self, stopped: asyncio.Future[Any]) -> None:
+        """One round: read each partition up to the room it has left, or wait for room or records."""
+        rooms = self._backpressure()
+        left = self._out.max_in_flight - self._inflight
+        wait = 0.02 if self._paused else 0.2  # while anything is paused, come back soon to resume it
+        if not rooms or left <= 0:
+            self._progress.clear()
+            progress = asyncio.ensure_future(self._progress.wait())
+            await asyncio.wait([progress, stopped], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            progress.cancel()
+            return
+        order = list(rooms)
+        self._round += 1
+        first = self._round % len(order)
+        read = 0
+        order = order[first:] + order[:first]
+        for tp in order:
+            if read >= left:
+                break
+            read += await self._read(tp, min(rooms[tp], left - read))
+        if not read:
+            calm = [tp for tp in order if tp not in self._careful]
+            if calm:
+                await self._read_any(calm, int(wait * 1000), stopped)
+            else:  # only partitions being read one by one: wait on one of them (rare, and short)
+                await self._read(order[0], 1, timeout_ms=20)
+
+    async def _read(self, tp: TopicPartition, room: int, *, timeout_ms: int = 0) -> int:
+        """Take up to ``room`` buffered records of ``tp`` (aiokafka returns at most ``max_records``); how many.
+
+        A record the client cannot parse raises out of ``getmany``, and the records parsed before it in that call
+        are neither returned nor safe to skip: read again from the position (it has not moved), one record at a
+        time; then the one that fails is the culprit, at the position: dead-letter it and seek past it.
+        """
+        careful = self._careful.get(tp, 0)
+        try:
+            batch = await self._consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1 if careful else room)
+        except Exception as err:
+            if not _unparsable(err):
+                raise
+            return await self._skip_unparsable(tp, err, careful > 0)
+        records = batch.get(tp, [])
+        if not self._take({tp: records} if records else {}):
+            return 0
+        if careful and records:
+            if careful > 1:
+                self._careful[tp] = careful - 1
+            else:
+                del self._careful[tp]
+        return len(records)
+
+    async def _read_any(self, tps: list[TopicPartition], timeout_ms: int, stopped: asyncio.Future[Any]) -> None:
+        """Wait for records of any of ``tps``, taking one: one record fits any room, and a parse failure then
+        costs no other partition's records (aiokafka moves a partition's position as it drains it). After one,
+        which partition failed is unknown: each is read again from its position, one record, on its own."""
+        reading = asyncio.ensure_future(self._consumer.getmany(*tps, timeout_ms=timeout_ms, max_records=1))
+        await asyncio.wait([reading, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not reading.done():  # stopping: aiokafka's wait is cancellable, and it had taken nothing
+            reading.cancel()
+            await asyncio.wait([reading])
+            return
+        try:
+            batch = reading.result()
+        except Exception as err:
+            if not _unparsable(err):
+                raise
+            for tp in tps:  # a failed partition would otherwise skip what it had parsed (see _read)
+                with contextlib.suppress(IllegalStateError):
+                    self._consumer.seek(tp, await self._consumer.position(tp))
+                    self._careful[tp] = max(self._careful.get(tp, 0), 1)
+            return
+        self._take(batch)
+
+    def _take(self, batch: dict[TopicPartition, list[Any]]) -> bool:
+        """Dispatch fetched records; unless the membership stopped being valid during the fetch: then they are
+        read again later (``_unread``) and False."""
+        if batch and self._standing() is not Standing.VALID:
+            self._unread(batch)
+            return False
+        for tp, records in batch.items():
+            for record in records:
+                self._dispatch(tp, record)
+        return True
+
+    async def _skip_unparsable(self, tp: TopicPartition, err: Exception, careful: bool) -> int:
+        try:
+            position = await self._consumer.position(tp)
+            if not careful:
+                self._consumer.seek(tp, position)  # drop what the failed call parsed; read it again one by one
+                self._careful[tp] = _CAREFUL_READS
+                return 0
+            self._consumer.seek(tp, position + 1)
+        except IllegalStateError:
+            return 0  # revoked meanwhile: the next owner meets it
+        log.error("%s[%d]@%d: the Kafka client cannot parse this record (%s: %s); dead-lettering it", tp.topic,
+                  tp.partition, position, type(err).__name__, err)
+        reason = IntentError(f"record cannot be read by the Kafka client ({type(err).__name__}: "
+                             f"{one_line(str(err), 200)})", error="decode")
+        job = Job(tp, Unreadable(tp, position), self._wall())
+        self._offsets.setdefault(tp, PartitionOffsets()).add(position)
+        self._start(job, self._reject(job, job.record, reason, job.received), None)
+        return 1
+
+    def _backpressure(self) -> dict[TopicPartition, int]:
+        """Pause and resume partitions; the room (records it may take now) of each partition left readable."""
         assigned = self._consumer.assignment()
         cap, per = self._out.max_in_flight, self._out.max_in_flight_per_partition
         if self._inflight >= cap:
             self._all_paused = True
         elif self._all_paused and self._inflight <= cap // 2:
             self._all_paused = False
-        if self._all_paused:
-            wanted = set(assigned)
-        else:
-            wanted = {tp for tp in assigned
-                      if (n := self._inflight_by_tp.get(tp, 0)) >= per or (tp in self._paused and n > per // 2)}
+        rooms: dict[TopicPartition, int] = {}
+        wanted: set[TopicPartition] = set()
+        full = 0
+        for tp in assigned:
+            n = self._inflight_by_tp.get(tp, 0)
+            room = per - n
+            offsets = self._offsets.get(tp)
+            if offsets is not None and room > 0:
+                fits = offsets.metadata_room(room, self._skip.get(tp, _NOTHING), reserve=self._journal_room,
+                                             cap=self._metadata_cap)
+                full += fits <= 0
+                room = min(room, fits)
+            if self._all_paused or room <= 0 or (tp in self._paused and n > per // 2):
+                wanted.add(tp)
+            else:
+                rooms[tp] = room
         if pause := wanted - self._paused:
             self._consumer.pause(*pause)
         if resume := (self._paused - wanted) & assigned:
@@ -346,13 +580,15 @@ class Outbound(ConsumerRebalanceListener):
         self._paused = wanted
         self._metrics.set("relay_outbound_in_flight", self._inflight, help="records read but not finished")
         self._metrics.set("relay_outbound_paused_partitions", len(wanted), help="partitions paused for backpressure")
+        self._metrics.set("relay_outbound_metadata_full_partitions", full,
+                          help="partitions paused because more finished records might not fit the commit metadata")
+        return rooms
 
     def _dispatch(self, tp: TopicPartition, record: Record) -> None:
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
         offsets.add(record.offset)
         skip = self._skip.get(tp)
         if skip and record.offset in skip:
-            skip.discard(record.offset)
             offsets.done(record.offset)
             return
         received = self._wall()
@@ -362,24 +598,35 @@ class Outbound(ConsumerRebalanceListener):
         coro: Coroutine[Any, Any, None]
         try:
             intent = decode_intent(record.value)
-            if intent.app not in self._apps:
-                raise IntentError(f"app: {intent.app!r} is not a configured app", id=intent.id,
-                                  kind=intent_kind(intent), app=intent.app)
+            key = ordering_key(intent)
         except IntentError as err:
             coro = self._reject(job, record, err, received)
+        except Exception as err:  # decode_intent raises only IntentError: a bug, or an input nobody foresaw
+            log.exception("%s[%d]@%d: decoding failed unexpectedly", tp.topic, tp.partition, record.offset)
+            unread = IntentError(f"value cannot be decoded ({type(err).__name__})", error="decode")
+            coro = self._reject(job, record, unread, received)
         else:
             job.id, job.kind, job.app = intent.id, intent_kind(intent), intent.app
             entry = self._journal.recovered(tp, record.offset) if self._journal is not None else None
             if entry is not None:  # a previous owner started its call: never call again
-                lane = (tp, ordering_key(intent))
+                lane = (tp, key)
                 coro = self._recover(job, record, entry, received, self._lanes.get(lane))
             elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
-                coro = self._preview(job, record, intent, received)
+                if intent.app in self._apps:
+                    coro = self._preview(job, record, intent, received)
+                else:
+                    coro = self._reject(job, record, self._unknown_app(intent), received)
             else:
-                lane = (tp, ordering_key(intent))
+                lane = (tp, key)
                 self._folding.add(lane, record.offset, intent)
                 turn = asyncio.get_running_loop().create_future()
                 coro = self._perform(job, record, intent, received, self._lanes.get(lane), lane, turn)
+        self._start(job, coro, lane)
+        if turn is not None and job.task is not None:
+            self._turns[job.task] = turn
+
+    def _start(self, job: Job, coro: Coroutine[Any, Any, None], lane: tuple[TopicPartition, str] | None) -> None:
+        tp = job.tp
         task = asyncio.create_task(self._run_job(job, coro))
         job.task = task
         self._jobs.setdefault(tp, set()).add(job)
@@ -388,8 +635,10 @@ class Outbound(ConsumerRebalanceListener):
         if lane is not None:
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done, lane))
-            if turn is not None:
-                self._turns[task] = turn
+
+    def _unknown_app(self, intent: Intent) -> IntentError:
+        return IntentError(f"app: {intent.app!r} is not a configured app", id=intent.id, kind=intent_kind(intent),
+                           app=intent.app)
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
         self._turns.pop(task, None)
@@ -408,7 +657,10 @@ class Outbound(ConsumerRebalanceListener):
             except Exception as err:
                 # a bug, not an outcome: report it as this intent's failure rather than freeze the partition
                 log.exception("%s[%d]@%d: unexpected error", job.tp.topic, job.tp.partition, job.offset)
-                if not await self._internal_failure(job, err):
+                try:
+                    await self._internal_failure(job, err)
+                except MembershipLost:
+                    self._count_abandoned(1)
                     return
             offsets = self._offsets.get(job.tp)
             if offsets is not None:
@@ -424,16 +676,23 @@ class Outbound(ConsumerRebalanceListener):
             jobs = self._jobs.get(job.tp)
             if jobs is not None:
                 jobs.discard(job)
+            self._progress.set()
 
     # the three kinds of job -----------------------------------------------------------------------------
 
     async def _perform(self, job: Job, record: Record, intent: Intent, received: float,
                        previous: asyncio.Task[None] | None, lane: tuple[TopicPartition, str],
                        turn: asyncio.Future[None]) -> None:
-        """``turn`` ends when the next job of the lane may go: when this one is done, or decided superseded."""
+        """``turn`` is set when this job is decided superseded: the next job of the lane may then go before this
+        one's result is written (it made no call); otherwise the next job waits for this one's task to end."""
         try:
             if previous is not None:  # order per key; its outcome (even a cancellation) is its own
-                await asyncio.wait([self._turns.get(previous) or previous])
+                before = self._turns.get(previous)
+                await asyncio.wait([previous] if before is None else [previous, before],
+                                   return_when=asyncio.FIRST_COMPLETED)
+            if intent.app not in self._apps:
+                await self._reject(job, record, self._unknown_app(intent), received)
+                return
             superseded_by = self._folding.superseded_by(lane, record.offset)
             if superseded_by is not None:  # a later update waiting behind it replaces it whole (relay.folding)
                 self._folding.done(lane, record.offset)
@@ -450,7 +709,7 @@ class Outbound(ConsumerRebalanceListener):
                                    received)
                 return
             if isinstance(intent, ImageUpload | FileUpload) and intent.url is not None:
-                fetched = await self._fetch(job, record, intent, received)
+                fetched = await self._download(job, record, intent, received)
                 if fetched is None:
                     return
                 intent = fetched
@@ -462,11 +721,9 @@ class Outbound(ConsumerRebalanceListener):
             await self._call(job, record, intent, received)
         finally:
             self._folding.done(lane, record.offset)
-            if not turn.done():
-                turn.set_result(None)
 
-    async def _fetch(self, job: Job, record: Record, intent: ImageUpload | FileUpload,
-                     received: float) -> ImageUpload | FileUpload | None:
+    async def _download(self, job: Job, record: Record, intent: ImageUpload | FileUpload,
+                        received: float) -> ImageUpload | FileUpload | None:
         """The upload with the bytes its ``url`` holds; None once a refusal (rejected) or failure is written."""
         assert intent.url is not None
         job.started = True  # a download is under way: not abandoned unstarted (it is no Feishu call)
@@ -493,7 +750,7 @@ class Outbound(ConsumerRebalanceListener):
         """A ``message.send`` with ``upload``: download, upload, and the message with the key as its content; None
         once the intent's result is written instead (the download or upload refused or failed: ``msg`` says
         which step). The upload is journaled like any call not safe to repeat, so a new owner does not repeat it."""
-        upload = await self._fetch(job, record, upload_for(send), received)
+        upload = await self._download(job, record, upload_for(send), received)
         if upload is None:
             return None
         attempted = await self._attempt(job, record, upload, build_call(upload), received)
@@ -578,20 +835,38 @@ class Outbound(ConsumerRebalanceListener):
         fields = {"msg": err.reason, "attempts": 0}
         await self._finish(record, err.id, err.kind, err.app, "rejected", fields, err.error, received)
 
-    async def _internal_failure(self, job: Job, err: Exception) -> bool:
-        """A ``failed`` result and a dead letter (``relay.error=internal``); False if even that fails."""
+    async def _internal_failure(self, job: Job, err: Exception) -> None:
+        """A ``failed`` result and a dead letter (``relay.error=internal``); returns only once they are written.
+
+        The writes themselves never raise (``_send``; MembershipLost aside, which abandons the job), so what can
+        fail is building the report: then it is built again from the record without its headers, backing off, and
+        ``problem`` says so meanwhile. The job holds its lane all along: a later record of the key never overtakes
+        an unreported failure.
+        """
         job.started = True
-        fields = {"msg": f"internal error: {type(err).__name__}: {err}", "attempts": 0}
+        record: Record = job.record
+        fields = {"msg": one_line(f"internal error: {type(err).__name__}: {err}"), "attempts": 0}
+        delay, counted = 0.1, False
         try:
-            await self._finish(job.record, job.id, job.kind, job.app, "failed", fields, "internal", job.received,
-                               journal=job)
-        except MembershipLost:
-            return False
-        except Exception:
-            log.exception("%s[%d]@%d: could not report the error; the record stays uncommitted", job.tp.topic,
-                          job.tp.partition, job.offset)
-            return False
-        return True
+            while True:
+                try:
+                    await self._finish(record, job.id, job.kind, job.app, "failed", fields, "internal", job.received,
+                                       journal=job)
+                    return
+                except MembershipLost:
+                    raise
+                except Exception:
+                    log.exception("%s[%d]@%d: could not report the error; its key waits", job.tp.topic,
+                                  job.tp.partition, job.offset)
+                if not counted:
+                    counted = True
+                    self._reports_failing += 1
+                record, fields = Bare(job.record), {"msg": f"internal error: {type(err).__name__}", "attempts": 0}
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._out.backoff_cap)
+        finally:
+            if counted:
+                self._reports_failing -= 1
 
     # writing results --------------------------------------------------------------------------------
 
@@ -643,13 +918,15 @@ class Outbound(ConsumerRebalanceListener):
         kafka = self._config.kafka
         sends: list[Awaitable[Any]] = []
         if id is not None and value is not None:
-            sends.append(self._send(kafka.results_topic, id.encode(), value,
-                                    forwarded_headers(headers, kafka.forward_headers)))
+            forwarded = forwarded_headers(headers, kafka.forward_headers)
+            sends.append(self._send(kafka.results_topic, id.encode(), value, forwarded,
+                                    cut=functools.partial(self._cut_result, id.encode(), value, forwarded)))
         if dl_error is not None:
-            sends.append(self._send(kafka.dead_letter_topic, record.key, record.value or b"",
-                                    dead_letter_headers(headers, error=dl_error, reason=reason,
-                                                        topic=record.topic, partition=record.partition,
-                                                        offset=record.offset)))
+            letter = record.value or b""
+            own = dead_letter_headers((), error=dl_error, reason=reason, topic=record.topic,
+                                      partition=record.partition, offset=record.offset)
+            sends.append(self._send(kafka.dead_letter_topic, record.key, letter, [*own, *headers],
+                                    cut=functools.partial(cut_dead_letter, record.key, letter, own, headers)))
         if len(sends) == 1:
             await sends[0]  # the common case: no gather (and no extra task) per record
         else:
@@ -666,25 +943,154 @@ class Outbound(ConsumerRebalanceListener):
                  record.topic, record.partition, record.offset, id, kind, status, fields.get("attempts"),
                  fields.get("code"), fields.get("log_id"), latency * 1000, f" ({note})" if note else "")
 
-    async def _send(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
-        """Produce and wait for the broker's acknowledgement, retrying until it comes (or we are cancelled)."""
-        delay = 0.1
-        while True:
-            if self._membership is not None:
-                await self._membership.wait()  # also before a retry: it may come after a freeze (MembershipLost)
-            try:
-                future = await self._producer.send(topic, value, key=key, headers=headers)
-                await future
-                return
-            except KafkaError as err:
-                # never dropped: the record's offset waits. A non-retriable error (too large, not authorized)
-                # needs an operator, so it is logged as an error and counted rather than retried quietly.
+    @staticmethod
+    def _cut_result(key: bytes, value: bytes, headers: Headers, budget: int) -> tuple[bytes | None, bytes, Headers]:
+        cut_value, cut_headers = cut_result(value, headers, budget)
+        return key, cut_value, cut_headers
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes, headers: Headers,
+                    cut: Callable[[int], tuple[bytes | None, bytes, Headers]] | None = None) -> None:
+        """Produce and wait for the broker's acknowledgement; raises nothing but CancelledError (module doc).
+
+        Nothing the broker would refuse for its size is sent when the topic's ``max.message.bytes`` is known:
+        aiokafka's idempotent producer does not take back the sequence numbers of a refused batch, so every later
+        batch to that partition would fail (``OutOfOrderSequenceNumber``). A record over the limit is cut to fit
+        (``cut(budget)``); to a topic whose limit is below the producer's batch size every record goes as a batch
+        of its own. When the limit is unknown, a ``MessageSizeTooLarge`` (aiokafka's own check, or the broker's)
+        sends the record alone, then cut, halving. Any other error is retried, backing off; one that cannot
+        succeed by retrying marks the write stuck (``problem``) until it does. An error that is not Kafka's (the
+        client refused the record's shape) is retried with the smallest cut, which has none of the original
+        headers.
+        """
+        write = Write(f"writing to {topic}", self._clock())
+        self._writes[write] = None
+        delay, alone = 0.1, False
+        try:
+            while True:
+                if self._membership is not None:
+                    await self._membership.wait()  # also before a retry: it may come after a freeze (MembershipLost)
+                failure: Exception
+                try:
+                    limit = await self._topic_limit(topic, fresh=write.stuck)
+                    size = record_size(key, value, headers)
+                    if limit is not None and size + BATCH_OVERHEAD > limit:
+                        smaller = cut(limit - BATCH_OVERHEAD) if cut is not None else None
+                        if smaller is not None and record_size(*smaller) < size:
+                            key, value, headers = self._cut(topic, size, smaller)
+                            continue
+                        raise _TooLarge(f"{size} bytes even cut; {topic} takes {limit}")
+                    if alone or (limit is not None and limit < MAX_BATCH_SIZE + BATCH_OVERHEAD):
+                        future = await self._send_alone(topic, key, value, headers)
+                    else:
+                        future = await self._producer.send(topic, value, key=key, headers=headers)
+                    await future
+                    return
+                except _TooLarge as err:
+                    failure = err
+                except MessageSizeTooLargeError as err:
+                    failure = err
+                    if not alone:
+                        alone = True  # a neighbour in its batch may have been the large one
+                        continue
+                    smaller = cut(size // 2) if cut is not None else None
+                    if smaller is not None and record_size(*smaller) < size:
+                        key, value, headers = self._cut(topic, size, smaller)
+                        continue
+                except OutOfOrderSequenceNumber as err:
+                    # an earlier batch to this partition was refused (too large, invalid timestamp, ...): aiokafka
+                    # kept its sequence numbers, so this producer can never write to the partition again
+                    failure = err
+                    if await self._renew_producer():
+                        continue
+                except KafkaError as err:
+                    failure = err
+                except Exception as err:
+                    log.exception("writing to %s failed unexpectedly", topic)
+                    failure = err
+                    smallest = cut(0) if cut is not None else None
+                    if smallest is not None and record_size(*smallest) < record_size(key, value, headers):
+                        key, value, headers = smallest
+                        continue
+                retriable = isinstance(failure, KafkaError) and failure.retriable
+                write.error, write.stuck = f"{type(failure).__name__}: {one_line(str(failure), 200)}", not retriable
                 self._metrics.inc("relay_outbound_write_errors_total", help="failed result/dead-letter writes",
-                                  topic=topic, retriable=str(err.retriable).lower())
-                level = logging.WARNING if err.retriable else logging.ERROR
-                log.log(level, "writing to %s failed (%s); retrying in %.1fs", topic, err, delay)
+                                  topic=topic, retriable=str(retriable).lower())
+                # never dropped: the record's offset waits. A write that cannot succeed by retrying needs an
+                # operator: an error in the log and a reason on /readyz, retried slowly until fixed
+                log.log(logging.WARNING if retriable else logging.ERROR, "writing to %s failed (%s); retrying in %.1fs",
+                        topic, write.error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0 if err.retriable else 30.0)
+                delay = min(delay * 2, self._out.backoff_cap)
+        finally:
+            del self._writes[write]
+
+    async def _renew_producer(self) -> bool:
+        """Replace the producer (a fresh producer id starts its sequences over); False when not possible now.
+
+        At most once per ``outbound.backoff_cap``: a topic that keeps refusing breaks each new producer again. The
+        old one is stopped in the background (what it still holds is delivered or fails back to its sender).
+        """
+        if self._new_producer is None:
+            return False
+        if self._renewing is None:
+            if self._clock() - self._renewed_at < self._out.backoff_cap:
+                return False
+            self._renewing = asyncio.create_task(self._swap_producer(self._new_producer))
+        renewing = self._renewing
+        await asyncio.wait([renewing])
+        if self._renewing is renewing:
+            self._renewing = None
+        return not renewing.cancelled() and renewing.exception() is None
+
+    async def _swap_producer(self, make: Callable[[], AIOKafkaProducer]) -> None:
+        producer = make()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        old, self._producer = self._producer, producer
+        self._renewed_at = self._clock()
+        self._renewed.append(producer)
+        log.warning("a refused batch broke the producer's sequence numbers; writing with a new producer")
+        self._metrics.inc("relay_outbound_producer_renewals_total",
+                          help="producers replaced after a refused batch broke their sequence numbers")
+        if old in self._renewed:  # ours to stop; the first one is its owner's
+            self._renewed.remove(old)
+            task = asyncio.create_task(old.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    def _cut(self, topic: str, size: int, smaller: tuple[bytes | None, bytes, Headers]
+             ) -> tuple[bytes | None, bytes, Headers]:
+        self._metrics.inc("relay_outbound_truncated_total", topic=topic,
+                          help="results and dead letters cut to fit their topic")
+        log.warning("a record of %d bytes is too large for %s; writing it cut to %d bytes", size, topic,
+                    record_size(*smaller))
+        return smaller
+
+    async def _topic_limit(self, topic: str, *, fresh: bool) -> int | None:
+        """The topic's ``max.message.bytes`` (None when the broker does not say); asked again, at most once a
+        second, while a write is stuck (an operator may be raising it)."""
+        known = self._limits.get(topic)
+        if known is not None and not (fresh and self._clock() - known[1] >= 1.0):
+            return known[0]
+        async with self._limits_lock:  # one question at a time: the first writes all ask at once
+            known = self._limits.get(topic)
+            if known is None or (fresh and self._clock() - known[1] >= 1.0):
+                limits = await max_message_bytes(self._admin, [topic]) if self._admin is not None else {}
+                known = self._limits[topic] = (limits.get(topic), self._clock())
+        return known[0]
+
+    async def _send_alone(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> Awaitable[Any]:
+        """Send one record as a batch of its own (the partition ``send`` would pick for its key)."""
+        batch = self._producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            raise MessageSizeTooLargeError(f"a record of {record_size(key, value, headers)} bytes fits no batch")
+        partitions = sorted(await self._producer.partitions_for(topic))
+        partition = self._partitioner(key, partitions, partitions)
+        future: Awaitable[Any] = await self._producer.send_batch(batch, topic, partition=partition)
+        return future
 
     # commits ------------------------------------------------------------------------------------------
 
@@ -701,26 +1107,50 @@ class Outbound(ConsumerRebalanceListener):
     async def _commit(self, tps: list[TopicPartition]) -> None:
         if self._standing() is Standing.LOST:
             return  # the broker would refuse it (or, after a reset generation, take it from a non-member)
-        moves = {tp: move for tp in tps if (o := self._offsets.get(tp)) is not None
-                 and (move := o.uncommitted(also_done=self._skip.get(tp, ()))) is not None}
-        if not moves:
+        while True:
+            cap = self._metadata_cap
+            moves: dict[TopicPartition, tuple[int, str]] = {}
+            for tp in tps:
+                offsets = self._offsets.get(tp)
+                point = offsets.commit_point() if offsets is not None else None
+                if offsets is None or point is None:
+                    continue
+                # the journal position rides in the metadata (relay.journal), kept whatever else is cut
+                journal = self._journal.position(tp, point) if self._journal is not None else None
+                move = offsets.uncommitted(also_done=self._skip.get(tp, _NOTHING), journal=journal, cap=cap)
+                if move is not None:
+                    moves[tp] = move
+            if not moves:
+                return
+            try:
+                await self._consumer.commit(moves)
+            except OffsetMetadataTooLargeError:
+                # the broker's offset.metadata.max.bytes is smaller than our cap: aiokafka does not retry this,
+                # and the same metadata would be refused forever. Halve the cap and commit again, now
+                longest = max(len(metadata) for _, metadata in moves.values())
+                self._metrics.inc("relay_outbound_metadata_refused_total",
+                                  help="commits refused with OFFSET_METADATA_TOO_LARGE (the cap was halved)")
+                if longest <= _MIN_METADATA_CAP:
+                    log.error("the broker refuses commit metadata of %d characters; commits fail", longest)
+                    return
+                self._metadata_cap = max(_MIN_METADATA_CAP, min(cap, longest) // 2)
+                self._metrics.set("relay_outbound_metadata_cap", self._metadata_cap,
+                                  help="characters of commit metadata in use (outbound.commit_metadata_max_bytes)")
+                log.warning("the broker refused commit metadata of %d characters (OFFSET_METADATA_TOO_LARGE); "
+                            "using at most %d from now on: set outbound.commit_metadata_max_bytes to the broker's "
+                            "offset.metadata.max.bytes or less", longest, self._metadata_cap)
+                continue
+            except (CommitFailedError, IllegalStateError, KafkaError) as err:
+                # ownership moved (a rebalance) or the broker is away: the next owner re-reads from the last commit
+                log.warning("commit of %d partition(s) failed: %s", len(moves), err)
+                return
+            for tp, (point, metadata) in moves.items():
+                committed = self._offsets.get(tp)
+                if committed is not None:
+                    committed.committed, committed.committed_metadata = point, metadata
+                if self._journal is not None:
+                    self._journal.committed(tp, point)
             return
-        wire = moves
-        if self._journal is not None:  # the journal position rides in the metadata (relay.journal)
-            wire = {tp: (point, with_journal(metadata, self._journal.position(tp, point)))
-                    for tp, (point, metadata) in moves.items()}
-        try:
-            await self._consumer.commit(wire)
-        except (CommitFailedError, IllegalStateError, KafkaError) as err:
-            # ownership moved (a rebalance) or the broker is away: the next owner re-reads from the last commit
-            log.warning("commit of %d partition(s) failed: %s", len(moves), err)
-            return
-        for tp, (point, metadata) in moves.items():
-            offsets = self._offsets.get(tp)
-            if offsets is not None:
-                offsets.committed, offsets.committed_metadata = point, metadata
-            if self._journal is not None:
-                self._journal.committed(tp, point)
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
         """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish.
@@ -788,6 +1218,7 @@ class Outbound(ConsumerRebalanceListener):
             self._offsets.pop(tp, None)
             self._jobs.pop(tp, None)
             self._skip.pop(tp, None)
+            self._careful.pop(tp, None)
         if self._journal is not None:
             self._journal.forget(gone)
         self._folding.forget(gone)

@@ -4,7 +4,7 @@
     network_error(exc)                            -> Outcome   (no answer at all: RETRY)
     token_error(outcome)                          -> Outcome   (no tenant token: the API was not called)
 
-Verdicts (SPEC.md "Retries"):
+Verdicts (docs/guarantees.md "Bounded retries", docs/feishu-rules.md §4):
 
     OK         code 0 on a 2xx
     PARTIAL    code 0, but Feishu reports per-user failures in ``data`` (chat_button ``failed_user_reasons``, ...)
@@ -13,8 +13,8 @@ Verdicts (SPEC.md "Retries"):
     REFRESH    the access token is invalid or expired: evict it, fetch a new one, retry once
     PERMANENT  Feishu refused; retrying the same request cannot succeed
 
-The codes below come from feishu-facts.md (its sources in brackets); every code not listed is PERMANENT with
-Feishu's own code and msg, which is what the SPEC asks for ("other codes fail at once").
+The codes below come from docs/feishu-rules.md §4 (its sources in brackets); every code not listed is PERMANENT
+with Feishu's own code and msg, which is what docs/guarantees.md promises ("every other refusal fails at once").
 
 A 2xx whose body is not Feishu's ``{code, msg, data}`` is PERMANENT, not RETRY: Feishu always answers with that
 envelope, so an unreadable 2xx comes from something else on the path (a proxy, a wrong ``base_url``), which
@@ -115,7 +115,7 @@ class _Rule(msgspec.Struct, frozen=True):
     maybe_performed: bool = False  # RETRY only: the failure may have come after the operation (module doc)
 
 
-# code -> what to do. Sources: feishu-facts.md §1.3, §2.1, §2.4, §4 and the pages they cite.
+# code -> what to do. Sources: docs/feishu-rules.md §1, §2.1, §2.4, §4 and the pages they name.
 CODES: Final[dict[int, _Rule]] = {
     # Frequency control (server-docs/api-call-guide/frequency-control): HTTP 429 (older APIs 400) with 99991400;
     # wait ``x-ogw-ratelimit-reset`` seconds, then retry.
@@ -132,21 +132,21 @@ CODES: Final[dict[int, _Rule]] = {
     99991663: _Rule(Verdict.REFRESH, False, "tenant_access_token invalid or expired"),
     99991664: _Rule(Verdict.REFRESH, False, "app_access_token invalid"),
     99991671: _Rule(Verdict.REFRESH, False, "access token invalid (format)"),
-    # Listed so the table says it on purpose: config problems a refresh cannot fix (facts §1.3).
+    # Listed so the table says it on purpose: config problems a refresh cannot fix (docs/feishu-rules.md §1).
     99991672: _Rule(Verdict.PERMANENT, False, "app lacks a required scope"),
     99991679: _Rule(Verdict.PERMANENT, False, "user has not granted the scope"),
     99991401: _Rule(Verdict.PERMANENT, False, "caller IP not in the app's whitelist"),
     99991661: _Rule(Verdict.PERMANENT, False, "missing access token"),
-    # CardKit (feishu-next §D1/§D2). A sequence not greater than the card's last: the same record's retry carries
+    # CardKit (docs/feishu-rules.md §5.7). A sequence not greater than the card's last: the same record's retry carries
     # the same number, so retrying cannot help (the relay's sequences increase: relay.calls.card_sequence).
     300317: _Rule(Verdict.PERMANENT, False, "cardkit: sequence number compare failed"),
     # Streaming mode closed (10 min after it was opened, or idle): element content updates fail until a
     # card.settings opens it again; settings and full updates still work. Final for this intent.
     300309: _Rule(Verdict.PERMANENT, False, "cardkit: streaming mode is closed"),
     200850: _Rule(Verdict.PERMANENT, False, "cardkit: streaming mode closed (idle)"),
-    # An element added a moment ago is not visible yet: a short retry finds it (3P-observed, feishu-next §D2).
+    # An element added a moment ago is not visible yet: a short retry finds it (3P-observed, docs/feishu-rules.md §5.7).
     300313: _Rule(Verdict.RETRY, False, "cardkit: element not found (not visible yet)"),
-    # Uploads (feishu-next §E): listed so the table says it on purpose; a retry of the same bytes cannot help.
+    # Uploads (docs/feishu-rules.md §5.8): listed so the table says it on purpose; the same bytes again cannot help.
     234001: _Rule(Verdict.PERMANENT, False, "upload: invalid param"),
     234006: _Rule(Verdict.PERMANENT, False, "upload: size exceeded (image 10 MB, file 30 MB)"),
     234010: _Rule(Verdict.PERMANENT, False, "upload: file is empty"),
@@ -154,7 +154,7 @@ CODES: Final[dict[int, _Rule]] = {
 
 # Per-user failures Feishu reports next to code 0, by API (see relay.calls for the names).
 PARTIAL_FIELDS: Final[dict[str, tuple[str, ...]]] = {
-    # seeds/chat_button_update.md: data.failed_user_reasons[{error_code, error_message, user_id}].
+    # docs/feishu-rules.md §5.5: data.failed_user_reasons[{error_code, error_message, user_id}].
     "im.chat_button.update": ("failed_user_reasons",),
     # im-v1 buzz-messages urgent_*: data.invalid_user_id_list.
     "im.message.urgent_app": ("invalid_user_id_list",),

@@ -68,13 +68,6 @@ def config_warnings(config: Config) -> list[ConfigWarning]:
                                      "event request answered 404"))
     for app in config.apps:
         found.extend(_app_warnings(app))
-    out = config.outbound
-    if out.enabled and out.drain_timeout * 1000 >= out.rebalance_timeout_ms:
-        found.append(ConfigWarning(
-            "outbound.drain_timeout",
-            f"{out.drain_timeout:g} s is not shorter than outbound.rebalance_timeout_ms "
-            f"({out.rebalance_timeout_ms} ms): a rebalance can time out while a revoked partition drains, and the "
-            "group then moves on without this relay's commit"))
     return found
 
 

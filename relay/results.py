@@ -16,6 +16,11 @@ relay did not send it again: the answer was lost after the request was written (
 timeout), a gateway answered 5xx, Feishu answered 1500; or a previous owner of the partition made the call and
 stopped (killed, cut off in a drain) before writing its result (``relay.journal``). Check at Feishu before
 repeating it by hand; the ``msg`` says which.
+
+A record too large for its topic is written cut rather than never (``cut_result``, ``cut_dead_letter``), with a
+``relay.truncated`` header holding the original value's size in bytes: a result loses ``data`` (then its
+forwarded headers and most of ``msg``); a dead letter keeps its ``relay.*`` headers, then as many original
+headers as fit, then a prefix of the key and of the value.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from relay.outcomes import Attempted, Verdict
 
 Status = Literal["ok", "partial", "superseded", "expired", "failed", "rejected"]
 # ``relay.error`` of a dead letter (docs/results.md lists what each means; new values are added, never renamed)
-DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "internal", "fetch"]
+DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "outcome-unknown", "internal",
+                          "fetch"]
 
 
 class Result(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -111,6 +117,59 @@ def dead_letter_headers(headers: Sequence[tuple[str, bytes]], *, error: str, rea
         ("relay.source.offset", str(offset).encode()),
         *headers,
     ]
+
+
+TRUNCATED: Final = "relay.truncated"
+_RECORD_OVERHEAD: Final = 32  # a record's framing in a v2 batch: length, attributes, deltas, varints (generous)
+_KEY_KEPT: Final = 1024  # a cut dead letter keeps at most this much of its key
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:
+    """About the bytes a record takes in a batch (a little more, never less, than Kafka counts)."""
+    return (_RECORD_OVERHEAD + (len(key) if key else 0) + (len(value) if value else 0)
+            + sum(_header_size(h) for h in headers))
+
+
+def _header_size(header: tuple[str, bytes | None]) -> int:
+    return 4 + len(header[0].encode("utf-8", "replace")) + (len(header[1]) if header[1] else 0)
+
+
+def cut_dead_letter(key: bytes | None, value: bytes, relay_headers: Headers,
+                    original_headers: Sequence[tuple[str, bytes | None]],
+                    budget: int) -> tuple[bytes | None, bytes, Headers]:
+    """The dead letter within ``budget`` bytes where it can be: the ``relay.*`` headers and ``relay.truncated``
+    (the original value size) whole, the key (at most 1 KiB of it), the original headers in order while they
+    fit, then as much of the value as is left."""
+    headers: Headers = [*relay_headers, (TRUNCATED, str(len(value)).encode())]
+    room = budget - record_size(None, None, headers)
+    kept_key = key[: max(0, min(_KEY_KEPT, room))] if key else key
+    room -= len(kept_key) if kept_key else 0
+    for header in original_headers:
+        size = _header_size(header)
+        if size > room:
+            break
+        headers.append(header)  # type: ignore[arg-type]  # a None value is a valid Kafka header
+        room -= size
+    return kept_key, value[: max(0, room)], headers
+
+
+def cut_result(value: bytes, headers: Headers, budget: int) -> tuple[bytes, Headers]:
+    """The result record ``value`` within ``budget`` bytes where it can be, marked ``relay.truncated`` (its
+    original size): without ``data``; if that is still too large, also without its forwarded headers and with
+    ``msg`` cut short. (Bytes in, bytes out: a result re-emitted from the journal is cut the same way.)"""
+    mark = (TRUNCATED, str(len(value)).encode())
+    fields = _any_decoder.decode(value)
+    fields["data"] = None
+    cut = _any_encoder.encode(fields)
+    if record_size(None, cut, [*headers, mark]) + len(str(fields.get("id") or "")) <= budget:
+        return cut, [*headers, mark]
+    if isinstance(fields.get("msg"), str):
+        fields["msg"] = one_line(fields["msg"], 200)
+    return _any_encoder.encode(fields), [mark]
+
+
+_any_decoder: Final = msgspec.json.Decoder()
+_any_encoder: Final = msgspec.json.Encoder()
 
 
 def one_line(text: str, limit: int = 500) -> str:

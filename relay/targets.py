@@ -1,8 +1,8 @@
 """Which conversation a per-target key counts in, learnt from Feishu's own answers (pure, bounded).
 
 Feishu's "at most 5 calls per second to the same user, and to the same group" counts create, reply and forward
-together (feishu-facts §2.3) by the *conversation*, however the call names it. :mod:`relay.calls` names a call's
-target by what its intent says, and several names can be one conversation:
+together (docs/feishu-rules.md §2.3) by the *conversation*, however the call names it. :mod:`relay.calls` names a
+call's target by what its intent says, and several names can be one conversation:
 
     user:open_id:ou_1  user:union_id:on_1  user:user_id:u_1  user:email:a@x   one user, one p2p chat
     chat:oc_9                                                                 that p2p chat by its chat_id

@@ -43,7 +43,7 @@ def encrypt(plaintext: bytes, key: str = ENCRYPT_KEY, iv: bytes | None = None) -
 
 
 def sign(timestamp: str, nonce: str, key: str, body: bytes) -> str:
-    """The formula of feishu-facts §5.4, written out here on purpose (not imported from relay.events)."""
+    """The formula of docs/feishu-rules.md §6.4, written out here on purpose (not imported from relay.events)."""
     return hashlib.sha256(timestamp.encode() + nonce.encode() + key.encode() + body).hexdigest()
 
 

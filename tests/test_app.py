@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,26 @@ async def test_serve_exits_1_and_readyz_says_why_when_the_preview_memory_tail_di
     assert code == 1
     status, body = await readyz(health)
     assert status == 503 and "preview-memory" in body["reason"] and "memory record unreadable" in body["reason"]
+
+
+def test_run_refuses_a_drain_that_does_not_fit_the_rebalance_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    # an unreachable broker too: run must refuse before it ever tries Kafka
+    path.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n[outbound]\ndrain_timeout = 25.0\n')
+    for command in ("check", "run"):
+        proc = subprocess.run([sys.executable, "-m", "relay", command, "--config", str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        assert proc.stderr.startswith("config error: outbound.drain_timeout: ") and "rebalance" in proc.stderr
+
+
+def test_a_sandbox_port_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "relay", "sandbox", "--port", str(port)], capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: sandbox: 127.0.0.1:{port} is in use"], proc.stderr

@@ -147,10 +147,16 @@ def test_absorb_counts_the_other_buckets_use() -> None:
     assert fresh.epoch == 1 and fresh.delay(0.0) >= 3.0
 
 
+def sent(log: SendLog, at: float) -> None:
+    """A call sent at ``at`` and answered at once."""
+    log.record()
+    log.release(at)
+
+
 def test_send_logs_merge() -> None:
     one, other = SendLog([(2, 1.0)]), SendLog([(2, 1.0)])
-    one.record(0.0)
-    other.record(0.5)
+    sent(one, 0.0)
+    sent(other, 0.5)
     assert one.delay(0.6) == 0.0
     one.merge(other)
     assert one.delay(0.6) == pytest.approx(0.4)  # both sends count: the next waits for the first to leave
@@ -180,7 +186,7 @@ def test_send_log_holds_the_next_send_until_the_window_has_room() -> None:
     log = SendLog([(5, 1.15)])
     for t in (0.0, 0.1, 0.2, 0.3, 0.4):
         assert log.delay(t) == 0.0
-        log.record(t)
+        sent(log, t)
     assert log.delay(0.5) == pytest.approx(0.65)  # the first send leaves the 1.15 s window at 1.15
     assert log.delay(1.15) == pytest.approx(0.0, abs=1e-9)
     assert not log.idle(1.0) and log.idle(1.6)
@@ -189,7 +195,32 @@ def test_send_log_holds_the_next_send_until_the_window_has_room() -> None:
 def test_send_log_checks_every_window() -> None:
     log = SendLog([(3, 1.0), (4, 10.0)])
     for t in (0.0, 0.1, 0.2):
-        log.record(t)
+        sent(log, t)
     assert log.delay(0.3) == pytest.approx(0.7)  # the 1 s window is full
-    log.record(1.5)
+    sent(log, 1.5)
     assert log.delay(2.0) == pytest.approx(8.0)  # 4 in the 10 s window: the first leaves at 10.0
+
+
+def test_a_call_in_flight_counts_until_its_answer_then_for_a_window() -> None:
+    """Feishu counts a call when it arrives, anywhere between its send and its answer: one sent at 0.0 and
+    answered at 0.8 may have arrived at 0.8, so it keeps its place until 1.8, not 1.0."""
+    log = SendLog([(2, 1.0)])
+    log.record()  # sent at 0.0, in flight
+    sent(log, 0.1)
+    assert log.open == 1 and log.delay(0.5) == pytest.approx(0.6)  # the answered one leaves at 1.1; the other
+    log.record()                                                  # counts as long as it is in flight
+    assert log.delay(1.5) == math.inf  # two in flight: only an answer can make room
+    log.release(0.7)
+    log.release(0.8)
+    assert log.open == 0 and log.delay(0.9) == pytest.approx(0.8)  # answered at 0.7 and 0.8: the first leaves
+    assert log.delay(1.75) == pytest.approx(0.0, abs=1e-9)          # at 1.7
+    assert not log.idle(1.7) and log.idle(1.8)
+
+
+def test_a_merged_log_takes_the_other_logs_calls_in_flight() -> None:
+    one, other = SendLog([(2, 1.0)]), SendLog([(2, 1.0)])
+    other.record()
+    one.merge(other)
+    assert one.open == 1 and not one.idle(5.0)
+    other.release(0.5)  # answered through the name it was sent under
+    assert one.open == 0 and one.delay(1.0) == 0.0 and one.idle(1.6)

@@ -1,4 +1,4 @@
-"""chat_button.update end to end (seeds/chat_button_update.md): intents on the real broker, the whole relay
+"""chat_button.update end to end (docs/feishu-rules.md §5.5): intents on the real broker, the whole relay
 in-process, the sandbox as Feishu. Every validation rule of the page broken once, the partial-failure answer,
 230027, and the order of successive (full-replacement) updates for one chat."""
 
@@ -31,7 +31,7 @@ def without(name: str) -> dict[str, Any]:
     return {k: v for k, v in GOOD.items() if k != name}
 
 
-# (case, intent without id, the field path the reason must name) - one rule of the seed page broken each
+# (case, intent without id, the field path the reason must name) - one rule of §5.5 broken each
 BAD: list[tuple[str, dict[str, Any], str]] = [
     ("chat_id required", without("chat_id"), "$.chat_id"),
     ("chat_id non-empty", {**GOOD, "chat_id": ""}, "$.chat_id"),

@@ -85,6 +85,11 @@ def test_secrets_never_print() -> None:
         ("", {"RELAY_HTTP__PORTT": "1"}, "http.portt", "unknown key"),
         ("", {"RELAY_HTTP__PORT": "x"}, "http.port", "expected int"),
         ("[http\n", {}, "", "not valid TOML"),
+        # the drain and the commit after it must fit in the time the group waits for a rebalance
+        ("[outbound]\ndrain_timeout = 25.0\n", {}, "outbound.drain_timeout", "rebalance_timeout_ms"),
+        ("[outbound]\nrebalance_timeout_ms = 20000\n", {}, "outbound.drain_timeout", "does not fit"),
+        ("", {"RELAY_OUTBOUND__DRAIN_TIMEOUT": "60"}, "outbound.drain_timeout", "30000 ms"),
+        ("[outbound]\ncommit_metadata_max_bytes = 10\n", {}, "outbound.commit_metadata_max_bytes", ">= 64"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str, why: str) -> None:
@@ -112,6 +117,7 @@ def test_unknown_env_section_is_an_error() -> None:
         ('[feishu]\nbase_url = "ftp://x"\n', "feishu.base_url"),
         (APP + APP, "apps"),
         ("[outbound]\nmax_attempts = \"many\"\n", "outbound.max_attempts"),
+        ("[outbound]\ndrain_timeout = 30.0\n", "outbound.drain_timeout"),
     ],
 )
 def test_relay_check_cli_one_line(tmp_path: Path, toml: str, key: str) -> None:
@@ -124,6 +130,11 @@ def test_relay_check_cli_one_line(tmp_path: Path, toml: str, key: str) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"config error: {key}: ")
     assert "s3cr3t" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_drain_that_fits_with_its_margin_is_accepted() -> None:
+    out = parse_config({"outbound": {"drain_timeout": 35.0, "rebalance_timeout_ms": 45000}}, env={}).outbound
+    assert (out.drain_timeout, out.rebalance_timeout_ms) == (35.0, 45000)
 
 
 def test_relay_check_cli_good_file(tmp_path: Path) -> None:

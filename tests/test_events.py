@@ -73,7 +73,7 @@ def event_of(headers: dict[str, str], body: bytes, app: AppConfig = APP) -> Even
 # --- known answers -----------------------------------------------------------------------------------------------
 
 def test_decrypt_known_answer_vector() -> None:
-    # feishu-facts §5.3
+    # docs/feishu-rules.md §6.3
     assert decrypt("P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk=", "test key") == b"hello world"
 
 
@@ -403,7 +403,7 @@ USER_ID = {"open_id": "ou_1", "union_id": "on_1", "user_id": "u_1"}
 # event type -> (event body, expected record key). Bodies follow the SDK's models (lark_oapi api/im/v1/model,
 # event/callback/model) and docs/feishu-rules.md §6.6, §6.7. v1 types are marked "v1 <type>".
 KEY_TABLE: dict[str, tuple[dict[str, Any], str]] = {
-    # the seed im_v1_overview.md's events
+    # the IM events of docs/feishu-rules.md §6.7
     "im.message.receive_v1": ({"sender": {"sender_id": USER_ID, "sender_type": "user", "tenant_key": "t"},
                                "message": {"message_id": "om_rcv", "chat_id": "oc_rcv", "chat_type": "group",
                                            "message_type": "text", "content": "{\"text\":\"hi\"}"}}, "oc_rcv"),
@@ -455,10 +455,10 @@ def test_record_key_by_event_type(event_type: str) -> None:
     assert event.key == ("ev-key" if expected == "<event id>" else expected)
 
 
-def test_every_seed_event_type_is_in_the_key_table() -> None:
-    seed = {"im.message.receive_v1", "im.message.message_read_v1", "im.message.recalled_v1",
-            "im.message.reaction.created_v1", "im.message.reaction.deleted_v1"}
-    assert seed <= set(KEY_TABLE)
+def test_every_im_event_type_is_in_the_key_table() -> None:
+    im_events = {"im.message.receive_v1", "im.message.message_read_v1", "im.message.recalled_v1",
+                 "im.message.reaction.created_v1", "im.message.reaction.deleted_v1"}
+    assert im_events <= set(KEY_TABLE)
 
 
 @pytest.mark.parametrize(("body", "key"), [

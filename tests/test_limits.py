@@ -494,7 +494,8 @@ def test_one_target_with_different_windows_keeps_the_stricter() -> None:
 
 @pytest.mark.parametrize("overshoot", [0.0, 0.02, JITTER])
 def test_send_reply_forward_to_one_chat_share_its_five_per_second(overshoot: float) -> None:
-    """Feishu counts create, reply and forward to one chat together: 5 in any 1 s for all three (facts §2.3)."""
+    """Feishu counts create, reply and forward to one chat together (docs/feishu-rules.md §2.3): 5 in any 1 s for
+    all three."""
     sleep = overshooting(random.Random(13), overshoot) if overshoot else asyncio.sleep
     limiter = _limiter(sleep)
 
@@ -551,6 +552,7 @@ def test_a_stall_between_grant_and_send_cannot_bunch_calls_past_the_windows() ->
                     await asyncio.sleep(stall_until - now())
                 if guarded:
                     await limiter.admit(grant)
+                    limiter.answered(grant)
                 sends.append(now())
 
         await asyncio.gather(*(caller() for _ in range(100)))
@@ -603,7 +605,10 @@ async def _queued_callers(limiter: Limiter, feishu: _ThrottlingFeishu, callers: 
                 try:
                     async with connections:  # a granted call may wait for a pooled connection
                         await limiter.admit(grant)
-                        reset = await feishu.call()
+                        try:
+                            reset = await feishu.call()
+                        finally:
+                            limiter.answered(grant)
                     break
                 except Requeue as requeue:  # voided by the throttle: queue again without the connection
                     await requeue.wait()
@@ -703,6 +708,7 @@ async def _calls_to(limiter: Limiter, names: Sequence[str], chat_id: str, *, per
             await limiter.admit(grant)
             sends.append(now())
             await asyncio.sleep(latency)
+            limiter.answered(grant)
             limiter.learn(grant, {"chat_id": chat_id, "message_id": f"om_{name}_{n}"})
 
     await asyncio.gather(*(caller(name) for name in names for _ in range(2)))
@@ -734,7 +740,9 @@ def test_without_what_the_answers_teach_four_ids_are_four_buckets() -> None:
 
         async def caller(name: str) -> None:
             for _ in range(10):
-                await limiter.admit(await limiter.acquire("a", "im.message.create", IM, name, PER_TARGET))
+                grant = await limiter.acquire("a", "im.message.create", IM, name, PER_TARGET)
+                await limiter.admit(grant)
+                limiter.answered(grant)
                 sends.append(now())
 
         await asyncio.gather(*(caller(name) for name in names))
@@ -752,13 +760,16 @@ def test_replies_to_a_message_the_relay_sent_count_in_its_chat() -> None:
         sends: list[float] = []
         grant = await limiter.acquire("a", "im.message.create", IM, "chat:oc_1", PER_TARGET, learns=True)
         await limiter.admit(grant)
+        limiter.answered(grant)
         sends.append(now())
         limiter.learn(grant, {"chat_id": "oc_1", "message_id": "om_1"})
         assert limiter.resolve("a", "reply:om_1") == "chat:oc_1"
 
         async def caller(api: str, target: str) -> None:
             for _ in range(10):
-                await limiter.admit(await limiter.acquire("a", api, IM, target, PER_TARGET, learns=True))
+                grant = await limiter.acquire("a", api, IM, target, PER_TARGET, learns=True)
+                await limiter.admit(grant)
+                limiter.answered(grant)
                 sends.append(now())
 
         await asyncio.gather(caller("im.message.reply", "reply:om_1"), caller("im.message.create", "chat:oc_1"))
@@ -785,6 +796,7 @@ def test_a_name_learnt_while_callers_wait_on_it_moves_them_to_the_chat() -> None
                         break
                     except Requeue as requeue:
                         await requeue.wait()
+                limiter.answered(grant)
                 sends.append(now())
 
         async def teach() -> None:
@@ -824,6 +836,7 @@ def test_a_grant_that_waits_long_for_a_connection_still_goes(time_scale: float) 
                         async with connections:
                             await limiter.admit(grant)
                             await asyncio.sleep(latency)
+                            limiter.answered(grant)
                         break
                     except Requeue as requeue:
                         await requeue.wait()

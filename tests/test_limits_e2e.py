@@ -4,7 +4,8 @@
 - an ``api.call`` to a built-in API shares that API's quota instead of getting a second one;
 - one person (four kinds of id, one p2p chat) and one group get 5 calls per second in all, however the calls
   name them (send, forward, reply to a message without ``chat_id``);
-- an ``api.call`` path never reaches Feishu outside ``/open-apis/``, whatever its encoding.
+- an ``api.call`` path never reaches Feishu outside ``/open-apis/``, whatever its encoding;
+- requests that take unequal times to reach Feishu still arrive within its windows.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ async def test_one_person_and_one_group_get_five_per_second_however_named(kafka_
                                                                          sandbox: Sandbox) -> None:
     """A person reached by open_id, union_id, user_id, email and their p2p chat_id, by sends, forwards and
     replies (without chat_id) to messages in that chat; a group by sends, forwards and replies to its messages:
-    Feishu counts one 5/s each (facts §2.3), so the sandbox refuses nothing. (Before: one bucket per name,
-    about 6 x 5/s at the person, refused with 230020.)"""
+    Feishu counts one 5/s each (docs/feishu-rules.md §2.3), so the sandbox refuses nothing. (Before: one bucket per
+    name, about 6 x 5/s at the person, refused with 230020.)"""
     config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url))
     names = [("open_id", "ou_p"), ("union_id", "on_p"), ("user_id", "u_p"), ("email", "p@example.com"),
              ("chat_id", "oc_p2p_p")]
@@ -177,3 +178,41 @@ async def test_api_call_never_reaches_feishu_outside_open_apis(kafka_bootstrap: 
     assert call.raw_path == "/open-apis/im/v1/chats/oc_%C3%A9%20x.y"
     assert all(c.raw_path.startswith("/open-apis/") and c.api != "outside"
                for c in sandbox.calls if c.api != "auth.tenant_access_token")
+
+
+@pytest.mark.parametrize("sandbox", [{"request_latency_jitter": 0.6, "seed": 11}], indirect=True)
+async def test_calls_that_travel_unequal_times_still_arrive_within_the_limits(kafka_bootstrap: str,
+                                                                               topic_prefix: str,
+                                                                               sandbox: Sandbox) -> None:
+    """Each request takes 0 to 0.6 s to reach Feishu (a congested path, a stalled event loop after the relay
+    let it go), so calls arrive in another order than they were sent: Feishu counts arrivals, and the relay
+    must keep the limits there. 300 sends to distinct chats (the app's 50 per second binds in the first
+    minute's burst) and 30 to one chat (its 5 per second)."""
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url))
+    intents = [send(i, f"oc_{i}") for i in range(300)] + [send(f"hot-{i}", "oc_hot") for i in range(30)]
+    async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0], intents)
+        await results.wait_for(len(intents), 120)
+    assert {r["status"] for r in results.values()} == {"ok"}
+    calls = sandbox.calls_for("message.send")
+    hot = [c.at for c in calls if "receive:oc_hot" in c.targets]
+    assert len(calls) == len(intents) and len(hot) == 30
+    assert sandbox.violations() == [] and sandbox.throttled_count() == 0
+    assert busiest([c.at for c in calls], 0.999) <= 50 and busiest(hot, 0.999) <= 5
+
+
+@pytest.mark.parametrize("sandbox", [{"request_latency_jitter": 0.6, "seed": 5, "time_scale": 10.0}], indirect=True)
+async def test_unequal_travel_times_keep_the_minute_limit(kafka_bootstrap: str, topic_prefix: str,
+                                                          sandbox: Sandbox) -> None:
+    """The same travel of 0 to 0.6 s, with Feishu's windows ten times shorter (1000 per 6 s, 50 per 0.1 s): a
+    backlog of 2,500 sends crosses the minute window several times. (Before: the send-time guard spaced *send*
+    times, with a 0.15 s margin; a call sent early that arrived late shared a window with the calls let go one
+    window after its send: 11 calls over the minute limit, refused 99991400.)"""
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=10.0))
+    intents = [send(i, f"oc_{i}") for i in range(2500)]
+    async with relay_in_process(config), Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0], intents)
+        await results.wait_for(len(intents), 180)
+    calls = [c.at for c in sandbox.calls_for("message.send")]
+    assert sandbox.violations() == [] and sandbox.throttled_count() == 0
+    assert busiest(calls, 5.999) <= 1000 and busiest(calls, 0.0999) <= 50

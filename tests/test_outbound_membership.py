@@ -56,11 +56,15 @@ class Consumer:
         self.commits: list[dict[TopicPartition, Any]] = []
         self.seeks: list[tuple[TopicPartition, int]] = []
 
-    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, Any]:
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, Any]:
         try:
             return await asyncio.wait_for(self.batches.get(), timeout_ms / 1000)
         except TimeoutError:
             return {}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return 0
 
     def assignment(self) -> set[TopicPartition]:
         return {TP}

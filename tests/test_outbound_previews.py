@@ -53,7 +53,7 @@ def job(out: Outbound, tp: TopicPartition, offset: int, ticket: int, until: asyn
 async def test_a_drain_waits_for_started_preview_jobs_and_withdraws_the_others() -> None:
     tp = TopicPartition("intents", 0)
     previews = FakePreviews()
-    out = outbound(previews, drain_timeout=30.0)
+    out = outbound(previews, drain_timeout=20.0)
     finish = asyncio.Event()
     waiting, claimed = job(out, tp, 0, 1, asyncio.Event()), job(out, tp, 1, 2, finish)
     previews.started.add(2)
@@ -70,13 +70,13 @@ async def test_a_drain_waits_for_started_preview_jobs_and_withdraws_the_others()
 async def test_a_preview_job_whose_claim_was_given_up_during_the_drain_is_handed_over_then() -> None:
     tp = TopicPartition("intents", 0)
     previews = FakePreviews()
-    out = outbound(previews, drain_timeout=30.0)
+    out = outbound(previews, drain_timeout=20.0)
     j = job(out, tp, 0, 1, asyncio.Event())
     previews.started.add(1)  # claimed when the drain starts
     drain = asyncio.create_task(out._drain([tp]))
     await asyncio.sleep(0.05)
     assert not drain.done() and previews.withdrawn == []
     previews.started.discard(1)  # its call's claim lost: nothing was sent
-    async with asyncio.timeout(5):  # long before drain_timeout (30 s)
+    async with asyncio.timeout(5):  # long before drain_timeout (20 s)
         await drain
     assert previews.withdrawn == [1] and j.task is not None and j.task.cancelled()

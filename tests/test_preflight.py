@@ -24,7 +24,7 @@ def test_a_real_looking_config_has_no_warnings() -> None:
                            "verification_token": "v-8d1", "encrypt_key": "k-29a"}]}) == []
 
 
-def test_zero_apps_placeholders_and_a_drain_longer_than_the_rebalance_warn() -> None:
+def test_zero_apps_and_placeholders_warn() -> None:
     assert keys({}) == ["apps"]
     assert keys({"apps": [{"name": "default", "app_id": "cli_xxx", "app_secret": "...",
                            "verification_token": "replace-with-the-token", "encrypt_key": "<your encrypt key>"}]}) == [
@@ -32,10 +32,6 @@ def test_zero_apps_placeholders_and_a_drain_longer_than_the_rebalance_warn() -> 
         "apps[default].encrypt_key"]
     assert keys({"apps": [{"name": "box", "app_id": "cli_sandbox", "app_secret": "sandbox-secret"}]}) == [
         "apps[box].app_id", "apps[box].app_secret"]
-    app = {"name": "default", "app_id": "cli_a1", "app_secret": "Zk3s9fj2LQ"}
-    assert keys({"apps": [app], "outbound": {"drain_timeout": 30.0, "rebalance_timeout_ms": 30000}}) == [
-        "outbound.drain_timeout"]
-    assert keys({"apps": [app], "outbound": {"drain_timeout": 29.0, "rebalance_timeout_ms": 30000}}) == []
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

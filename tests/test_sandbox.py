@@ -575,7 +575,7 @@ async def test_time_scale_shortens_token_lifetime(make: Factory) -> None:
 
 
 async def test_send_reply_and_forward_share_a_recipients_five_per_second(make: Factory) -> None:
-    """facts §2.3: at most 5 per second to the same group (or user), whichever API reaches it."""
+    """docs/feishu-rules.md §2.3: at most 5 per second to the same group (or user), whichever API reaches it."""
     sandbox, client, _clock = await make()
     codes = [(await client.send("oc_g"))[1]["code"] for _ in range(2)]
     parent = sandbox.calls_for("message.send")[0].message_id  # a message the sandbox knows is in oc_g

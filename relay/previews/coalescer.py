@@ -1,7 +1,7 @@
 """URL-preview updates: coalescing, the 1-per-5-s token rule (across replicas and owners), batching, per-intent results.
 
 Feishu lets each preview token be updated once per 5 s and the batch API be called 5 times a second, with
-1..10 tokens and 0..100 open_ids per call (seeds/url_preview_batch_update.md). Producers know none of this:
+1..10 tokens and 0..100 open_ids per call (docs/feishu-rules.md §5.4). Producers know none of this:
 they emit a ``url_preview.update`` intent whenever their data changes, often many per second per token. Four
 pieces turn that stream into the fewest calls Feishu accepts:
 

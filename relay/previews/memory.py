@@ -1,6 +1,6 @@
 """The memory of URL-preview updates, shared by every replica and owner: a compacted Kafka topic, followed live.
 
-Feishu refuses a preview token updated twice within 5 s (seeds/url_preview_batch_update.md). The relay that
+Feishu refuses a preview token updated twice within 5 s (docs/feishu-rules.md §5.4). The relay that
 updates a token may be another replica (token B of ``[A, B]`` is read on A's partition, ``[B]`` on B's), the
 previous owner of a partition (a rebalance, a drain), or this process before a crash. So every attempt is preceded
 by a *claim* written to the memory topic, and every replica follows the topic from the beginning and then live:

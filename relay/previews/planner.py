@@ -4,7 +4,7 @@ Pure: no I/O, time passed in, so every rule below is tested with an injected clo
 keeps, per ``(app, token)``, the pending requests and the time of the last update; the async shell around it
 is :class:`relay.previews.PreviewCoalescer`.
 
-The rules (SPEC.md "url_preview.update"):
+The rules (docs/intents.md "url_preview.update"; Feishu's, docs/feishu-rules.md §5.4):
 
 Merging
     The pending requests for one token are merged into the token's next call: the union of their open_ids, or
@@ -31,7 +31,7 @@ Results (one per intent; "carried" = included in a call made after the intent wa
 
 * A call *carries* every request pending for its tokens when it is planned, plus requests read later but
   before an attempt whose open_ids are covered by the call's and whose ``expires_at`` the call cannot outlive
-  (the call, made after they were read, delivers them too, per SPEC's definition of delivered).
+  (the call, made after they were read, delivers them too, per the definition of delivered in docs/intents.md).
 * When a carrying call succeeds, for each of its tokens the *latest-read* carried request is that token's
   *carrier*; the other requests carried for that token are superseded by it.
 * ``ok``: every token of the intent was delivered and the intent was its own carrier on each of them.
@@ -60,7 +60,7 @@ from typing import Final, Literal
 
 import msgspec
 
-# seeds/url_preview_batch_update.md: preview_tokens 长度范围 1～10; open_ids 长度范围 0～100.
+# docs/feishu-rules.md §5.4: preview_tokens 1 to 10, open_ids 0 to 100 per call.
 MAX_TOKENS_PER_CALL: Final = 10
 MAX_OPEN_IDS: Final = 100
 # How long a token whose call raised (not an answer: e.g. the memory write failed) rests before it is retried.
@@ -81,7 +81,9 @@ def audience_of(open_ids: Iterable[str] | None) -> Audience:
 
 
 def merge_audience(a: Audience, b: Audience) -> Audience:
-    """SPEC's merge rule: everyone if either is everyone or the union passes 100 open_ids, else the union."""
+    """The merge rule of docs/intents.md (url_preview.update).
+
+    Everyone if either is everyone or the union passes 100 open_ids, else the union."""
     if a is None or b is None:
         return None
     union = a | b

@@ -1,7 +1,7 @@
 """The Feishu request bodies the sandbox accepts: one lenient struct per endpoint, each documented rule in the type.
 
 Unknown fields are ignored, as at Feishu; every limit is written next to its field with the doc it came from
-(feishu-facts.md, the Open Platform pages named in each class comment, the seed pages, which win). A body that
+(docs/feishu-rules.md, and the Open Platform pages named in each class comment). A body that
 breaks a rule fails once, at ``msgspec.convert``, with a message naming the field; :mod:`relay.sandbox.server` answers
 it with 230001.
 """
@@ -24,10 +24,11 @@ def _json_object(content: str) -> None:
 
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-Uuid = Annotated[str, msgspec.Meta(max_length=50)]  # facts §3: uuid ≤ 50 chars
+Uuid = Annotated[str, msgspec.Meta(max_length=50)]  # docs/feishu-rules.md §3: uuid ≤ 50 chars
 MsgType = Literal["text", "post", "image", "file", "audio", "media", "sticker", "interactive",
                   "share_chat", "share_user", "system"]
-HttpsUrl = Annotated[str, msgspec.Meta(pattern=r"^https://", max_length=700)]  # seed chat_button: https, ≤ 700
+# docs/feishu-rules.md §5.5: https, ≤ 700
+HttpsUrl = Annotated[str, msgspec.Meta(pattern=r"^https://", max_length=700)]
 
 
 class AuthBody(msgspec.Struct):
@@ -112,12 +113,12 @@ class EphemeralDeleteBody(msgspec.Struct):
     message_id: NonEmpty
 
 
-class UrlPreviewBody(msgspec.Struct):  # seed url_preview_batch_update
+class UrlPreviewBody(msgspec.Struct):  # docs/feishu-rules.md §5.4
     preview_tokens: Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=10)]
     open_ids: Annotated[list[str], msgspec.Meta(max_length=100)] = msgspec.field(default_factory=list)
 
 
-class ButtonUrls(msgspec.Struct):  # seed chat_button_update: open_app_feed_card_url
+class ButtonUrls(msgspec.Struct):  # docs/feishu-rules.md §5.5: open_app_feed_card_url
     url: HttpsUrl | None = None
     android_url: HttpsUrl | None = None
     ios_url: HttpsUrl | None = None
@@ -125,10 +126,10 @@ class ButtonUrls(msgspec.Struct):  # seed chat_button_update: open_app_feed_card
 
 
 class ButtonText(msgspec.Struct):
-    text: Annotated[str, msgspec.Meta(min_length=1, max_length=30)]  # seed: 1..30 characters
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=30)]  # docs/feishu-rules.md §5.5: 1..30 characters
 
 
-class Button(msgspec.Struct):  # seed: open_app_feed_card_button
+class Button(msgspec.Struct):  # docs/feishu-rules.md §5.5: open_app_feed_card_button
     action_type: Literal["url_page", "webhook"]
     text: ButtonText
     multi_url: ButtonUrls | None = None
@@ -137,10 +138,10 @@ class Button(msgspec.Struct):  # seed: open_app_feed_card_button
 
 
 class Buttons(msgspec.Struct):
-    buttons: Annotated[list[Button], msgspec.Meta(max_length=2)]  # seed: 0..2
+    buttons: Annotated[list[Button], msgspec.Meta(max_length=2)]  # docs/feishu-rules.md §5.5: 0..2
 
 
-class ChatButtonBody(msgspec.Struct):  # seed chat_button_update
+class ChatButtonBody(msgspec.Struct):  # docs/feishu-rules.md §5.5
     chat_id: NonEmpty
     user_ids: Annotated[list[str], msgspec.Meta(min_length=1, max_length=20)] | None = None
     buttons: Buttons | None = None
@@ -162,7 +163,7 @@ class BatchSendBody(msgspec.Struct):  # message/v4/batch_send
             raise ValueError("no recipients (`$.open_ids`, `$.user_ids`, `$.union_ids`, `$.department_ids`)")
 
 
-# --- CardKit v1 (feishu-next §D1; cardkit-v1/card/create, card-element/content, card/settings, card/update) ------
+# --- CardKit v1 (docs/feishu-rules.md §5.7: card/create, card-element/content, card/settings, card/update) ----
 
 # card-element/content: sequence "正整数 ... 取值范围为 int32 范围内的值"; uuid 1..64
 Sequence = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]

@@ -1,6 +1,6 @@
 """CardKit card entities as Feishu keeps them, for the sandbox: sequence, streaming mode, elements (pure).
 
-feishu-next §D; what each operation checks, in this order (a refusal is a :class:`CardRefused`):
+docs/feishu-rules.md §5.7; what each operation checks, in this order (a refusal is a :class:`CardRefused`):
 
     the card exists and was created by this app        else 230099 (invalid card_id; the send page's code)
     the same ``uuid`` on this card was performed       answered again, not performed (相同批次的操作只进行一次)

@@ -1,25 +1,27 @@
 """A local stand-in for the Feishu Open Platform: a real aiohttp server, strict about every documented limit.
 
 The relay's integration tests and benchmarks run against it, and ``relay run --with-sandbox`` uses it when no app
-has real credentials. It is the *referee*: it answers the way feishu-facts.md (and the seed pages, which win) say
-Feishu answers, and it logs every call so a test can prove the relay never exceeded a limit.
+has real credentials. It is the *referee*: it answers the way docs/feishu-rules.md says Feishu answers, and it
+logs every call so a test can prove the relay never exceeded a limit.
 
 Endpoints (every answer is ``{"code", "msg", "data"}`` JSON with an ``X-Tt-Logid`` header, except injected
 gateway faults, which answer 500/502/503 with a plain-text body like a load balancer would):
 
 - ``POST /open-apis/auth/v3/tenant_access_token/internal``: 2 h tokens (``token_ttl``); a call when the current
   token has < 30 min (``token_refresh_window``) left mints a new one, the old one stays valid until its own expiry
-  (facts §1.1). Unknown app or wrong secret → 10014 (HTTP 400). ``apps`` empty = any credentials are accepted.
+  (docs/feishu-rules.md §1). Unknown app or wrong secret → 10014 (HTTP 400). ``apps`` empty = any credentials
+  are accepted.
 - Every other ``/open-apis/...`` call needs ``Authorization: Bearer <token>``: missing → 99991661, unknown or
-  expired → 99991663 (HTTP 400, facts §1.3).
-- The IM APIs of SPEC.md's kind table, url_previews/batch_update and chat_button (seed pages), and a generic
-  fallback for any other ``/open-apis/...`` path (code 0, empty data) used by ``api.call``.
+  expired → 99991663 (HTTP 400, docs/feishu-rules.md §1).
+- The IM APIs of the kinds table of docs/intents.md, url_previews/batch_update and chat_button
+  (docs/feishu-rules.md §5.4, §5.5), and a generic fallback for any other ``/open-apis/...`` path (code 0, empty
+  data) used by ``api.call``.
 - CardKit: create, element content, settings and full update of card entities, with their sequence, uuid,
-  streaming-mode and element rules (``relay.sandbox.cards``); a ``message.send``/``reply`` of a card entity
-  (``{"type":"card","data":{"card_id"}}``) sends it once.
+  streaming-mode and element rules (``relay.sandbox.cards``, docs/feishu-rules.md §5.7); a ``message.send`` or
+  ``reply`` of a card entity (``{"type":"card","data":{"card_id"}}``) sends it once.
 - Uploads: ``POST /open-apis/im/v1/images`` and ``/files`` parse multipart/form-data and refuse what Feishu
-  refuses (``relay.sandbox.uploads``); a message of ``msg_type`` image, file, audio or media must send a key
-  this app uploaded (else 230001).
+  refuses (``relay.sandbox.uploads``, §5.8); a message of ``msg_type`` image, file, audio or media must send a
+  key this app uploaded (else 230001).
 - ``/_sandbox/calls`` (GET, ``?api=`` filter), ``/_sandbox/stats`` (GET), ``/_sandbox/control`` (POST a
   ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
   subprocess or a curious ``make run`` user.
@@ -29,17 +31,17 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
   and routed it elsewhere, tenant token attached).
 
 Limits (sliding windows over arrival times, see ``relay.sandbox.windows``; only admitted calls count, refused ones are
-logged as throttled):
+logged as throttled; §N is a section of docs/feishu-rules.md):
 
 =====================================  =========================  ==========================================
 what                                   limit                      answer when exceeded
 =====================================  =========================  ==========================================
 each IM API, per (app, API)            50 in any 1 s AND          HTTP 429, 99991400, ``x-ogw-ratelimit-limit``
-                                       1000 in any 60 s           and ``x-ogw-ratelimit-reset`` (facts §2.1/2.3)
-url_previews/batch_update, per app     5 in any 1 s               same (seed page)
-chat_button, per app                   10 in any 1 s              same (seed page)
+                                       1000 in any 60 s           and ``x-ogw-ratelimit-reset`` (§2.1, §2.2)
+url_previews/batch_update, per app     5 in any 1 s               same (§2.2)
+chat_button, per app                   10 in any 1 s              same (§2.2)
 generic ``/open-apis`` fallback        ``generic_limits``         same
-send / forward / reply per chat        5 in any 1 s, shared by    HTTP 400, 230020 (facts §2.3: "≤5 QPS to the
+send / forward / reply per chat        5 in any 1 s, shared by    HTTP 400, 230020 (§2.3: "≤5 QPS to the
   (a person's: their p2p chat, however   the three APIs             same user; ≤5 QPS to the same group"; a reply
   the call names them; a reply: the                                 counts in the chat of the replied message)
   replied message's chat)
@@ -47,11 +49,11 @@ card.patch per ``message:<id>``        5 in any 1 s               230020 (patch 
 pin.add / pin.remove per message       5 in any 1 s               230020 (pin create/delete pages)
 ephemeral.send per                     40 in any 1 s              230020 (ephemeral send page)
   ``ephemeral-chat:<chat_id>``
-each ``preview-token:<token>``         1 in any 5 s               230020 for the whole batch (seed page)
-each CardKit and upload API, per app   50 in any 1 s AND          HTTP 429, 99991400 (feishu-next §D1, §E)
+each ``preview-token:<token>``         1 in any 5 s               230020 for the whole batch (§2.3, §5.4)
+each CardKit and upload API, per app   50 in any 1 s AND          HTTP 429, 99991400 (§5.7, §5.8)
                                        1000 in any 60 s
-each card entity ``card:<card_id>``,   10 in any 1 s              230020 (feishu-next §D2: ≤ 10 card/element
-  across content, settings, update                                  calls per second per card)
+each card entity ``card:<card_id>``,   10 in any 1 s              230020 (§5.7: ≤ 10 card/element calls per
+  across content, settings, update                                  second per card entity)
 =====================================  =========================  ==========================================
 
 API names (the ``api`` of a call record): ``message.send``, ``message.reply``, ``message.edit``,
@@ -79,7 +81,9 @@ timed throttles → per-target windows → ``uuid`` dedup → the operation → 
 ``time_scale`` k divides every Feishu duration (windows, token lifetime and refresh window, the 1 h ``uuid``
 window, ``throttle_target`` and ``throttle_api`` seconds) so tests run limits k times faster; reported ``expire`` and
 ``x-ogw-ratelimit-reset`` are real seconds (the reset is rounded up to a whole second, as Feishu sends integers).
-Injected latency is network time and is not scaled. Arrival times in the call log are the unscaled clock.
+Injected latency is network time and is not scaled: ``latency`` before the answer, ``request_latency`` before
+the call arrives (and is counted), so calls sent in one order can arrive in another.
+Arrival times in the call log are the unscaled clock.
 
 Faults (``fault_rate``, ``latency``) apply to API calls only, never to the token endpoint or ``/_sandbox``.
 A fault is rolled after the app-wide window admitted the call, so a faulted call still counts against the quota,
@@ -159,7 +163,7 @@ BEFORE_FAULTS: Final[tuple[FaultKind, ...]] = ("http500", "http502", "http503", 
 AFTER_FAULTS: Final[tuple[FaultKind, ...]] = ("lost", "hang")
 ALL_FAULTS: Final[tuple[FaultKind, ...]] = BEFORE_FAULTS + AFTER_FAULTS
 
-# Messages Feishu sends with each code (facts §1.3, §2.1, §4; seed pages for 230001/230027).
+# Messages Feishu sends with each code (docs/feishu-rules.md §1, §2.1, §4; §5.5 for 230027).
 MESSAGES: Final[Mapping[int, str]] = {
     0: "success",
     1500: "internal error",
@@ -188,7 +192,7 @@ IM_APIS: Final[frozenset[str]] = frozenset({
     "message.send", "message.reply", "message.edit", "message.recall", "message.forward", "card.patch",
     "message.urgent_app", "message.urgent_sms", "message.urgent_phone", "reaction.add", "reaction.remove",
     "pin.add", "pin.remove", "card.delay_update", "ephemeral.send", "ephemeral.delete", "message.batch_send",
-    # feishu-next §D1 and §E: the CardKit and upload APIs have the same 1000/min & 50/s tier
+    # docs/feishu-rules.md §5.7, §5.8: the CardKit and upload APIs have the same 1000/min & 50/s tier
     "card.create", "card.stream", "card.settings", "card.update", "image.upload", "file.upload",
 })
 UPLOAD_APIS: Final[frozenset[str]] = frozenset({"image.upload", "file.upload"})
@@ -199,8 +203,9 @@ MAX_REQUEST_BYTES: Final = 40 * 1024 * 1024
 class SandboxUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One person under each of their ids, with one p2p chat with the bot (``chat_id``, default
     ``oc_p2p_<open_id>``): a send or forward to any of the ids, or to that chat, lands in that chat and counts in
-    the person's 5 per second (facts §2.3: "≤5 QPS to the same user"), and the answer's ``chat_id`` is that chat,
-    as at Feishu. An id no user lists is a person of its own, with p2p chat ``oc_p2p_<id>``."""
+    the person's 5 per second (docs/feishu-rules.md §2.3: 5 per second to the same user), and the answer's
+    ``chat_id`` is that chat, as at Feishu. An id no user lists is a person of its own, with p2p chat
+    ``oc_p2p_<id>``."""
 
     open_id: str
     union_id: str | None = None
@@ -213,24 +218,29 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """How the sandbox behaves. Defaults are Feishu's documented numbers; durations are in Feishu seconds."""
 
     apps: dict[str, str] = msgspec.field(default_factory=dict)  # app_id -> secret; empty = accept any
-    token_ttl: float = 7200.0  # facts §1.1: 2 h
-    token_refresh_window: float = 1800.0  # facts §1.1: < 30 min left → a new token
+    token_ttl: float = 7200.0  # docs/feishu-rules.md §1: 2 h
+    token_refresh_window: float = 1800.0  # docs/feishu-rules.md §1: < 30 min left → a new token
     time_scale: float = 1.0
     enforce_limits: bool = True  # False lifts every limit (engine-overhead benchmark)
-    im_per_second: int = 50  # facts §2.3: 1000/min & 50/s per IM API
+    im_per_second: int = 50  # docs/feishu-rules.md §2.2: 1000/min & 50/s per IM API
     im_per_minute: int = 1000
-    url_preview_per_second: int = 5  # seed url_preview_batch_update: 5 次/秒
-    chat_button_per_second: int = 10  # seed chat_button_update: 10 次/秒
+    url_preview_per_second: int = 5  # docs/feishu-rules.md §2.2: 5 per second
+    chat_button_per_second: int = 10  # docs/feishu-rules.md §2.2: 10 per second
     generic_per_second: int = 50
     generic_per_minute: int = 1000
-    target_per_second: int = 5  # facts §2.3: send/reply/forward per user or group, patch and pins per message
-    ephemeral_chat_per_second: int = 40  # facts §2.3: 40 QPS per group
-    preview_token_interval: float = 5.0  # seed url_preview_batch_update: one token 1 次/5秒
-    card_per_second: int = 10  # feishu-next §D2: ≤ 10 card/element calls per second per card entity
-    streaming_window: float = 600.0  # feishu-next §D2: streaming mode closes 10 min after it was opened
-    uuid_window: float = 3600.0  # facts §3: same uuid at most once per hour
+    # docs/feishu-rules.md §2.3: send/reply/forward per user or group, patch and pins per message
+    target_per_second: int = 5
+    ephemeral_chat_per_second: int = 40  # docs/feishu-rules.md §2.3: 40 per second per group
+    preview_token_interval: float = 5.0  # docs/feishu-rules.md §5.4: one update per token per 5 s
+    card_per_second: int = 10  # docs/feishu-rules.md §5.7: ≤ 10 card/element calls per second per card entity
+    streaming_window: float = 600.0  # docs/feishu-rules.md §5.7: streaming mode closes 10 min after it opened
+    uuid_window: float = 3600.0  # docs/feishu-rules.md §3: same uuid at most once per hour
     latency: float = 0.0  # seconds added before every API answer (not scaled)
     latency_jitter: float = 0.0  # plus uniform(0, jitter)
+    # seconds a request travels before Feishu counts it (not scaled): a call the client sent first can arrive
+    # after one it sent later, as on a real network path
+    request_latency: float = 0.0
+    request_latency_jitter: float = 0.0  # plus uniform(0, jitter)
     fault_rate: float = 0.0  # share of API calls (after the app window) answered by a fault
     fault_kinds: tuple[FaultKind, ...] = BEFORE_FAULTS
     hang_seconds: float = 30.0  # how long a ``hang`` fault holds its answer (real seconds, not scaled)
@@ -286,6 +296,8 @@ class FaultSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fault_kinds: tuple[FaultKind, ...] | None = None
     latency: float | None = None
     latency_jitter: float | None = None
+    request_latency: float | None = None
+    request_latency_jitter: float | None = None
     hang_seconds: float | None = None
 
 
@@ -513,9 +525,11 @@ class Sandbox:
 
     def set_faults(self, *, fault_rate: float | None = None, fault_kinds: tuple[FaultKind, ...] | None = None,
                    latency: float | None = None, latency_jitter: float | None = None,
+                   request_latency: float | None = None, request_latency_jitter: float | None = None,
                    hang_seconds: float | None = None) -> None:
         changes: dict[str, Any] = {"fault_rate": fault_rate, "fault_kinds": fault_kinds, "latency": latency,
-                                   "latency_jitter": latency_jitter, "hang_seconds": hang_seconds}
+                                   "latency_jitter": latency_jitter, "request_latency": request_latency,
+                                   "request_latency_jitter": request_latency_jitter, "hang_seconds": hang_seconds}
         self.options = msgspec.structs.replace(self.options, **{k: v for k, v in changes.items() if v is not None})
 
     def set_token_outage(self, down: bool) -> None:
@@ -560,7 +574,8 @@ class Sandbox:
         if control.faults is not None:
             f = control.faults
             self.set_faults(fault_rate=f.fault_rate, fault_kinds=f.fault_kinds, latency=f.latency,
-                            latency_jitter=f.latency_jitter, hang_seconds=f.hang_seconds)
+                            latency_jitter=f.latency_jitter, request_latency=f.request_latency,
+                            request_latency_jitter=f.request_latency_jitter, hang_seconds=f.hang_seconds)
         for t in control.throttle:
             self.throttle_target(t.target, t.seconds)
         for a in control.throttle_apis:
@@ -772,6 +787,7 @@ class Sandbox:
         return handle
 
     async def _serve_api(self, request: web.Request, api: str, op: Op) -> web.StreamResponse:
+        await self._travel()
         now = self._clock()
         call = CallRecord(at=now, method=request.method, path=request.path, raw_path=request.rel_url.raw_path,
                           api=api, log_id=self._log_id())
@@ -855,6 +871,14 @@ class Sandbox:
             transport.abort()
         log.debug("sandbox: performed %s %s and lost the answer", request.method, request.path)
         return web.Response()
+
+    async def _travel(self) -> None:
+        """The way in: ``request_latency`` (+ jitter) before the call arrives and is counted."""
+        o = self.options
+        pause = o.request_latency + (self._rng.uniform(0, o.request_latency_jitter)
+                                     if o.request_latency_jitter > 0 else 0.0)
+        if pause > 0:
+            await asyncio.sleep(pause)
 
     async def _delay(self) -> None:
         o = self.options

@@ -1,7 +1,7 @@
 """Image and file uploads as Feishu takes them, for the sandbox: multipart fields, sizes, types, keys (pure).
 
-feishu-next §E (im-v1/image/create, im-v1/file/create). The request must be multipart/form-data; a JSON body, or
-a form without the file part, is 234001. Then:
+docs/feishu-rules.md §5.8 (im-v1/image/create, im-v1/file/create). The request must be multipart/form-data; a
+JSON body, or a form without the file part, is 234001. Then:
 
     images   ``image_type`` message | avatar; ``image`` not empty (234010), at most 10 MB (234006), a JPEG, PNG,
              WEBP, GIF, BMP, ICO, TIFF or HEIC by its signature (234001 otherwise) → ``image_key``

@@ -1,8 +1,8 @@
 """Sliding-window counting: "at most N calls in any T-second window", the way Feishu states its limits.
 
-Feishu's frequency-control page (LO:``ukTMukTMukTM/uUzN04SN3QjL1cDN.md``, feishu-facts.md §2.1) counts calls per
-API x app in windows ("1000/min and 50/s": exceeding *either* triggers limiting). A token bucket approximates that;
-this module is the exact referee the sandbox uses to judge the relay:
+Feishu's frequency-control page (``server-docs/api-call-guide/frequency-control``, docs/feishu-rules.md §2.1)
+counts calls per API x app in windows ("1000/min and 50/s": exceeding *either* triggers limiting). A token bucket
+approximates that; this module is the exact referee the sandbox uses to judge the relay:
 
 - For every (key, limit) a deque holds the arrival times of the calls that were *admitted*. A call arriving at
   ``now`` counts the stored times ``t`` with ``now - seconds < t`` (the window is the half-open interval
