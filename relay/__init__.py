@@ -8,7 +8,8 @@ The tree is the architecture (leaves first):
     buckets          pure limit arithmetic: Feishu's windows, bucket sizing, the token bucket, the send log
     targets          which chat a per-target name counts in, learnt from Feishu's answers (bounded)
     limits           the limiter: per-target then app-wide buckets, awaited before every call, voided by a 429
-    calls            intent -> Feishu HTTP call (path, body, which limits apply)
+    media            what Feishu refuses of an upload (size, image type), checked before it is made
+    calls            intent -> Feishu HTTP call (path, body, which limits apply); CardKit sequences from offsets
     outcomes         one pure function classifying every Feishu answer; how a call ended
     results          the result record and the dead letter written for each intent; ``relay schema``
     metrics          one prometheus-client registry per relay; label values chosen by the relay, never a producer
@@ -17,6 +18,8 @@ The tree is the architecture (leaves first):
     feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
     executor         one call to its end: limits, attempts, token refresh, retries, expiry
     journal          the write-ahead journal of calls not safe to repeat: none repeated across a kill
+    folding          latest wins: a card.stream (or opted-in card.patch) a later waiting update replaces
+    fetch            downloading an upload's url with an SSRF guard (public addresses only, pinned)
     previews/        url_preview.update under the 1-per-5-s token rule, across replicas: planner and claims
                      (pure), memory (Kafka, followed live), coalescer
     membership       the group-membership lease: no Feishu call or result once the partitions may be lost

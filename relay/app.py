@@ -30,6 +30,7 @@ from relay.config import AppConfig, Config, Secret, check_inbound, load_config
 from relay.errors import ConfigError, ListenError, RelayError
 from relay.executor import Executor
 from relay.feishu import FAILED_TOKEN_HOLD, FeishuClient
+from relay.fetch import Fetcher
 from relay.intents import decode_intent, ordering_key
 from relay.journal import KafkaJournal
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_producer
@@ -285,8 +286,11 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
+    fetcher = Fetcher(out.fetch_allowed_networks, out.fetch_timeout)  # uploads by url (relay.fetch)
+    await fetcher.start()
+    stack.push_async_callback(fetcher.close)
     outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
-                        previews=previews, membership=membership, journal=journal,
+                        previews=previews, membership=membership, journal=journal, fetcher=fetcher,
                         new_producer=lambda: make_producer(config.kafka))
     metrics.collect(lambda m: m.consumer_lag(outbound.lag()))
     return outbound, previews

@@ -61,6 +61,25 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
                                                     "button_type": "primary"}]}},
     "message.batch_send": {"kind": "message.batch_send", "id": "n-17", "msg_type": "text",
                            "content": {"text": "notice"}, "open_ids": ["ou_1", "ou_2"]},
+    "card.create": {"kind": "card.create", "id": "n-19",
+                    "card": {"schema": "2.0", "config": {"streaming_mode": True, "summary": {"content": "..."}},
+                             "body": {"elements": [{"tag": "markdown", "element_id": "answer", "content": ""}]}}},
+    "card.send": {"kind": "card.send", "id": "n-20", "receive_id_type": "chat_id", "receive_id": "oc_1",
+                  "card_id": "7355372766134157313"},
+    "card.stream": {"kind": "card.stream", "id": "n-21", "card_id": "7355372766134157313", "element_id": "answer",
+                    "content": "The answer so far"},
+    "card.settings": {"kind": "card.settings", "id": "n-22", "card_id": "7355372766134157313",
+                      "settings": {"config": {"streaming_mode": True}}},
+    "card.update": {"kind": "card.update", "id": "n-23", "card_id": "7355372766134157313",
+                    "card": {"schema": "2.0", "body": {"elements": [{"tag": "markdown", "content": "Done."}]}}},
+    "card.finish": {"kind": "card.finish", "id": "n-24", "card_id": "7355372766134157313",
+                    "summary": "The answer"},
+    "image.upload": {"kind": "image.upload", "id": "n-25", "image_type": "message",
+                     "data": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+                             "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="},
+    "file.upload": {"kind": "file.upload", "id": "n-26", "file_type": "pdf", "file_name": "report.pdf",
+                    "data": "JVBERi0xLjQKMSAwIG9iaiA8PC9UeXBlL0NhdGFsb2c+PiBlbmRvYmoK"
+                             "dHJhaWxlciA8PC9Sb290IDEgMCBSPj4KJSVFT0YK"},
     "api.call": {"kind": "api.call", "id": "n-18", "method": "GET",
                  "path": "/open-apis/im/v1/messages/:message_id/read_users", "path_params": {"message_id": "om_1"},
                  "query": {"user_id_type": "open_id"}, "rate": {"per_second": 50, "per_minute": 1000}},
@@ -73,8 +92,13 @@ RECORD_KEYS: Final[dict[str, str]] = {
     "message.urgent": "message_id", "reaction.add": "message_id", "reaction.remove": "message_id",
     "pin.add": "message_id", "pin.remove": "message_id", "card.delay_update": "token",
     "ephemeral.send": "chat_id", "ephemeral.delete": "message_id", "url_preview.update": "preview_tokens[0]",
-    "chat_button.update": "chat_id", "message.batch_send": "id", "api.call": "path with path_params filled in",
+    "chat_button.update": "chat_id", "message.batch_send": "id",
+    "card.create": "id", "card.send": "receive_id", "card.stream": "card_id", "card.settings": "card_id",
+    "card.update": "card_id", "card.finish": "card_id", "image.upload": "id", "file.upload": "id",
+    "api.call": "path with path_params filled in",
 }
+# kinds whose key is always their card_id: order_key is refused (their sequence comes from the partition's order)
+FIXED_KEYS: Final = frozenset({"card.stream", "card.settings", "card.update", "card.finish"})
 
 
 # --- record headers and forwarded envelopes (described here; the relay writes them without a struct) ----------
@@ -214,7 +238,9 @@ def _intent_messages(schemas: dict[str, Any]) -> dict[str, Any]:
             "contentType": "application/json",
             "headers": _ref("IntentHeaders"),
             "payload": _ref(name),
-            "bindings": _kafka_key(f"the ordering key: {RECORD_KEYS[kind]} (order_key when the intent gives one)"),
+            "bindings": _kafka_key(f"the ordering key: {RECORD_KEYS[kind]} " + (
+                "(always: order_key is refused, the sequence comes from the partition's order)" if kind in FIXED_KEYS
+                else "(order_key when the intent gives one)")),
             "examples": [{"name": kind, "payload": EXAMPLES[kind]}],
         }
     return messages

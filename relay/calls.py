@@ -67,12 +67,20 @@ import msgspec
 from relay.buckets import Window, share_leaves_no_call, size_bucket, stricter
 from relay.intents import (
     ApiCall,
+    CardCreate,
     CardDelayUpdate,
+    CardFinish,
     CardPatch,
+    CardSend,
+    CardSettings,
+    CardStream,
+    CardUpdate,
     ChatButtonUpdate,
     Content,
     EphemeralDelete,
     EphemeralSend,
+    FileUpload,
+    ImageUpload,
     Intent,
     MessageBatchSend,
     MessageEdit,
@@ -85,31 +93,48 @@ from relay.intents import (
     PinRemove,
     ReactionAdd,
     ReactionRemove,
+    SequencedCardIntent,
     UrlPreviewUpdate,
 )
+from relay.media import upload_refusal
 
 __all__ = [
     "API_WINDOWS",
     "LITERAL_ID",
+    "MAX_SEQUENCE",
     "PREVIEW_TOKEN_WINDOWS",
     "ROUTES",
     "Call",
+    "FormField",
     "Route",
     "api_name",
     "build_call",
+    "card_sequence",
     "check_share",
     "recipient",
+    "unsendable",
     "url_preview_call",
 ]
 
 
+class FormField(msgspec.Struct, frozen=True, kw_only=True):
+    """One part of a multipart/form-data body: a text field, or (``filename`` set) the file itself."""
+
+    name: str
+    value: str | bytes
+    filename: str | None = None
+    content_type: str | None = None
+
+
 class Call(msgspec.Struct, frozen=True, kw_only=True):
-    """One HTTP request to Feishu, fully decided. ``path`` is filled and quoted; ``body`` is the exact bytes."""
+    """One HTTP request to Feishu, fully decided. ``path`` is filled and quoted; ``body`` is the exact bytes, or
+    ``form`` the parts of a multipart/form-data body (the uploads), never both."""
 
     method: str
     path: str
     query: dict[str, str] = msgspec.field(default_factory=dict)
     body: bytes | None = None
+    form: tuple[FormField, ...] = ()
     api: str  # stable name of the Feishu API, e.g. "im.message.create"; api.call: "api:<METHOD> <template>"
     api_windows: tuple[Window, ...]  # the app-wide limits of ``api``
     target: str | None = None  # the per-target limit key shared by every API, e.g. "chat:oc_1" (module doc)
@@ -145,6 +170,13 @@ PER_TARGET: Final = (Window(5, 1),)
 # docs/feishu-rules.md §2.3 ephemeral send: "40 QPS per group".
 EPHEMERAL_CHAT: Final = (Window(40, 1),)
 
+# docs/feishu-rules.md §5.7: every CardKit API "1000/min & 50/s" per app; "≤ 10 card/element API calls per second" per
+# card entity, on top (the per-target key ``card:<card_id>``, shared by every call on that card).
+CARDKIT: Final = IM
+PER_CARD: Final = (Window(10, 1),)
+# docs/feishu-rules.md §5.8: image and file upload "1000/min & 50/s".
+UPLOAD: Final = IM
+
 # The app-wide windows of every named API (api.call's come from its intent).
 API_WINDOWS: Final[dict[str, tuple[Window, ...]]] = {
     "im.message.create": IM,
@@ -166,6 +198,12 @@ API_WINDOWS: Final[dict[str, tuple[Window, ...]]] = {
     "im.url_preview.batch_update": URL_PREVIEW,
     "im.chat_button.update": CHAT_BUTTON,
     "message.batch_send": BATCH_SEND,
+    "cardkit.card.create": CARDKIT,
+    "cardkit.card.settings": CARDKIT,
+    "cardkit.card.update": CARDKIT,
+    "cardkit.card_element.content": CARDKIT,
+    "im.image.create": UPLOAD,
+    "im.file.create": UPLOAD,
 }
 
 
@@ -250,10 +288,136 @@ def url_preview_call(tokens: Sequence[str], open_ids: Sequence[str] | None) -> C
                  repeatable=True)
 
 
-def build_call(intent: Intent) -> Call:
-    """The one HTTP call that performs ``intent`` (docs/intents.md, the kinds table)."""
+# cardkit-v1/card-element/content: sequence "取值范围为 int32 范围内的值", a positive integer
+MAX_SEQUENCE: Final = 2**31 - 1
+
+
+def card_sequence(offset: int) -> int | None:
+    """The ``sequence`` of the CardKit call made for the intent record at ``offset``; None when there is none.
+
+    Feishu wants every operation on a card (content, settings, full update) to carry a positive int32 that is
+    greater than the last one it took for that card, else 300317 (docs/feishu-rules.md §5.7). The relay needs no
+    counter to give one, because Kafka already keeps the order it must follow:
+
+    * every sequenced operation on a card has the ``card_id`` as its record key (``order_key`` is refused at
+      decode, and the consumer refuses a record keyed otherwise), so all of them are on one partition of the
+      topic: the same key always maps to the same partition while the partition count stays as it is;
+    * offsets in a partition are assigned by the broker, strictly increase, are never reused, and read the same
+      for every consumer: any replica, before or after any restart or rebalance, computes the same number for
+      the same record, and a later record always a larger one;
+    * the consumer performs one key's records one after another in offset order (its lanes), so the calls on a
+      card leave in increasing sequence. A record that makes no call (superseded, refused) only leaves a gap, and
+      Feishu asks for increasing, not consecutive numbers.
+
+    So ``sequence = offset + 1`` (offset 0 would give 0, which Feishu refuses). A record redone after a kill
+    carries the sequence it had the first time, with the same ``uuid`` (the intent id), so Feishu performs it
+    once. Not covered: adding partitions to the intents topic while a card is streaming (its later operations
+    may hash to another partition, as Kafka's ordering per key is lost too), and one card's operations written
+    to two intents topics. A partition past 2**31 - 2 records has no int32 left: None, and the intent is
+    refused rather than sent with a number Feishu would refuse.
+    """
+    sequence = offset + 1
+    return sequence if 0 < sequence <= MAX_SEQUENCE else None
+
+
+def unsendable(intent: Intent, *, key: bytes | None, offset: int, max_upload_bytes: int) -> str | None:
+    """Why the intent record (its Kafka ``key`` and ``offset``) must not be performed, one line naming the field;
+    None when it may. Checked before the call, so Feishu never sees what it would refuse for these reasons.
+
+    A CardKit operation keyed by anything but its ``card_id`` could share no partition with the card's other
+    operations, and its offset-derived sequence would order nothing (:func:`card_sequence`); an upload must pass
+    Feishu's size and type rules and the relay's cap (:func:`relay.media.upload_refusal`).
+    """
+    if isinstance(intent, SequencedCardIntent):
+        if key != intent.card_id.encode():
+            return ("key: a CardKit operation's record key must be its card_id (its sequence comes from the "
+                    "partition's order)")
+        if card_sequence(offset) is None:
+            return f"sequence: offset {offset} is past the int32 range CardKit takes for a sequence"
+        return None
+    if isinstance(intent, ImageUpload | FileUpload) and intent.data is not None:  # a url's: once downloaded
+        return upload_refusal(intent, max_upload_bytes)
+    return None
+
+
+_CARDS: Final = "/open-apis/cardkit/v1/cards"
+
+
+def _card_data(card: Content) -> str:
+    """CardKit's ``data``: the card JSON as a string."""
+    return _as_string(card)
+
+
+def _card_op(method: str, path: str, api: str, intent: CardStream | CardSettings | CardUpdate | CardFinish,
+             body: dict[str, Any], sequence: int | None) -> Call:
+    if sequence is None:
+        raise ValueError(f"{api}: a CardKit operation needs its sequence (card_sequence)")
+    return _call(method, path, api, body={**body, "sequence": sequence, "uuid": intent.id}, repeatable=True,
+                 target=f"card:{intent.card_id}", target_windows=PER_CARD)
+
+
+def _upload_call(intent: ImageUpload | FileUpload) -> Call:
+    """POST /open-apis/im/v1/images or /files as multipart/form-data (docs/feishu-rules.md §5.8); the file part last."""
+    if intent.data is None:
+        raise ValueError(f"{intent.id}: an upload by url needs its bytes first (relay.fetch)")
+    form: tuple[FormField, ...]
+    if isinstance(intent, ImageUpload):
+        form = (FormField(name="image_type", value=intent.image_type),
+                FormField(name="image", value=intent.data, filename="image", content_type="application/octet-stream"))
+        path, api = "/open-apis/im/v1/images", "im.image.create"
+    else:
+        fields = [FormField(name="file_type", value=intent.file_type),
+                  FormField(name="file_name", value=intent.file_name)]
+        if intent.duration is not None:
+            fields.append(FormField(name="duration", value=str(intent.duration)))
+        fields.append(FormField(name="file", value=intent.data, filename=intent.file_name,
+                                content_type="application/octet-stream"))
+        form, path, api = tuple(fields), "/open-apis/im/v1/files", "im.file.create"
+    # not repeatable: a second upload makes a second key (harmless, but not "the effect of one")
+    return Call(method="POST", path=path, form=form, api=api, api_windows=API_WINDOWS[api], repeatable=False)
+
+
+def build_call(intent: Intent, *, sequence: int | None = None) -> Call:
+    """The one HTTP call that performs ``intent`` (docs/intents.md, the kinds table); ``sequence`` is the CardKit
+    sequence of a card operation (:func:`card_sequence`), required for those and ignored otherwise."""
     match intent:
+        case CardCreate():
+            if intent.card is not None:
+                body = {"type": "card_json", "data": _card_data(intent.card)}
+            else:
+                assert intent.template is not None
+                body = {"type": "template", "data": _encoder.encode(intent.template).decode()}
+            # not repeatable: a second call makes a second card entity (unused, but not the effect of one)
+            return _call("POST", _CARDS, "cardkit.card.create", body=body, repeatable=False)
+        case CardSend():
+            content = {"type": "card", "data": {"card_id": intent.card_id}}
+            return _call(
+                "POST", _MESSAGES, "im.message.create", query={"receive_id_type": intent.receive_id_type},
+                body={"receive_id": intent.receive_id, "msg_type": "interactive", "content": _as_string(content),
+                      "uuid": intent.id},
+                target=recipient(intent.receive_id_type, intent.receive_id), target_windows=PER_TARGET, uuid=True,
+                repeatable=True, learns=True,
+            )
+        case CardStream():
+            return _card_op("PUT", f"{_CARDS}/{_seg(intent.card_id)}/elements/{_seg(intent.element_id)}/content",
+                            "cardkit.card_element.content", intent, {"content": intent.content}, sequence)
+        case CardSettings():
+            return _card_op("PATCH", f"{_CARDS}/{_seg(intent.card_id)}/settings", "cardkit.card.settings", intent,
+                            {"settings": _as_string(intent.settings)}, sequence)
+        case CardFinish():
+            config: dict[str, Any] = {"streaming_mode": False}
+            if intent.summary is not None:
+                config["summary"] = {"content": intent.summary}
+            return _card_op("PATCH", f"{_CARDS}/{_seg(intent.card_id)}/settings", "cardkit.card.settings", intent,
+                            {"settings": _as_string({"config": config})}, sequence)
+        case CardUpdate():
+            return _card_op("PUT", f"{_CARDS}/{_seg(intent.card_id)}", "cardkit.card.update", intent,
+                            {"card": {"type": "card_json", "data": _card_data(intent.card)}}, sequence)
+        case ImageUpload() | FileUpload():
+            return _upload_call(intent)
         case MessageSend():
+            if intent.content is None:
+                raise ValueError(f"{intent.id}: a message.send with upload is sent once uploaded (relay.media)")
             return _call(
                 "POST", _MESSAGES, "im.message.create", query={"receive_id_type": intent.receive_id_type},
                 body={"receive_id": intent.receive_id, "msg_type": intent.msg_type,
@@ -352,8 +516,9 @@ def _batch_send_call(intent: MessageBatchSend) -> Call:
 # --- api.call ------------------------------------------------------------------------------------------------
 
 # How a built-in API's target is read from an api.call to it (module doc): "receive" = query receive_id_type and
-# body receive_id, "reply"/"message" = the first path parameter, "pin" = body message_id, "ephemeral" = body chat_id.
-TargetFrom = Literal["receive", "reply", "message", "pin", "ephemeral"]
+# body receive_id, "reply"/"message"/"card" = the first path parameter, "pin" = body message_id, "ephemeral" =
+# body chat_id.
+TargetFrom = Literal["receive", "reply", "message", "pin", "ephemeral", "card"]
 
 
 class Route(msgspec.Struct, frozen=True):
@@ -387,6 +552,12 @@ ROUTES: Final = (
     Route("POST", "/open-apis/ephemeral/v1/delete", "ephemeral.delete"),
     Route("PUT", "/open-apis/im/v2/chat_button", "im.chat_button.update"),
     Route("POST", "/open-apis/message/v4/batch_send", "message.batch_send"),
+    Route("POST", _CARDS, "cardkit.card.create"),
+    Route("PUT", f"{_CARDS}/:/elements/:/content", "cardkit.card_element.content", "card"),
+    Route("PATCH", f"{_CARDS}/:/settings", "cardkit.card.settings", "card"),
+    Route("PUT", f"{_CARDS}/:", "cardkit.card.update", "card"),
+    Route("POST", "/open-apis/im/v1/images", "im.image.create"),
+    Route("POST", "/open-apis/im/v1/files", "im.file.create"),
 )
 
 # A literal path segment that is a Feishu id, not a word of the API's path: message om_, chat oc_, open_id ou_,
@@ -442,6 +613,8 @@ def _route_target(route: Route, values: list[str], query: dict[str, str], body: 
             return f"reply:{values[0]}"
         case "message":
             return f"message:{values[0]}"
+        case "card":
+            return f"card:{values[0]}"
         case "pin":
             message_id = _text(body, "message_id")
             return f"message:{message_id}" if message_id else None
@@ -469,7 +642,8 @@ def _api_call(intent: ApiCall) -> Call:
                     api=api_name(intent.method, intent.path), api_windows=tuple(windows), repeatable=repeatable)
     route, values = matched
     target = _route_target(route, values, intent.query, intent.body)
-    target_windows = (EPHEMERAL_CHAT if route.target == "ephemeral" else PER_TARGET) if target else ()
+    target_windows = {"ephemeral": EPHEMERAL_CHAT, "card": PER_CARD}.get(route.target or "", PER_TARGET) \
+        if target else ()
     return Call(method=intent.method, path=path, query=dict(intent.query), body=body, api=route.api,
                 api_windows=stricter(API_WINDOWS[route.api], windows), target=target,
                 target_windows=target_windows, learns=route.learns, repeatable=repeatable)

@@ -22,6 +22,7 @@ only way to the text.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -210,7 +211,22 @@ class OutboundConfig(_Section, frozen=True):
     # a result or dead letter unacknowledged this long makes /readyz answer 503 (the write keeps being retried)
     write_alarm_after: PositiveFloat = 10.0
 
+    # the most bytes an image.upload / file.upload may carry (decoded). The record holds them base64-encoded (4/3
+    # as large), and its dead letter must fit the relay's 2 MiB record cap (relay.kafka.MAX_REQUEST_SIZE), so at
+    # most 1.5 MB; the intents topic's max.message.bytes must allow the record too (brokers default to 1 MB)
+    max_upload_bytes: Annotated[int, Meta(ge=1, le=1_500_000)] = 700_000
+    # an upload's ``url`` must resolve to public addresses only, unless in one of these networks (CIDR, e.g. an
+    # internal file server's "10.1.2.0/24"); the whole download must end within fetch_timeout seconds
+    fetch_allowed_networks: list[Annotated[str, Meta(pattern=r"^[0-9A-Fa-f.:]+(/\d{1,3})?$")]] = msgspec.field(
+        default_factory=list)
+    fetch_timeout: PositiveFloat = 15.0
+
     def __post_init__(self) -> None:
+        for network in self.fetch_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"fetch_allowed_networks: {network!r} is not an IP network (CIDR)") from None
         if self.drain_timeout + DRAIN_MARGIN > self.rebalance_timeout_ms / 1000:
             raise ValueError(
                 f"drain_timeout: {self.drain_timeout:g}s does not fit in rebalance_timeout_ms "

@@ -25,6 +25,7 @@ becomes a RETRY outcome). Retrying, limits and expiry are the executor's job.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ import msgspec
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from relay.calls import Call
+from relay.calls import Call, FormField
 from relay.config import AppConfig, Config
 from relay.limits import Requeue
 from relay.metrics import Metrics
@@ -250,7 +251,9 @@ class FeishuClient:
             return err.outcome
         base = self._config.base_url_for(self._apps[app])
         proxy, proxy_auth = self._proxies.get(base, (None, None))
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": JSON_CONTENT}
+        headers = {"Authorization": f"Bearer {token}"}
+        if not call.form:
+            headers["Content-Type"] = JSON_CONTENT  # a form sets its own, with the boundary
         # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked in
         # relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
         url = URL(base + call.path, encoded=True)
@@ -263,7 +266,8 @@ class FeishuClient:
                             await admit()
                         sent = time.perf_counter()
                         async with self._session.request(
-                                call.method, url, params=call.query or None, data=call.body, headers=headers,
+                                call.method, url, params=call.query or None, headers=headers,
+                                data=_form(call.form) if call.form else call.body,
                                 proxy=proxy, proxy_auth=proxy_auth) as resp:
                             raw = await resp.read()
                             outcome = classify(resp.status, resp.headers, raw, api=call.api)
@@ -282,6 +286,18 @@ class FeishuClient:
     def _count(self, app: str, call: Call, outcome: Outcome, sent: float | None) -> None:
         if self._metrics is not None and sent is not None:  # None: it failed before the request left
             self._metrics.feishu_call(app, call.api, outcome, time.perf_counter() - sent)
+
+
+def _form(fields: tuple[FormField, ...]) -> aiohttp.FormData:
+    """A multipart/form-data body, built afresh for each attempt (aiohttp consumes a FormData once sent).
+
+    File bytes go as a BytesIO: aiohttp warns (ResourceWarning) for a plain ``bytes`` part over 1 MB, which
+    would also stream from memory, but says "pass a BytesIO"."""
+    form = aiohttp.FormData()
+    for field in fields:
+        value = io.BytesIO(field.value) if isinstance(field.value, bytes) else field.value
+        form.add_field(field.name, value, filename=field.filename, content_type=field.content_type)
+    return form
 
 
 def _held(outcome: Outcome, remaining: float) -> Outcome:

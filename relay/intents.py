@@ -10,6 +10,13 @@ Decisions worth knowing:
 
 * ``content``/``card`` accept a JSON object or the JSON *string* Feishu expects; a string must itself hold a
   JSON object (checked here, so the relay never sends Feishu a body it will answer 230001 to).
+* CardKit kinds that carry a ``sequence`` at Feishu (``card.stream``, ``card.settings``, ``card.update``,
+  ``card.finish``) take no ``order_key``: the relay derives the sequence from the record's offset, which orders
+  a card's operations only while all of them share one partition, so their key is always the ``card_id``
+  (:func:`relay.calls.card_sequence`).
+* Bytes to upload travel base64-encoded in ``data`` (msgspec decodes it), or the relay downloads them from
+  ``url``; the relay's configured cap on them is checked when the intent is performed, not here
+  (:mod:`relay.media`, :mod:`relay.fetch`).
 * ``decode_intent`` raises ``IntentError`` with ``error="decode"`` when the value is not a UTF-8 JSON object at
   all and ``error="invalid"`` otherwise; the reason is one line that names the field and never quotes the body.
   ``id``/``kind``/``app`` are recovered leniently when readable, so a ``rejected`` result can still be keyed.
@@ -29,8 +36,15 @@ from relay.errors import IntentError
 
 __all__ = [
     "ApiCall",
+    "CardCreate",
     "CardDelayUpdate",
+    "CardFinish",
     "CardPatch",
+    "CardSend",
+    "CardSettings",
+    "CardStream",
+    "CardTemplate",
+    "CardUpdate",
     "ChatButton",
     "ChatButtonText",
     "ChatButtonUpdate",
@@ -39,7 +53,10 @@ __all__ = [
     "Content",
     "EphemeralDelete",
     "EphemeralSend",
+    "FileUpload",
+    "ImageUpload",
     "Intent",
+    "MediaUpload",
     "MessageBatchSend",
     "MessageEdit",
     "MessageForward",
@@ -52,6 +69,7 @@ __all__ = [
     "Rate",
     "ReactionAdd",
     "ReactionRemove",
+    "SequencedCardIntent",
     "UrlPreviewUpdate",
     "decode_intent",
     "ordering_key",
@@ -109,15 +127,67 @@ class _Intent(_Strict, tag_field="kind", frozen=True, kw_only=True):
 # --- im/v1 messages -----------------------------------------------------------------------------------------
 
 
+# docs/feishu-rules.md §5.8: images ≤ 10 MB, files ≤ 30 MB; the relay's own cap (``outbound.max_upload_bytes``)
+# is checked when the intent is performed (relay.media), since it is configuration, not contract.
+InlineBytes = Annotated[bytes, Meta(min_length=1, max_length=30 * 1024 * 1024,
+                                    description="The bytes to upload, base64-encoded (1 byte .. 30 MB).")]
+# A URL the relay downloads the bytes from itself (relay.fetch guards it: public addresses only).
+FetchUrl = Annotated[str, Meta(pattern=r"^https?://[^/?#\s]+", max_length=2048,
+                               description="http(s) URL the relay downloads the bytes from (public addresses only).")]
+
+
+def _one_source(data: bytes | None, url: str | None) -> None:
+    if (data is None) == (url is None):
+        raise ValueError("data: give exactly one of data (base64 bytes) and url")
+
+
+# docs/feishu-rules.md §5.8, file/create: file_name required, with its extension.
+FileName = Annotated[str, Meta(min_length=3, max_length=250,
+                               pattern=r"^[^/\\\x00-\x1f]*[^/\\\x00-\x1f.]\.[A-Za-z0-9]+$",
+                               description="File name with its extension, e.g. report.pdf.")]
+# docs/feishu-rules.md §5.8, file/create: duration in milliseconds (audio/video; without it no duration is shown).
+DurationMs = Annotated[int, Meta(gt=0, lt=2**31, description="Duration in milliseconds (opus and mp4 only).")]
+
+
+class MediaUpload(_Strict, frozen=True, kw_only=True):
+    """The file a ``message.send`` of ``msg_type`` image, file, audio or media uploads first, from ``url``.
+
+    image: POST /im/v1/images (``image_type`` message); file: POST /im/v1/files with ``file_type`` from the name's
+    extension (pdf, doc(x), xls(x), ppt(x), else stream); audio: opus; media: mp4 (docs/feishu-rules.md §5.8).
+    ``file_name`` (with its extension) is required for all but images; ``duration`` (ms) for audio and media.
+    """
+
+    url: FetchUrl
+    file_name: FileName | None = None
+    duration: DurationMs | None = None
+
+
+# Message types whose content is an uploaded key (docs/feishu-rules.md §5.8 "Message content after upload").
+UPLOAD_MSG_TYPES: Final = ("image", "file", "audio", "media")
+
+
 class MessageSend(_Intent, tag="message.send", frozen=True, kw_only=True):
-    """POST /open-apis/im/v1/messages (im-v1/message/create); ``id`` is sent as ``uuid``."""
+    """POST /open-apis/im/v1/messages (im-v1/message/create); ``id`` is sent as ``uuid``.
+
+    With ``upload`` instead of ``content`` (``msg_type`` image, file, audio or media), the relay first downloads
+    the file from its url and uploads it, then sends the key it got as the content (:mod:`relay.media`)."""
 
     receive_id_type: ReceiveIdType
     receive_id: NonEmpty
     msg_type: MsgType
-    content: Content
+    content: Content | None = None
+    upload: MediaUpload | None = None
 
     def __post_init__(self) -> None:
+        if (self.content is None) == (self.upload is None):
+            raise ValueError("content: give exactly one of content and upload")
+        if self.upload is not None:
+            if self.msg_type not in UPLOAD_MSG_TYPES:
+                raise ValueError(f"upload: msg_type must be one of {', '.join(UPLOAD_MSG_TYPES)} to upload a file")
+            if self.msg_type != "image" and self.upload.file_name is None:
+                raise ValueError("upload.file_name: required to upload a file (Feishu needs its extension)")
+            if self.upload.duration is not None and self.msg_type not in ("audio", "media"):
+                raise ValueError("upload.duration: only for msg_type audio or media")
         _check_json_object("content", self.content)
 
 
@@ -163,10 +233,16 @@ class MessageForward(_Intent, tag="message.forward", frozen=True, kw_only=True):
 
 
 class CardPatch(_Intent, tag="card.patch", frozen=True, kw_only=True):
-    """PATCH /open-apis/im/v1/messages/:message_id (im-v1/message/patch): replace a sent card, ≤ 5/s per message."""
+    """PATCH /open-apis/im/v1/messages/:message_id (im-v1/message/patch): replace a sent card, ≤ 5/s per message.
+
+    ``latest_wins``: a patch replaces the whole card, so one that a later patch of the same message (already
+    read, behind it in its lane) replaces is not sent: it is ``superseded`` by it (:mod:`relay.folding`). Opt-in,
+    because a producer may want every intermediate card seen.
+    """
 
     message_id: PathId
     content: Content
+    latest_wins: bool = False
 
     def __post_init__(self) -> None:
         _check_json_object("content", self.content)
@@ -235,6 +311,167 @@ class EphemeralDelete(_Intent, tag="ephemeral.delete", frozen=True, kw_only=True
     """POST /open-apis/ephemeral/v1/delete."""
 
     message_id: PathId
+
+
+# --- CardKit v1 (docs/feishu-rules.md §5.7) -----------------------------------------------------------------
+
+# docs/feishu-rules.md §5.7: card_id and element_id 1–20 characters; element_id letters, digits and underscore, starting
+# with a letter.
+CardId = Annotated[str, Meta(min_length=1, max_length=20, pattern=_PATH_ID, description="A CardKit card_id.")]
+ElementId = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,19}$",
+                                description="A card element's element_id (1..20: a letter, then letters, "
+                                            "digits, underscore).")]
+
+
+def _card_json(field: str, value: Content) -> dict[str, Any]:
+    """A CardKit card: a JSON 2.0 card (``"schema": "2.0"``) that does not set ``update_multi`` false.
+
+    docs/feishu-rules.md §5.7: CardKit takes JSON 2.0 cards only and rejects ``update_multi=false``.
+    """
+    card = value if isinstance(value, dict) else _any_decoder.decode(value)
+    if card.get("schema") != "2.0":
+        raise ValueError(f'{field}: CardKit takes JSON 2.0 cards only (set "schema": "2.0")')
+    config = card.get("config")
+    if isinstance(config, dict) and config.get("update_multi") is False:
+        raise ValueError(f"{field}: CardKit rejects config.update_multi = false")
+    return card
+
+
+class CardTemplate(_Strict, frozen=True, kw_only=True, omit_defaults=True):
+    """A card built from a template (cardkit-v1/card/create ``type`` template: ``data`` holds these fields)."""
+
+    template_id: NonEmpty
+    template_version_name: NonEmpty | None = None
+    template_variable: dict[str, Any] | None = None
+
+
+class CardCreate(_Intent, tag="card.create", frozen=True, kw_only=True):
+    """POST /open-apis/cardkit/v1/cards: a card entity (``data.card_id``), valid 14 days, sent once.
+
+    ``card`` is a JSON 2.0 card (set ``config.streaming_mode`` true to stream into it); or ``template``.
+    """
+
+    card: Content | None = None
+    template: CardTemplate | None = None
+
+    def __post_init__(self) -> None:
+        if (self.card is None) == (self.template is None):
+            raise ValueError("card: give exactly one of card and template")
+        if self.card is not None:
+            _check_json_object("card", self.card)
+            _card_json("card", self.card)
+
+
+class CardSend(_Intent, tag="card.send", frozen=True, kw_only=True):
+    """POST /open-apis/im/v1/messages with ``msg_type`` interactive and content
+    ``{"type":"card","data":{"card_id":…}}``: send a card entity (docs/feishu-rules.md §5.7: it can be sent once).
+
+    A ``message.send`` underneath: same uuid (the intent id), same per-recipient 5/s, same ordering key."""
+
+    receive_id_type: ReceiveIdType
+    receive_id: NonEmpty
+    card_id: CardId
+
+
+class _CardOp(_Intent, frozen=True, kw_only=True):
+    """An operation on a card entity: one ``sequence`` per record, from its offset
+    (:func:`relay.calls.card_sequence`)."""
+
+    card_id: CardId
+
+    def __post_init__(self) -> None:
+        if self.order_key is not None:
+            raise ValueError("order_key: not allowed on a CardKit operation (its sequence comes from the "
+                             "record's offset, so every operation on a card must share the card_id's partition)")
+
+
+class CardStream(_CardOp, tag="card.stream", frozen=True, kw_only=True):
+    """PUT …/cardkit/v1/cards/:card_id/elements/:element_id/content: the element's full text, streamed.
+
+    Streaming mode must be open (docs/feishu-rules.md §5.7: it closes 10 min after it was opened; then 300309). An
+    update that a later one of the same element already read replaces is not sent (:mod:`relay.folding`).
+    """
+
+    element_id: ElementId
+    # cardkit-v1/card-element/content: content 最小长度 1, 最大长度 100000 (the full text, not a delta)
+    content: Annotated[str, Meta(min_length=1, max_length=100_000, description="The element's full text.")]
+
+
+class CardSettings(_CardOp, tag="card.settings", frozen=True, kw_only=True):
+    """PATCH …/cardkit/v1/cards/:card_id/settings: ``settings`` holds ``config`` (``streaming_mode``,
+    ``summary``, ``streaming_config``, …) and/or ``card_link``, as an object or its JSON string."""
+
+    settings: Content
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_json_object("settings", self.settings)
+        settings = self.settings if isinstance(self.settings, dict) else _any_decoder.decode(self.settings)
+        unknown = sorted(set(settings) - {"config", "card_link"})
+        if unknown:
+            raise ValueError(f"settings: unknown key {unknown[0]!r} (settings take config and card_link)")
+        if not settings:
+            raise ValueError("settings: give config and/or card_link")
+
+
+class CardUpdate(_CardOp, tag="card.update", frozen=True, kw_only=True):
+    """PUT …/cardkit/v1/cards/:card_id: replace the whole card entity (a JSON 2.0 card); works in or out of
+    streaming mode (docs/feishu-rules.md §5.7)."""
+
+    card: Content
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_json_object("card", self.card)
+        _card_json("card", self.card)
+
+
+class CardFinish(_CardOp, tag="card.finish", frozen=True, kw_only=True):
+    """Close streaming mode, optionally setting the list preview: PATCH …/settings with
+    ``{"config": {"streaming_mode": false, "summary": {"content": summary}}}`` (as the official Node SDK's
+    ``finishStreamingCard`` does)."""
+
+    summary: str | None = None
+
+
+# The kinds whose call carries a sequence (relay.calls.card_sequence).
+SequencedCardIntent: TypeAlias = CardStream | CardSettings | CardUpdate | CardFinish
+
+
+# --- uploads (docs/feishu-rules.md §5.8) --------------------------------------------------------------------
+
+
+class ImageUpload(_Intent, tag="image.upload", frozen=True, kw_only=True):
+    """POST /open-apis/im/v1/images (multipart): ``data.image_key``. ≤ 10 MB, JPG/JPEG/PNG/WEBP/GIF/BMP/ICO/TIFF/
+    HEIC (by the bytes' signature), checked before the upload (:mod:`relay.media`). The bytes are ``data``, or
+    downloaded by the relay from ``url`` (:mod:`relay.fetch`)."""
+
+    image_type: Literal["message", "avatar"] = "message"
+    data: InlineBytes | None = None
+    url: FetchUrl | None = None
+
+    def __post_init__(self) -> None:
+        _one_source(self.data, self.url)
+
+
+# docs/feishu-rules.md §5.8, file/create: file_type (anything else → stream).
+FileType = Literal["opus", "mp4", "pdf", "doc", "xls", "ppt", "stream"]
+
+
+class FileUpload(_Intent, tag="file.upload", frozen=True, kw_only=True):
+    """POST /open-apis/im/v1/files (multipart): ``data.file_key``. ≤ 30 MB, not empty; ``file_name`` with its
+    extension; ``duration`` (ms) for opus/mp4 only. The bytes are ``data``, or downloaded from ``url``."""
+
+    file_type: FileType = "stream"
+    file_name: FileName
+    duration: DurationMs | None = None
+    data: InlineBytes | None = None
+    url: FetchUrl | None = None
+
+    def __post_init__(self) -> None:
+        _one_source(self.data, self.url)
+        if self.duration is not None and self.file_type not in ("opus", "mp4"):
+            raise ValueError("duration: only for file_type opus or mp4")
 
 
 # --- im/v2 --------------------------------------------------------------------------------------------------
@@ -445,7 +682,8 @@ class ApiCall(_Intent, tag="api.call", frozen=True, kw_only=True):
 Intent: TypeAlias = (
     MessageSend | MessageReply | MessageEdit | MessageRecall | MessageForward | CardPatch | MessageUrgent
     | ReactionAdd | ReactionRemove | PinAdd | PinRemove | CardDelayUpdate | EphemeralSend | EphemeralDelete
-    | UrlPreviewUpdate | ChatButtonUpdate | MessageBatchSend | ApiCall
+    | UrlPreviewUpdate | ChatButtonUpdate | MessageBatchSend | CardCreate | CardSend | CardStream | CardSettings
+    | CardUpdate | CardFinish | ImageUpload | FileUpload | ApiCall
 )
 
 # --- decoding -----------------------------------------------------------------------------------------------
@@ -539,7 +777,7 @@ def ordering_key(intent: Intent) -> str:
     if intent.order_key is not None:
         return intent.order_key
     match intent:
-        case MessageSend() | MessageForward():
+        case MessageSend() | MessageForward() | CardSend():
             return intent.receive_id
         case CardDelayUpdate():
             return intent.token
@@ -547,8 +785,10 @@ def ordering_key(intent: Intent) -> str:
             return intent.chat_id
         case UrlPreviewUpdate():
             return intent.preview_tokens[0]
-        case MessageBatchSend():
+        case MessageBatchSend() | CardCreate() | ImageUpload() | FileUpload():
             return intent.id
+        case CardStream() | CardSettings() | CardUpdate() | CardFinish():
+            return intent.card_id
         case ApiCall():
             return intent.filled_path
         case _:

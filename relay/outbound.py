@@ -10,7 +10,9 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
 * **Order per key.** Records of one partition with the same ordering key run one after another (a *lane*: each
   job waits for the previous job of its key, which ends only once its result is written), so their calls are
   attempted in partition order and a later record of a key never finishes before an earlier one, on any
-  failure path. Different keys run concurrently: a key waiting on its own limit or on a retry never holds back
+  failure path. The one exception: a record superseded by a later one of its lane (``relay.folding``) makes no
+  call, and the next job goes as soon as that is decided, while its ``superseded`` result is being written.
+  Different keys run concurrently: a key waiting on its own limit or on a retry never holds back
   the others. ``url_preview.update`` intents skip the lanes: they are merged by the preview coalescer; records
   that cannot be decoded have no ordering key.
 * **Bounded work, exactly.** At most ``outbound.max_in_flight`` records are read but unfinished, and at most
@@ -82,16 +84,29 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 
-from relay.calls import build_call
+from relay.calls import Call, build_call, card_sequence, unsendable
 from relay.config import Config
 from relay.errors import IntentError
 from relay.executor import Executor
-from relay.intents import Intent, UrlPreviewUpdate, decode_intent, ordering_key
+from relay.fetch import Fetcher, FetchFailed, FetchRefused
+from relay.folding import Folding, overtaken
+from relay.intents import (
+    FileUpload,
+    ImageUpload,
+    Intent,
+    MessageSend,
+    SequencedCardIntent,
+    UrlPreviewUpdate,
+    decode_intent,
+    ordering_key,
+)
 from relay.journal import DeadLetter, Entry, Finished, Journal
 from relay.kafka import BATCH_OVERHEAD, MAX_BATCH_SIZE, client_settings, max_message_bytes
+from relay.media import FILE_MAX_BYTES, IMAGE_MAX_BYTES, send_with_key, upload_for, upload_refusal
 from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics, kind_label
 from relay.offsets import JOURNAL_METADATA_ROOM, JournalPosition, OffsetRanges, PartitionOffsets, decode_metadata
+from relay.outcomes import Attempted
 from relay.previews.coalescer import PreviewCoalescer, PreviewsStopped, PreviewTicket
 from relay.results import (
     OUTCOME_UNKNOWN,
@@ -205,7 +220,8 @@ class Outbound(ConsumerRebalanceListener):
     def __init__(self, config: Config, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                  executor: Executor, metrics: Metrics, *, known_apps: Iterable[str],
                  previews: PreviewCoalescer | None = None, membership: Membership | None = None,
-                 journal: Journal | None = None, wall: Callable[[], float] = time.time,
+                 journal: Journal | None = None, fetcher: Fetcher | None = None,
+                 wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic, admin: AIOKafkaAdminClient | None = None,
                  new_producer: Callable[[], AIOKafkaProducer] | None = None) -> None:
         """``membership``: the group-membership lease that fences calls and writes (module doc); None in tests
@@ -223,12 +239,17 @@ class Outbound(ConsumerRebalanceListener):
         self._previews = previews
         self._membership = membership
         self._journal = journal
+        self._fetcher = fetcher  # downloads the bytes of an upload given by url (relay.fetch)
         self._wall = wall
         self._clock = clock
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._skip: dict[TopicPartition, OffsetRanges] = {}
         self._jobs: dict[TopicPartition, set[Job]] = {}
         self._lanes: dict[tuple[TopicPartition, str], asyncio.Task[None]] = {}
+        self._folding = Folding()  # latest-wins among the records waiting in a lane (relay.folding)
+        # a job's turn in its lane, when that ends before its task does: a superseded job's turn ends once it is
+        # decided, before its result is written, so the next job need not wait for that write (_perform)
+        self._turns: dict[asyncio.Task[None], asyncio.Future[None]] = {}
         self._inflight = 0
         self._inflight_by_tp: dict[TopicPartition, int] = {}
         self._all_paused = False  # the global cap was reached; cleared at half
@@ -573,6 +594,7 @@ class Outbound(ConsumerRebalanceListener):
         received = self._wall()
         job = Job(tp, record, received)
         lane: tuple[TopicPartition, str] | None = None
+        turn: asyncio.Future[None] | None = None
         coro: Coroutine[Any, Any, None]
         try:
             intent = decode_intent(record.value)
@@ -596,8 +618,12 @@ class Outbound(ConsumerRebalanceListener):
                     coro = self._reject(job, record, self._unknown_app(intent), received)
             else:
                 lane = (tp, key)
-                coro = self._perform(job, record, intent, received, self._lanes.get(lane))
+                self._folding.add(lane, record.offset, intent)
+                turn = asyncio.get_running_loop().create_future()
+                coro = self._perform(job, record, intent, received, self._lanes.get(lane), lane, turn)
         self._start(job, coro, lane)
+        if turn is not None and job.task is not None:
+            self._turns[job.task] = turn
 
     def _start(self, job: Job, coro: Coroutine[Any, Any, None], lane: tuple[TopicPartition, str] | None) -> None:
         tp = job.tp
@@ -615,6 +641,7 @@ class Outbound(ConsumerRebalanceListener):
                            app=intent.app)
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
+        self._turns.pop(task, None)
         if self._lanes.get(lane) is task:
             del self._lanes[lane]
 
@@ -654,18 +681,100 @@ class Outbound(ConsumerRebalanceListener):
     # the three kinds of job -----------------------------------------------------------------------------
 
     async def _perform(self, job: Job, record: Record, intent: Intent, received: float,
-                       previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])  # order per key; its outcome (even a cancellation) is its own
-        if intent.app not in self._apps:
-            await self._reject(job, record, self._unknown_app(intent), received)
-            return
+                       previous: asyncio.Task[None] | None, lane: tuple[TopicPartition, str],
+                       turn: asyncio.Future[None]) -> None:
+        """``turn`` is set when this job is decided superseded: the next job of the lane may then go before this
+        one's result is written (it made no call); otherwise the next job waits for this one's task to end."""
+        try:
+            if previous is not None:  # order per key; its outcome (even a cancellation) is its own
+                before = self._turns.get(previous)
+                await asyncio.wait([previous] if before is None else [previous, before],
+                                   return_when=asyncio.FIRST_COMPLETED)
+            if intent.app not in self._apps:
+                await self._reject(job, record, self._unknown_app(intent), received)
+                return
+            superseded_by = self._folding.superseded_by(lane, record.offset)
+            if superseded_by is not None:  # a later update waiting behind it replaces it whole (relay.folding)
+                self._folding.done(lane, record.offset)
+                turn.set_result(None)  # it makes no call: the lane goes on while its result is written
+                job.started = True
+                fields = {"attempts": 0, "superseded_by": superseded_by,
+                          "msg": f"superseded by {superseded_by}, a later full update of the same target"}
+                await self._finish(record, intent.id, job.kind, intent.app, "superseded", fields, None, received)
+                return
+            refusal = unsendable(intent, key=record.key, offset=record.offset,
+                                 max_upload_bytes=self._out.max_upload_bytes)
+            if refusal is not None:
+                await self._reject(job, record, IntentError(refusal, id=intent.id, kind=job.kind, app=intent.app),
+                                   received)
+                return
+            if isinstance(intent, ImageUpload | FileUpload) and intent.url is not None:
+                fetched = await self._download(job, record, intent, received)
+                if fetched is None:
+                    return
+                intent = fetched
+            if isinstance(intent, MessageSend) and intent.upload is not None:
+                uploaded = await self._upload_first(job, record, intent, received)
+                if uploaded is None:
+                    return
+                intent = uploaded
+            await self._call(job, record, intent, received)
+        finally:
+            self._folding.done(lane, record.offset)
+
+    async def _download(self, job: Job, record: Record, intent: ImageUpload | FileUpload,
+                        received: float) -> ImageUpload | FileUpload | None:
+        """The upload with the bytes its ``url`` holds; None once a refusal (rejected) or failure is written."""
+        assert intent.url is not None
+        job.started = True  # a download is under way: not abandoned unstarted (it is no Feishu call)
+        try:
+            if self._fetcher is None:
+                raise FetchRefused("url: this relay downloads no files (no fetcher)")
+            limit = IMAGE_MAX_BYTES if isinstance(intent, ImageUpload) else FILE_MAX_BYTES
+            fetched = msgspec.structs.replace(intent, data=await self._fetcher.fetch(intent.url, limit), url=None)
+            refusal = upload_refusal(fetched, limit)
+            if refusal is not None:
+                raise FetchRefused(refusal)
+        except FetchRefused as err:
+            await self._reject(job, record, IntentError(str(err), id=intent.id, kind=job.kind, app=intent.app),
+                               received)
+            return None
+        except FetchFailed as err:
+            await self._finish(record, intent.id, job.kind, intent.app, "failed", {"msg": str(err), "attempts": 0},
+                               "fetch", received)
+            return None
+        return fetched
+
+    async def _upload_first(self, job: Job, record: Record, send: MessageSend,
+                            received: float) -> MessageSend | None:
+        """A ``message.send`` with ``upload``: download, upload, and the message with the key as its content; None
+        once the intent's result is written instead (the download or upload refused or failed: ``msg`` says
+        which step). The upload is journaled like any call not safe to repeat, so a new owner does not repeat it."""
+        upload = await self._download(job, record, upload_for(send), received)
+        if upload is None:
+            return None
+        attempted = await self._attempt(job, record, upload, build_call(upload), received)
+        if attempted is None:
+            return None
+        status, dl_error, fields = from_attempt(attempted)
+        outcome = attempted.outcome
+        message = send_with_key(send, outcome.data) if status == "ok" and outcome is not None else None
+        if message is None:
+            if status == "ok":
+                status, dl_error = "failed", "feishu"
+            fields["msg"] = f"upload: {fields.get('msg')}"
+            await self._finish(record, send.id, job.kind, send.app, status, fields, dl_error, received, journal=job)
+        return message
+
+    async def _attempt(self, job: Job, record: Record, intent: Intent, call: Call,
+                       received: float) -> Attempted | None:
+        """``call`` performed for ``intent`` to its end (journaled first when not safe to repeat); None once a
+        rejection is written instead (a call this replica's quota share leaves no room for)."""
         expires_at = intent.expires_at.timestamp() if intent.expires_at is not None else None
 
         async def started() -> None:
             job.started = True
 
-        call = build_call(intent)
         journal_start = None
         if self._journal is not None and not call.repeatable:
             journal = self._journal
@@ -679,11 +788,24 @@ class Outbound(ConsumerRebalanceListener):
         if unsendable is not None:  # e.g. an api.call rate this replica's quota_share leaves no call of
             err = IntentError(f"rate: {unsendable}", id=intent.id, kind=job.kind, app=intent.app)
             await self._reject(job, record, err, received)
-            return
+            return None
         attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
                                                  before_write=journal_start)
         job.started = True
+        return attempted
+
+    async def _call(self, job: Job, record: Record, intent: Intent, received: float) -> None:
+        if isinstance(intent, SequencedCardIntent):
+            call = build_call(intent, sequence=card_sequence(record.offset))  # checked by unsendable
+        else:
+            call = build_call(intent)
+        attempted = await self._attempt(job, record, intent, call, received)
+        if attempted is None:
+            return
         status, dl_error, fields = from_attempt(attempted)
+        if status == "failed" and overtaken(intent, fields.get("code")):
+            status, dl_error = "superseded", None  # a later update of its card is at Feishu already (folding)
+            fields["msg"] = f"superseded: a later update of the card was performed first ({fields.get('msg')})"
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received, journal=job)
 
@@ -1114,5 +1236,6 @@ class Outbound(ConsumerRebalanceListener):
             self._careful.pop(tp, None)
         if self._journal is not None:
             self._journal.forget(gone)
+        self._folding.forget(gone)
         for lane in [lane for lane in self._lanes if lane[0] in gone]:
             del self._lanes[lane]

@@ -137,6 +137,19 @@ CODES: Final[dict[int, _Rule]] = {
     99991679: _Rule(Verdict.PERMANENT, False, "user has not granted the scope"),
     99991401: _Rule(Verdict.PERMANENT, False, "caller IP not in the app's whitelist"),
     99991661: _Rule(Verdict.PERMANENT, False, "missing access token"),
+    # CardKit (docs/feishu-rules.md §5.7). A sequence not greater than the card's last: the same record's retry carries
+    # the same number, so retrying cannot help (the relay's sequences increase: relay.calls.card_sequence).
+    300317: _Rule(Verdict.PERMANENT, False, "cardkit: sequence number compare failed"),
+    # Streaming mode closed (10 min after it was opened, or idle): element content updates fail until a
+    # card.settings opens it again; settings and full updates still work. Final for this intent.
+    300309: _Rule(Verdict.PERMANENT, False, "cardkit: streaming mode is closed"),
+    200850: _Rule(Verdict.PERMANENT, False, "cardkit: streaming mode closed (idle)"),
+    # An element added a moment ago is not visible yet: a short retry finds it (3P-observed, docs/feishu-rules.md §5.7).
+    300313: _Rule(Verdict.RETRY, False, "cardkit: element not found (not visible yet)"),
+    # Uploads (docs/feishu-rules.md §5.8): listed so the table says it on purpose; the same bytes again cannot help.
+    234001: _Rule(Verdict.PERMANENT, False, "upload: invalid param"),
+    234006: _Rule(Verdict.PERMANENT, False, "upload: size exceeded (image 10 MB, file 30 MB)"),
+    234010: _Rule(Verdict.PERMANENT, False, "upload: file is empty"),
 }
 
 # Per-user failures Feishu reports next to code 0, by API (see relay.calls for the names).

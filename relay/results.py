@@ -5,8 +5,9 @@ Result record (results topic), written whenever the intent's ``id`` can be read:
 intent record's ``traceparent`` and any header named in ``kafka.forward_headers``, unchanged.
 
 Dead letter (dead-letter topic): the original value bytes and key unchanged; headers ``relay.error``
-(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted`` | ``outcome-unknown``, and ``internal`` for a relay
-bug reported as the intent's failure rather than freezing its partition), ``relay.reason`` (one line),
+(``decode`` | ``invalid`` | ``feishu`` | ``retries-exhausted`` | ``outcome-unknown``, ``fetch`` for an upload whose
+``url`` could not be downloaded, and ``internal`` for a relay bug reported as the intent's failure rather than
+freezing its partition), ``relay.reason`` (one line),
 ``relay.source.topic``, ``relay.source.partition``, ``relay.source.offset``, then the original headers.
 Expired intents are reported, not dead-lettered.
 
@@ -35,7 +36,8 @@ from relay.outcomes import Attempted, Verdict
 
 Status = Literal["ok", "partial", "superseded", "expired", "failed", "rejected"]
 # ``relay.error`` of a dead letter (docs/results.md lists what each means; new values are added, never renamed)
-DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "outcome-unknown", "internal"]
+DeadLetterError = Literal["decode", "invalid", "feishu", "retries-exhausted", "outcome-unknown", "internal",
+                          "fetch"]
 
 
 class Result(msgspec.Struct, kw_only=True, omit_defaults=False):

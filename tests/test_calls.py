@@ -10,12 +10,15 @@ import pytest
 from relay.buckets import Window, stricter
 from relay.calls import (
     API_WINDOWS,
+    MAX_SEQUENCE,
     PREVIEW_TOKEN_WINDOWS,
     ROUTES,
     Call,
     api_name,
     build_call,
+    card_sequence,
     check_share,
+    unsendable,
     url_preview_call,
 )
 from relay.errors import IntentError
@@ -367,3 +370,103 @@ def test_other_api_calls_are_one_api_whatever_the_param_names_or_literal_ids() -
     assert api_name("GET", "/open-apis/contact/v3/users/a@b.cn") == "api:GET /open-apis/contact/v3/users/:"
     assert api_name("GET", "/open-apis/contact/v3/users/batch") == "api:GET /open-apis/contact/v3/users/batch"
     assert _api_call("GET", "/open-apis/im/v1/messages/om_1").api == "api:GET /open-apis/im/v1/messages/:"
+
+
+# --- CardKit and uploads -------------------------------------------------------------------------------------
+
+CARD = (Window(10, 1),)
+
+
+def card_call(intent: dict[str, Any], sequence: int | None = 7) -> Call:
+    return build_call(decode_intent(json.dumps(intent).encode()), sequence=sequence)
+
+
+def test_card_sequence_is_the_offset_plus_one_within_int32() -> None:
+    assert [card_sequence(offset) for offset in (0, 1, 41)] == [1, 2, 42]
+    assert card_sequence(MAX_SEQUENCE - 1) == MAX_SEQUENCE
+    assert card_sequence(MAX_SEQUENCE) is None  # Feishu takes int32 only: refused, never wrapped
+    offsets = [3, 9, 10, 200]  # any increasing offsets (gaps where records were superseded) stay increasing
+    sequences = [card_sequence(o) or 0 for o in offsets]
+    assert sequences == sorted(set(sequences)) and 0 not in sequences
+
+
+def test_card_create_sends_the_card_as_a_json_string() -> None:
+    c = call({"kind": "card.create", "id": "k1", "card": {"schema": "2.0", "body": {"elements": []}}})
+    assert (c.method, c.path, c.api, c.target, c.repeatable) == (
+        "POST", "/open-apis/cardkit/v1/cards", "cardkit.card.create", None, False)
+    assert json.loads(c.body or b"") == {"type": "card_json",
+                                         "data": '{"schema":"2.0","body":{"elements":[]}}'}
+    t = call({"kind": "card.create", "id": "k2", "template": {"template_id": "AAq1", "template_variable": {"a": 1}}})
+    assert json.loads(t.body or b"") == {"type": "template",
+                                         "data": '{"template_id":"AAq1","template_variable":{"a":1}}'}
+
+
+def test_card_send_is_a_message_send_of_the_entity() -> None:
+    c = call({"kind": "card.send", "id": "k3", "receive_id_type": "chat_id", "receive_id": "oc_1", "card_id": "c1"})
+    assert (c.method, c.path, c.query, c.api, c.target, c.target_windows) == (
+        "POST", "/open-apis/im/v1/messages", {"receive_id_type": "chat_id"}, "im.message.create", "chat:oc_1", FIVE)
+    assert c.body == (b'{"receive_id":"oc_1","msg_type":"interactive",'
+                      b'"content":"{\\"type\\":\\"card\\",\\"data\\":{\\"card_id\\":\\"c1\\"}}","uuid":"k3"}')
+
+
+@pytest.mark.parametrize(("intent", "method", "path", "api", "body"), [
+    ({"kind": "card.stream", "id": "s1", "card_id": "c1", "element_id": "md", "content": "Hel"},
+     "PUT", "/open-apis/cardkit/v1/cards/c1/elements/md/content", "cardkit.card_element.content",
+     {"content": "Hel", "sequence": 7, "uuid": "s1"}),
+    ({"kind": "card.settings", "id": "s2", "card_id": "c1", "settings": {"config": {"streaming_mode": True}}},
+     "PATCH", "/open-apis/cardkit/v1/cards/c1/settings", "cardkit.card.settings",
+     {"settings": '{"config":{"streaming_mode":true}}', "sequence": 7, "uuid": "s2"}),
+    ({"kind": "card.update", "id": "s3", "card_id": "c1", "card": {"schema": "2.0", "body": {"elements": []}}},
+     "PUT", "/open-apis/cardkit/v1/cards/c1", "cardkit.card.update",
+     {"card": {"type": "card_json", "data": '{"schema":"2.0","body":{"elements":[]}}'}, "sequence": 7,
+      "uuid": "s3"}),
+    ({"kind": "card.finish", "id": "s4", "card_id": "c1", "summary": "Hi"},
+     "PATCH", "/open-apis/cardkit/v1/cards/c1/settings", "cardkit.card.settings",
+     {"settings": '{"config":{"streaming_mode":false,"summary":{"content":"Hi"}}}', "sequence": 7, "uuid": "s4"}),
+    ({"kind": "card.finish", "id": "s5", "card_id": "c1"},
+     "PATCH", "/open-apis/cardkit/v1/cards/c1/settings", "cardkit.card.settings",
+     {"settings": '{"config":{"streaming_mode":false}}', "sequence": 7, "uuid": "s5"}),
+])
+def test_card_operations_carry_sequence_and_uuid_and_the_card_limit(
+        intent: dict[str, Any], method: str, path: str, api: str, body: dict[str, Any]) -> None:
+    c = card_call(intent)
+    assert (c.method, c.path, c.api, c.api_windows, c.target, c.target_windows, c.repeatable) == (
+        method, path, api, IM, "card:c1", CARD, True)
+    assert json.loads(c.body or b"") == body
+    with pytest.raises(ValueError, match="needs its sequence"):
+        card_call(intent, sequence=None)
+
+
+def test_uploads_are_multipart_forms_with_the_file_last() -> None:
+    image = call({"kind": "image.upload", "id": "u1", "data": "iVBORw0KGgo="})
+    assert (image.method, image.path, image.api, image.body, image.repeatable) == (
+        "POST", "/open-apis/im/v1/images", "im.image.create", None, False)
+    assert [(f.name, f.value, f.filename) for f in image.form] == [
+        ("image_type", "message", None), ("image", b"\x89PNG\r\n\x1a\n", "image")]
+    file = call({"kind": "file.upload", "id": "u2", "file_type": "mp4", "file_name": "clip.mp4", "duration": 3000,
+                 "data": "AAAA"})
+    assert (file.path, file.api) == ("/open-apis/im/v1/files", "im.file.create")
+    assert [(f.name, f.value, f.filename) for f in file.form] == [
+        ("file_type", "mp4", None), ("file_name", "clip.mp4", None), ("duration", "3000", None),
+        ("file", b"\x00\x00\x00", "clip.mp4")]
+
+
+def test_unsendable_card_operations_and_uploads() -> None:
+    stream = decode_intent(b'{"kind":"card.stream","id":"s","card_id":"c1","element_id":"md","content":"x"}')
+    assert unsendable(stream, key=b"c1", offset=0, max_upload_bytes=1) is None
+    assert (unsendable(stream, key=b"other", offset=0, max_upload_bytes=1) or "").startswith("key: ")
+    assert (unsendable(stream, key=None, offset=0, max_upload_bytes=1) or "").startswith("key: ")
+    assert (unsendable(stream, key=b"c1", offset=MAX_SEQUENCE, max_upload_bytes=1) or "").startswith("sequence: ")
+    image = decode_intent(b'{"kind":"image.upload","id":"u","data":"iVBORw0KGgo="}')
+    assert unsendable(image, key=b"u", offset=0, max_upload_bytes=8) is None
+    assert (unsendable(image, key=b"u", offset=0, max_upload_bytes=7) or "").startswith("data: ")
+
+
+def test_api_calls_to_cardkit_and_upload_paths_are_those_apis() -> None:
+    c = call({"kind": "api.call", "id": "a", "method": "PUT",
+              "path": "/open-apis/cardkit/v1/cards/c9/elements/e/content",
+              "body": {"content": "x", "sequence": 1}, "rate": {"per_second": 50}})
+    assert (c.api, c.target, c.target_windows) == ("cardkit.card_element.content", "card:c9", CARD)
+    up = call({"kind": "api.call", "id": "b", "method": "POST", "path": "/open-apis/im/v1/images",
+               "rate": {"per_second": 50}})
+    assert up.api == "im.image.create"

@@ -14,6 +14,7 @@ from relay.errors import IntentError
 from relay.intents import (
     ApiCall,
     ChatButtonUpdate,
+    ImageUpload,
     MessageBatchSend,
     MessageReply,
     MessageSend,
@@ -52,6 +53,17 @@ EXAMPLES: list[dict[str, Any]] = [
      "rate": {"per_second": 50, "per_minute": 1000}},
     {"kind": "pin.remove", "id": "n-17", "message_id": "om_1"},
     {"kind": "ephemeral.delete", "id": "n-18", "message_id": "om_e"},
+    # CardKit and uploads
+    {"kind": "card.create", "id": "n-19", "card": {"schema": "2.0", "config": {"streaming_mode": True},
+                                                 "body": {"elements": [{"tag": "markdown", "element_id": "md",
+                                                                        "content": ""}]}}},
+    {"kind": "card.send", "id": "n-20", "receive_id_type": "chat_id", "receive_id": "oc_1", "card_id": "7355_c"},
+    {"kind": "card.stream", "id": "n-21", "card_id": "7355_c", "element_id": "md", "content": "Hello, wor"},
+    {"kind": "card.settings", "id": "n-22", "card_id": "7355_c", "settings": {"config": {"streaming_mode": True}}},
+    {"kind": "card.update", "id": "n-23", "card_id": "7355_c", "card": {"schema": "2.0", "body": {"elements": []}}},
+    {"kind": "card.finish", "id": "n-24", "card_id": "7355_c", "summary": "Hello, world"},
+    {"kind": "image.upload", "id": "n-25", "image_type": "message", "data": "iVBORw0KGgo="},
+    {"kind": "file.upload", "id": "n-26", "file_type": "pdf", "file_name": "report.pdf", "data": "JVBERi0xLjQK"},
 ]
 
 
@@ -139,7 +151,7 @@ RULES: list[tuple[str, dict[str, Any], str]] = [
     ("message.send", {"receive_id": ""}, "$.receive_id: expected `str` of length >= 1"),
     ("message.send", {"content": "not json"}, "$.content: string is not JSON"),
     ("message.send", {"content": "[1]"}, "$.content: string must encode a JSON object"),
-    ("message.send", {"content": 5}, "$.content: expected `str | object`, got `int`"),
+    ("message.send", {"content": 5}, "$.content: expected `str | object | null`, got `int`"),
     ("message.reply", {"reply_in_thread": "yes"}, "$.reply_in_thread: expected `bool`"),
     ("message.edit", {"msg_type": "interactive"}, "$.msg_type: invalid enum value"),
     ("message.urgent", {"channel": "email"}, "$.channel: invalid enum value"),
@@ -332,7 +344,16 @@ ORDERING: list[tuple[str, str]] = [
     ("chat_button.update", "oc_1"),
     ("message.batch_send", "n-15"),
     ("api.call", "/open-apis/im/v1/messages/om_1/read_users"),
+    ("card.create", "n-19"),
+    ("card.send", "oc_1"),
+    ("card.stream", "7355_c"),
+    ("card.settings", "7355_c"),
+    ("card.update", "7355_c"),
+    ("card.finish", "7355_c"),
+    ("image.upload", "n-25"),
+    ("file.upload", "n-26"),
 ]
+SEQUENCED = ("card.stream", "card.settings", "card.update", "card.finish")
 
 
 @pytest.mark.parametrize(("kind", "key"), ORDERING)
@@ -340,9 +361,56 @@ def test_default_ordering_key(kind: str, key: str) -> None:
     assert ordering_key(decode_intent(enc(by_kind(kind)))) == key
 
 
-@pytest.mark.parametrize("kind", [k for k, _ in ORDERING])
+@pytest.mark.parametrize("kind", [k for k, _ in ORDERING if k not in SEQUENCED])
 def test_order_key_overrides(kind: str) -> None:
     assert ordering_key(decode_intent(enc(with_(by_kind(kind), order_key="mine")))) == "mine"
+
+
+@pytest.mark.parametrize("kind", SEQUENCED)
+def test_sequenced_card_ops_refuse_order_key(kind: str) -> None:
+    """Their sequence comes from the offset: one card's operations must share the card_id's partition."""
+    with pytest.raises(IntentError, match=r"order_key: not allowed"):
+        decode_intent(enc(with_(by_kind(kind), order_key="mine")))
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"card": {"config": {}}}, r"\$.card: CardKit takes JSON 2.0 cards only"),
+    ({"card": {"schema": "2.0", "config": {"update_multi": False}}}, r"update_multi = false"),
+    ({"card": None, "template": None}, r"exactly one of card and template"),
+])
+def test_card_create_refuses_what_cardkit_refuses(change: dict[str, Any], reason: str) -> None:
+    raw = {k: v for k, v in {**by_kind("card.create"), **change}.items() if v is not None}
+    with pytest.raises(IntentError, match=reason):
+        decode_intent(enc(raw))
+
+
+@pytest.mark.parametrize(("kind", "change", "reason"), [
+    ("card.stream", {"element_id": "1md"}, r"element_id"),
+    ("card.stream", {"card_id": "x" * 21}, r"card_id"),
+    ("card.settings", {"settings": {"streaming": True}}, r"unknown key 'streaming'"),
+    ("card.settings", {"settings": {}}, r"give config and/or card_link"),
+    ("image.upload", {"data": "not base64!"}, r"\$.data"),
+    ("image.upload", {"data": ""}, r"\$.data"),
+    ("file.upload", {"file_name": "noext"}, r"file_name"),
+    ("file.upload", {"duration": 1000}, r"duration: only for file_type opus or mp4"),
+    ("image.upload", {"url": "https://files.example/a.png"}, r"exactly one of data \(base64 bytes\) and url"),
+    ("file.upload", {"data": ..., "url": "file:///etc/passwd"}, r"\$.url"),
+    ("image.upload", {"data": ...}, r"exactly one of data"),
+    ("message.send", {"upload": {"url": "https://f.example/a.png"}}, r"exactly one of content and upload"),
+    ("message.send", {"content": ..., "upload": {"url": "https://f.example/a.png"}}, r"upload: msg_type must be"),
+    ("message.send", {"content": ..., "msg_type": "file", "upload": {"url": "https://f.example/a"}},
+     r"upload.file_name: required"),
+    ("message.send", {"content": ..., "msg_type": "image", "upload": {"url": "https://f.example/a", "duration": 5}},
+     r"upload.duration: only for msg_type audio or media"),
+])
+def test_cardkit_and_upload_field_rules(kind: str, change: dict[str, Any], reason: str) -> None:
+    with pytest.raises(IntentError, match=reason):
+        decode_intent(enc(with_(by_kind(kind), **change)))
+
+
+def test_upload_bytes_are_base64() -> None:
+    intent = decode_intent(enc(by_kind("image.upload")))
+    assert isinstance(intent, ImageUpload) and intent.data == b"\x89PNG\r\n\x1a\n"
 
 
 def test_all_kinds_have_an_ordering_case() -> None:

@@ -552,3 +552,27 @@ async def test_an_internal_error_that_cannot_be_reported_holds_its_key_until_it_
     assert boom["status"] == "failed" and boom["msg"].startswith("internal error: RuntimeError")
     assert [k for k, _, _ in h.producer.written[RESULTS]] == [b"boom", b"after"]
     assert any(p and "internal error" in p for p in problems), "nothing said the report was failing"
+
+
+def stream(id: str, content: str, card: str = "c1") -> bytes:
+    return msgspec.json.encode({"kind": "card.stream", "id": id, "card_id": card, "element_id": "md",
+                                "content": content})
+
+
+async def test_stream_updates_read_behind_a_call_are_superseded_by_the_last_which_is_sent() -> None:
+    consumer = FakeConsumer()
+    consumer.append(0, "c1", stream("s0", "a"))
+    async with running(consumer) as h:
+        h.executor.hold("s0")
+        await h.until(lambda: h.executor.calls == ["s0"], "the first update at Feishu")
+        for i, text in enumerate(["ab", "abc", "abcd"], start=1):
+            consumer.append(0, "c1", stream(f"s{i}", text))
+        consumer.append(0, "other", stream("bad-key", "x"))  # keyed by something else than its card_id
+        await h.until(lambda: h.outbound._inflight == 5, "every update read")
+        h.executor.release("s0")
+        await h.until(lambda: len(h.producer.results()) == 5, "every result")
+    results = {id: rs[0] for id, rs in h.producer.results().items()}
+    assert h.executor.calls == ["s0", "s3"]
+    assert [(results[f"s{i}"]["status"], results[f"s{i}"]["superseded_by"]) for i in range(4)] == [
+        ("ok", None), ("superseded", "s3"), ("superseded", "s3"), ("ok", None)]
+    assert results["bad-key"]["status"] == "rejected" and results["bad-key"]["msg"].startswith("key: ")

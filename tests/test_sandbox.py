@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -585,3 +586,134 @@ async def test_send_reply_and_forward_share_a_recipients_five_per_second(make: F
                                  {"receive_id_type": "chat_id"}))[1]["code"] for _ in range(2)]
     assert codes == [0, 0, 0, 0, 0, 230020]  # the clock stood still: six calls to one group in one second
     assert sandbox.violations()[-1].api == "message.forward"
+
+
+# ---- CardKit and uploads ----------------------------------------------------------------------------------
+
+CARDS = "/open-apis/cardkit/v1/cards"
+STREAM_CARD = {"schema": "2.0", "config": {"streaming_mode": True},
+               "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": ""}]}}
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+
+async def new_card(client: Client, card: dict[str, Any] | None = None) -> str:
+    status, body, _ = await client.call("POST", CARDS, {"type": "card_json", "data": json.dumps(card or STREAM_CARD)})
+    assert (status, body["code"]) == (200, 0), body
+    return str(body["data"]["card_id"])
+
+
+async def stream(client: Client, card_id: str, text: str, sequence: int, uuid: str | None = None,
+                 element: str = "md") -> dict[str, Any]:
+    body: dict[str, Any] = {"content": text, "sequence": sequence}
+    if uuid is not None:
+        body["uuid"] = uuid
+    return (await client.call("PUT", f"{CARDS}/{card_id}/elements/{element}/content", body))[1]
+
+
+async def test_cardkit_sequence_must_strictly_increase_per_card(make: Factory) -> None:
+    sandbox, client, _ = await make()
+    card = await new_card(client)
+    assert (await stream(client, card, "He", 5))["code"] == 0
+    assert (await stream(client, card, "Hel", 5))["code"] == 300317  # not greater
+    assert (await stream(client, card, "Hel", 4))["code"] == 300317
+    settings = {"settings": json.dumps({"config": {"summary": {"content": "x"}}}), "sequence": 6}
+    assert (await client.call("PATCH", f"{CARDS}/{card}/settings", settings))[1]["code"] == 0
+    assert (await stream(client, card, "Hello", 6))["code"] == 300317  # one counter for every operation
+    assert (await stream(client, card, "Hello", 7))["code"] == 0
+    assert sandbox.cards.by_id[card].sequences == [5, 6, 7] and sandbox.cards.by_id[card].texts["md"] == "Hello"
+    body = (await client.call("PUT", f"{CARDS}/{card}/elements/md/content", {"content": "x", "sequence": 0}))[1]
+    assert body["code"] == 230001  # a positive int32
+
+
+async def test_cardkit_uuid_is_performed_once(make: Factory) -> None:
+    sandbox, client, _ = await make()
+    card = await new_card(client)
+    assert (await stream(client, card, "a", 1, uuid="u1"))["code"] == 0
+    assert (await stream(client, card, "a", 1, uuid="u1"))["code"] == 0  # the same operation again: answered
+    assert [c.performed for c in sandbox.calls_for("card.stream")] == [True, False]
+
+
+async def test_streaming_mode_closes_ten_minutes_after_it_opened(make: Factory) -> None:
+    _, client, clock = await make()
+    card = await new_card(client)
+    assert (await stream(client, card, "a", 1))["code"] == 0
+    clock.advance(600)
+    assert (await stream(client, card, "ab", 2))["code"] == 300309
+    reopen = {"settings": json.dumps({"config": {"streaming_mode": True}}), "sequence": 3}
+    assert (await client.call("PATCH", f"{CARDS}/{card}/settings", reopen))[1]["code"] == 0  # settings still work
+    assert (await stream(client, card, "ab", 4))["code"] == 0
+    close = {"settings": json.dumps({"config": {"streaming_mode": False}}), "sequence": 5}
+    assert (await client.call("PATCH", f"{CARDS}/{card}/settings", close))[1]["code"] == 0
+    assert (await stream(client, card, "abc", 6))["code"] == 300309
+
+
+async def test_cardkit_per_card_rate_is_ten_per_second_across_its_apis(make: Factory) -> None:
+    sandbox, client, clock = await make()
+    card, other = await new_card(client), await new_card(client)
+    codes = [(await stream(client, card, "x" * (i + 1), i + 1))["code"] for i in range(10)]
+    settings = {"settings": json.dumps({"config": {}}), "sequence": 11}
+    codes.append((await client.call("PATCH", f"{CARDS}/{card}/settings", settings))[1]["code"])
+    assert codes == [0] * 10 + [230020]
+    assert len(sandbox.violations()) == 1 and "card:" in (sandbox.violations()[0].violation or "")
+    assert (await stream(client, other, "x", 1))["code"] == 0  # another card has its own 10
+    clock.advance(1.0)
+    assert (await stream(client, card, "y", 12))["code"] == 0
+
+
+async def test_cardkit_refuses_what_feishu_refuses(make: Factory) -> None:
+    _, client, _ = await make()
+    for card in ({"config": {}}, {"schema": "2.0", "config": {"update_multi": False}}):
+        assert (await client.call("POST", CARDS, {"type": "card_json", "data": json.dumps(card)}))[1]["code"] == 230001
+    assert (await stream(client, "7000", "x", 1))["code"] == 230099  # no such card
+    card = await new_card(client)
+    assert (await stream(client, card, "x", 1, element="nope"))["code"] == 300313
+    other = Client(client.session, client.base)
+    await other.login("cli_other")
+    assert (await stream(other, card, "x", 2))["code"] == 230099  # another app's card
+
+
+async def test_a_card_entity_is_sent_once(make: Factory) -> None:
+    _, client, _ = await make()
+    card = await new_card(client)
+    content = json.dumps({"type": "card", "data": {"card_id": card}})
+    body = {"receive_id": "oc_1", "msg_type": "interactive", "content": content}
+    assert (await client.call("POST", MESSAGES, body, {"receive_id_type": "chat_id"}))[1]["code"] == 0
+    assert (await client.call("POST", MESSAGES, body, {"receive_id_type": "chat_id"}))[1]["code"] == 230099
+    unknown = {**body, "content": json.dumps({"type": "card", "data": {"card_id": "1"}})}
+    assert (await client.call("POST", MESSAGES, unknown, {"receive_id_type": "chat_id"}))[1]["code"] == 230099
+
+
+async def upload(client: Client, path: str, fields: dict[str, str], file: tuple[str, bytes] | None
+                 ) -> dict[str, Any]:
+    form = aiohttp.FormData()
+    for name, value in fields.items():
+        form.add_field(name, value)
+    if file is not None:
+        form.add_field(file[0], io.BytesIO(file[1]), filename="x.bin", content_type="application/octet-stream")
+    async with client.session.post(client.base + path, data=form,
+                                   headers={"Authorization": f"Bearer {client.token}"}) as resp:
+        result: dict[str, Any] = await resp.json()
+        return result
+
+
+async def test_uploads_parse_multipart_and_refuse_what_feishu_refuses(make: Factory) -> None:
+    sandbox, client, _ = await make()
+    images, files = "/open-apis/im/v1/images", "/open-apis/im/v1/files"
+    ok = await upload(client, images, {"image_type": "message"}, ("image", PNG))
+    assert ok["code"] == 0 and ok["data"]["image_key"].startswith("img_")
+    assert sandbox.uploads.images[ok["data"]["image_key"]].data == PNG
+    assert (await upload(client, images, {"image_type": "message"}, ("image", b"%PDF-1.4")))["code"] == 234001
+    assert (await upload(client, images, {"image_type": "message"}, ("image", b"")))["code"] == 234010
+    big = PNG + b"\x00" * (10 * 1024 * 1024)
+    assert (await upload(client, images, {"image_type": "message"}, ("image", big)))["code"] == 234006
+    assert (await upload(client, images, {"image_type": "message"}, None))["code"] == 234001
+    assert (await client.call("POST", images, {"image_type": "message", "image": "aGk="}))[1]["code"] == 234001
+    fine = await upload(client, files, {"file_type": "pdf", "file_name": "a.pdf"}, ("file", b"%PDF-1.4"))
+    assert fine["code"] == 0 and fine["data"]["file_key"].startswith("file_")
+    assert (await upload(client, files, {"file_type": "pdf"}, ("file", b"%PDF")))["code"] == 234001  # no name
+    assert (await upload(client, files, {"file_type": "exe", "file_name": "a.exe"}, ("file", b"MZ")))["code"] == 234001
+    # a message may send only keys this app uploaded
+    send = {"receive_id": "oc_1", "msg_type": "image", "content": json.dumps({"image_key": ok["data"]["image_key"]})}
+    assert (await client.call("POST", MESSAGES, send, {"receive_id_type": "chat_id"}))[1]["code"] == 0
+    forged = {**send, "content": json.dumps({"image_key": "img_v3_forged"})}
+    assert (await client.call("POST", MESSAGES, forged, {"receive_id_type": "chat_id"}))[1]["code"] == 230001

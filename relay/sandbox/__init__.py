@@ -2,6 +2,8 @@
 
     server    the aiohttp server: tokens, the APIs the relay calls, limits, faults, the call log, /_sandbox
     bodies    the request bodies it accepts, each documented rule in the type
+    cards     CardKit card entities: sequence per card, uuid, streaming mode and its 10 minutes, elements
+    uploads   image and file uploads: multipart fields, sizes, types, the keys made
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
     emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
     ws        the long connection (WebSocket event mode): endpoint, handshake, pings, fragments, redelivery

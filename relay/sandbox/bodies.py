@@ -161,3 +161,38 @@ class BatchSendBody(msgspec.Struct):  # message/v4/batch_send
             raise ValueError("one of `$.content`, `$.card` is required")
         if not (self.open_ids or self.user_ids or self.union_ids or self.department_ids):
             raise ValueError("no recipients (`$.open_ids`, `$.user_ids`, `$.union_ids`, `$.department_ids`)")
+
+
+# --- CardKit v1 (docs/feishu-rules.md §5.7: card/create, card-element/content, card/settings, card/update) ----
+
+# card-element/content: sequence "正整数 ... 取值范围为 int32 范围内的值"; uuid 1..64
+Sequence = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+CardUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class CardCreateBody(msgspec.Struct):  # cardkit-v1/card/create
+    type: Literal["card_json", "template"]
+    data: NonEmpty
+
+
+class CardContentBody(msgspec.Struct):  # cardkit-v1/card-element/content: content 1..100000
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
+    sequence: Sequence
+    uuid: CardUuid | None = None
+
+
+class CardSettingsBody(msgspec.Struct):  # cardkit-v1/card/settings: settings is a JSON string
+    settings: NonEmpty
+    sequence: Sequence
+    uuid: CardUuid | None = None
+
+
+class CardJson(msgspec.Struct):
+    type: Literal["card_json"]
+    data: NonEmpty
+
+
+class CardEntityBody(msgspec.Struct):  # cardkit-v1/card/update
+    card: CardJson
+    sequence: Sequence
+    uuid: CardUuid | None = None

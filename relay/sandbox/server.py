@@ -16,6 +16,12 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
 - The IM APIs of the kinds table of docs/intents.md, url_previews/batch_update and chat_button
   (docs/feishu-rules.md §5.4, §5.5), and a generic fallback for any other ``/open-apis/...`` path (code 0, empty
   data) used by ``api.call``.
+- CardKit: create, element content, settings and full update of card entities, with their sequence, uuid,
+  streaming-mode and element rules (``relay.sandbox.cards``, docs/feishu-rules.md §5.7); a ``message.send`` or
+  ``reply`` of a card entity (``{"type":"card","data":{"card_id"}}``) sends it once.
+- Uploads: ``POST /open-apis/im/v1/images`` and ``/files`` parse multipart/form-data and refuse what Feishu
+  refuses (``relay.sandbox.uploads``, §5.8); a message of ``msg_type`` image, file, audio or media must send a
+  key this app uploaded (else 230001).
 - ``/_sandbox/calls`` (GET, ``?api=`` filter), ``/_sandbox/stats`` (GET), ``/_sandbox/control`` (POST a
   ``Control``), ``/_sandbox/reset`` (POST): the same controls as the Python methods, for a relay run as a
   subprocess or a curious ``make run`` user.
@@ -47,12 +53,17 @@ pin.add / pin.remove per message       5 in any 1 s               230020 (pin cr
 ephemeral.send per                     40 in any 1 s              230020 (ephemeral send page)
   ``ephemeral-chat:<chat_id>``
 each ``preview-token:<token>``         1 in any 5 s               230020 for the whole batch (§2.3, §5.4)
+each CardKit and upload API, per app   50 in any 1 s AND          HTTP 429, 99991400 (§5.7, §5.8)
+                                       1000 in any 60 s
+each card entity ``card:<card_id>``,   10 in any 1 s              230020 (§5.7: ≤ 10 card/element calls per
+  across content, settings, update                                  second per card entity)
 =====================================  =========================  ==========================================
 
 API names (the ``api`` of a call record): ``message.send``, ``message.reply``, ``message.edit``,
 ``message.recall``, ``message.forward``, ``card.patch``, ``message.urgent_app|urgent_sms|urgent_phone``,
 ``reaction.add``, ``reaction.remove``, ``pin.add``, ``pin.remove``, ``card.delay_update``, ``ephemeral.send``,
-``ephemeral.delete``, ``url_preview.update``, ``chat_button.update``, ``message.batch_send``, ``api.call``,
+``ephemeral.delete``, ``url_preview.update``, ``chat_button.update``, ``message.batch_send``, ``card.create``,
+``card.stream``, ``card.settings``, ``card.update``, ``image.upload``, ``file.upload``, ``api.call``,
 ``auth.tenant_access_token`` (and ``outside`` for a request outside ``/open-apis/``). Each counts in its own
 app-wide windows (Feishu limits per API x app); an ``api.call`` path that is a named API's (``POST
 /open-apis/im/v1/messages``) is routed to that API and counts there. Per-target windows are keyed by (app, API,
@@ -124,6 +135,10 @@ from aiohttp import web
 from relay.sandbox.bodies import (
     AuthBody,
     BatchSendBody,
+    CardContentBody,
+    CardCreateBody,
+    CardEntityBody,
+    CardSettingsBody,
     CardUpdateBody,
     ChatButtonBody,
     EditBody,
@@ -138,6 +153,8 @@ from relay.sandbox.bodies import (
     UrgentBody,
     UrlPreviewBody,
 )
+from relay.sandbox.cards import CardRefused, Cards
+from relay.sandbox.uploads import FilePart, UploadRefused, Uploads
 from relay.sandbox.windows import Limit, SlidingWindows
 from relay.sandbox.ws import LongConnections, WsOptions
 
@@ -163,6 +180,13 @@ MESSAGES: Final[Mapping[int, str]] = {
     230027: "no permission, bot not in the chat",
     230034: "The receive_id is invalid.",
     230049: "The message is being sent, please try again later.",
+    230099: "Failed to create card content",
+    234001: "Invalid request param.",
+    234006: "The file size exceed the max value.",
+    234010: "File's size can't be 0.",
+    300309: "streaming mode is closed",
+    300313: "element not found",
+    300317: "sequence number compare failed",
     99991400: "request trigger frequency limit",
     99991661: "Missing access token for authorization",
     99991663: "Invalid access token for authorization",
@@ -172,7 +196,12 @@ IM_APIS: Final[frozenset[str]] = frozenset({
     "message.send", "message.reply", "message.edit", "message.recall", "message.forward", "card.patch",
     "message.urgent_app", "message.urgent_sms", "message.urgent_phone", "reaction.add", "reaction.remove",
     "pin.add", "pin.remove", "card.delay_update", "ephemeral.send", "ephemeral.delete", "message.batch_send",
+    # docs/feishu-rules.md §5.7, §5.8: the CardKit and upload APIs have the same 1000/min & 50/s tier
+    "card.create", "card.stream", "card.settings", "card.update", "image.upload", "file.upload",
 })
+UPLOAD_APIS: Final[frozenset[str]] = frozenset({"image.upload", "file.upload"})
+# room for a 30 MB file and its multipart framing: the sandbox answers an oversize upload itself (234006)
+MAX_REQUEST_BYTES: Final = 40 * 1024 * 1024
 
 
 class SandboxUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -207,6 +236,8 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     target_per_second: int = 5
     ephemeral_chat_per_second: int = 40  # docs/feishu-rules.md §2.3: 40 per second per group
     preview_token_interval: float = 5.0  # docs/feishu-rules.md §5.4: one update per token per 5 s
+    card_per_second: int = 10  # docs/feishu-rules.md §5.7: ≤ 10 card/element calls per second per card entity
+    streaming_window: float = 600.0  # docs/feishu-rules.md §5.7: streaming mode closes 10 min after it opened
     uuid_window: float = 3600.0  # docs/feishu-rules.md §3: same uuid at most once per hour
     latency: float = 0.0  # seconds added before every API answer (not scaled)
     latency_jitter: float = 0.0  # plus uniform(0, jitter)
@@ -370,6 +401,13 @@ class _GatewayFault(Exception):
         self.status = status
 
 
+@dataclass(slots=True, frozen=True)
+class _Form:
+    """A multipart/form-data body (only the upload APIs read one)."""
+
+    fields: dict[str, str | FilePart]
+
+
 @dataclass(slots=True)
 class _Req:
     call: CallRecord
@@ -422,6 +460,8 @@ class Sandbox:
                                    ("user_id", user.user_id), ("email", user.email)):
                 if value:
                     self._p2p[(id_type, value)] = chat
+        self.cards = Cards(self._scaled(self._initial.streaming_window))
+        self.uploads = Uploads()
         self._seed_messages()
         self.ws = LongConnections(self._initial.apps, self._initial.ws)
         self.app = self._build_app()
@@ -520,6 +560,8 @@ class Sandbox:
         self._throttles.clear()
         self._api_throttles.clear()
         self._failures = dict(self._initial.target_errors)
+        self.cards.clear()
+        self.uploads.clear()
         self._seed_messages()
         self.ws.reset()
 
@@ -611,6 +653,8 @@ class Sandbox:
             return (req.app_id, "recipient", req.chat or bare)
         if kind == "chat":
             return (req.app_id, "recipient", bare)
+        if kind == "card":  # one window per card entity, whichever CardKit API reaches it
+            return (req.app_id, "card", bare)
         return (req.app_id, req.call.api, key)
 
     def _target_violation(self, req: _Req, key: str, limit: Limit) -> str:
@@ -650,7 +694,7 @@ class Sandbox:
     # ---- HTTP plumbing ---------------------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors_middleware])
+        app = web.Application(middlewares=[self._errors_middleware], client_max_size=MAX_REQUEST_BYTES)
         r = app.router
         r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self._token_endpoint)
         m = "/open-apis/im/v1/messages"
@@ -675,6 +719,13 @@ class Sandbox:
             ("PUT", "/open-apis/im/v2/chat_button", "chat_button.update", self._chat_button),
             ("POST", "/open-apis/message/v4/batch_send/", "message.batch_send", self._batch_send),
             ("POST", "/open-apis/message/v4/batch_send", "message.batch_send", self._batch_send),
+            ("POST", "/open-apis/cardkit/v1/cards", "card.create", self._card_create),
+            ("PUT", "/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content", "card.stream",
+             self._card_stream),
+            ("PATCH", "/open-apis/cardkit/v1/cards/{card_id}/settings", "card.settings", self._card_settings),
+            ("PUT", "/open-apis/cardkit/v1/cards/{card_id}", "card.update", self._card_entity_update),
+            ("POST", "/open-apis/im/v1/images", "image.upload", self._image_upload),
+            ("POST", "/open-apis/im/v1/files", "file.upload", self._file_upload),
         ]
         for method, path, api, op in routes:
             r.add_route(method, path, self._handler(api, op))
@@ -729,6 +780,17 @@ class Sandbox:
         except msgspec.DecodeError:
             return _NO_BODY
 
+    @staticmethod
+    async def _read_form(request: web.Request) -> dict[str, str | FilePart]:
+        """A multipart/form-data body: text fields as str, file parts with their bytes (the last of a name)."""
+        form: dict[str, str | FilePart] = {}
+        for name, value in (await request.post()).items():
+            if isinstance(value, web.FileField):
+                form[name] = FilePart(value.filename, value.content_type, value.file.read())
+            else:
+                form[name] = str(value)
+        return form
+
     def _handler(self, api: str, op: Op) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             return await self._serve_api(request, api, op)
@@ -744,8 +806,13 @@ class Sandbox:
         if escape is not None:  # a gateway would normalize this and route it elsewhere, token attached
             call.violation = f"path {call.raw_path!r} {escape}"
             return self._answer(call, 404, "path outside /open-apis/", {})
-        body = await self._read_body(request)
-        call.body = None if body is _NO_BODY or not self.options.log_bodies else body
+        if api in UPLOAD_APIS and request.content_type == "multipart/form-data":
+            form = await self._read_form(request)
+            body: Any = _Form(form)
+            logged: Any = {k: v if isinstance(v, str) else f"<{len(v.data)} bytes>" for k, v in form.items()}
+        else:
+            body = logged = await self._read_body(request)
+        call.body = None if body is _NO_BODY or not self.options.log_bodies else logged
         bucket = api if api != "api.call" else f"api.call {request.method} {_template(request.path)}"
         response: web.StreamResponse
         try:
@@ -758,7 +825,10 @@ class Sandbox:
                                                   "x-ogw-ratelimit-reset": str(max(1, math.ceil(until - now)))})
             self._admit_app(call, bucket, now)
             after = self._roll_fault(call)
-            data = op(_Req(call, request.query, request.match_info, body, now, app_id))
+            try:
+                data = op(_Req(call, request.query, request.match_info, body, now, app_id))
+            except (CardRefused, UploadRefused) as refused:
+                raise _Refused(refused.code, refused.msg) from None
             call.performed = not call.deduped
             if after is not None:
                 return await self._lose_answer(request, call, after, data)
@@ -934,6 +1004,7 @@ class Sandbox:
         cached = self._dedup(req, body.uuid, "")
         if cached is not None:
             return cached
+        self._uses(req, body.msg_type, body.content)
         return self._create(req, chat_id=chat_id, msg_type=body.msg_type, content=body.content, uuid=body.uuid,
                             scope="")
 
@@ -949,6 +1020,7 @@ class Sandbox:
         cached = self._dedup(req, body.uuid, "")
         if cached is not None:
             return cached
+        self._uses(req, body.msg_type, body.content)
         return self._create(req, chat_id=chat_id, msg_type=body.msg_type, content=body.content, uuid=body.uuid,
                             scope="", parent_id=message_id)
 
@@ -1074,6 +1146,70 @@ class Sandbox:
     def _generic(self, req: _Req) -> dict[str, Any]:
         self._targets(req, [])
         return {}
+
+    # CardKit (relay.sandbox.cards has the rules) and uploads (relay.sandbox.uploads)
+
+    def _per_card(self, req: _Req) -> None:
+        self._targets(req, [(f"card:{req.match['card_id']}", Limit(self.options.card_per_second, self._scaled(1.0)))])
+
+    def _card_performed(self, req: _Req, performed: bool, uuid: str | None) -> dict[str, Any]:
+        req.call.uuid = uuid
+        req.call.deduped = not performed
+        return {}
+
+    def _card_create(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, CardCreateBody)
+        self._targets(req, [])
+        self.cards.streaming_window = self._scaled(self.options.streaming_window)
+        return {"card_id": self.cards.create(req.app_id, body.type, body.data, req.now).card_id}
+
+    def _card_stream(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, CardContentBody)
+        self._per_card(req)
+        self.cards.streaming_window = self._scaled(self.options.streaming_window)
+        performed = self.cards.content(req.app_id, req.match["card_id"], req.match["element_id"], body.content,
+                                       body.sequence, body.uuid, req.now)
+        return self._card_performed(req, performed, body.uuid)
+
+    def _card_settings(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, CardSettingsBody)
+        self._per_card(req)
+        performed = self.cards.settings(req.app_id, req.match["card_id"], body.settings, body.sequence, body.uuid,
+                                        req.now)
+        return self._card_performed(req, performed, body.uuid)
+
+    def _card_entity_update(self, req: _Req) -> dict[str, Any]:
+        body = self._decode(req, CardEntityBody)
+        self._per_card(req)
+        performed = self.cards.update(req.app_id, req.match["card_id"], body.card.type, body.card.data,
+                                      body.sequence, body.uuid)
+        return self._card_performed(req, performed, body.uuid)
+
+    def _image_upload(self, req: _Req) -> dict[str, Any]:
+        self._targets(req, [])
+        return self.uploads.image(req.app_id, req.body.fields if isinstance(req.body, _Form) else None)
+
+    def _file_upload(self, req: _Req) -> dict[str, Any]:
+        self._targets(req, [])
+        return self.uploads.file(req.app_id, req.body.fields if isinstance(req.body, _Form) else None)
+
+    def _uses(self, req: _Req, msg_type: str, content: str) -> None:
+        """A message that sends a card entity, an image or a file: it must exist (and the entity is sent once)."""
+        if msg_type not in ("interactive", "image", "file", "audio", "media"):
+            return
+        parsed = msgspec.json.decode(content)
+        if msg_type == "interactive":
+            data = parsed.get("data") if parsed.get("type") == "card" else None
+            if isinstance(data, dict) and "card_id" in data:
+                try:
+                    self.cards.send(req.app_id, str(data["card_id"]))
+                except CardRefused as refused:
+                    raise _Refused(refused.code, refused.msg) from None
+            return
+        name = "image_key" if msg_type == "image" else "file_key"
+        key = parsed.get(name)
+        if not isinstance(key, str) or not self.uploads.uploaded(req.app_id, key):
+            raise _Refused(230001, f"param is invalid: {name} was not uploaded by this app")
 
     # ---- /_sandbox ------------------------------------------------------------------------------------------
 
