@@ -243,6 +243,17 @@ class PreviewCoalescer:
                 self.planner.withdraw(ticket.ref)
             raise
 
+    def forget(self, ticket: PreviewTicket) -> None:
+        """Withdraw the intent, started or not, if it is still waiting: its job was cancelled before it awaited
+        :meth:`result` (which withdraws on cancellation itself)."""
+        if self._futures.pop(ticket.ref, None) is not None:
+            self.planner.withdraw(ticket.ref)
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens with intents waiting or a call in flight (``PreviewPlanner.pending_tokens``)."""
+        return self.planner.pending_tokens
+
     async def submit(self, intent: UrlPreviewUpdate, received_at: float) -> PreviewResult:
         """:meth:`enqueue` then :meth:`result`."""
         return await self.result(self.enqueue(intent, received_at))
