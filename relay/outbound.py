@@ -21,6 +21,21 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   records finished above the commit point might no longer fit the commit metadata
   (``offsets.PartitionOffsets.metadata_room``), so a rebalance never repeats a finished record. Pauses are
   re-applied after a rebalance, since Kafka forgets them.
+* **Previews are bounded by what they cost, not by the caps.** A ``url_preview.update`` intent holds no slot of
+  the in-flight caps: the coalescer folds it into its token's pending state, and latest-wins can only merge what
+  it has read, so a burst far larger than the caps must be in view (with 2,000 slots, 2,000 tokens x 20 updates
+  left one update per token in view: ~4 calls per token instead of ~1). What a read preview costs is bounded
+  instead by (1) its **tokens**: reading stops while ``previews.max_pending_tokens`` tokens have intents
+  waiting or a call in flight (``PreviewPlanner.pending_tokens``; each read takes at most a tenth of the tokens
+  left, one record when fewer than 10 are, so the count passes the cap by 9 at most), each token one entry with
+  at most 100 merged open_ids however many intents it folds; and (2) its **offset to commit**: the
+  commit-metadata room above, which every record read counts against, previews included, holds each
+  partition's unfinished records to about ``8 x payload_budget(outbound.commit_metadata_max_bytes)`` offsets
+  (23,952 at the default 4,000), so the per-intent part (its record, its job, its place in the planner; measured
+  in ``bench/previews.py``) is at most that many intents per partition owned. A preview never reads past
+  ``max_in_flight`` *sends*: a record is read only while the caps have room for it, whatever its kind, so sends
+  keep their exact caps and a preview burst takes none of their slots (a send behind previews in its partition
+  is read as soon as they are, not after their calls).
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped. A
@@ -115,6 +130,8 @@ DRAIN_RECHECK = 0.25
 _NOTHING: Final = OffsetRanges()
 # after a record the client could not parse, its partition is read one record at a time for this many records
 _CAREFUL_READS: Final = 500
+# the most tokens one url_preview intent names (relay.intents.UrlPreviewUpdate: 1..10)
+_TOKENS_PER_PREVIEW: Final = 10
 # an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
 _MIN_METADATA_CAP: Final = 64
 
@@ -138,8 +155,8 @@ class Job:
     """One record being handled. ``started``: a call was attempted or the result is being written (a preview
     job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`)."""
 
-    __slots__ = ("app", "id", "journaled", "kind", "offset", "preview", "received", "record", "started", "task",
-                 "tp")
+    __slots__ = ("app", "counted", "id", "journaled", "kind", "offset", "preview", "received", "record", "started",
+                 "task", "tp")
 
     def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
@@ -153,6 +170,7 @@ class Job:
         self.kind: str | None = None
         self.app: str | None = None
         self.preview: PreviewTicket | None = None
+        self.counted = True  # it holds a slot of the in-flight caps (every job but a url_preview one: module doc)
 
 
 class Unreadable:
@@ -428,7 +446,7 @@ class Outbound(ConsumerRebalanceListener):
     async def _fetch(self, stopped: asyncio.Future[Any]) -> None:
         """One round: read each partition up to the room it has left, or wait for room or records."""
         rooms = self._backpressure()
-        left = self._out.max_in_flight - self._inflight
+        left = min(self._out.max_in_flight - self._inflight, self._preview_room())
         wait = 0.02 if self._paused else 0.2  # while anything is paused, come back soon to resume it
         if not rooms or left <= 0:
             self._progress.clear()
@@ -451,6 +469,17 @@ class Outbound(ConsumerRebalanceListener):
                 await self._read_any(calm, int(wait * 1000), stopped)
             else:  # only partitions being read one by one: wait on one of them (rare, and short)
                 await self._read(order[0], 1, timeout_ms=20)
+
+    def _preview_room(self) -> int:
+        """Records that may be read now with the coalescer's pending tokens sure to stay within
+        ``previews.max_pending_tokens`` (each record may be a preview of up to 10 new tokens); at least one while
+        any budget is left, so the overshoot is 9 tokens at most."""
+        if self._previews is None:
+            return self._out.max_in_flight
+        left = self._config.previews.max_pending_tokens - self._previews.pending_tokens
+        self._metrics.set("relay_previews_pending_tokens", self._previews.pending_tokens,
+                          help="url_preview tokens with intents waiting or a call in flight")
+        return 0 if left <= 0 else max(1, left // _TOKENS_PER_PREVIEW)
 
     async def _read(self, tp: TopicPartition, room: int, *, timeout_ms: int = 0) -> int:
         """Take up to ``room`` buffered records of ``tp`` (aiokafka returns at most ``max_records``); how many.
@@ -591,7 +620,7 @@ class Outbound(ConsumerRebalanceListener):
                 coro = self._recover(job, record, entry, received, self._lanes.get(lane))
             elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
                 if intent.app in self._apps:
-                    coro = self._preview(job, record, intent, received)
+                    coro = self._preview(job, record, self._enqueue(job, intent, received))
                 else:
                     coro = self._reject(job, record, self._unknown_app(intent), received)
             else:
@@ -599,13 +628,26 @@ class Outbound(ConsumerRebalanceListener):
                 coro = self._perform(job, record, intent, received, self._lanes.get(lane))
         self._start(job, coro, lane)
 
+    def _enqueue(self, job: Job, intent: UrlPreviewUpdate, received: float) -> PreviewsStopped | None:
+        """Hand a preview intent to the coalescer now, in the read loop's own step, so the next read already sees
+        its token counted (``_preview_room``); the error if the coalescer is not running."""
+        assert self._previews is not None
+        try:
+            job.preview = self._previews.enqueue(intent, received)
+        except PreviewsStopped as err:
+            return err
+        job.counted = False
+        return None
+
     def _start(self, job: Job, coro: Coroutine[Any, Any, None], lane: tuple[TopicPartition, str] | None) -> None:
         tp = job.tp
         task = asyncio.create_task(self._run_job(job, coro))
         job.task = task
         self._jobs.setdefault(tp, set()).add(job)
-        self._inflight += 1
-        self._inflight_by_tp[tp] = self._inflight_by_tp.get(tp, 0) + 1
+        if job.counted:
+            self._inflight += 1
+            self._inflight_by_tp[tp] = self._inflight_by_tp.get(tp, 0) + 1
+        task.add_done_callback(functools.partial(self._job_done, job.preview, coro))
         if lane is not None:
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done, lane))
@@ -613,6 +655,15 @@ class Outbound(ConsumerRebalanceListener):
     def _unknown_app(self, intent: Intent) -> IntentError:
         return IntentError(f"app: {intent.app!r} is not a configured app", id=intent.id, kind=intent_kind(intent),
                            app=intent.app)
+
+    def _job_done(self, ticket: PreviewTicket | None, coro: Coroutine[Any, Any, None], task: asyncio.Task[None]
+                  ) -> None:
+        """A job cancelled before it ever ran (abandoned right after the read) never ran its coroutine: close it
+        (a no-op for one that ran); a preview one also left its intent in the coalescer, where a call could still
+        carry it: withdraw it (a no-op once its result is known)."""
+        coro.close()
+        if ticket is not None and task.cancelled() and self._previews is not None:
+            self._previews.forget(ticket)
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
         if self._lanes.get(lane) is task:
@@ -640,12 +691,13 @@ class Outbound(ConsumerRebalanceListener):
                 offsets.done(job.offset)
             self.finished += 1
         finally:
-            self._inflight -= 1
-            left = self._inflight_by_tp.get(job.tp, 0) - 1
-            if left > 0:
-                self._inflight_by_tp[job.tp] = left
-            else:
-                self._inflight_by_tp.pop(job.tp, None)
+            if job.counted:
+                self._inflight -= 1
+                left = self._inflight_by_tp.get(job.tp, 0) - 1
+                if left > 0:
+                    self._inflight_by_tp[job.tp] = left
+                else:
+                    self._inflight_by_tp.pop(job.tp, None)
             jobs = self._jobs.get(job.tp)
             if jobs is not None:
                 jobs.discard(job)
@@ -687,13 +739,17 @@ class Outbound(ConsumerRebalanceListener):
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received, journal=job)
 
-    async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
+    async def _preview(self, job: Job, record: Record, stopped: PreviewsStopped | None) -> None:
+        """Await the result of the intent ``_enqueue`` handed to the coalescer (only the job is kept: per intent,
+        a pending preview holds its record, its job and its place in the planner; module doc)."""
         assert self._previews is not None
         try:
-            job.preview = self._previews.enqueue(intent, received)
+            if stopped is not None or job.preview is None:
+                raise stopped or PreviewsStopped("not enqueued")
             done = await self._previews.result(job.preview)
         except PreviewsStopped:
             raise asyncio.CancelledError from None  # abandoned like any job stopped before its call
+        received = job.received
         job.started = True
         fields: dict[str, Any] = {"attempts": done.attempts, "superseded_by": done.superseded_by}
         outcome = done.outcome
@@ -705,8 +761,7 @@ class Outbound(ConsumerRebalanceListener):
         dl_error = None
         if done.status == "failed":
             dl_error = "retries-exhausted" if done.exhausted else "feishu"
-        await self._finish(record, intent.id, job.kind, intent.app, done.status, fields, dl_error,
-                           received)
+        await self._finish(record, job.id, job.kind, job.app, done.status, fields, dl_error, received)
 
     async def _reject(self, job: Job, record: Record, err: IntentError, received: float) -> None:
         job.started = True
