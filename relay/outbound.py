@@ -153,7 +153,9 @@ class Record(Protocol):
 
 class Job:
     """One record being handled. ``started``: a call was attempted or the result is being written (a preview
-    job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`)."""
+    job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`). ``task`` runs it; a preview job has
+    none while its intent waits in the coalescer (a pending preview costs its job, not a task: module doc), only
+    once its result is known and is being written."""
 
     __slots__ = ("app", "counted", "id", "journaled", "kind", "offset", "preview", "received", "record", "started",
                  "task", "tp")
@@ -620,7 +622,10 @@ class Outbound(ConsumerRebalanceListener):
                 coro = self._recover(job, record, entry, received, self._lanes.get(lane))
             elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
                 if intent.app in self._apps:
-                    coro = self._preview(job, record, self._enqueue(job, intent, received))
+                    if self._enqueue(job, intent, received):
+                        self._start(job, None, None)  # no task until its result is known (_preview_ready)
+                        return
+                    coro = self._preview(job, record)  # the coalescer is not running: abandoned
                 else:
                     coro = self._reject(job, record, self._unknown_app(intent), received)
             else:
@@ -628,29 +633,49 @@ class Outbound(ConsumerRebalanceListener):
                 coro = self._perform(job, record, intent, received, self._lanes.get(lane))
         self._start(job, coro, lane)
 
-    def _enqueue(self, job: Job, intent: UrlPreviewUpdate, received: float) -> PreviewsStopped | None:
+    def _enqueue(self, job: Job, intent: UrlPreviewUpdate, received: float) -> bool:
         """Hand a preview intent to the coalescer now, in the read loop's own step, so the next read already sees
-        its token counted (``_preview_room``); the error if the coalescer is not running."""
+        its token counted (``_preview_room``); False if the coalescer is not running."""
         assert self._previews is not None
         try:
-            job.preview = self._previews.enqueue(intent, received)
-        except PreviewsStopped as err:
-            return err
-        job.counted = False
-        return None
+            ticket = self._previews.enqueue(intent, received)
+        except PreviewsStopped:
+            return False
+        job.preview, job.counted = ticket, False
+        ticket.future.add_done_callback(functools.partial(self._preview_ready, job))
+        return True
 
-    def _start(self, job: Job, coro: Coroutine[Any, Any, None], lane: tuple[TopicPartition, str] | None) -> None:
+    def _start(self, job: Job, coro: Coroutine[Any, Any, None] | None,
+               lane: tuple[TopicPartition, str] | None) -> None:
+        """Count the job in; run ``coro`` as its task (None: a preview job waiting for its result)."""
         tp = job.tp
-        task = asyncio.create_task(self._run_job(job, coro))
-        job.task = task
         self._jobs.setdefault(tp, set()).add(job)
         if job.counted:
             self._inflight += 1
             self._inflight_by_tp[tp] = self._inflight_by_tp.get(tp, 0) + 1
-        task.add_done_callback(functools.partial(self._job_done, job.preview, coro))
+        if coro is None:
+            return
+        task = self._run(job, coro)
         if lane is not None:
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done, lane))
+
+    def _run(self, job: Job, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = job.task = asyncio.create_task(self._run_job(job, coro))
+        task.add_done_callback(functools.partial(self._job_done, job.preview, coro))
+        return task
+
+    def _preview_ready(self, job: Job, future: asyncio.Future[Any]) -> None:
+        """The intent's result is known (or the coalescer stopped): write it, unless the job was dropped meanwhile
+        (withdrawn, abandoned, or its partition forgotten). Idempotent: a drain may call it first."""
+        if job.task is None and not future.cancelled() and job in self._jobs.get(job.tp, ()):
+            self._run(job, self._preview(job, job.record))
+
+    def _drop(self, job: Job) -> None:
+        """Forget a preview job that has no task (withdrawn or abandoned while it waited)."""
+        jobs = self._jobs.get(job.tp)
+        if jobs is not None:
+            jobs.discard(job)
 
     def _unknown_app(self, intent: Intent) -> IntentError:
         return IntentError(f"app: {intent.app!r} is not a configured app", id=intent.id, kind=intent_kind(intent),
@@ -739,14 +764,15 @@ class Outbound(ConsumerRebalanceListener):
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received, journal=job)
 
-    async def _preview(self, job: Job, record: Record, stopped: PreviewsStopped | None) -> None:
-        """Await the result of the intent ``_enqueue`` handed to the coalescer (only the job is kept: per intent,
-        a pending preview holds its record, its job and its place in the planner; module doc)."""
-        assert self._previews is not None
+    async def _preview(self, job: Job, record: Record) -> None:
+        """Write the result of the intent ``_enqueue`` handed to the coalescer, once known (``_preview_ready``).
+
+        Until then the job has no task: per intent, a pending preview holds its record, its job and its place in
+        the planner (module doc)."""
         try:
-            if stopped is not None or job.preview is None:
-                raise stopped or PreviewsStopped("not enqueued")
-            done = await self._previews.result(job.preview)
+            if job.preview is None:
+                raise PreviewsStopped("the preview coalescer is not running")
+            done = job.preview.future.result()
         except PreviewsStopped:
             raise asyncio.CancelledError from None  # abandoned like any job stopped before its call
         received = job.received
@@ -1094,51 +1120,68 @@ class Outbound(ConsumerRebalanceListener):
         jobs = [job for tp in tps for job in self._jobs.get(tp, ())]
         abandoned = [job for job in jobs if self._abandonable(job)]
         for job in abandoned:
-            assert job.task is not None
-            job.task.cancel()
-        waiting = {job.task: job for job in jobs
-                   if job.task is not None and not job.task.done() and job not in abandoned}
+            self._cancel(job)
+        waiting = {job: None for job in jobs if not (job.task is not None and job.task.done()) and job not in abandoned}
         if not waiting and not abandoned:
             return
         finished = 0
         deadline = self._clock() + self._out.drain_timeout
         while waiting and (left := deadline - self._clock()) > 0:
-            previews = any(job.preview is not None for job in waiting.values())
-            await asyncio.wait(list(waiting), timeout=min(left, DRAIN_RECHECK) if previews else left)
-            for task, job in list(waiting.items()):
-                if task.done():
+            previews = any(job.preview is not None for job in waiting)
+            await asyncio.wait([self._awaited(job) for job in waiting],
+                               timeout=min(left, DRAIN_RECHECK) if previews else left)
+            for job in list(waiting):
+                if job.task is None and job.preview is not None and job.preview.future.done():
+                    self._preview_ready(job, job.preview.future)  # its result: write it (if not done already)
+                if job.task is not None and job.task.done():
                     finished += 1
-                    del waiting[task]
+                    del waiting[job]
                 elif job.preview is not None and self._abandonable(job):
-                    task.cancel()
+                    self._cancel(job)
                     abandoned.append(job)
-                    del waiting[task]
-        for task in waiting:
-            task.cancel()
-        if cancelled := [job.task for job in abandoned if job.task is not None] + list(waiting):
+                    del waiting[job]
+        for job in waiting:
+            self._cancel(job)
+        if cancelled := [job.task for job in [*abandoned, *waiting] if job.task is not None]:
             await asyncio.wait(cancelled, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
                  len(abandoned), finished, len(waiting))
 
     def _abandonable(self, job: Job) -> bool:
         """Not started, so nothing of it can be at Feishu: a preview job is withdrawn from the coalescer here, in
-        the same step as the check, so no call can claim for it before its task is cancelled."""
-        if job.started or job.task is None:
+        the same step as the check, so no call can claim for it before it is dropped."""
+        if job.started:
             return False
         if job.preview is not None and self._previews is not None:
             return self._previews.withdraw_unstarted(job.preview)
-        return True
+        return job.task is not None
+
+    @staticmethod
+    def _awaited(job: Job) -> asyncio.Future[Any]:
+        """What a drain waits on: the job's task, or, for a preview job without one yet, its intent's result."""
+        if job.task is not None:
+            return job.task
+        assert job.preview is not None
+        return job.preview.future
+
+    def _cancel(self, job: Job) -> None:
+        """Cancel the job's task; a preview job without one is withdrawn from the coalescer and dropped."""
+        if job.task is not None:
+            job.task.cancel()
+            return
+        if job.preview is not None and self._previews is not None:
+            self._previews.forget(job.preview)
+        self._drop(job)
 
     async def _abandon(self, tps: list[TopicPartition]) -> None:
         """Cancel every job of ``tps``, started or not: no call, no result; their offsets stay uncommitted."""
-        tasks = [job.task for tp in tps for job in self._jobs.get(tp, ()) if job.task is not None
-                 and not job.task.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
+        jobs = [job for tp in tps for job in self._jobs.get(tp, ()) if job.task is None or not job.task.done()]
+        for job in jobs:
+            self._cancel(job)
+        if tasks := [job.task for job in jobs if job.task is not None]:
             await asyncio.wait(tasks, timeout=5)
-        self._count_abandoned(len(tasks))
-        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(tasks), len(tps))
+        self._count_abandoned(len(jobs))
+        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(jobs), len(tps))
 
     def _count_abandoned(self, n: int) -> None:
         self._metrics.inc("relay_outbound_abandoned_total", n,

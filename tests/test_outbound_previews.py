@@ -15,7 +15,7 @@ from relay.config import Config, OutboundConfig
 from relay.intents import UrlPreviewUpdate
 from relay.metrics import Metrics
 from relay.outbound import Job, Outbound
-from relay.previews.coalescer import PreviewResult
+from relay.previews.coalescer import PreviewResult, PreviewTicket
 from tests.test_outbound import FakeConsumer, Harness, intent
 
 
@@ -97,36 +97,52 @@ def preview(id: str, *tokens: str) -> bytes:
 
 
 class HeldCoalescer:
-    """A coalescer that holds every result until ``release()``; ``pending_tokens`` as the planner counts them
-    (distinct tokens of the intents not finished yet); ``most_tokens`` the largest count ever reached."""
+    """A coalescer that holds every result until ``release()`` (from then on, answers at once);
+    ``pending_tokens`` as the planner counts them (distinct tokens of the intents still waiting);
+    ``most_tokens`` the largest count ever reached."""
 
     def __init__(self) -> None:
         self.enqueued: dict[int, UrlPreviewUpdate] = {}
+        self.tickets: dict[int, PreviewTicket] = {}
         self.finished: set[int] = set()
-        self.released = asyncio.Event()
-        self.most_tokens = 0
         self.forgotten: list[int] = []
+        self.started: set[int] = set()  # a call carrying them has claimed (a drain waits for them)
+        self.released = False
+        self.most_tokens = 0
 
     @property
     def pending_tokens(self) -> int:
-        return len({t for ref, i in self.enqueued.items() if ref not in self.finished for t in i.preview_tokens})
+        return len({t for ref, i in self.enqueued.items() if not self.tickets[ref].future.done()
+                    and ref not in self.forgotten for t in i.preview_tokens})
 
-    def enqueue(self, intent: UrlPreviewUpdate, received_at: float) -> int:
+    def enqueue(self, intent: UrlPreviewUpdate, received_at: float) -> PreviewTicket:
         ref = len(self.enqueued)
         self.enqueued[ref] = intent
+        ticket = self.tickets[ref] = PreviewTicket(ref, asyncio.get_running_loop().create_future())
+        if self.released:
+            self._answer(ticket)
         self.most_tokens = max(self.most_tokens, self.pending_tokens)
-        return ref
+        return ticket
 
-    async def result(self, ticket: int) -> PreviewResult:
-        await self.released.wait()
-        self.finished.add(ticket)
-        return PreviewResult(status="ok", attempts=1)
+    def release(self) -> None:
+        self.released = True
+        for ticket in self.tickets.values():
+            if not ticket.future.done() and ticket.ref not in self.forgotten:
+                self._answer(ticket)
 
-    def withdraw_unstarted(self, ticket: int) -> bool:
-        return ticket not in self.finished
+    def _answer(self, ticket: PreviewTicket) -> None:
+        self.finished.add(ticket.ref)
+        ticket.future.set_result(PreviewResult(status="ok", attempts=1))
 
-    def forget(self, ticket: int) -> None:
-        self.forgotten.append(ticket)
+    def withdraw_unstarted(self, ticket: PreviewTicket) -> bool:
+        if ticket.future.done() or ticket.ref in self.started:
+            return False
+        self.forgotten.append(ticket.ref)
+        return True
+
+    def forget(self, ticket: PreviewTicket) -> None:  # idempotent, as the coalescer's
+        if ticket.ref not in self.forgotten and not ticket.future.done():
+            self.forgotten.append(ticket.ref)
 
 
 @contextlib.asynccontextmanager
@@ -165,7 +181,7 @@ async def test_a_preview_burst_far_larger_than_the_in_flight_caps_is_read_whole_
         h.executor.release(*sends)
         await h.until(lambda: len(coalescer.enqueued) == 600, "every preview read, none finished", timeout=10)
         assert not coalescer.finished and len(h.producer.results()) == 40
-        coalescer.released.set()
+        coalescer.release()
         await h.until(lambda: len(h.producer.results()) == 640, "every result")
         await h.until(lambda: all(consumer.committed.get(tp, (0, ""))[0] == len(log)
                                   for tp, log in consumer.logs.items()), "everything committed")
@@ -189,7 +205,7 @@ async def test_the_sends_of_a_partition_stay_capped_while_previews_pile_up_aroun
         await asyncio.sleep(0.1)
         assert len(h.executor.calls) == 6 and len(coalescer.enqueued) in (6, 7)
         h.executor.release(*sends)
-        coalescer.released.set()
+        coalescer.release()
         await h.until(lambda: len(h.producer.results()) == 200, "every result")
 
 
@@ -204,33 +220,53 @@ async def test_previews_are_read_up_to_max_pending_tokens_then_their_partitions_
         await h.until(lambda: coalescer.pending_tokens >= 40, "previews read up to the budget", timeout=5)
         await asyncio.sleep(0.1)
         assert 40 <= coalescer.pending_tokens <= 41 + 9, coalescer.pending_tokens
-        coalescer.released.set()
+        coalescer.release()
         await h.until(lambda: len(h.producer.results()) == 300, "every result")
     assert coalescer.most_tokens <= 41 + 9
 
 
-async def test_a_preview_job_cancelled_before_it_ran_is_withdrawn_from_the_coalescer() -> None:
-    """The intent is in the coalescer from the read on; a job abandoned before its first step (a lost membership
-    right after the read) must not leave it there for a call to carry."""
+async def test_a_waiting_preview_job_has_no_task_nor_slot_and_an_abandon_withdraws_it() -> None:
+    """A pending preview costs its job and its planner entry, not a task: one is made once its result is known.
+    Abandoned (a lost membership) while it waits, it is withdrawn from the coalescer, so no call carries it."""
     coalescer = HeldCoalescer()
     h = Harness(FakeConsumer())
     out = h.outbound
     out._previews = coalescer  # type: ignore[assignment]
     tp = TopicPartition("in", 0)
     out._dispatch(tp, FakeRecordWith(0, preview("v0", "tok")))
+    (waiting,) = out._jobs[tp]
+    assert waiting.task is None and not waiting.counted and out._inflight == 0
+    await out._abandon([tp])
+    assert coalescer.forgotten == [0] and not out._jobs[tp]
     out._dispatch(tp, FakeRecordWith(1, preview("v1", "tok")))
-    jobs = sorted(out._jobs[tp], key=lambda j: j.offset)
-    assert [j.preview for j in jobs] == [0, 1] and not any(j.counted for j in jobs)
-    assert out._inflight == 0  # no slot of the caps
-    assert jobs[0].task is not None
-    jobs[0].task.cancel()
-    await asyncio.wait([jobs[0].task])
-    await asyncio.sleep(0)  # its done callbacks run in the next turn
-    assert coalescer.forgotten == [0]
-    coalescer.released.set()
-    assert jobs[1].task is not None
-    await jobs[1].task
-    assert coalescer.forgotten == [0] and [k for k, _, _ in h.producer.written["results"]] == [b"v1"]
+    (later,) = out._jobs[tp]
+    coalescer.release()
+    await asyncio.sleep(0)  # the result's callback makes the task
+    assert later.task is not None
+    await later.task
+    assert not out._jobs[tp] and [k for k, _, _ in h.producer.written["results"]] == [b"v1"]
+
+
+async def test_a_drain_writes_the_result_of_a_started_waiting_preview_and_hands_the_others_over() -> None:
+    """Three preview jobs without tasks at a drain: one not started (withdrawn and dropped at once), one started
+    whose result comes during the drain (written, then the drain ends), one started that never answers (cut off
+    at drain_timeout and withdrawn)."""
+    coalescer = HeldCoalescer()
+    h = Harness(FakeConsumer(), drain_timeout=1.0)
+    out = h.outbound
+    out._previews = coalescer  # type: ignore[assignment]
+    tp = TopicPartition("in", 0)
+    for i in range(3):
+        out._dispatch(tp, FakeRecordWith(i, preview(f"v{i}", f"tok{i}")))
+    coalescer.started.update({1, 2})
+    drain = asyncio.create_task(out._drain([tp]))
+    await asyncio.sleep(0.05)
+    assert coalescer.forgotten == [0] and len(out._jobs[tp]) == 2 and not drain.done()
+    coalescer._answer(coalescer.tickets[1])
+    async with asyncio.timeout(10):
+        await drain
+    assert [k for k, _, _ in h.producer.written["results"]] == [b"v1"]
+    assert sorted(coalescer.forgotten) == [0, 2] and not out._jobs[tp]
 
 
 class FakeRecordWith(FakeRecord):
