@@ -26,16 +26,16 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   it has read, so a burst far larger than the caps must be in view (with 2,000 slots, 2,000 tokens x 20 updates
   left one update per token in view: ~4 calls per token instead of ~1). What a read preview costs is bounded
   instead by (1) its **tokens**: reading stops while ``previews.max_pending_tokens`` tokens have intents
-  waiting or a call in flight (``PreviewPlanner.pending_tokens``; each read takes at most a tenth of the tokens
-  left, one record when fewer than 10 are, so the count passes the cap by 9 at most), each token one entry with
-  at most 100 merged open_ids however many intents it folds; and (2) its **offset to commit**: the
-  commit-metadata room above, which every record read counts against, previews included, holds each
+  waiting or a call in flight (``PreviewPlanner.pending_tokens``; a round reads at most a tenth as many records
+  as tokens are left, one record when fewer than 10 are, so the count passes the cap by 9 at most), each token
+  one entry with at most 100 merged open_ids however many intents it folds; and (2) its **offset to commit**:
+  the commit-metadata room above, which every record read counts against, previews included, holds each
   partition's unfinished records to about ``8 x payload_budget(outbound.commit_metadata_max_bytes)`` offsets
-  (23,952 at the default 4,000), so the per-intent part (its record, its job, its place in the planner; measured
-  in ``bench/previews.py``) is at most that many intents per partition owned. A preview never reads past
-  ``max_in_flight`` *sends*: a record is read only while the caps have room for it, whatever its kind, so sends
-  keep their exact caps and a preview burst takes none of their slots (a send behind previews in its partition
-  is read as soon as they are, not after their calls).
+  (23,952 at the default 4,000). The per-intent part is its record, its job and its place in the planner (about
+  1.6 KB besides the record, measured with tracemalloc): a waiting preview job has no task, one is made only
+  once its intent's result is known. Sends keep their exact caps and their slots: a record is read only while
+  the caps have room for one more, whatever its kind, and a send behind previews in its partition is read as
+  soon as they are, not after their calls.
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped. A
