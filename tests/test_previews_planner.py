@@ -547,8 +547,8 @@ def test_a_call_carrying_an_intent_withdrawn_before_its_claim_is_not_claimed_and
     again = p.next_call(0.1)
     assert again is not None and again.open_ids == ("ou_2",)
     assert p.on_claim(again.id)
-    p.withdraw(r2)  # claimed: it may be at Feishu; the call goes on (its caller gave up waiting)
-    assert p.on_claim(again.id)
+    p.withdraw(r2)  # claimed: it may be at Feishu, but its next attempt serves nobody (the next owner redoes i2
+    assert not p.on_claim(again.id)  # with the latest state; a late retry would put older content over it)
 
 
 def test_pending_tokens_counts_tokens_waiting_or_in_flight_however_many_intents_they_fold() -> None:
@@ -578,3 +578,20 @@ def test_pending_tokens_counts_tokens_waiting_or_in_flight_however_many_intents_
     assert call is not None and len(failing) == 3
     send(p, call, 20.0, delivered=False)
     assert p.pending_tokens == 0 and p.pending_intents == 0
+
+
+def test_a_claimed_call_whose_intents_were_all_withdrawn_is_not_attempted_again() -> None:
+    """A call between attempts (waiting to retry) when its replica abandons every intent it carries (another
+    replica owns them now) must not be sent again once this replica is a member again: it would serve nobody."""
+    p = planner()
+    a = p.add("a", "default", ["t1"], None, None, 0.0)
+    b = p.add("b", "default", ["t2"], None, None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None and p.on_claim(call.id)
+    p.on_attempt(call.id, 0.1)  # sent; its answer lost: the executor retries
+    p.withdraw(a)
+    assert p.on_claim(call.id)  # b still wants it
+    p.withdraw(b)
+    assert not p.on_claim(call.id)
+    p.abort(call.id, 1.0, hold=0.0)
+    assert p.pending_intents == 0 and p.pending_tokens == 0 and p.next_call(20.0) is None

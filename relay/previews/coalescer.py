@@ -322,7 +322,8 @@ class PreviewCoalescer:
             claimed_at = None
             # from here its request may reach Feishu: a drain waits for its intents
             if not self.planner.on_claim(planned.id):
-                raise _NotSent("an intent it carried was withdrawn (a drain) before it claimed", "withdrawn")
+                raise _NotSent("an intent it carried was withdrawn (a drain) before it claimed, or all of them were",
+                               "withdrawn")
             started = self._clock()
             claim = await self._memory.claim(planned.app, planned.tokens, self.claim_window)
             self.claims += 1

@@ -54,7 +54,9 @@ any size costs once it is in view; the per-intent part is bounded by the reader 
 Started (for drains): an intent is *started* once a call carrying it has claimed its tokens, or has been sent;
 until then nothing of it can have reached Feishu, so :meth:`PreviewPlanner.withdraw` can hand it to the next
 owner. Withdrawing an intent that a planned call carries before that call's first claim makes the call stale:
-it is aborted unsent and its other requests are planned again.
+it is aborted unsent and its other requests are planned again. A call every intent of which has been withdrawn
+makes no further attempt (a retry after its replica lost them would serve nobody, and could put older content
+over what their new owner delivered).
 """
 
 from __future__ import annotations
@@ -297,12 +299,13 @@ class PreviewPlanner:
         carries are :meth:`started` until it ends (or is aborted unsent).
 
         False, and nothing changes, when an intent it carries was withdrawn before its first claim (a drain gave
-        the intent to the next owner): the caller must :meth:`abort` it unsent, so its other requests are planned
-        again without the withdrawn one.
+        the intent to the next owner), or every intent it carries has been withdrawn since (an abandon while the
+        call was waiting to retry: another replica owns them now): the caller must :meth:`abort` it unsent, so
+        its other requests are planned again without the withdrawn ones.
         """
         call = self._calls[call_id]
-        if call.stale:
-            return False
+        if call.stale or not any(ref in self._intents for ref in call.refs()):
+            return False  # (every intent it carried withdrawn: a retry after a lost membership would serve nobody)
         call.claimed = True
         for ref in call.refs():
             intent = self._intents.get(ref)
