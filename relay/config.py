@@ -285,6 +285,10 @@ class PreviewsConfig(_Section, frozen=True):
     # real seconds a preview call may take from writing its claim to the memory topic to sending its request;
     # past it the request is not sent (claimed again later). Claims on a token are this much further apart.
     claim_window: PositiveFloat = 0.5
+    # url_preview intents are read past outbound.max_in_flight (a pending one costs its token, not a slot): reading
+    # pauses while this many tokens have intents waiting or a call in flight (one read overshoots by 9 at most).
+    # A token is one entry however many intents it folds; 10,000 is ~5 minutes of the API's budget (35 tokens/s)
+    max_pending_tokens: PositiveInt = 10_000
 
 
 class LogConfig(_Section, frozen=True):

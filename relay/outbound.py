@@ -23,6 +23,21 @@ Guarantees (proved by the kill/drain/rebalance tests in ``tests/test_outbound_re
   records finished above the commit point might no longer fit the commit metadata
   (``offsets.PartitionOffsets.metadata_room``), so a rebalance never repeats a finished record. Pauses are
   re-applied after a rebalance, since Kafka forgets them.
+* **Previews are bounded by what they cost, not by the caps.** A ``url_preview.update`` intent holds no slot of
+  the in-flight caps: the coalescer folds it into its token's pending state, and latest-wins can only merge what
+  it has read, so a burst far larger than the caps must be in view (with 2,000 slots, 2,000 tokens x 20 updates
+  left one update per token in view: ~4 calls per token instead of ~1). What a read preview costs is bounded
+  instead by (1) its **tokens**: reading stops while ``previews.max_pending_tokens`` tokens have intents
+  waiting or a call in flight (``PreviewPlanner.pending_tokens``; a round reads at most a tenth as many records
+  as tokens are left, one record when fewer than 10 are, so the count passes the cap by 9 at most), each token
+  one entry with at most 100 merged open_ids however many intents it folds; and (2) its **offset to commit**:
+  the commit-metadata room above, which every record read counts against, previews included, holds each
+  partition's unfinished records to about ``8 x payload_budget(outbound.commit_metadata_max_bytes)`` offsets
+  (23,952 at the default 4,000). The per-intent part is its record, its job and its place in the planner (about
+  1.6 KB besides the record, measured with tracemalloc): a waiting preview job has no task, one is made only
+  once its intent's result is known. Sends keep their exact caps and their slots: a record is read only while
+  the caps have room for one more, whatever its kind, and a send behind previews in its partition is read as
+  soon as they are, not after their calls.
 * **Stopping.** On SIGTERM and on partition revocation: jobs that have not made their first attempt are
   abandoned (their offsets stay uncommitted; nothing was sent); jobs that have are given ``drain_timeout`` to
   finish and write their results; then offsets are committed and state for those partitions dropped. A
@@ -130,6 +145,8 @@ DRAIN_RECHECK = 0.25
 _NOTHING: Final = OffsetRanges()
 # after a record the client could not parse, its partition is read one record at a time for this many records
 _CAREFUL_READS: Final = 500
+# the most tokens one url_preview intent names (relay.intents.UrlPreviewUpdate: 1..10)
+_TOKENS_PER_PREVIEW: Final = 10
 # an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
 _MIN_METADATA_CAP: Final = 64
 
@@ -151,10 +168,12 @@ class Record(Protocol):
 
 class Job:
     """One record being handled. ``started``: a call was attempted or the result is being written (a preview
-    job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`)."""
+    job's ``preview`` ticket says more: see :meth:`Outbound._abandonable`). ``task`` runs it; a preview job has
+    none while its intent waits in the coalescer (a pending preview costs its job, not a task: module doc), only
+    once its result is known and is being written."""
 
-    __slots__ = ("app", "id", "journaled", "kind", "offset", "preview", "received", "record", "started", "task",
-                 "tp")
+    __slots__ = ("app", "counted", "id", "journaled", "kind", "offset", "preview", "received", "record", "started",
+                 "task", "tp")
 
     def __init__(self, tp: TopicPartition, record: Record, received: float) -> None:
         self.tp = tp
@@ -168,6 +187,7 @@ class Job:
         self.kind: str | None = None
         self.app: str | None = None
         self.preview: PreviewTicket | None = None
+        self.counted = True  # it holds a slot of the in-flight caps (every job but a url_preview one: module doc)
 
 
 class Unreadable:
@@ -449,7 +469,7 @@ class Outbound(ConsumerRebalanceListener):
     async def _fetch(self, stopped: asyncio.Future[Any]) -> None:
         """One round: read each partition up to the room it has left, or wait for room or records."""
         rooms = self._backpressure()
-        left = self._out.max_in_flight - self._inflight
+        left = min(self._out.max_in_flight - self._inflight, self._preview_room())
         wait = 0.02 if self._paused else 0.2  # while anything is paused, come back soon to resume it
         if not rooms or left <= 0:
             self._progress.clear()
@@ -472,6 +492,17 @@ class Outbound(ConsumerRebalanceListener):
                 await self._read_any(calm, int(wait * 1000), stopped)
             else:  # only partitions being read one by one: wait on one of them (rare, and short)
                 await self._read(order[0], 1, timeout_ms=20)
+
+    def _preview_room(self) -> int:
+        """Records that may be read now with the coalescer's pending tokens sure to stay within
+        ``previews.max_pending_tokens`` (each record may be a preview of up to 10 new tokens); at least one while
+        any budget is left, so the overshoot is 9 tokens at most."""
+        if self._previews is None:
+            return self._out.max_in_flight
+        left = self._config.previews.max_pending_tokens - self._previews.pending_tokens
+        self._metrics.set("relay_previews_pending_tokens", self._previews.pending_tokens,
+                          help="url_preview tokens with intents waiting or a call in flight")
+        return 0 if left <= 0 else max(1, left // _TOKENS_PER_PREVIEW)
 
     async def _read(self, tp: TopicPartition, room: int, *, timeout_ms: int = 0) -> int:
         """Take up to ``room`` buffered records of ``tp`` (aiokafka returns at most ``max_records``); how many.
@@ -613,7 +644,10 @@ class Outbound(ConsumerRebalanceListener):
                 coro = self._recover(job, record, entry, received, self._lanes.get(lane))
             elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
                 if intent.app in self._apps:
-                    coro = self._preview(job, record, intent, received)
+                    if self._enqueue(job, intent, received):
+                        self._start(job, None, None)  # no task until its result is known (_preview_ready)
+                        return
+                    coro = self._preview(job, record)  # the coalescer is not running: abandoned
                 else:
                     coro = self._reject(job, record, self._unknown_app(intent), received)
             else:
@@ -625,20 +659,62 @@ class Outbound(ConsumerRebalanceListener):
         if turn is not None and job.task is not None:
             self._turns[job.task] = turn
 
-    def _start(self, job: Job, coro: Coroutine[Any, Any, None], lane: tuple[TopicPartition, str] | None) -> None:
+    def _enqueue(self, job: Job, intent: UrlPreviewUpdate, received: float) -> bool:
+        """Hand a preview intent to the coalescer now, in the read loop's own step, so the next read already sees
+        its token counted (``_preview_room``); False if the coalescer is not running."""
+        assert self._previews is not None
+        try:
+            ticket = self._previews.enqueue(intent, received)
+        except PreviewsStopped:
+            return False
+        job.preview, job.counted = ticket, False
+        ticket.future.add_done_callback(functools.partial(self._preview_ready, job))
+        return True
+
+    def _start(self, job: Job, coro: Coroutine[Any, Any, None] | None,
+               lane: tuple[TopicPartition, str] | None) -> None:
+        """Count the job in; run ``coro`` as its task (None: a preview job waiting for its result)."""
         tp = job.tp
-        task = asyncio.create_task(self._run_job(job, coro))
-        job.task = task
         self._jobs.setdefault(tp, set()).add(job)
-        self._inflight += 1
-        self._inflight_by_tp[tp] = self._inflight_by_tp.get(tp, 0) + 1
+        if job.counted:
+            self._inflight += 1
+            self._inflight_by_tp[tp] = self._inflight_by_tp.get(tp, 0) + 1
+        if coro is None:
+            return
+        task = self._run(job, coro)
         if lane is not None:
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done, lane))
 
+    def _run(self, job: Job, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = job.task = asyncio.create_task(self._run_job(job, coro))
+        task.add_done_callback(functools.partial(self._job_done, job.preview, coro))
+        return task
+
+    def _preview_ready(self, job: Job, future: asyncio.Future[Any]) -> None:
+        """The intent's result is known (or the coalescer stopped): write it, unless the job was dropped meanwhile
+        (withdrawn, abandoned, or its partition forgotten). Idempotent: a drain may call it first."""
+        if job.task is None and not future.cancelled() and job in self._jobs.get(job.tp, ()):
+            self._run(job, self._preview(job, job.record))
+
+    def _drop(self, job: Job) -> None:
+        """Forget a preview job that has no task (withdrawn or abandoned while it waited)."""
+        jobs = self._jobs.get(job.tp)
+        if jobs is not None:
+            jobs.discard(job)
+
     def _unknown_app(self, intent: Intent) -> IntentError:
         return IntentError(f"app: {intent.app!r} is not a configured app", id=intent.id, kind=intent_kind(intent),
                            app=intent.app)
+
+    def _job_done(self, ticket: PreviewTicket | None, coro: Coroutine[Any, Any, None], task: asyncio.Task[None]
+                  ) -> None:
+        """A job cancelled before it ever ran (abandoned right after the read) never ran its coroutine: close it
+        (a no-op for one that ran); a preview one also left its intent in the coalescer, where a call could still
+        carry it: withdraw it (a no-op once its result is known)."""
+        coro.close()
+        if ticket is not None and task.cancelled() and self._previews is not None:
+            self._previews.forget(ticket)
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
         self._turns.pop(task, None)
@@ -667,12 +743,13 @@ class Outbound(ConsumerRebalanceListener):
                 offsets.done(job.offset)
             self.finished += 1
         finally:
-            self._inflight -= 1
-            left = self._inflight_by_tp.get(job.tp, 0) - 1
-            if left > 0:
-                self._inflight_by_tp[job.tp] = left
-            else:
-                self._inflight_by_tp.pop(job.tp, None)
+            if job.counted:
+                self._inflight -= 1
+                left = self._inflight_by_tp.get(job.tp, 0) - 1
+                if left > 0:
+                    self._inflight_by_tp[job.tp] = left
+                else:
+                    self._inflight_by_tp.pop(job.tp, None)
             jobs = self._jobs.get(job.tp)
             if jobs is not None:
                 jobs.discard(job)
@@ -809,13 +886,18 @@ class Outbound(ConsumerRebalanceListener):
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received, journal=job)
 
-    async def _preview(self, job: Job, record: Record, intent: UrlPreviewUpdate, received: float) -> None:
-        assert self._previews is not None
+    async def _preview(self, job: Job, record: Record) -> None:
+        """Write the result of the intent ``_enqueue`` handed to the coalescer, once known (``_preview_ready``).
+
+        Until then the job has no task: per intent, a pending preview holds its record, its job and its place in
+        the planner (module doc)."""
         try:
-            job.preview = self._previews.enqueue(intent, received)
-            done = await self._previews.result(job.preview)
+            if job.preview is None:
+                raise PreviewsStopped("the preview coalescer is not running")
+            done = job.preview.future.result()
         except PreviewsStopped:
             raise asyncio.CancelledError from None  # abandoned like any job stopped before its call
+        received = job.received
         job.started = True
         fields: dict[str, Any] = {"attempts": done.attempts, "superseded_by": done.superseded_by}
         outcome = done.outcome
@@ -827,8 +909,7 @@ class Outbound(ConsumerRebalanceListener):
         dl_error = None
         if done.status == "failed":
             dl_error = "retries-exhausted" if done.exhausted else "feishu"
-        await self._finish(record, intent.id, job.kind, intent.app, done.status, fields, dl_error,
-                           received)
+        await self._finish(record, job.id, job.kind, job.app, done.status, fields, dl_error, received)
 
     async def _reject(self, job: Job, record: Record, err: IntentError, received: float) -> None:
         job.started = True
@@ -1176,51 +1257,68 @@ class Outbound(ConsumerRebalanceListener):
         jobs = [job for tp in tps for job in self._jobs.get(tp, ())]
         abandoned = [job for job in jobs if self._abandonable(job)]
         for job in abandoned:
-            assert job.task is not None
-            job.task.cancel()
-        waiting = {job.task: job for job in jobs
-                   if job.task is not None and not job.task.done() and job not in abandoned}
+            self._cancel(job)
+        waiting = {job: None for job in jobs if not (job.task is not None and job.task.done()) and job not in abandoned}
         if not waiting and not abandoned:
             return
         finished = 0
         deadline = self._clock() + self._out.drain_timeout
         while waiting and (left := deadline - self._clock()) > 0:
-            previews = any(job.preview is not None for job in waiting.values())
-            await asyncio.wait(list(waiting), timeout=min(left, DRAIN_RECHECK) if previews else left)
-            for task, job in list(waiting.items()):
-                if task.done():
+            previews = any(job.preview is not None for job in waiting)
+            await asyncio.wait([self._awaited(job) for job in waiting],
+                               timeout=min(left, DRAIN_RECHECK) if previews else left)
+            for job in list(waiting):
+                if job.task is None and job.preview is not None and job.preview.future.done():
+                    self._preview_ready(job, job.preview.future)  # its result: write it (if not done already)
+                if job.task is not None and job.task.done():
                     finished += 1
-                    del waiting[task]
+                    del waiting[job]
                 elif job.preview is not None and self._abandonable(job):
-                    task.cancel()
+                    self._cancel(job)
                     abandoned.append(job)
-                    del waiting[task]
-        for task in waiting:
-            task.cancel()
-        if cancelled := [job.task for job in abandoned if job.task is not None] + list(waiting):
+                    del waiting[job]
+        for job in waiting:
+            self._cancel(job)
+        if cancelled := [job.task for job in [*abandoned, *waiting] if job.task is not None]:
             await asyncio.wait(cancelled, timeout=5)
         log.info("drained %d partition(s): %d abandoned before a call, %d finished, %d cut off", len(tps),
                  len(abandoned), finished, len(waiting))
 
     def _abandonable(self, job: Job) -> bool:
         """Not started, so nothing of it can be at Feishu: a preview job is withdrawn from the coalescer here, in
-        the same step as the check, so no call can claim for it before its task is cancelled."""
-        if job.started or job.task is None:
+        the same step as the check, so no call can claim for it before it is dropped."""
+        if job.started:
             return False
         if job.preview is not None and self._previews is not None:
             return self._previews.withdraw_unstarted(job.preview)
-        return True
+        return job.task is not None
+
+    @staticmethod
+    def _awaited(job: Job) -> asyncio.Future[Any]:
+        """What a drain waits on: the job's task, or, for a preview job without one yet, its intent's result."""
+        if job.task is not None:
+            return job.task
+        assert job.preview is not None
+        return job.preview.future
+
+    def _cancel(self, job: Job) -> None:
+        """Cancel the job's task; a preview job without one is withdrawn from the coalescer and dropped."""
+        if job.task is not None:
+            job.task.cancel()
+            return
+        if job.preview is not None and self._previews is not None:
+            self._previews.forget(job.preview)
+        self._drop(job)
 
     async def _abandon(self, tps: list[TopicPartition]) -> None:
         """Cancel every job of ``tps``, started or not: no call, no result; their offsets stay uncommitted."""
-        tasks = [job.task for tp in tps for job in self._jobs.get(tp, ()) if job.task is not None
-                 and not job.task.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
+        jobs = [job for tp in tps for job in self._jobs.get(tp, ()) if job.task is None or not job.task.done()]
+        for job in jobs:
+            self._cancel(job)
+        if tasks := [job.task for job in jobs if job.task is not None]:
             await asyncio.wait(tasks, timeout=5)
-        self._count_abandoned(len(tasks))
-        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(tasks), len(tps))
+        self._count_abandoned(len(jobs))
+        log.info("abandoned %d job(s) of %d partition(s) for their next owner", len(jobs), len(tps))
 
     def _count_abandoned(self, n: int) -> None:
         self._metrics.inc("relay_outbound_abandoned_total", n,

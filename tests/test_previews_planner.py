@@ -547,5 +547,51 @@ def test_a_call_carrying_an_intent_withdrawn_before_its_claim_is_not_claimed_and
     again = p.next_call(0.1)
     assert again is not None and again.open_ids == ("ou_2",)
     assert p.on_claim(again.id)
-    p.withdraw(r2)  # claimed: it may be at Feishu; the call goes on (its caller gave up waiting)
-    assert p.on_claim(again.id)
+    p.withdraw(r2)  # claimed: it may be at Feishu, but its next attempt serves nobody (the next owner redoes i2
+    assert not p.on_claim(again.id)  # with the latest state; a late retry would put older content over it)
+
+
+def test_pending_tokens_counts_tokens_waiting_or_in_flight_however_many_intents_they_fold() -> None:
+    """What a read preview intent costs (outbound bounds reading by it): its tokens, once each."""
+    p = planner()
+    for i in range(50):
+        p.add(f"a{i}", "default", ["t1", "t2"] if i % 2 else ["t1"], None, None, 0.0)
+    p.add("e", "default", ["t3"], None, 1.0, 0.0)
+    assert p.pending_tokens == 3 and p.pending_intents == 51
+    call = p.next_call(0.0)
+    assert call is not None and set(call.tokens) == {"t1", "t2", "t3"}
+    assert p.pending_tokens == 3  # in flight still counts
+    p.on_attempt(call.id, 0.1)
+    p.abort(call.id, 0.2)
+    assert p.pending_tokens == 3  # back to pending
+    assert [f.status for f in p.expire(1.0)] == ["expired"] and p.pending_tokens == 2
+    again = p.next_call(6.0)
+    assert again is not None and p.pending_tokens == 2
+    send(p, again, 6.0)
+    assert p.pending_tokens == 0 and p.pending_intents == 0
+    p.add("w", "default", ["t4"], None, None, 7.0)
+    assert p.pending_tokens == 1
+    p.withdraw(next(iter(p._intents)))
+    assert p.pending_tokens == 0
+    failing = [p.add(f"f{i}", "default", ["t5"], None, None, 20.0) for i in range(3)]
+    call = p.next_call(20.0)
+    assert call is not None and len(failing) == 3
+    send(p, call, 20.0, delivered=False)
+    assert p.pending_tokens == 0 and p.pending_intents == 0
+
+
+def test_a_claimed_call_whose_intents_were_all_withdrawn_is_not_attempted_again() -> None:
+    """A call between attempts (waiting to retry) when its replica abandons every intent it carries (another
+    replica owns them now) must not be sent again once this replica is a member again: it would serve nobody."""
+    p = planner()
+    a = p.add("a", "default", ["t1"], None, None, 0.0)
+    b = p.add("b", "default", ["t2"], None, None, 0.0)
+    call = p.next_call(0.0)
+    assert call is not None and p.on_claim(call.id)
+    p.on_attempt(call.id, 0.1)  # sent; its answer lost: the executor retries
+    p.withdraw(a)
+    assert p.on_claim(call.id)  # b still wants it
+    p.withdraw(b)
+    assert not p.on_claim(call.id)
+    p.abort(call.id, 1.0, hold=0.0)
+    assert p.pending_intents == 0 and p.pending_tokens == 0 and p.next_call(20.0) is None

@@ -243,6 +243,17 @@ class PreviewCoalescer:
                 self.planner.withdraw(ticket.ref)
             raise
 
+    def forget(self, ticket: PreviewTicket) -> None:
+        """Withdraw the intent, started or not, if it is still waiting: its job was cancelled before it awaited
+        :meth:`result` (which withdraws on cancellation itself)."""
+        if self._futures.pop(ticket.ref, None) is not None:
+            self.planner.withdraw(ticket.ref)
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens with intents waiting or a call in flight (``PreviewPlanner.pending_tokens``)."""
+        return self.planner.pending_tokens
+
     async def submit(self, intent: UrlPreviewUpdate, received_at: float) -> PreviewResult:
         """:meth:`enqueue` then :meth:`result`."""
         return await self.result(self.enqueue(intent, received_at))
@@ -311,7 +322,8 @@ class PreviewCoalescer:
             claimed_at = None
             # from here its request may reach Feishu: a drain waits for its intents
             if not self.planner.on_claim(planned.id):
-                raise _NotSent("an intent it carried was withdrawn (a drain) before it claimed", "withdrawn")
+                raise _NotSent("an intent it carried was withdrawn (a drain) before it claimed, or all of them were",
+                               "withdrawn")
             started = self._clock()
             claim = await self._memory.claim(planned.app, planned.tokens, self.claim_window)
             self.claims += 1

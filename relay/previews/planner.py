@@ -45,10 +45,18 @@ Results (one per intent; "carried" = included in a call made after the intent wa
 
 ``outcome``/``attempts`` of a result are those of the call that finished the intent.
 
+Memory (what bounds how many intents may be read, see ``relay.outbound``): one entry per token with requests
+waiting or a call in flight (:attr:`PreviewPlanner.pending_tokens`), holding their merged audience (at most 100
+open_ids, else "everyone"), plus, per intent not finished yet, its state and one request per token it names; a
+token idle past its spacing is forgotten by :meth:`PreviewPlanner.prune`. The per-token part is what a burst of
+any size costs once it is in view; the per-intent part is bounded by the reader (the commit-metadata room).
+
 Started (for drains): an intent is *started* once a call carrying it has claimed its tokens, or has been sent;
 until then nothing of it can have reached Feishu, so :meth:`PreviewPlanner.withdraw` can hand it to the next
 owner. Withdrawing an intent that a planned call carries before that call's first claim makes the call stale:
-it is aborted unsent and its other requests are planned again.
+it is aborted unsent and its other requests are planned again. A call every intent of which has been withdrawn
+makes no further attempt (a retry after its replica lost them would serve nobody, and could put older content
+over what their new owner delivered).
 """
 
 from __future__ import annotations
@@ -221,6 +229,7 @@ class PreviewPlanner:
         self._tokens: dict[TokenKey, _TokenState] = {}
         self._calls: dict[int, _CallState] = {}
         self._ready: dict[TokenKey, _TokenState] = {}  # pending, not in flight, spacing passed
+        self._busy: set[TokenKey] = set()  # tokens with pending requests or a call in flight (see _mark)
         self._cooling: list[tuple[float, TokenKey]] = []  # heap, validated lazily
         self._expiry: list[tuple[float, int]] = []  # heap of (expires_at, ref), validated lazily
 
@@ -252,6 +261,7 @@ class PreviewPlanner:
         for token in unique:
             state = self._token(app, token)
             state.add(_Request(ref, intent_id, audience))
+            self._busy.add((app, token))
             self._schedule(state, now)
         if expires_at is not None:
             heapq.heappush(self._expiry, (expires_at, ref))
@@ -291,12 +301,13 @@ class PreviewPlanner:
         carries are :meth:`started` until it ends (or is aborted unsent).
 
         False, and nothing changes, when an intent it carries was withdrawn before its first claim (a drain gave
-        the intent to the next owner): the caller must :meth:`abort` it unsent, so its other requests are planned
-        again without the withdrawn one.
+        the intent to the next owner), or every intent it carries has been withdrawn since (an abandon while the
+        call was waiting to retry: another replica owns them now): the caller must :meth:`abort` it unsent, so
+        its other requests are planned again without the withdrawn ones.
         """
         call = self._calls[call_id]
-        if call.stale:
-            return False
+        if call.stale or not any(ref in self._intents for ref in call.refs()):
+            return False  # (every intent it carried withdrawn: a retry after a lost membership would serve nobody)
         call.claimed = True
         for ref in call.refs():
             intent = self._intents.get(ref)
@@ -361,6 +372,7 @@ class PreviewPlanner:
                     intent = self._intents.get(request.ref)
                     if intent is not None:
                         finished.append(self._finish(intent, status, reason=reason))
+            self._mark(token)
             self._schedule(token, now)
         return finished
 
@@ -388,6 +400,7 @@ class PreviewPlanner:
             back.update(token.pending)
             token.pending = dict(sorted(back.items()))
             token.changed()
+            self._mark(token)
             self._schedule(token, now)
 
     def expire(self, now: float) -> list[Finished]:
@@ -452,6 +465,11 @@ class PreviewPlanner:
     def calls_in_flight(self) -> int:
         return len(self._calls)
 
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens with requests waiting or a call in flight: what the intents read cost (module doc)."""
+        return len(self._busy)
+
     def last_update(self, app: str, token: str) -> float | None:
         state = self._tokens.get((app, token))
         return None if state is None else state.last_update
@@ -479,6 +497,14 @@ class PreviewPlanner:
             intent = self._intents.get(ref)
             if intent is not None:
                 intent.claimed.discard(call.planned.id)
+
+    def _mark(self, state: _TokenState) -> None:
+        """Keep ``_busy`` true for ``state`` (after its pending requests or its call changed)."""
+        key = (state.app, state.token)
+        if state.pending or state.in_flight is not None:
+            self._busy.add(key)
+        else:
+            self._busy.discard(key)
 
     def _cool(self, state: _TokenState) -> None:
         """Put a token with pending requests (and no call) in the cooling heap at its ready time, due or not."""
@@ -526,5 +552,6 @@ class PreviewPlanner:
                 state.changed()
                 if not state.pending:
                     self._ready.pop((intent.app, token), None)
+                    self._mark(state)
         return Finished(intent.ref, status, superseded_by, reason)
 
