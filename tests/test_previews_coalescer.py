@@ -292,10 +292,11 @@ async def test_coalescer_retries_no_sooner_than_the_token_interval() -> None:
     executor = FakeExecutor(rate=5 * SCALE, flaky=frozenset({"t"}))
     async with running(executor) as coalescer:
         result = await coalescer.submit(intent("i", ["t"]), time.time())
-        assert result.status == "ok" and result.attempts == 2
+        # two attempts, or more when a loaded machine let a claim age past the claim window before its send
+        assert result.status == "ok" and result.attempts >= 2
         assert executor.min_retry_delays == {coalescer.spacing + CLAIM_WINDOW}
-        first, second = executor.attempts["t"]
-        assert second - first >= 5.0 / SCALE
+        sends = executor.attempts["t"]
+        assert len(sends) >= 2 and all(b - a >= 5.0 / SCALE for a, b in itertools.pairwise(sends))
 
 
 async def test_coalescer_expired_intent_is_not_sent() -> None:
@@ -479,7 +480,9 @@ async def test_a_request_that_cannot_leave_within_the_claim_window_is_not_sent_a
 async def test_drain_withdraws_an_unstarted_intent_and_keeps_a_claimed_one() -> None:
     gate, claimed_once = asyncio.Event(), asyncio.Event()
     executor = FakeExecutor(rate=5 * SCALE, hold=lambda tokens: 0.0)
-    memory = fake_memory({("default", "later"): time.time()})  # "later" is blocked for the spacing
+    # "later" is blocked for 2 s (its last update "happens" then): long enough for c's claim on a loaded machine
+    blocked_until = time.time() + 2.0
+    memory = fake_memory({("default", "later"): blocked_until})
     async with running(executor, memory) as coalescer:
         original = executor.execute
 
@@ -503,7 +506,7 @@ async def test_drain_withdraws_an_unstarted_intent_and_keeps_a_claimed_one() -> 
         assert not coalescer.withdraw_unstarted(claimed)  # its call claimed: it may be at Feishu
         gate.set()
         assert (await coalescer.result(claimed)).status == "ok"
-        await asyncio.sleep(0.3)  # past "later"'s spacing: the withdrawn intent is never sent
+        await asyncio.sleep(blocked_until - time.time() + 0.3)  # past "later"'s spacing: still never sent
     assert "later" not in executor.attempts and not waiting.future.done()
 
 
