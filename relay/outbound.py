@@ -220,6 +220,7 @@ class Outbound(ConsumerRebalanceListener):
         self._executor = executor
         self._metrics = metrics
         self._apps = frozenset(known_apps)
+        self._store_apps = frozenset(app.name for app in config.apps if app.type == "store")
         self._previews = previews
         self._membership = membership
         self._journal = journal
@@ -590,10 +591,11 @@ class Outbound(ConsumerRebalanceListener):
                 lane = (tp, key)
                 coro = self._recover(job, record, entry, received, self._lanes.get(lane))
             elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
-                if intent.app in self._apps:
+                problem = self._app_problem(intent)
+                if problem is None:
                     coro = self._preview(job, record, intent, received)
                 else:
-                    coro = self._reject(job, record, self._unknown_app(intent), received)
+                    coro = self._reject(job, record, problem, received)
             else:
                 lane = (tp, key)
                 coro = self._perform(job, record, intent, received, self._lanes.get(lane))
@@ -610,9 +612,22 @@ class Outbound(ConsumerRebalanceListener):
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done, lane))
 
-    def _unknown_app(self, intent: Intent) -> IntentError:
-        return IntentError(f"app: {intent.app!r} is not a configured app", id=intent.id, kind=intent_kind(intent),
-                           app=intent.app)
+    def _app_problem(self, intent: Intent) -> IntentError | None:
+        """Why ``intent`` cannot go for its app (unknown; a store app's without ``tenant_key``, a custom app's
+        with one), or None."""
+        why = None
+        if intent.app not in self._apps:
+            why = f"app: {intent.app!r} is not a configured app"
+        elif intent.app in self._store_apps and intent.tenant_key is None:
+            why = f"tenant_key: required for an intent of store app {intent.app!r} (the tenant to call Feishu as)"
+        elif intent.app not in self._store_apps and intent.tenant_key is not None:
+            why = f"tenant_key: app {intent.app!r} is a custom app (one tenant); tenant_key is only for store apps"
+        elif intent.app in self._store_apps and isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
+            # the coalescer batches preview tokens per app, not per tenant
+            why = f"kind: url_preview.update is not supported for store app {intent.app!r} yet"
+        if why is None:
+            return None
+        return IntentError(why, id=intent.id, kind=intent_kind(intent), app=intent.app)
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
         if self._lanes.get(lane) is task:
@@ -657,8 +672,9 @@ class Outbound(ConsumerRebalanceListener):
                        previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             await asyncio.wait([previous])  # order per key; its outcome (even a cancellation) is its own
-        if intent.app not in self._apps:
-            await self._reject(job, record, self._unknown_app(intent), received)
+        problem = self._app_problem(intent)
+        if problem is not None:
+            await self._reject(job, record, problem, received)
             return
         expires_at = intent.expires_at.timestamp() if intent.expires_at is not None else None
 
@@ -681,9 +697,10 @@ class Outbound(ConsumerRebalanceListener):
             await self._reject(job, record, err, received)
             return
         attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
-                                                 before_write=journal_start)
+                                                 before_write=journal_start, tenant=intent.tenant_key)
         job.started = True
         status, dl_error, fields = from_attempt(attempted)
+        fields["tenant_key"] = intent.tenant_key
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received, journal=job)
 
@@ -705,6 +722,7 @@ class Outbound(ConsumerRebalanceListener):
         dl_error = None
         if done.status == "failed":
             dl_error = "retries-exhausted" if done.exhausted else "feishu"
+        fields["tenant_key"] = intent.tenant_key
         await self._finish(record, intent.id, job.kind, intent.app, done.status, fields, dl_error,
                            received)
 
