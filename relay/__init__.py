@@ -13,7 +13,8 @@ The tree is the architecture (leaves first):
     results          the result record and the dead letter written for each intent; ``relay schema``
     backoff          jittered exponential backoff and the retry budget
     offsets          per-partition commit bookkeeping
-    feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
+    tickets          store apps' app_tickets: the latest per app, in a compacted topic every replica follows
+    feishu           the HTTP client: pooled session, tenant tokens (store apps: per tenant), one refresh in flight
     executor         one call to its end: limits, attempts, token refresh, retries, expiry
     journal          the write-ahead journal of calls not safe to repeat: none repeated across a kill
     previews/        url_preview.update under the 1-per-5-s token rule, across replicas: planner and claims

@@ -39,6 +39,7 @@ from relay.metrics import Metrics
 from relay.outbound import Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
 from relay.results import schema
+from relay.tickets import KafkaTickets
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     from relay.inbound import inbound_topics
     from relay.journal import JOURNAL_TOPIC_CONFIG
     from relay.previews import MEMORY_TOPIC_CONFIG
+    from relay.tickets import TICKETS_TOPIC_CONFIG
 
     k = config.kafka
     large = {"max.message.bytes": str(MAX_REQUEST_SIZE)}  # a dead letter carries the whole intent plus headers
@@ -99,6 +101,8 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
+    if any(app.type == "store" for app in config.apps):
+        topics[k.app_tickets_topic] = dict(TICKETS_TOPIC_CONFIG)
     # a Finished entry carries a result: as large as the results topic allows
     topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
     return topics
@@ -185,7 +189,12 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
         watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
         if config.outbound.enabled:
-            client = FeishuClient(config)
+            tickets = None
+            if any(app.type == "store" for app in config.apps):  # their app_tickets, as any replica received them
+                tickets = KafkaTickets(config.kafka)
+                stack.push_async_callback(tickets.stop)
+                watched.append(await tickets.start())
+            client = FeishuClient(config, tickets=tickets)
             await client.start()
             stack.push_async_callback(client.close)
             outbound, previews = await start_outbound(config, client, producer, metrics, stack)

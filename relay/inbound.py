@@ -20,7 +20,9 @@
 4. anything else is published: the plaintext as Feishu sent it minus the verification token, to the callbacks
    topic for ``inbound.callback_types`` (answer ``{}``) or to ``inbound.routes[event_type]`` /
    ``kafka.events_topic``; key = the chat id, else the message id, else the event id
-   (:class:`relay.events.EventIds`); headers ``event_type``, ``event_id``, ``app``, ``tenant_key``.
+   (:class:`relay.events.EventIds`); headers ``event_type``, ``event_id``, ``app``, ``tenant_key``. A store
+   app's ``app_ticket`` goes to ``kafka.app_tickets_topic`` instead, keyed by the app's ``app_id`` (compacted:
+   the latest ticket per app, read by every replica's :mod:`relay.tickets`).
 
 Guarantees. ``inbound.publish_timeout`` runs from a request's arrival to its answer:
 
@@ -62,6 +64,7 @@ from relay.errors import SignatureError
 from relay.events import CHALLENGE_MAX_BYTES, Challenge, Event, read_signature_headers, verify_request
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_producer
 from relay.metrics import Metrics
+from relay.tickets import APP_TICKET
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,7 @@ class Inbound:
             elif warning := unsigned_warning(app):
                 log.warning("inbound: %s", warning)
         self._callback_types = frozenset(self._cfg.callback_types)
+        self._store_apps = frozenset(app.name for app in config.apps if app.type == "store")
         self.dedup = Dedup(self._cfg.dedup_ttl, self._cfg.dedup_max_entries, clock)
         metrics.collect(self._export)
 
@@ -187,9 +191,12 @@ class Inbound:
     async def _publish(self, name: str, event: Event, started: float) -> web.Response:
         topic = self.topic_for(event.event_type)
         callback = event.event_type in self._callback_types
+        key = event.key
+        if event.event_type == APP_TICKET and name in self._store_apps:  # module doc: the latest ticket per app
+            topic, key = self._config.kafka.app_tickets_topic, self._apps[name].app_id
 
         async def publish() -> None:
-            await self._publisher.publish(topic, event.key.encode(), event.record, event.headers(name))
+            await self._publisher.publish(topic, key.encode(), event.record, event.headers(name))
 
         def late(error: BaseException | None) -> None:
             if error is None:

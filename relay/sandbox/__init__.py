@@ -2,6 +2,7 @@
 
     server    the aiohttp server: tokens, the APIs the relay calls, limits, faults, the call log, /_sandbox
     bodies    the request bodies it accepts, each documented rule in the type
+    store     store apps: app_tickets pushed to the event URL, resend, app and tenant tokens
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
     emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
 """
@@ -23,6 +24,7 @@ from relay.sandbox.server import (
     TargetThrottle,
     serve,
 )
+from relay.sandbox.store import SandboxStoreApp
 
 __all__ = [
     "AFTER_FAULTS",
@@ -36,6 +38,7 @@ __all__ = [
     "Message",
     "Sandbox",
     "SandboxOptions",
+    "SandboxStoreApp",
     "SandboxUser",
     "TargetFailure",
     "TargetThrottle",
