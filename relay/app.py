@@ -191,7 +191,7 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         if config.outbound.enabled:
             tickets = None
             if any(app.type == "store" for app in config.apps):  # their app_tickets, as any replica received them
-                tickets = KafkaTickets(config.kafka)
+                tickets = KafkaTickets(config.kafka, producer)
                 stack.push_async_callback(tickets.stop)
                 watched.append(await tickets.start())
             client = FeishuClient(config, tickets=tickets)

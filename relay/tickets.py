@@ -25,7 +25,7 @@ import msgspec
 from relay.config import KafkaConfig
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,11 @@ class TicketBook:
 class KafkaTickets(TicketBook):
     """A :class:`TicketBook` loaded from ``kafka.app_tickets_topic`` and kept current by a tail task."""
 
-    def __init__(self, cfg: KafkaConfig, *, load_timeout: float = 60.0) -> None:
+    def __init__(self, cfg: KafkaConfig, producer: AIOKafkaProducer, *, load_timeout: float = 60.0) -> None:
+        """``producer``: a started producer, asked for the topic's partitions (it waits for the metadata)."""
         super().__init__()
         self._cfg = cfg
+        self._producer = producer
         self.topic = cfg.app_tickets_topic
         self._load_timeout = load_timeout
         self._consumer: AIOKafkaConsumer | None = None
@@ -143,12 +145,7 @@ class KafkaTickets(TicketBook):
         consumer = self._consumer = make_consumer(self._cfg, group_id=None, enable_auto_commit=False)
         await consumer.start()
         async with asyncio.timeout(self._load_timeout):
-            partitions = None
-            while not partitions:
-                await consumer.topics()  # a metadata request: the topic may have just been created
-                partitions = consumer.partitions_for_topic(self.topic)
-                if not partitions:
-                    await asyncio.sleep(0.2)
+            partitions: set[int] = await self._producer.partitions_for(self.topic)
             tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)

@@ -22,6 +22,7 @@ from relay.sandbox.server import (
     SandboxUser,
     TargetFailure,
     TargetThrottle,
+    TenantToken,
     serve,
 )
 from relay.sandbox.store import SandboxStoreApp
@@ -42,5 +43,6 @@ __all__ = [
     "SandboxUser",
     "TargetFailure",
     "TargetThrottle",
+    "TenantToken",
     "serve",
 ]

@@ -286,10 +286,17 @@ class TargetFailure(msgspec.Struct, forbid_unknown_fields=True):
     code: int  # 0 clears
 
 
+class TenantToken(msgspec.Struct, forbid_unknown_fields=True):
+    app_id: str
+    tenant_key: str
+
+
 class Control(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of ``POST /_sandbox/control``: every field optional, applied in this order."""
 
     expire_tokens: bool = False
+    expire_tenant_tokens: list[TenantToken] = msgspec.field(default_factory=list)  # store apps' tenants
+    invalidate_tickets: list[str] = msgspec.field(default_factory=list)  # store app ids
     faults: FaultSettings | None = None
     throttle: list[TargetThrottle] = msgspec.field(default_factory=list)
     throttle_apis: list[ApiThrottle] = msgspec.field(default_factory=list)
@@ -585,6 +592,10 @@ class Sandbox:
     def apply(self, control: Control) -> None:
         if control.expire_tokens:
             self.expire_tokens()
+        for tenant in control.expire_tenant_tokens:
+            self.expire_tenant_token(tenant.app_id, tenant.tenant_key)
+        for app_id in control.invalidate_tickets:
+            self.invalidate_tickets(app_id)
         if control.faults is not None:
             f = control.faults
             self.set_faults(fault_rate=f.fault_rate, fault_kinds=f.fault_kinds, latency=f.latency,
@@ -1192,6 +1203,8 @@ class Sandbox:
         return self._json(200, {
             "calls": len(self.calls),
             "token_requests": self.token_requests,
+            "app_ticket_resends": self.store.resends,
+            "app_ticket_pushes": self.store.pushes,
             "throttled": self.throttled_count(),
             "violations": self.violations(),
             "messages_by_uuid": self.messages_by_uuid,
