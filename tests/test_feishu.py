@@ -325,3 +325,13 @@ async def test_tenant_tokens_past_the_cap_forget_the_least_recently_used(
     for i in range(6):
         assert (await client.send("shop", send_call(i), tenant=f"x{i}")).verdict is Verdict.OK
     assert [tenant for _, tenant in client._tokens] == ["x3", "x4", "x5"]
+
+
+async def test_an_app_token_feishu_refuses_is_fetched_again_once(
+        store: tuple[Sandbox, FeishuClient, TicketURL]) -> None:
+    box, client, _ = store
+    assert (await client.send("shop", send_call(0), tenant="t1")).verdict is Verdict.OK
+    box.store.app_tokens.clear()  # Feishu no longer knows the cached app_access_token
+    assert (await client.send("shop", send_call(1), tenant="t2")).verdict is Verdict.OK
+    assert [c.code for c in box.calls_for("auth.tenant_access_token")] == [0, 99991664, 0]
+    assert [c.code for c in box.calls_for("auth.app_access_token")] == [0, 0]
