@@ -575,6 +575,8 @@ class Sandbox:
         self._throttles.clear()
         self._api_throttles.clear()
         self._failures = dict(self._initial.target_errors)
+        self.store.resends = 0
+        self.store.pushes.clear()
         self._seed_messages()
 
     def _seed_messages(self) -> None:
