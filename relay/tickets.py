@@ -138,11 +138,12 @@ class KafkaTickets(TicketBook):
         returns that task (it ends only with an error, or :meth:`stop`)."""
         from aiokafka import TopicPartition
 
-        from relay.kafka import ensure_topics, make_consumer
+        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, ensure_topics, make_consumer
 
         if self._cfg.create_topics:
             await ensure_topics(self._cfg, {self.topic: dict(TICKETS_TOPIC_CONFIG)})
-        consumer = self._consumer = make_consumer(self._cfg, group_id=None, enable_auto_commit=False)
+        consumer = self._consumer = make_consumer(self._cfg, group_id=None, enable_auto_commit=False,
+                                                  fetch_max_wait_ms=FOLLOWER_FETCH_WAIT_MS)
         await consumer.start()
         async with asyncio.timeout(self._load_timeout):
             partitions: set[int] = await self._producer.partitions_for(self.topic)
