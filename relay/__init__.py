@@ -15,7 +15,8 @@ The tree is the architecture (leaves first):
     metrics          one prometheus-client registry per relay; label values chosen by the relay, never a producer
     backoff          jittered exponential backoff and the retry budget
     offsets          per-partition commit bookkeeping
-    feishu           the HTTP client: pooled session, tenant tokens, one refresh in flight
+    tickets          store apps' app_tickets: the latest per app, in a compacted topic every replica follows
+    feishu           the HTTP client: pooled session, tenant tokens (store apps: per tenant), one refresh in flight
     executor         one call to its end: limits, attempts, token refresh, retries, expiry
     journal          the write-ahead journal of calls not safe to repeat: none repeated across a kill
     folding          latest wins: a card.stream (or opted-in card.patch) a later waiting update replaces

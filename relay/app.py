@@ -42,6 +42,7 @@ from relay.previews import KafkaPreviewMemory, PreviewCoalescer
 from relay.readiness import BrokerWatch, Health, probe_interval, retry_tokens, token_problem, watch_broker
 from relay.replies import Replies
 from relay.results import schema
+from relay.tickets import KafkaTickets
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     from relay.inbound import inbound_topics
     from relay.journal import JOURNAL_TOPIC_CONFIG
     from relay.previews import MEMORY_TOPIC_CONFIG
+    from relay.tickets import TICKETS_TOPIC_CONFIG
 
     k = config.kafka
     large = {"max.message.bytes": str(MAX_REQUEST_SIZE)}  # a dead letter carries the whole intent plus headers
@@ -109,6 +111,8 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
 
         topics[k.replies_topic] = {**REPLIES_TOPIC_CONFIG, **large}  # a reply may be a card near the cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
+    if any(app.type == "store" for app in config.apps):
+        topics[k.app_tickets_topic] = dict(TICKETS_TOPIC_CONFIG)
     # a Finished entry carries a result: as large as the results topic allows
     topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
     return topics
@@ -180,7 +184,12 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             log.info("http on %s:%d", config.http.host, config.http.port)
 
         if config.outbound.enabled:
-            client = FeishuClient(config, metrics=metrics)
+            tickets = None
+            if any(app.type == "store" for app in config.apps):  # their app_tickets, as any replica received them
+                tickets = KafkaTickets(config.kafka, producer)
+                stack.push_async_callback(tickets.stop)
+                watched.append(await tickets.start())
+            client = FeishuClient(config, metrics=metrics, tickets=tickets)
             await client.start()
             stack.push_async_callback(client.close)
             health.checks.append(functools.partial(token_problem, client))

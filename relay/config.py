@@ -95,6 +95,8 @@ class KafkaConfig(_Section, frozen=True):
     preview_memory_topic: str = "feishu.relay.preview-memory"
     # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
     journal_topic: str = "feishu.relay.journal"
+    # compacted topic keeping each store app's latest app_ticket (any replica may receive Feishu's hourly push)
+    app_tickets_topic: str = "feishu.relay.app-tickets"
     client_id: str = "feishu-relay"
     # headers copied from an intent record onto its result record, besides ``traceparent``
     forward_headers: list[str] = msgspec.field(default_factory=list)
@@ -150,6 +152,11 @@ class FeishuConfig(_Section, frozen=True):
     max_api_buckets: PositiveInt = 1024
     # target names (user ids, replied-to messages) remembered as being in a known chat (relay.targets)
     target_memory: PositiveInt = 100_000
+    # store apps: tenant_access_tokens (one per app and tenant_key) cached at once; past it the least recently
+    # used one not being refreshed is forgotten (fetched again when its tenant calls next)
+    max_tenant_tokens: PositiveInt = 10_000
+    # store apps: how long a call waits for the app_ticket Feishu pushes after a resend before it is retried
+    app_ticket_wait: PositiveFloat = 5.0
 
     def __post_init__(self) -> None:
         _check_url("base_url", self.base_url)
@@ -161,10 +168,18 @@ class AppInboundConfig(_Section, frozen=True):
     mode: Literal["webhook", "websocket"] = "webhook"
 
 
+AppType = Literal["custom", "store"]
+
+
 class AppConfig(_Section, frozen=True):
+    """One Feishu app. ``type``: ``custom`` (企业自建应用, one tenant, its own tenant token) or ``store`` (商店应用,
+    installed in many tenants: its intents name a ``tenant_key``, and its tokens come from the app_ticket Feishu
+    pushes to its event URL, see :mod:`relay.tickets`)."""
+
     name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     app_id: str
     app_secret: Secret
+    type: AppType = "custom"
     verification_token: Secret | None = None
     encrypt_key: Secret | None = None
     base_url: str | None = None

@@ -62,8 +62,9 @@ Admit = Callable[[], Awaitable[None]]
 
 
 class Sender(Protocol):
-    async def send(self, app: str, call: Call, admit: Admit | None = None) -> Outcome:
-        """One attempt; ``admit`` is awaited right before the request leaves (the limiter's send-time guard).
+    async def send(self, app: str, call: Call, admit: Admit | None = None, *, tenant: str | None = None) -> Outcome:
+        """One attempt (as ``tenant`` of a store app, when given); ``admit`` is awaited right before the request
+        leaves (the limiter's send-time guard).
 
         ``admit`` raises :class:`~relay.limits.Requeue` when a throttle voided the call's grant: release what is
         held (a pooled connection), ``await`` its ``wait()``, and call ``admit`` again."""
@@ -112,8 +113,10 @@ class Executor:
                       min_retry_delay: float = 0.0,
                       before_attempt: Callable[[], Awaitable[None]] | None = None,
                       before_write: Callable[[], Awaitable[None]] | None = None,
-                      before_send: Callable[[], Awaitable[None]] | None = None) -> Attempted:
-        """Perform ``call`` for ``app``; ``expires_at`` is a wall-clock (epoch) instant.
+                      before_send: Callable[[], Awaitable[None]] | None = None,
+                      tenant: str | None = None) -> Attempted:
+        """Perform ``call`` for ``app`` (as its ``tenant``, a store app's tenant_key: its quota and token are that
+        tenant's, see :mod:`relay.limits`); ``expires_at`` is a wall-clock (epoch) instant.
 
         ``before_attempt`` runs after the limiter's waits, before each attempt; ``before_write`` once a token and a
         connection are had (after the gate's wait), before the send-time guard; ``before_send`` right before each
@@ -129,7 +132,7 @@ class Executor:
                 return Attempted(outcome, attempts, expired=True)
             waiting = self._clock()
             grant = await self._limiter.acquire(app, call.api, call.api_windows, call.target, call.target_windows,
-                                                learns=call.learns)
+                                                learns=call.learns, tenant=tenant)
             if self._metrics is not None:
                 self._metrics.limiter_waited(call.api, self._clock() - waiting)
             if expires_at is not None and self._wall() >= expires_at:
@@ -138,7 +141,7 @@ class Executor:
                 await before_attempt()
             admit = functools.partial(self._admit, grant, before_write, before_send)
             try:
-                outcome = await self._sender.send(app, call, admit)
+                outcome = await self._sender.send(app, call, admit, tenant=tenant)
             finally:
                 self._limiter.answered(grant)  # its place in the send logs expires from now (SendLog)
             if outcome.token_unavailable:
@@ -160,7 +163,7 @@ class Executor:
             if outcome.throttled:
                 per_target = outcome.code == PER_TARGET_LIMIT_CODE and call.target is not None
                 self._limiter.throttled(app, call.api, call.target if per_target else None, outcome.retry_after,
-                                        grant=grant)
+                                        grant=grant, tenant=tenant)
             backoff = unsent if outcome.token_unavailable else attempts  # each grows on its own
             delay = max(self._policy.delay(backoff, self._rng, outcome.retry_after), min_retry_delay)
             if not self._policy.allows(attempts, first, self._clock(), delay):

@@ -18,6 +18,17 @@ Timeouts: ``request_timeout`` bounds the whole request; ``connect_timeout`` boun
 half of ``request_timeout``, the whole connect step (DNS, pool, TLS), so a connect that is too slow fails as
 ConnectionTimeoutError (known not written) before the total timeout could fire in it (``relay.outcomes``).
 
+Store apps (``[[apps]] type = "store"``, feishu-next §B): a call names its ``tenant``. Its
+``tenant_access_token`` is cached per (app, tenant) and fetched from ``POST /open-apis/auth/v3/tenant_access_token``
+with the app's ``app_access_token``, itself cached once per app and fetched from ``POST
+/open-apis/auth/v3/app_access_token`` with the latest ``app_ticket`` (:mod:`relay.tickets`). Each is refreshed
+ahead of its expiry by one request however many calls need it (the same shared-future shape as above; the app
+token's refresh is shared by every tenant refreshing at once). Without a ticket, or when Feishu calls it invalid
+(10012), the client asks Feishu to resend it (``POST /open-apis/auth/v3/app_ticket/resend``, at most once per
+``feishu.app_ticket_wait``) and waits up to ``feishu.app_ticket_wait`` for it to arrive on the event URL; none by
+then is a RETRY token outcome (the call waits and tries again). At most ``feishu.max_tenant_tokens`` tenant
+tokens are cached: past it the least recently used one not being refreshed is forgotten.
+
 ``send`` never raises for an expected answer: it returns an :class:`~relay.outcomes.Outcome` (a network error
 becomes a RETRY outcome). Retrying, limits and expiry are the executor's job.
 """
@@ -28,6 +39,7 @@ import asyncio
 import io
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -41,10 +53,17 @@ from relay.config import AppConfig, Config
 from relay.limits import Requeue
 from relay.metrics import Metrics
 from relay.outcomes import Outcome, Verdict, classify, network_error, token_error
+from relay.tickets import TicketBook, Tickets
 
 log = logging.getLogger(__name__)
 
 TOKEN_PATH: Final = "/open-apis/auth/v3/tenant_access_token/internal"
+# store apps (auth-v3/auth/app_access_token, tenant_access_token/create, app_ticket_resend)
+APP_TOKEN_PATH: Final = "/open-apis/auth/v3/app_access_token"
+STORE_TOKEN_PATH: Final = "/open-apis/auth/v3/tenant_access_token"
+RESEND_PATH: Final = "/open-apis/auth/v3/app_ticket/resend"
+# the app_access_token endpoint's "app_ticket invalid" (the Go SDK's core/constants.go: resend on it)
+TICKET_INVALID: Final = 10012
 JSON_CONTENT: Final = "application/json; charset=utf-8"
 # seconds (real, not scaled by time_scale) a failed token refresh is answered from memory when Feishu gave no reset
 FAILED_TOKEN_HOLD: Final = 2.0
@@ -54,10 +73,14 @@ class _TokenAnswer(msgspec.Struct):
     code: int = -1
     msg: str = ""
     tenant_access_token: str = ""
+    app_access_token: str = ""
     expire: float = 0.0
 
 
 _token_decoder: Final = msgspec.json.Decoder(_TokenAnswer)
+
+
+TokenKey = tuple[str, str | None]  # (app, tenant): tenant None for a custom app
 
 
 class TokenUnavailable(Exception):
@@ -80,23 +103,35 @@ class FeishuClient:
     """Sends one :class:`~relay.calls.Call` for one app and classifies the answer."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
-                 metrics: Metrics | None = None) -> None:
-        """``metrics`` counts each API request (by app, API, outcome, with its latency) and token refresh."""
+                 metrics: Metrics | None = None, tickets: Tickets | None = None) -> None:
+        """``metrics`` counts each API request (by app, API, outcome, with its latency) and token refresh;
+        ``tickets``: where store apps' app_tickets are found (:class:`~relay.tickets.KafkaTickets` when the
+        relay runs; an empty book by default)."""
         self._config = config
         self._clock = clock
         self._metrics = metrics
         self._apps: dict[str, AppConfig] = {app.name: app for app in config.apps}
-        self._tokens: dict[str, _Cached] = {}
-        self._refreshing: dict[str, asyncio.Future[str]] = {}
+        self._tickets: Tickets = tickets if tickets is not None else TicketBook()
+        # (app, tenant) -> token; tenant None for a custom app. Least recently used first (max_tenant_tokens)
+        self._tokens: OrderedDict[TokenKey, _Cached] = OrderedDict()
+        self._refreshing: dict[TokenKey, asyncio.Future[str]] = {}
         self._refresh_tasks: set[asyncio.Task[None]] = set()
-        self._failed: dict[str, tuple[float, Outcome]] = {}  # app -> (held until, the failed refresh's outcome)
+        # (app, tenant) -> (held until, the failed refresh's outcome); least recently failed first
+        self._failed: OrderedDict[TokenKey, tuple[float, Outcome]] = OrderedDict()
+        self._app_tokens: dict[str, _Cached] = {}  # store app -> app_access_token
+        self._app_refreshing: dict[str, asyncio.Future[str]] = {}
+        self._resent: dict[str, float] = {}  # store app -> when a resend was last asked for
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[str, tuple[URL | None, aiohttp.BasicAuth | None]] = {}
         # at most one request per pooled connection: waiting here is cheaper than in aiohttp's connector, whose
         # waiters each carry a timeout and are woken one by one on every release
         self._slots = asyncio.Semaphore(config.feishu.max_connections)
-        self.token_requests = 0
-        self._unavailable: dict[str, str] = {}  # app -> why its last token refresh failed (until one succeeds)
+        self.token_requests = 0  # tenant_access_token requests (both endpoints)
+        self.app_token_requests = 0
+        self.resends = 0
+        # custom app -> why its last token refresh failed (until one succeeds); a store app's tenants come and go
+        # with their installs, so one tenant's token does not make the relay unready
+        self._unavailable: dict[str, str] = {}
 
     async def start(self) -> None:
         feishu = self._config.feishu
@@ -140,58 +175,88 @@ class FeishuClient:
 
     # tokens -------------------------------------------------------------------------------------------
 
-    async def token(self, app: str) -> str:
-        """A valid tenant_access_token for ``app``; at most one refresh request per app at a time.
+    async def token(self, app: str, tenant: str | None = None) -> str:
+        """A valid tenant_access_token for ``app`` (a store app: for its ``tenant``); at most one refresh request
+        per app and tenant at a time.
 
         Raises :class:`TokenUnavailable`, without a request, while a failed refresh is held (module doc).
         """
+        key = (app, tenant)
         now = self._clock()
-        cached = self._tokens.get(app)
+        cached = self._tokens.get(key)
         if cached is not None and now < cached.valid_until:
+            if tenant is not None:
+                self._tokens.move_to_end(key)
             return cached.token
-        failed = self._failed.get(app)
+        failed = self._failed.get(key)
         if failed is not None:
             until, outcome = failed
             if now < until:
                 raise TokenUnavailable(_held(outcome, until - now))
-            del self._failed[app]
-        pending = self._refreshing.get(app)
+            del self._failed[key]
+        pending = self._refreshing.get(key)
         if pending is None:
             pending = asyncio.get_running_loop().create_future()
-            self._refreshing[app] = pending
-            task = asyncio.create_task(self._refresh(app, pending))
+            self._refreshing[key] = pending
+            task = asyncio.create_task(self._refresh(key, pending))
             self._refresh_tasks.add(task)
             task.add_done_callback(self._refresh_tasks.discard)
-            task.add_done_callback(lambda _: self._refreshing.pop(app, None))
+            task.add_done_callback(lambda _: self._refreshing.pop(key, None))
         # shield: a caller cancelled while waiting must not cancel the refresh the others share
         return await asyncio.shield(pending)
 
-    def drop_token(self, app: str, token: str) -> None:
+    def drop_token(self, app: str, token: str, tenant: str | None = None) -> None:
         """Forget ``token`` if it is still the cached one (others may have refreshed it already)."""
-        cached = self._tokens.get(app)
+        cached = self._tokens.get((app, tenant))
         if cached is not None and cached.token == token:
-            del self._tokens[app]
+            del self._tokens[(app, tenant)]
 
-    async def _refresh(self, app_name: str, result: asyncio.Future[str]) -> None:
+    def _life(self, expire: float) -> float:
+        """Seconds a token that lives ``expire`` seconds is used before it is refreshed."""
+        margin = self._config.feishu.token_refresh_margin
+        # a short-lived token (sandbox time scale) is refreshed at half its life instead
+        return expire - margin if expire > 2 * margin else expire / 2
+
+    def _keep(self, key: TokenKey, token: str, expire: float) -> None:
+        """Cache a tenant token; past ``feishu.max_tenant_tokens`` forget the least recently used idle ones."""
+        self._tokens[key] = _Cached(token, self._clock() + self._life(expire))
+        self._tokens.move_to_end(key)
+        cap = self._config.feishu.max_tenant_tokens
+        while len(self._tokens) > cap:
+            oldest = next(iter(self._tokens))
+            if oldest == key:
+                break
+            del self._tokens[oldest]
+        while len(self._failed) > cap:
+            self._failed.popitem(last=False)
+
+    async def _refresh(self, key: TokenKey, result: asyncio.Future[str]) -> None:
+        app_name, tenant = key
         try:
-            token, expire = await self._fetch_token(self._apps[app_name])
-            margin = self._config.feishu.token_refresh_margin
-            # a short-lived token (sandbox time scale) is refreshed at half its life instead
-            life = expire - margin if expire > 2 * margin else expire / 2
-            self._tokens[app_name] = _Cached(token, self._clock() + life)
-            self._failed.pop(app_name, None)
-            self._unavailable.pop(app_name, None)
+            app = self._apps[app_name]
+            if app.type == "store":
+                if tenant is None:
+                    raise TokenUnavailable(_permanent(f"store app {app_name} needs a tenant_key"))
+                token, expire = await self._fetch_store_token(app, tenant)
+            else:
+                if tenant is not None:
+                    raise TokenUnavailable(_permanent(f"custom app {app_name} has no tenant_key {tenant!r}"))
+                token, expire = await self._fetch_token(app)
+            self._keep(key, token, expire)
+            self._failed.pop(key, None)
+            if tenant is None:
+                self._unavailable.pop(app_name, None)
             if self._metrics is not None:
                 self._metrics.token_refresh(app_name, ok=True)
             result.set_result(token)
         except TokenUnavailable as err:
-            result.set_exception(TokenUnavailable(self._hold(app_name, err.outcome)))
+            result.set_exception(TokenUnavailable(self._hold(key, err.outcome)))
         except asyncio.CancelledError as err:  # close(): waiters must not hang, and nothing is held
             result.set_exception(TokenUnavailable(token_error(network_error(err))))
             raise
         except Exception as err:  # a bug: waiters must not hang, and must not all retry it back to back
             log.exception("token refresh for app %s failed", app_name)
-            result.set_exception(TokenUnavailable(self._hold(app_name, token_error(network_error(err)))))
+            result.set_exception(TokenUnavailable(self._hold(key, token_error(network_error(err)))))
         finally:
             if not result.done():
                 result.cancel()
@@ -199,24 +264,37 @@ class FeishuClient:
             if result.done() and not result.cancelled():
                 result.exception()
 
-    def _hold(self, app_name: str, outcome: Outcome) -> Outcome:
+    def _hold(self, key: TokenKey, outcome: Outcome) -> Outcome:
         """Remember a failed refresh for its hold; the outcome its waiters get."""
         hold = outcome.retry_after or FAILED_TOKEN_HOLD
-        self._failed[app_name] = (self._clock() + hold, outcome)
-        self._unavailable[app_name] = outcome.msg or "no answer"
+        self._failed[key] = (self._clock() + hold, outcome)
+        self._failed.move_to_end(key)
+        app_name, tenant = key
+        if tenant is None:
+            self._unavailable[app_name] = outcome.msg or "no answer"
         if self._metrics is not None:
             self._metrics.token_refresh(app_name, ok=False)
-        log.warning("tenant_access_token for app %s unavailable, held for %.1fs: %s", app_name, hold, outcome.msg)
+        log.warning("tenant_access_token for app %s%s unavailable, held for %.1fs: %s", app_name,
+                    f" tenant {tenant}" if tenant is not None else "", hold, outcome.msg)
         return _held(outcome, hold)
 
     async def _fetch_token(self, app: AppConfig) -> tuple[str, float]:
-        assert self._session is not None, "FeishuClient.start() was not awaited"
         self.token_requests += 1
+        answer, outcome = await self._post(app, TOKEN_PATH, {"app_id": app.app_id,
+                                                             "app_secret": app.app_secret.reveal()})
+        if answer.tenant_access_token and answer.expire > 0:
+            log.info("tenant_access_token for app %s refreshed (expires in %.0fs)", app.name, answer.expire)
+            return answer.tenant_access_token, answer.expire
+        raise TokenUnavailable(_no_token(outcome))
+
+    async def _post(self, app: AppConfig, path: str, fields: dict[str, str]) -> tuple[_TokenAnswer, Outcome]:
+        """POST ``fields`` to an auth endpoint: the answer read leniently, and its classified outcome."""
+        assert self._session is not None, "FeishuClient.start() was not awaited"
         base = self._config.base_url_for(app)
         proxy, proxy_auth = self._proxies.get(base, (None, None))
-        body = msgspec.json.encode({"app_id": app.app_id, "app_secret": app.app_secret.reveal()})
         try:
-            async with self._session.post(base + TOKEN_PATH, data=body, headers={"Content-Type": JSON_CONTENT},
+            async with self._session.post(base + path, data=msgspec.json.encode(fields),
+                                          headers={"Content-Type": JSON_CONTENT},
                                           proxy=proxy, proxy_auth=proxy_auth) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
@@ -226,27 +304,108 @@ class FeishuClient:
             answer = _token_decoder.decode(raw)
         except msgspec.DecodeError:
             answer = _TokenAnswer()
-        if answer.code == 0 and answer.tenant_access_token and answer.expire > 0:
-            log.info("tenant_access_token for app %s refreshed (expires in %.0fs)", app.name, answer.expire)
-            return answer.tenant_access_token, answer.expire
-        outcome = classify(status, headers, raw, api="auth.tenant_access_token")
-        if outcome.verdict is Verdict.OK:  # code 0 but no token: treat as unreadable, permanent
-            outcome = msgspec.structs.replace(outcome, verdict=Verdict.PERMANENT, msg="no token in answer")
-        raise TokenUnavailable(token_error(outcome))
+        return answer, classify(status, headers, raw, api="auth.tenant_access_token")
+
+    # store apps ---------------------------------------------------------------------------------------
+
+    async def _fetch_store_token(self, app: AppConfig, tenant: str) -> tuple[str, float]:
+        """A store app's tenant token for ``tenant``; an app token Feishu refuses is fetched again once."""
+        for _ in range(2):
+            app_token = await self._app_token(app)
+            self.token_requests += 1
+            answer, outcome = await self._post(app, STORE_TOKEN_PATH, {"app_access_token": app_token,
+                                                                       "tenant_key": tenant})
+            if answer.tenant_access_token and answer.expire > 0:
+                log.info("tenant_access_token for app %s tenant %s refreshed (expires in %.0fs)", app.name, tenant,
+                         answer.expire)
+                return answer.tenant_access_token, answer.expire
+            if outcome.verdict is not Verdict.REFRESH:
+                break
+            cached = self._app_tokens.get(app.name)  # the app token was refused: drop it, fetch it again
+            if cached is not None and cached.token == app_token:
+                del self._app_tokens[app.name]
+        raise TokenUnavailable(_no_token(outcome))
+
+    async def _app_token(self, app: AppConfig) -> str:
+        """The store app's app_access_token: cached until its refresh time, one request at a time."""
+        cached = self._app_tokens.get(app.name)
+        if cached is not None and self._clock() < cached.valid_until:
+            return cached.token
+        pending = self._app_refreshing.get(app.name)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._app_refreshing[app.name] = pending
+            try:
+                token, expire = await self._fetch_app_token(app)
+                self._app_tokens[app.name] = _Cached(token, self._clock() + self._life(expire))
+                pending.set_result(token)
+            except BaseException as err:
+                pending.set_exception(err if isinstance(err, TokenUnavailable)
+                                      else TokenUnavailable(token_error(network_error(err))))
+                pending.exception()  # retrieved: nobody else may be waiting
+                raise
+            finally:
+                self._app_refreshing.pop(app.name, None)
+            return token
+        return await asyncio.shield(pending)
+
+    async def _fetch_app_token(self, app: AppConfig) -> tuple[str, float]:
+        """POST app_access_token with the latest ticket; without one, or with one Feishu calls invalid, ask
+        for a resend and wait for the ticket (module doc)."""
+        outcome: Outcome | None = None
+        for _ in range(2):
+            ticket = self._tickets.get(app.app_id)
+            if ticket is None:
+                await self._resend(app)
+                ticket = await self._tickets.wait(app.app_id, self._config.feishu.app_ticket_wait)
+                if ticket is None:
+                    raise TokenUnavailable(token_error(_no_ticket(app)))
+            self.app_token_requests += 1
+            answer, outcome = await self._post(app, APP_TOKEN_PATH, {
+                "app_id": app.app_id, "app_secret": app.app_secret.reveal(), "app_ticket": ticket})
+            if answer.app_access_token and answer.expire > 0:
+                log.info("app_access_token for app %s refreshed (expires in %.0fs)", app.name, answer.expire)
+                return answer.app_access_token, answer.expire
+            if answer.code != TICKET_INVALID:
+                break
+            log.warning("app_ticket of app %s refused as invalid (10012): asking Feishu to resend it", app.name)
+            self._tickets.drop(app.app_id, ticket)
+            self._resent.pop(app.name, None)  # resend at once, whenever the last was
+        assert outcome is not None
+        if outcome.code == TICKET_INVALID:  # a fresh ticket refused too: wait and try again, like a missing one
+            outcome = _no_ticket(app)
+        raise TokenUnavailable(_no_token(outcome))
+
+    async def _resend(self, app: AppConfig) -> None:
+        """Ask Feishu to push the app_ticket again, at most once per ``feishu.app_ticket_wait``."""
+        now = self._clock()
+        last = self._resent.get(app.name)
+        if last is not None and now - last < self._config.feishu.app_ticket_wait:
+            return
+        self._resent[app.name] = now
+        self.resends += 1
+        answer, outcome = await self._post(app, RESEND_PATH, {"app_id": app.app_id,
+                                                              "app_secret": app.app_secret.reveal()})
+        if answer.code == 0:
+            log.info("app_ticket of app %s: resend asked for (it arrives on the event URL)", app.name)
+        elif outcome.verdict is Verdict.PERMANENT:  # a wrong secret: no ticket will come
+            raise TokenUnavailable(token_error(outcome))
+        else:
+            log.warning("app_ticket resend for app %s failed: %s", app.name, outcome.msg)
 
     # calls --------------------------------------------------------------------------------------------
 
     async def send(self, app: str, call: Call,
-                   admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+                   admit: Callable[[], Awaitable[None]] | None = None, *, tenant: str | None = None) -> Outcome:
         """Perform ``call`` once for ``app``; every answer (and every failure to get one) is an Outcome.
 
         ``admit`` is awaited after a pooled connection is ours, just before the request is written: waiting for a
         connection must not make a call late enough to bunch with the calls granted after it. When it raises
         :class:`~relay.limits.Requeue` (a throttle voided the call's grant), the connection is released while the
-        call queues again, then ``admit`` runs again."""
+        call queues again, then ``admit`` runs again. A store app's call is made as its ``tenant``."""
         assert self._session is not None, "FeishuClient.start() was not awaited"
         try:
-            token = await self.token(app)
+            token = await self.token(app, tenant)
         except TokenUnavailable as err:
             return err.outcome
         base = self._config.base_url_for(self._apps[app])
@@ -280,7 +439,7 @@ class FeishuClient:
             return outcome
         self._count(app, call, outcome, sent)
         if outcome.verdict is Verdict.REFRESH:
-            self.drop_token(app, token)
+            self.drop_token(app, token, tenant)
         return outcome
 
     def _count(self, app: str, call: Call, outcome: Outcome, sent: float | None) -> None:
@@ -298,6 +457,24 @@ def _form(fields: tuple[FormField, ...]) -> aiohttp.FormData:
         value = io.BytesIO(field.value) if isinstance(field.value, bytes) else field.value
         form.add_field(field.name, value, filename=field.filename, content_type=field.content_type)
     return form
+
+
+def _no_token(outcome: Outcome) -> Outcome:
+    """A token endpoint's answer without a token, as the token outcome its callers get."""
+    if outcome.verdict is Verdict.OK:  # code 0 but no token: treat as unreadable, permanent
+        outcome = msgspec.structs.replace(outcome, verdict=Verdict.PERMANENT, msg="no token in answer")
+    return token_error(outcome)
+
+
+def _no_ticket(app: AppConfig) -> Outcome:
+    """No valid app_ticket arrived after a resend: retried (Feishu pushes it to the event URL)."""
+    return Outcome(verdict=Verdict.RETRY, http_status=None, code=None,
+                   msg=f"app_ticket: none valid received for store app {app.name} after a resend "
+                       "(is its event URL served by this relay?)")
+
+
+def _permanent(msg: str) -> Outcome:
+    return token_error(Outcome(verdict=Verdict.PERMANENT, http_status=None, code=None, msg=msg))
 
 
 def _held(outcome: Outcome, remaining: float) -> Outcome:

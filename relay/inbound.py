@@ -21,7 +21,9 @@
    topic for ``inbound.callback_types`` or to ``inbound.routes[event_type]`` / ``kafka.events_topic``; key =
    the chat id, else the message id, else the event id (:class:`relay.events.EventIds`); headers
    ``event_type``, ``event_id``, ``app``, ``tenant_key``, and for a callback the request–reply headers of
-   :mod:`relay.replies`, whose answer (a service's reply, or the fallback) is the HTTP answer.
+   :mod:`relay.replies`, whose answer (a service's reply, or the fallback) is the HTTP answer. A store app's
+   ``app_ticket`` goes to ``kafka.app_tickets_topic`` instead, keyed by the app's ``app_id`` (compacted: the
+   latest ticket per app, read by every replica's :mod:`relay.tickets`).
 
 Guarantees. ``inbound.publish_timeout`` runs from a request's arrival to its answer:
 
@@ -66,6 +68,7 @@ from relay.events import CHALLENGE_MAX_BYTES, Challenge, Event, read_signature_h
 from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_producer
 from relay.metrics import Metrics
 from relay.replies import Answer, Pending, Replies, Source, fallback_for
+from relay.tickets import APP_TICKET
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,7 @@ class Inbound:
             elif warning := unsigned_warning(app):
                 log.warning("inbound: %s", warning)
         self._callback_types = frozenset(self._cfg.callback_types)
+        self._store_apps = frozenset(app.name for app in config.apps if app.type == "store")
         self.dedup = Dedup(self._cfg.dedup_ttl, self._cfg.dedup_max_entries, clock)
         metrics.collect(self._export)
         metrics.know_event_types([*self._cfg.routes, *self._callback_types])  # labels the config names
@@ -207,9 +211,12 @@ class Inbound:
     async def _publish_and_answer(self, name: str, event: Event, started: float, topic: str, callback: bool,
                                   pending: Pending | None) -> web.Response:
         headers = event.headers(name) + (pending.headers if pending is not None else [])
+        key = event.key
+        if event.event_type == APP_TICKET and name in self._store_apps:  # module doc: the latest ticket per app
+            topic, key = self._config.kafka.app_tickets_topic, self._apps[name].app_id
 
         async def publish() -> None:
-            await self._publisher.publish(topic, event.key.encode(), event.record, headers)
+            await self._publisher.publish(topic, key.encode(), event.record, headers)
 
         def late(error: BaseException | None) -> None:
             if error is None:

@@ -85,6 +85,11 @@ NonEmpty = Annotated[str, Meta(min_length=1)]
 # control characters, nor are "." or "..", any of which a server could decode into a different path.
 _PATH_ID: Final = r"^(?!\.\.?(;|$))[^/\\%\x00-\x1f\x7f]+$"
 PathId = Annotated[str, Meta(min_length=1, pattern=_PATH_ID, description="An id placed in a path segment.")]
+# A store app's tenant (app_open event ``tenant_key``, every v2 event's ``header.tenant_key``): required for a store
+# app's intents, refused for a custom app's (relay.outbound checks it against the config). Printable ASCII without
+# spaces, at most 128 characters: it is sent in the token request and written in logs and record headers.
+TenantKey = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$",
+                                description="The tenant of a store app (its tenant_key); only for store apps.")]
 AwareTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 time with a timezone offset.")]
 
 # im-v1/message/create, query ``receive_id_type``.
@@ -122,6 +127,7 @@ class _Intent(_Strict, tag_field="kind", frozen=True, kw_only=True):
     app: Annotated[str, Meta(min_length=1, description="Name of a configured Feishu app.")] = "default"
     expires_at: AwareTime | None = None
     order_key: Annotated[str, Meta(min_length=1, description="Overrides the default ordering key.")] | None = None
+    tenant_key: TenantKey | None = None
 
 
 # --- im/v1 messages -----------------------------------------------------------------------------------------

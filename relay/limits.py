@@ -1,8 +1,9 @@
 """The async limiter: every Feishu call waits here before it goes, and is checked again right before it leaves.
 
-It keys app-wide buckets by ``("app", app, api)`` and per-target buckets by ``("target", app, target)`` (the target
-resolved through what Feishu's answers taught, :mod:`relay.targets`) and only sequences awaits around the pure
-arithmetic of :mod:`relay.buckets`, with the clock and sleep injected.
+It keys app-wide buckets by ``("app", app, api)``, for a store app's tenant ``("app", app, api, tenant)`` (Feishu
+counts limits per API x app x tenant: each tenant of a store app has its own quota), and per-target buckets by
+``("target", app, target)`` (the target resolved through what Feishu's answers taught, :mod:`relay.targets`) and
+only sequences awaits around the pure arithmetic of :mod:`relay.buckets`, with the clock and sleep injected.
 
     acquire    wait for the target's token, then the API's: returns a :class:`Grant`, the leave to send one call
     admit      right before the request is written: the grant is still good (no throttle since), and the send
@@ -51,6 +52,11 @@ TARGET_MEMORY: Final = 100_000
 _MAX_SHAPES: Final = 4096
 
 
+def _app_key(app: str, api: str, tenant: str | None) -> BucketKey:
+    """An app-wide bucket's key: per (app, API), and per tenant for a store app's tenant (module doc)."""
+    return ("app", app, api) if tenant is None else ("app", app, api, tenant)
+
+
 class LimiterStats(msgspec.Struct, frozen=True):
     """Counters for metrics: buckets alive, acquisitions, how many waited and how long, throttles seen."""
 
@@ -89,7 +95,7 @@ class Grant:
     """
 
     __slots__ = ("_app", "_app_epoch", "_sent", "_target", "_target_epoch", "api", "api_windows", "app", "learns",
-                 "target", "target_windows", "waited")
+                 "target", "target_windows", "tenant", "waited")
 
     def __init__(self, app: str, api: str, api_windows: tuple[Window, ...], target: str | None,
                  target_windows: tuple[Window, ...], learns: bool) -> None:
@@ -100,6 +106,7 @@ class Grant:
         self.target_windows = target_windows
         self.learns = learns
         self.waited = 0.0  # seconds acquire waited
+        self.tenant: str | None = None  # a store app's tenant: its app-wide buckets are that tenant's
         self._app: _Entry | None = None
         self._app_epoch = 0
         self._target: _Entry | None = None
@@ -264,6 +271,7 @@ class Limiter:
         target_windows: Sequence[Window] = (),
         *,
         learns: bool = False,
+        tenant: str | None = None,
     ) -> Grant:
         """Wait until a call of ``api`` by ``app`` (to ``target``, if given) may go; the grant says how long.
 
@@ -284,6 +292,7 @@ class Limiter:
         if target is not None and not target_windows:
             raise ValueError(f"acquire: target {target!r} of {api} needs its windows")
         grant = Grant(app, api, tuple(api_windows), target, tuple(target_windows), learns)
+        grant.tenant = tenant
         await self._grant(grant)
         grant.waited = waited = self._clock() - start
         self._acquires += 1
@@ -342,7 +351,7 @@ class Limiter:
         released.set()
 
     def throttled(self, app: str, api: str, target: str | None = None, retry_after: float | None = None, *,
-                  grant: Grant | None = None) -> None:
+                  grant: Grant | None = None, tenant: str | None = None) -> None:
         """Feishu throttled a call: pause and slow the bucket it counts against.
 
         Give ``target`` for a per-target refusal (230020: that chat or user is over 5/s, perhaps because other
@@ -365,7 +374,7 @@ class Limiter:
             if grant is not None and grant._target is entry:
                 sent_epoch = grant._target_epoch
         else:
-            entry = self._apps.get(("app", app, api))
+            entry = self._apps.get(_app_key(app, api, tenant))
             if grant is not None and grant._app is entry:
                 sent_epoch = grant._app_epoch
         if entry is None:
@@ -399,7 +408,7 @@ class Limiter:
     async def _grant(self, grant: Grant) -> None:
         """Wait for the target's token (if any) and the API's; store in ``grant`` the buckets that gave them."""
         app, target = grant.app, grant.target
-        app_entry = self._app_entry(app, grant.api, grant.api_windows)
+        app_entry = self._app_entry(app, grant.api, grant.api_windows, grant.tenant)
         if target is None:
             app_entry.users += 1
             try:
@@ -456,7 +465,7 @@ class Limiter:
         penalized (the grant cannot tell whether before or after it): then it queues again there, once.
         """
         assert grant._app is not None
-        app = self._app_entry(grant.app, grant.api, grant.api_windows)
+        app = self._app_entry(grant.app, grant.api, grant.api_windows, grant.tenant)
         if app.bucket.epoch != (grant._app_epoch if app is grant._app else 0):
             return None
         if grant.target is None:
@@ -469,8 +478,8 @@ class Limiter:
 
     # --- buckets ------------------------------------------------------------------------------------------
 
-    def _app_entry(self, app: str, api: str, windows: tuple[Window, ...]) -> _Entry:
-        key: BucketKey = ("app", app, api)
+    def _app_entry(self, app: str, api: str, windows: tuple[Window, ...], tenant: str | None = None) -> _Entry:
+        key = _app_key(app, api, tenant)
         entry = self._apps.get(key)
         if entry is None:
             self._make_room()  # never refuses here: a call already admitted is not stopped

@@ -256,6 +256,7 @@ class Outbound(ConsumerRebalanceListener):
         self._executor = executor
         self._metrics = metrics
         self._apps = frozenset(known_apps)
+        self._store_apps = frozenset(app.name for app in config.apps if app.type == "store")
         self._previews = previews
         self._membership = membership
         self._journal = journal
@@ -643,13 +644,14 @@ class Outbound(ConsumerRebalanceListener):
                 lane = (tp, key)
                 coro = self._recover(job, record, entry, received, self._lanes.get(lane))
             elif isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
-                if intent.app in self._apps:
+                problem = self._app_problem(intent)
+                if problem is None:
                     if self._enqueue(job, intent, received):
                         self._start(job, None, None)  # no task until its result is known (_preview_ready)
                         return
                     coro = self._preview(job, record)  # the coalescer is not running: abandoned
                 else:
-                    coro = self._reject(job, record, self._unknown_app(intent), received)
+                    coro = self._reject(job, record, problem, received)
             else:
                 lane = (tp, key)
                 self._folding.add(lane, record.offset, intent)
@@ -703,9 +705,22 @@ class Outbound(ConsumerRebalanceListener):
         if jobs is not None:
             jobs.discard(job)
 
-    def _unknown_app(self, intent: Intent) -> IntentError:
-        return IntentError(f"app: {intent.app!r} is not a configured app", id=intent.id, kind=intent_kind(intent),
-                           app=intent.app)
+    def _app_problem(self, intent: Intent) -> IntentError | None:
+        """Why ``intent`` cannot go for its app (unknown; a store app's without ``tenant_key``, a custom app's
+        with one), or None."""
+        why = None
+        if intent.app not in self._apps:
+            why = f"app: {intent.app!r} is not a configured app"
+        elif intent.app in self._store_apps and intent.tenant_key is None:
+            why = f"tenant_key: required for an intent of store app {intent.app!r} (the tenant to call Feishu as)"
+        elif intent.app not in self._store_apps and intent.tenant_key is not None:
+            why = f"tenant_key: app {intent.app!r} is a custom app (one tenant); tenant_key is only for store apps"
+        elif intent.app in self._store_apps and isinstance(intent, UrlPreviewUpdate) and self._previews is not None:
+            # the coalescer batches preview tokens per app, not per tenant
+            why = f"kind: url_preview.update is not supported for store app {intent.app!r} yet"
+        if why is None:
+            return None
+        return IntentError(why, id=intent.id, kind=intent_kind(intent), app=intent.app)
 
     def _job_done(self, ticket: PreviewTicket | None, coro: Coroutine[Any, Any, None], task: asyncio.Task[None]
                   ) -> None:
@@ -767,8 +782,9 @@ class Outbound(ConsumerRebalanceListener):
                 before = self._turns.get(previous)
                 await asyncio.wait([previous] if before is None else [previous, before],
                                    return_when=asyncio.FIRST_COMPLETED)
-            if intent.app not in self._apps:
-                await self._reject(job, record, self._unknown_app(intent), received)
+            problem = self._app_problem(intent)
+            if problem is not None:
+                await self._reject(job, record, problem, received)
                 return
             superseded_by = self._folding.superseded_by(lane, record.offset)
             if superseded_by is not None:  # a later update waiting behind it replaces it whole (relay.folding)
@@ -867,7 +883,7 @@ class Outbound(ConsumerRebalanceListener):
             await self._reject(job, record, err, received)
             return None
         attempted = await self._executor.execute(intent.app, call, expires_at=expires_at, before_attempt=started,
-                                                 before_write=journal_start)
+                                                 before_write=journal_start, tenant=intent.tenant_key)
         job.started = True
         return attempted
 
@@ -883,6 +899,7 @@ class Outbound(ConsumerRebalanceListener):
         if status == "failed" and overtaken(intent, fields.get("code")):
             status, dl_error = "superseded", None  # a later update of its card is at Feishu already (folding)
             fields["msg"] = f"superseded: a later update of the card was performed first ({fields.get('msg')})"
+        fields["tenant_key"] = intent.tenant_key
         await self._finish(record, intent.id, job.kind, intent.app, status, fields, dl_error,
                            received, journal=job)
 

@@ -60,6 +60,7 @@ class Result(msgspec.Struct, kw_only=True, omit_defaults=False):
     log_id: str | None = None
     received_at: AwareTime
     finished_at: AwareTime
+    tenant_key: str | None = None  # the intent's, for a store app (null for a custom app's)
 
     def __post_init__(self) -> None:
         for name in ("received_at", "finished_at"):

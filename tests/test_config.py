@@ -236,3 +236,14 @@ def test_an_app_in_websocket_mode_needs_no_verification_token() -> None:
         check_inbound(parse_config(data, env={}))
     env = {"RELAY_APPS__WS__INBOUND": '{"mode": "webhook"}'}
     assert parse_config({"apps": data["apps"][:1]}, env=env).apps[0].inbound.mode == "webhook"
+
+
+def test_an_app_is_custom_by_default_and_a_bad_type_names_the_key() -> None:
+    base = {"name": "default", "app_id": "cli_1", "app_secret": "a"}
+    assert parse_config({"apps": [base]}, env={}).apps[0].type == "custom"
+    assert parse_config({"apps": [{**base, "type": "store"}]}, env={}).apps[0].type == "store"
+    with pytest.raises(ConfigError) as err:
+        parse_config({"apps": [{**base, "type": "isv"}]}, env={})
+    assert err.value.key == "apps[default].type" and "\n" not in str(err.value)
+    env = {"RELAY_APPS__DEFAULT__TYPE": "store"}
+    assert parse_config({"apps": [base]}, env=env).apps[0].type == "store"

@@ -54,7 +54,8 @@ class Script:
         self.clock = clock
         self.times: list[float] = []
 
-    async def send(self, app: str, call: Call, admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+    async def send(self, app: str, call: Call, admit: Callable[[], Awaitable[None]] | None = None, *,
+                   tenant: str | None = None) -> Outcome:
         if admit is not None:
             await admit()
         self.times.append(self.clock.now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -12,7 +13,8 @@ from relay.calls import Call, build_call
 from relay.feishu import FAILED_TOKEN_HOLD, FeishuClient
 from relay.intents import decode_intent
 from relay.outcomes import Verdict
-from relay.sandbox import Sandbox, SandboxOptions
+from relay.sandbox import Sandbox, SandboxOptions, SandboxStoreApp
+from relay.tickets import TicketBook
 from tests.relaykit import APP_ID, APP_SECRET, config_data, to_config
 
 
@@ -192,3 +194,144 @@ async def test_close_cancels_a_refresh_in_flight(token_server: TokenServer) -> N
     outcomes = await asyncio.wait_for(asyncio.gather(*sends), 5.0)
     assert {o.verdict for o in outcomes} == {Verdict.RETRY}
     assert not feishu._refresh_tasks and not feishu._refreshing
+
+
+# --- store apps: app_ticket -> app_access_token -> tenant_access_token per tenant ---------------------------
+
+STORE_ID, STORE_SECRET = "cli_store", "store-secret"
+
+
+class TicketURL:
+    """The event URL's part in the flow, without Kafka: a pushed app_ticket lands in a TicketBook."""
+
+    def __init__(self) -> None:
+        self.book = TicketBook()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.book.apply(None, await request.read())
+        return web.json_response({"msg": "success"})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/feishu/events/shop", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/feishu/events/shop"
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[tuple[Sandbox, FeishuClient, TicketURL]]:
+    events = TicketURL()
+    await events.start()
+    shop = SandboxStoreApp(app_secret=STORE_SECRET, ticket_url=events.url, tenants=frozenset({"t1", "t2"}))
+    box = Sandbox(SandboxOptions(store_apps={STORE_ID: shop}, enforce_limits=False, ticket_interval=0))
+    await box.start()
+    data = config_data("127.0.0.1:9092", "unused", box.url)
+    data["apps"] = [{"name": "shop", "type": "store", "app_id": STORE_ID, "app_secret": STORE_SECRET}]
+    data["feishu"]["app_ticket_wait"] = 2.0
+    feishu = FeishuClient(to_config(data), tickets=events.book)
+    await feishu.start()
+    yield box, feishu, events
+    await feishu.close()
+    await box.stop()
+    assert events.runner is not None
+    await events.runner.cleanup()
+
+
+async def test_a_store_app_without_a_ticket_asks_for_a_resend_and_gets_a_token_per_tenant(
+        store: tuple[Sandbox, FeishuClient, TicketURL]) -> None:
+    box, client, _ = store
+    outcomes = await asyncio.gather(*(client.send("shop", send_call(i), tenant=f"t{1 + i % 2}") for i in range(40)))
+    assert {o.verdict for o in outcomes} == {Verdict.OK}
+    assert client.resends == 1 and box.store.resends == 1  # one resend however many calls waited for it
+    assert len(box.calls_for("auth.app_access_token")) == 1  # one app token for every tenant
+    tenant_calls = box.calls_for("auth.tenant_access_token")
+    assert sorted(c.tenant_key for c in tenant_calls) == ["t1", "t2"]  # one per tenant
+    sent = box.calls_for("message.send")
+    assert {c.tenant_key for c in sent} == {"t1", "t2"} and all(c.app_id == STORE_ID for c in sent)
+
+
+async def test_a_tenant_token_expiring_is_refreshed_once_for_that_tenant_only(
+        store: tuple[Sandbox, FeishuClient, TicketURL]) -> None:
+    box, client, _ = store
+    for tenant in ("t1", "t2"):
+        assert (await client.send("shop", send_call(0), tenant=tenant)).verdict is Verdict.OK
+    box.expire_tenant_token(STORE_ID, "t1")
+    first = await asyncio.gather(*(client.send("shop", send_call(i), tenant="t1") for i in range(30)))
+    assert {o.verdict for o in first} == {Verdict.REFRESH}
+    again = await asyncio.gather(*(client.send("shop", send_call(i), tenant=t)
+                                   for i in range(30) for t in ("t1", "t2")))
+    assert {o.verdict for o in again} == {Verdict.OK}
+    assert [c.tenant_key for c in box.calls_for("auth.tenant_access_token")] == ["t1", "t2", "t1"]
+    assert len(box.calls_for("auth.app_access_token")) == 1
+
+
+async def test_a_ticket_feishu_calls_invalid_is_dropped_resent_and_the_new_one_used(
+        store: tuple[Sandbox, FeishuClient, TicketURL]) -> None:
+    box, client, events = store
+    await box.push_ticket(STORE_ID)
+    old = events.book.get(STORE_ID)
+    assert old is not None
+    box.invalidate_tickets(STORE_ID)  # e.g. expired, or the app was reset: 10012
+    assert (await client.send("shop", send_call(0), tenant="t1")).verdict is Verdict.OK
+    codes = [c.code for c in box.calls_for("auth.app_access_token")]
+    assert codes == [10012, 0] and client.resends == 1
+    assert events.book.get(STORE_ID) not in (None, old)
+
+
+async def test_a_tenant_that_has_not_installed_the_app_is_a_permanent_token_outcome(
+        store: tuple[Sandbox, FeishuClient, TicketURL]) -> None:
+    _, client, _ = store
+    outcome = await client.send("shop", send_call(0), tenant="stranger")
+    assert outcome.verdict is Verdict.PERMANENT and outcome.token_unavailable
+    assert (await client.send("shop", send_call(0), tenant="t1")).verdict is Verdict.OK  # others unaffected
+
+
+async def test_no_ticket_arriving_after_a_resend_is_a_retry_naming_the_app_ticket() -> None:
+    shop = SandboxStoreApp(app_secret=STORE_SECRET, ticket_url=None)  # Feishu cannot reach the event URL
+    box = Sandbox(SandboxOptions(store_apps={STORE_ID: shop}, enforce_limits=False, ticket_interval=0))
+    await box.start()
+    data = config_data("127.0.0.1:9092", "unused", box.url)
+    data["apps"] = [{"name": "shop", "type": "store", "app_id": STORE_ID, "app_secret": STORE_SECRET}]
+    data["feishu"]["app_ticket_wait"] = 0.2
+    client = FeishuClient(to_config(data))
+    await client.start()
+    try:
+        outcome = await client.send("shop", send_call(0), tenant="t1")
+        wrong = FeishuClient(to_config({**data, "apps": [{**data["apps"][0], "app_secret": "wrong"}]}))
+        await wrong.start()
+        try:
+            refused = await wrong.send("shop", send_call(0), tenant="t1")
+        finally:
+            await wrong.close()
+    finally:
+        await client.close()
+        await box.stop()
+    assert outcome.token_unavailable and outcome.verdict is Verdict.RETRY and "app_ticket" in outcome.msg
+    assert box.store.resends == 1
+    assert refused.token_unavailable and refused.verdict is Verdict.PERMANENT  # resend refused: 10014
+
+
+async def test_tenant_tokens_past_the_cap_forget_the_least_recently_used(
+        store: tuple[Sandbox, FeishuClient, TicketURL]) -> None:
+    box, client, _ = store
+    box.store.apps[STORE_ID] = msgspec.structs.replace(box.store.apps[STORE_ID], tenants=frozenset())
+    client._config = msgspec.structs.replace(  # a cap of 3 tenant tokens
+        client._config, feishu=msgspec.structs.replace(client._config.feishu, max_tenant_tokens=3))
+    for i in range(6):
+        assert (await client.send("shop", send_call(i), tenant=f"x{i}")).verdict is Verdict.OK
+    assert [tenant for _, tenant in client._tokens] == ["x3", "x4", "x5"]
+
+
+async def test_an_app_token_feishu_refuses_is_fetched_again_once(
+        store: tuple[Sandbox, FeishuClient, TicketURL]) -> None:
+    box, client, _ = store
+    assert (await client.send("shop", send_call(0), tenant="t1")).verdict is Verdict.OK
+    box.store.app_tokens.clear()  # Feishu no longer knows the cached app_access_token
+    assert (await client.send("shop", send_call(1), tenant="t2")).verdict is Verdict.OK
+    assert [c.code for c in box.calls_for("auth.tenant_access_token")] == [0, 99991664, 0]
+    assert [c.code for c in box.calls_for("auth.app_access_token")] == [0, 0]

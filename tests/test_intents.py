@@ -442,6 +442,7 @@ def test_result_encodes_every_field() -> None:
         "id": "n-1", "kind": "message.send", "app": "default", "status": "ok", "superseded_by": None,
         "code": 0, "msg": "success", "data": {"message_id": "om_9"}, "http_status": 200, "attempts": 1,
         "log_id": "L1", "received_at": "2024-05-01T12:00:00Z", "finished_at": "2024-05-01T12:00:00.250000Z",
+        "tenant_key": None,
     }
 
 
@@ -451,7 +452,7 @@ def test_result_for_an_unreadable_intent() -> None:
     out = json.loads(encode_result(result))
     assert out["status"] == "rejected" and out["id"] is None and out["code"] is None and out["attempts"] == 0
     assert list(out) == ["id", "kind", "app", "status", "superseded_by", "code", "msg", "data", "http_status",
-                         "attempts", "log_id", "received_at", "finished_at"]
+                         "attempts", "log_id", "received_at", "finished_at", "tenant_key"]
 
 
 def test_result_refuses_naive_times() -> None:
@@ -529,3 +530,15 @@ def test_a_path_that_stays_is_sent_as_written() -> None:
                  "/open-apis/a/%C3%A9/b~c", "/open-apis/a/x.y@w:1"):
         intent = decode_intent(enc(with_(by_kind("api.call"), path=path, path_params={})))
         assert isinstance(intent, ApiCall) and intent.filled_path == path
+
+
+def test_tenant_key_is_optional_and_printable() -> None:
+    base = {"kind": "message.send", "id": "n-1", "receive_id_type": "chat_id", "receive_id": "oc_1",
+            "msg_type": "text", "content": {"text": "x"}}
+    assert decode_intent(msgspec.json.encode(base)).tenant_key is None
+    assert decode_intent(msgspec.json.encode({**base, "tenant_key": "736588c9260f175d"})).tenant_key == \
+        "736588c9260f175d"
+    for bad in ("", "a b", "x" * 129):
+        with pytest.raises(IntentError) as err:
+            decode_intent(msgspec.json.encode({**base, "tenant_key": bad}))
+        assert err.value.reason.startswith("$.tenant_key:") and err.value.id == "n-1"

@@ -332,6 +332,28 @@ def test_app_throttle_pauses_and_slows_the_app_bucket_only() -> None:
     run_virtual(main)
 
 
+def test_each_tenant_of_a_store_app_has_its_own_app_wide_buckets() -> None:
+    async def main() -> None:
+        limiter = _limiter()
+        per_tenant: dict[str, list[float]] = {}
+
+        async def worker(tenant: str) -> None:
+            while now() < 10.0:
+                await limiter.acquire("shop", "im", IM, tenant=tenant)
+                per_tenant.setdefault(tenant, []).append(now())
+
+        await asyncio.gather(*(worker(f"t{i}") for i in range(3) for _ in range(8)))
+        for times in per_tenant.values():  # each tenant at its own quota, never another's
+            assert violations(times, IM) == []
+            assert len(times) >= 0.95 * (limiter.shape(IM).burst + limiter.shape(IM).rate * 10.0)
+        assert limiter.bucket(("app", "shop", "im", "t0")) is not None and limiter.bucket(("app", "shop", "im")) is None
+        limiter.throttled("shop", "im", retry_after=3.0, tenant="t1")  # a 429 for t1 pauses t1 only
+        assert (await limiter.acquire("shop", "im", IM, tenant="t1")).waited >= 3.0
+        assert (await limiter.acquire("shop", "im", IM, tenant="t2")).waited < 1.0
+
+    run_virtual(main)
+
+
 def test_target_throttle_pauses_that_target_only() -> None:
     async def main() -> None:
         limiter = _limiter()

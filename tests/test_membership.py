@@ -219,7 +219,7 @@ class PreviewFeishu:
     def __init__(self) -> None:
         self.written: list[bytes | None] = []
 
-    async def send(self, app: str, call: Any, admit: Any = None) -> Any:
+    async def send(self, app: str, call: Any, admit: Any = None, *, tenant: str | None = None) -> Any:
         from relay.outcomes import Outcome, Verdict
 
         if admit is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -222,6 +222,7 @@ class FakeExecutor:
     def __init__(self) -> None:
         self.calls: list[str] = []  # intent ids (the uuid of a message.send), in call order
         self.held: dict[str, asyncio.Event] = {}
+        self.tenants: dict[str, str | None] = {}  # intent id -> the tenant it was called as
 
     def hold(self, *ids: str) -> None:
         for id in ids:
@@ -235,18 +236,20 @@ class FakeExecutor:
         return None
 
     async def execute(self, app: str, call: Any, *, expires_at: float | None = None,
-                      before_attempt: Any = None, before_write: Any = None) -> Attempted:
+                      before_attempt: Any = None, before_write: Any = None, tenant: str | None = None) -> Attempted:
         id = msgspec.json.decode(call.body)["uuid"]
         if before_attempt is not None:
             await before_attempt()
         self.calls.append(id)
+        self.tenants[id] = tenant
         if id in self.held:
             await self.held[id].wait()
         return Attempted(Outcome(verdict=Verdict.OK, http_status=200, code=0, msg="success"), 1)
 
 
-def config(**outbound: Any) -> Config:
+def config(apps: Sequence[dict[str, str]] = (), **outbound: Any) -> Config:
     return parse_config({
+        "apps": list(apps),
         "kafka": {"intents_topics": [TOPIC], "results_topic": RESULTS, "dead_letter_topic": DEAD},
         "outbound": {"commit_interval": 0.01, "drain_timeout": 5.0, "backoff_base": 0.01, "backoff_cap": 0.05,
                      **outbound},
@@ -254,13 +257,15 @@ def config(**outbound: Any) -> Config:
 
 
 class Harness:
-    def __init__(self, consumer: FakeConsumer, **outbound: Any) -> None:
+    def __init__(self, consumer: FakeConsumer, apps: Sequence[dict[str, str]] = (), **outbound: Any) -> None:
         self.consumer = consumer
         self.producer = FakeProducer()
         self.executor = FakeExecutor()
         self.metrics = Metrics()
-        self.outbound = Outbound(config(**outbound), consumer, self.producer, self.executor,  # type: ignore[arg-type]
-                                 self.metrics, known_apps=["default"], admin=FakeAdmin(consumer))  # type: ignore[arg-type]
+        known = ["default", *(app["name"] for app in apps)]
+        self.outbound = Outbound(config(apps, **outbound), consumer, self.producer,  # type: ignore[arg-type]
+                                 self.executor, self.metrics, known_apps=known,  # type: ignore[arg-type]
+                                 admin=FakeAdmin(consumer))  # type: ignore[arg-type]
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -277,8 +282,9 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def running(consumer: FakeConsumer, **outbound: Any) -> AsyncIterator[Harness]:
-    h = Harness(consumer, **outbound)
+async def running(consumer: FakeConsumer, apps: Sequence[dict[str, str]] = (),
+                  **outbound: Any) -> AsyncIterator[Harness]:
+    h = Harness(consumer, apps, **outbound)
     h.task = asyncio.create_task(h.outbound.run(h.stop))
     try:
         yield h
@@ -428,6 +434,26 @@ async def test_a_record_the_client_cannot_parse_arriving_while_the_loop_waits_is
         await h.until(lambda: len(h.producer.results()) == 2 and h.producer.written[DEAD], "results and a letter")
     ((_key, _value, headers),) = h.producer.written[DEAD]
     assert dict(headers)["relay.source.partition"] == b"0" and dict(headers)["relay.source.offset"] == b"0"
+
+
+async def test_a_store_app_intent_needs_a_tenant_key_and_a_custom_app_intent_refuses_one() -> None:
+    consumer = FakeConsumer()
+    consumer.append(0, "A", intent("custom-with", "A", tenant_key="t1"))
+    consumer.append(0, "B", intent("store-without", "B", app="shop"))
+    consumer.append(0, "C", intent("store-with", "C", app="shop", tenant_key="t1"))
+    consumer.append(0, "D", intent("custom-without", "D"))
+    shop = {"name": "shop", "type": "store", "app_id": "cli_shop", "app_secret": "s"}
+    async with running(consumer, [shop]) as h:
+        await h.until(lambda: len(h.producer.results()) == 4, "four results")
+    results = {id: found[0] for id, found in h.producer.results().items()}
+    assert results["custom-with"]["status"] == "rejected"
+    assert results["custom-with"]["msg"].startswith("tenant_key: app 'default' is a custom app")
+    assert results["store-without"]["status"] == "rejected"
+    assert results["store-without"]["msg"].startswith("tenant_key: required for an intent of store app 'shop'")
+    assert results["store-with"]["status"] == "ok" and results["store-with"]["tenant_key"] == "t1"
+    assert results["custom-without"]["status"] == "ok" and results["custom-without"]["tenant_key"] is None
+    assert h.executor.tenants == {"store-with": "t1", "custom-without": None}
+    assert {dict(headers)["relay.error"] for _, _, headers in h.producer.written[DEAD]} == {b"invalid"}
 
 
 async def test_a_value_too_deeply_nested_is_rejected_and_the_next_record_of_its_key_flows() -> None:

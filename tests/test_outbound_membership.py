@@ -100,7 +100,8 @@ class Feishu:
         self.written: list[str] = []
         self.release = asyncio.Event()
 
-    async def send(self, app: str, call: Call, admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+    async def send(self, app: str, call: Call, admit: Callable[[], Awaitable[None]] | None = None, *,
+                   tenant: str | None = None) -> Outcome:
         if admit is not None:
             await admit()
         self.written.append(call.path)

@@ -156,7 +156,7 @@ class HoldingExecutor:
         return None
 
     async def execute(self, app: str, call: Any, *, expires_at: float | None = None,
-                      before_attempt: Any = None, before_write: Any = None) -> Attempted:
+                      before_attempt: Any = None, before_write: Any = None, tenant: str | None = None) -> Attempted:
         id = msgspec.json.decode(call.body)["uuid"]
         if before_attempt is not None:
             await before_attempt()

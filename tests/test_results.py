@@ -48,7 +48,7 @@ def test_result_record_has_every_contract_field() -> None:
                          http_status=200, attempts=1, log_id="L1")
     value = msgspec.json.decode(encode_result(result))
     assert set(value) == {"id", "kind", "app", "status", "superseded_by", "code", "msg", "data", "http_status",
-                          "attempts", "log_id", "received_at", "finished_at"}
+                          "attempts", "log_id", "received_at", "finished_at", "tenant_key"}
     assert value["received_at"].startswith("2017-07-14T02:40:00") and value["received_at"].endswith("Z")
 
 

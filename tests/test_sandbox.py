@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from yarl import URL
 
-from relay.sandbox import Control, Sandbox, SandboxOptions, SandboxUser
+from relay.sandbox import Control, Sandbox, SandboxOptions, SandboxStoreApp, SandboxUser
 from relay.sandbox.windows import Limit, SlidingWindows
 
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
@@ -553,7 +553,8 @@ async def test_http_controls(make: Factory) -> None:
         assert resp.status == 200
     async with client.session.get(f"{client.base}/_sandbox/stats") as resp:
         stats = await resp.json()
-    assert stats == {"calls": 0, "token_requests": 0, "throttled": 0, "violations": [], "messages_by_uuid": {}}
+    assert stats == {"calls": 0, "token_requests": 0, "app_ticket_resends": 0, "app_ticket_pushes": [],
+                     "throttled": 0, "violations": [], "messages_by_uuid": {}}
 
 
 async def test_forced_codes_per_target(make: Factory) -> None:
@@ -717,3 +718,49 @@ async def test_uploads_parse_multipart_and_refuse_what_feishu_refuses(make: Fact
     assert (await client.call("POST", MESSAGES, send, {"receive_id_type": "chat_id"}))[1]["code"] == 0
     forged = {**send, "content": json.dumps({"image_key": "img_v3_forged"})}
     assert (await client.call("POST", MESSAGES, forged, {"receive_id_type": "chat_id"}))[1]["code"] == 230001
+
+
+async def test_store_app_tokens_are_per_tenant_and_so_are_its_windows() -> None:
+    shop = SandboxStoreApp(app_secret="s", tenants=frozenset({"t1", "t2"}))
+    # time_scale 0.1: "50 in any 1 s" becomes any 10 s, so a slow machine cannot spread the calls past it
+    box = Sandbox(SandboxOptions(store_apps={"cli_shop": shop}, ticket_interval=0, log_bodies=False, time_scale=0.1))
+    await box.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def post(path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                async with http.post(box.url + path, json=body, headers=headers,
+                                     params={"receive_id_type": "chat_id"} if token else None) as resp:
+                    answer: dict[str, Any] = await resp.json()
+                    return answer
+
+            auth = "/open-apis/auth/v3/"
+            internal = await post(auth + "tenant_access_token/internal", {"app_id": "cli_shop", "app_secret": "s"})
+            assert internal["code"] == 10014  # a store app has no internal token
+            no_ticket = await post(auth + "app_access_token", {"app_id": "cli_shop", "app_secret": "s",
+                                                                "app_ticket": "made-up"})
+            assert no_ticket["code"] == 10012
+            ticket = box.store.new_ticket("cli_shop").value  # what a push would carry
+            app = await post(auth + "app_access_token", {"app_id": "cli_shop", "app_secret": "s",
+                                                          "app_ticket": ticket})
+            assert app["code"] == 0
+            stranger = await post(auth + "tenant_access_token", {"app_access_token": app["app_access_token"],
+                                                                  "tenant_key": "t9"})
+            assert stranger["code"] == 10003
+            tokens = {}
+            for tenant in ("t1", "t2"):
+                answer = await post(auth + "tenant_access_token", {"app_access_token": app["app_access_token"],
+                                                                    "tenant_key": tenant})
+                tokens[tenant] = answer["tenant_access_token"]
+            body = {"msg_type": "text", "content": '{"text":"x"}'}
+            codes: dict[str, list[int]] = {"t1": [], "t2": []}
+            for i in range(51):
+                for tenant, token in tokens.items():
+                    answer = await post("/open-apis/im/v1/messages", {**body, "receive_id": f"oc_{tenant}_{i}"},
+                                        token)
+                    codes[tenant].append(answer["code"])
+    finally:
+        await box.stop()
+    for tenant in ("t1", "t2"):  # 50 in any 1 s for each tenant: the 51st of each refused, not the 26th
+        assert codes[tenant][:50] == [0] * 50 and codes[tenant][50] == 99991400
+    assert {c.tenant_key for c in box.calls_for("message.send")} == {"t1", "t2"}

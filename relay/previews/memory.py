@@ -226,7 +226,7 @@ class KafkaPreviewMemory:
     async def follow(self, arbiter: ClaimArbiter, seen: Seen) -> asyncio.Task[None]:
         from aiokafka import TopicPartition
 
-        from relay.kafka import make_consumer
+        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, make_consumer
 
         if self._producer is None:
             raise RuntimeError("KafkaPreviewMemory.follow without a producer: pass one or start() first")
@@ -235,7 +235,8 @@ class KafkaPreviewMemory:
         await self._ensure_topic()
         partitions: set[int] = await self._producer.partitions_for(self.topic)  # waits for the metadata
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer = self._consumer = make_consumer(self._cfg, group_id=None, enable_auto_commit=False)
+        consumer = self._consumer = make_consumer(self._cfg, group_id=None, enable_auto_commit=False,
+                                                  fetch_max_wait_ms=FOLLOWER_FETCH_WAIT_MS)
         await consumer.start()
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

@@ -4,6 +4,7 @@
     bodies    the request bodies it accepts, each documented rule in the type
     cards     CardKit card entities: sequence per card, uuid, streaming mode and its 10 minutes, elements
     uploads   image and file uploads: multipart fields, sizes, types, the keys made
+    store     store apps: app_tickets pushed to the event URL, resend, app and tenant tokens
     windows   exact sliding-window counting ("at most N calls in any T seconds"), the way Feishu states limits
     emit      sample events, encrypted and signed as Feishu sends them, posted to a webhook (``relay sandbox emit``)
     ws        the long connection (WebSocket event mode): endpoint, handshake, pings, fragments, redelivery
@@ -25,8 +26,10 @@ from relay.sandbox.server import (
     SandboxUser,
     TargetFailure,
     TargetThrottle,
+    TenantToken,
     serve,
 )
+from relay.sandbox.store import SandboxStoreApp
 from relay.sandbox.ws import Delivery, LongConnections, WsOptions
 
 __all__ = [
@@ -43,9 +46,11 @@ __all__ = [
     "Message",
     "Sandbox",
     "SandboxOptions",
+    "SandboxStoreApp",
     "SandboxUser",
     "TargetFailure",
     "TargetThrottle",
+    "TenantToken",
     "WsOptions",
     "serve",
 ]

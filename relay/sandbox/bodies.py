@@ -36,6 +36,10 @@ class AuthBody(msgspec.Struct):
     app_secret: str = ""
 
 
+class AppTokenBody(AuthBody):  # auth-v3/auth/app_access_token (store apps)
+    app_ticket: str = ""
+
+
 class SendBody(msgspec.Struct):  # LO:server-docs/im-v1/message/create.md
     receive_id: NonEmpty
     msg_type: MsgType

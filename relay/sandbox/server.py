@@ -11,6 +11,9 @@ gateway faults, which answer 500/502/503 with a plain-text body like a load bala
   token has < 30 min (``token_refresh_window``) left mints a new one, the old one stays valid until its own expiry
   (docs/feishu-rules.md §1). Unknown app or wrong secret → 10014 (HTTP 400). ``apps`` empty = any credentials
   are accepted.
+- Store apps (``store_apps``, :mod:`relay.sandbox.store`): ``POST /open-apis/auth/v3/app_ticket/resend``,
+  ``/app_access_token`` and ``/tenant_access_token``; app_tickets pushed to each app's ``ticket_url``; a tenant
+  token's calls count in that tenant's own app-wide windows (Feishu limits per API x app x tenant).
 - Every other ``/open-apis/...`` call needs ``Authorization: Bearer <token>``: missing → 99991661, unknown or
   expired → 99991663 (HTTP 400, docs/feishu-rules.md §1).
 - The IM APIs of the kinds table of docs/intents.md, url_previews/batch_update and chat_button
@@ -39,8 +42,8 @@ logged as throttled; §N is a section of docs/feishu-rules.md):
 =====================================  =========================  ==========================================
 what                                   limit                      answer when exceeded
 =====================================  =========================  ==========================================
-each IM API, per (app, API)            50 in any 1 s AND          HTTP 429, 99991400, ``x-ogw-ratelimit-limit``
-                                       1000 in any 60 s           and ``x-ogw-ratelimit-reset`` (§2.1, §2.2)
+each IM API, per (app, API); a store   50 in any 1 s AND          HTTP 429, 99991400, ``x-ogw-ratelimit-limit``
+  app's per (app, tenant, API)         1000 in any 60 s           and ``x-ogw-ratelimit-reset`` (§2.1, §2.2)
 url_previews/batch_update, per app     5 in any 1 s               same (§2.2)
 chat_button, per app                   10 in any 1 s              same (§2.2)
 generic ``/open-apis`` fallback        ``generic_limits``         same
@@ -129,10 +132,12 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
 from relay.sandbox.bodies import (
+    AppTokenBody,
     AuthBody,
     BatchSendBody,
     CardContentBody,
@@ -154,6 +159,7 @@ from relay.sandbox.bodies import (
     UrlPreviewBody,
 )
 from relay.sandbox.cards import CardRefused, Cards
+from relay.sandbox.store import Refusal, SandboxStoreApp, StoreAuth, push, ticket_event
 from relay.sandbox.uploads import FilePart, UploadRefused, Uploads
 from relay.sandbox.windows import Limit, SlidingWindows
 from relay.sandbox.ws import LongConnections, WsOptions
@@ -172,6 +178,7 @@ MESSAGES: Final[Mapping[int, str]] = {
     0: "success",
     1500: "internal error",
     10003: "invalid param",
+    10012: "app_ticket is invalid",
     10014: "app secret invalid",
     230001: "param is invalid",
     230002: "Bot/User can NOT be out of the chat.",
@@ -190,6 +197,7 @@ MESSAGES: Final[Mapping[int, str]] = {
     99991400: "request trigger frequency limit",
     99991661: "Missing access token for authorization",
     99991663: "Invalid access token for authorization",
+    99991664: "Invalid app access token",
 }
 
 IM_APIS: Final[frozenset[str]] = frozenset({
@@ -257,6 +265,9 @@ class SandboxOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     seed: int | None = None  # for the fault / latency RNG
     log_bodies: bool = True  # keep each call's parsed body in the log (off for long benchmarks)
     ws: WsOptions = msgspec.field(default_factory=WsOptions)  # the long connection (relay.sandbox.ws)
+    store_apps: dict[str, SandboxStoreApp] = msgspec.field(default_factory=dict)  # app_id -> store app
+    ticket_ttl: float = 12 * 3600.0  # a ticket's validity: undocumented (the Go SDK keeps one 12 h)
+    ticket_interval: float = 3600.0  # app_ticket pushed this often (event page: every hour); 0 = on resend only
 
 
 class CallRecord(msgspec.Struct, kw_only=True):
@@ -269,6 +280,7 @@ class CallRecord(msgspec.Struct, kw_only=True):
     api: str
     log_id: str
     app_id: str | None = None
+    tenant_key: str | None = None  # the tenant of a store app's token
     targets: list[str] = msgspec.field(default_factory=list)
     uuid: str | None = None
     body: Any = None
@@ -321,10 +333,17 @@ class TargetFailure(msgspec.Struct, forbid_unknown_fields=True):
     code: int  # 0 clears
 
 
+class TenantToken(msgspec.Struct, forbid_unknown_fields=True):
+    app_id: str
+    tenant_key: str
+
+
 class Control(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of ``POST /_sandbox/control``: every field optional, applied in this order."""
 
     expire_tokens: bool = False
+    expire_tenant_tokens: list[TenantToken] = msgspec.field(default_factory=list)  # store apps' tenants
+    invalidate_tickets: list[str] = msgspec.field(default_factory=list)  # store app ids
     faults: FaultSettings | None = None
     throttle: list[TargetThrottle] = msgspec.field(default_factory=list)
     throttle_apis: list[ApiThrottle] = msgspec.field(default_factory=list)
@@ -423,6 +442,12 @@ class _Token(msgspec.Struct):
     value: str
     app_id: str
     expires_at: float
+    tenant_key: str | None = None  # a store app's tenant token
+
+
+def _principal(app_id: str, tenant_key: str | None) -> str:
+    """Whose quota a call uses: the app's, or a store app's tenant's."""
+    return app_id if tenant_key is None else f"{app_id}\x00{tenant_key}"
 
 
 Op = Callable[[_Req], dict[str, Any]]
@@ -445,7 +470,13 @@ class Sandbox:
         self.messages: dict[str, Message] = {}
         self.messages_by_uuid: dict[str, list[str]] = {}  # uuid -> ids of the messages created for it
         self._tokens: dict[str, _Token] = {}
-        self._current: dict[str, str] = {}  # app_id -> newest token
+        self._current: dict[str, str] = {}  # principal (app, or app and tenant) -> newest token
+        o = self._initial
+        self.store = StoreAuth(dict(o.store_apps), token_ttl=o.token_ttl / o.time_scale,
+                               refresh_window=o.token_refresh_window / o.time_scale,
+                               ticket_ttl=o.ticket_ttl / o.time_scale, clock=clock)
+        self._session: aiohttp.ClientSession | None = None
+        self._pushing: set[asyncio.Task[None]] = set()
         self._app_windows: SlidingWindows[tuple[str, str]] = SlidingWindows()
         self._target_windows: SlidingWindows[tuple[str, str, str]] = SlidingWindows()
         self._uuids: dict[tuple[str, str, str, str], tuple[float, dict[str, Any]]] = {}
@@ -481,11 +512,22 @@ class Sandbox:
         self._runner = runner
         bound = runner.addresses[0]
         self.url = self.ws.url = f"http://{host}:{bound[1]}"
+        if self.options.store_apps:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            if self.options.ticket_interval > 0:
+                self._spawn(self._hourly_tickets())
         return self.url
 
     async def stop(self) -> None:
         self._stopping.set()
         await self.ws.stop()
+        tasks = list(self._pushing)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -525,6 +567,40 @@ class Sandbox:
         else:
             self._failures[target] = code
 
+    # ---- store apps ------------------------------------------------------------------------------------------
+
+    async def push_ticket(self, app_id: str) -> int:
+        """Issue a new app_ticket and push it to the app's ``ticket_url`` now; the push's HTTP status."""
+        app = self.options.store_apps[app_id]
+        ticket = self.store.new_ticket(app_id)
+        if app.ticket_url is None or self._session is None:
+            return 0
+        status = await push(self._session, app.ticket_url, ticket_event(app_id, ticket.value,
+                                                                        app.verification_token))
+        self.store.pushes.append((app_id, status))
+        return status
+
+    def invalidate_tickets(self, app_id: str) -> None:
+        """Refuse every ticket of the store app from now on (10012) until a new one is pushed."""
+        self.store.invalidate_tickets(app_id)
+
+    def expire_tenant_token(self, app_id: str, tenant_key: str) -> None:
+        """Invalidate one tenant's tokens: its next calls get 99991663, its next token request a new one."""
+        for value in [v for v, t in self._tokens.items() if t.app_id == app_id and t.tenant_key == tenant_key]:
+            del self._tokens[value]
+        self._current.pop(_principal(app_id, tenant_key), None)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._pushing.add(task)
+        task.add_done_callback(self._pushing.discard)
+
+    async def _hourly_tickets(self) -> None:
+        while True:
+            for app_id in self.options.store_apps:
+                await self.push_ticket(app_id)
+            await asyncio.sleep(self._scaled(self.options.ticket_interval))
+
     def expire_tokens(self) -> None:
         """Invalidate every issued token: the next API calls get 99991663, the next token request a new one."""
         self._tokens.clear()
@@ -562,6 +638,8 @@ class Sandbox:
         self._failures = dict(self._initial.target_errors)
         self.cards.clear()
         self.uploads.clear()
+        self.store.resends = 0
+        self.store.pushes.clear()
         self._seed_messages()
         self.ws.reset()
 
@@ -580,6 +658,10 @@ class Sandbox:
     def apply(self, control: Control) -> None:
         if control.expire_tokens:
             self.expire_tokens()
+        for tenant in control.expire_tenant_tokens:
+            self.expire_tenant_token(tenant.app_id, tenant.tenant_key)
+        for app_id in control.invalidate_tickets:
+            self.invalidate_tickets(app_id)
         if control.faults is not None:
             f = control.faults
             self.set_faults(fault_rate=f.fault_rate, fault_kinds=f.fault_kinds, latency=f.latency,
@@ -611,7 +693,8 @@ class Sandbox:
     def _admit_app(self, call: CallRecord, bucket: str, now: float) -> None:
         if not self.options.enforce_limits:
             return
-        refusal = self._app_windows.admit((call.app_id or "", bucket), self._app_limits(call.api), now)
+        refusal = self._app_windows.admit((_principal(call.app_id or "", call.tenant_key), bucket),
+                                          self._app_limits(call.api), now)
         if refusal is not None:
             call.violation = (f"{bucket}: app-wide {refusal.limit.count} per "
                               f"{refusal.limit.seconds * self.options.time_scale:g}s exceeded")
@@ -670,26 +753,27 @@ class Sandbox:
 
     # ---- tokens ----------------------------------------------------------------------------------------------
 
-    def _issue_token(self, app_id: str, now: float) -> _Token:
-        current = self._tokens.get(self._current.get(app_id, ""))
+    def _issue_token(self, app_id: str, now: float, tenant_key: str | None = None) -> _Token:
+        principal = _principal(app_id, tenant_key)
+        current = self._tokens.get(self._current.get(principal, ""))
         if current is not None and current.expires_at - now >= self._scaled(self.options.token_refresh_window):
             return current
         token = _Token(value=f"t-{secrets.token_hex(16)}", app_id=app_id,
-                       expires_at=now + self._scaled(self.options.token_ttl))
+                       expires_at=now + self._scaled(self.options.token_ttl), tenant_key=tenant_key)
         self._tokens[token.value] = token
-        self._current[app_id] = token.value
+        self._current[principal] = token.value
         for value in [v for v, t in self._tokens.items() if t.expires_at <= now]:
             del self._tokens[value]
         return token
 
-    def _authorize(self, request: web.Request, now: float) -> str:
+    def _authorize(self, request: web.Request, now: float) -> _Token:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer ") or not header[7:].strip():
             raise _Refused(99991661)
         token = self._tokens.get(header[7:].strip())
         if token is None or token.expires_at <= now:
             raise _Refused(99991663)
-        return token.app_id
+        return token
 
     # ---- HTTP plumbing ---------------------------------------------------------------------------------------
 
@@ -697,6 +781,9 @@ class Sandbox:
         app = web.Application(middlewares=[self._errors_middleware], client_max_size=MAX_REQUEST_BYTES)
         r = app.router
         r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self._token_endpoint)
+        r.add_post("/open-apis/auth/v3/app_ticket/resend", self._resend_endpoint)
+        r.add_post("/open-apis/auth/v3/app_access_token", self._app_token_endpoint)
+        r.add_post("/open-apis/auth/v3/tenant_access_token", self._store_token_endpoint)
         m = "/open-apis/im/v1/messages"
         routes: list[tuple[str, str, str, Op]] = [
             ("POST", m, "message.send", self._send),
@@ -816,8 +903,9 @@ class Sandbox:
         bucket = api if api != "api.call" else f"api.call {request.method} {_template(request.path)}"
         response: web.StreamResponse
         try:
-            app_id = self._authorize(request, now)
-            call.app_id = app_id
+            token = self._authorize(request, now)
+            app_id = call.app_id = token.app_id
+            call.tenant_key = token.tenant_key
             until = self._api_throttles.get(api, -math.inf)
             if until > now:
                 call.fault = f"throttle_api {api}"
@@ -927,7 +1015,7 @@ class Sandbox:
             call.status, call.code, call.msg = 400, 10003, MESSAGES[10003]
             return self._json(400, {"code": 10003, "msg": MESSAGES[10003]}, headers)
         apps = self.options.apps
-        if apps and apps.get(creds.app_id) != creds.app_secret:
+        if creds.app_id in self.options.store_apps or (apps and apps.get(creds.app_id) != creds.app_secret):
             call.status, call.code, call.msg = 400, 10014, MESSAGES[10014]
             return self._json(400, {"code": 10014, "msg": MESSAGES[10014]}, headers)
         token = self._issue_token(creds.app_id, now)
@@ -935,6 +1023,71 @@ class Sandbox:
         call.status, call.code, call.msg = 200, 0, "ok"
         return self._json(200, {"code": 0, "msg": "ok", "tenant_access_token": token.value, "expire": expire},
                           headers)
+
+    def _auth_call(self, request: web.Request, api: str) -> CallRecord:
+        call = CallRecord(at=self._clock(), method=request.method, path=request.path, api=api,
+                          log_id=self._log_id())
+        self.calls.append(call)
+        return call
+
+    def _auth_answer(self, call: CallRecord, code: int, **fields: Any) -> web.Response:
+        call.status, call.code, call.msg = _status_for(code), code, MESSAGES.get(code, "ok")
+        return self._json(call.status, {"code": code, "msg": call.msg, **fields}, {"X-Tt-Logid": call.log_id})
+
+    async def _resend_endpoint(self, request: web.Request) -> web.StreamResponse:
+        """app_ticket/resend: answered at once; the new ticket is pushed to the event URL meanwhile."""
+        call = self._auth_call(request, "auth.app_ticket_resend")
+        body = await self._read_body(request)
+        creds = msgspec.convert(body, AuthBody) if isinstance(body, dict) else AuthBody()
+        call.app_id = creds.app_id or None
+        try:
+            self.store.check(creds.app_id, creds.app_secret)
+        except Refusal as refusal:
+            return self._auth_answer(call, refusal.code)
+        self.store.resends += 1
+        self._spawn(self.push_ticket(creds.app_id))
+        return self._auth_answer(call, 0)
+
+    async def _app_token_endpoint(self, request: web.Request) -> web.StreamResponse:
+        call = self._auth_call(request, "auth.app_access_token")
+        body = await self._read_body(request)
+        try:
+            creds = msgspec.convert(body if isinstance(body, dict) else {}, AppTokenBody)
+        except msgspec.ValidationError:
+            creds = AppTokenBody()
+        call.app_id = creds.app_id or None
+        if self.options.token_outage:
+            call.status, call.fault = 503, "token_outage"
+            return web.Response(status=503, text="503 gateway error", headers={"X-Tt-Logid": call.log_id})
+        if not creds.app_id or not creds.app_secret:
+            return self._auth_answer(call, 10003)
+        try:
+            token = self.store.app_token(creds.app_id, creds.app_secret, creds.app_ticket)
+        except Refusal as refusal:
+            return self._auth_answer(call, refusal.code)
+        return self._auth_answer(call, 0, app_access_token=token.value,
+                                 expire=int(token.expires_at - self._clock()))
+
+    async def _store_token_endpoint(self, request: web.Request) -> web.StreamResponse:
+        """A store app's tenant_access_token, for one tenant (module doc)."""
+        call = self._auth_call(request, "auth.tenant_access_token")
+        self.token_requests += 1
+        body = await self._read_body(request)
+        fields = body if isinstance(body, dict) else {}
+        app_token, tenant_key = fields.get("app_access_token"), fields.get("tenant_key")
+        call.tenant_key = tenant_key if isinstance(tenant_key, str) else None
+        if self.options.token_outage:
+            call.status, call.fault = 503, "token_outage"
+            return web.Response(status=503, text="503 gateway error", headers={"X-Tt-Logid": call.log_id})
+        if not isinstance(app_token, str) or not isinstance(tenant_key, str):
+            return self._auth_answer(call, 10003)
+        try:
+            app_id = call.app_id = self.store.tenant_of(app_token, tenant_key)
+        except Refusal as refusal:
+            return self._auth_answer(call, refusal.code)
+        now = self._clock()
+        token = self._issue_token(app_id, now, tenant_key)
+        return self._auth_answer(call, 0, tenant_access_token=token.value, expire=int(token.expires_at - now))
 
     # ---- validation helpers ----------------------------------------------------------------------------------
 
@@ -1221,6 +1374,8 @@ class Sandbox:
         return self._json(200, {
             "calls": len(self.calls),
             "token_requests": self.token_requests,
+            "app_ticket_resends": self.store.resends,
+            "app_ticket_pushes": self.store.pushes,
             "throttled": self.throttled_count(),
             "violations": self.violations(),
             "messages_by_uuid": self.messages_by_uuid,
