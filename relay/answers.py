@@ -13,7 +13,7 @@ Shapes follow the SDK models (Go ``CardActionTriggerResponse`` / ``URLPreviewGet
 ``v2_new_callback`` branch; docs/feishu-rules.md). The envelope members are strict (an unknown member such as
 ``"tost"`` is a mistake, not a new Feishu field the relay should let through), the card's own JSON is not read
 beyond being an object: Feishu owns that schema. The whole answer is capped at ``inbound.max_answer_bytes``
-(default 30 KiB: a card may be at most 30 KB, feishu-facts §2 "Update card" and "Delayed card update").
+(default 30 KiB: a card may be at most 30 KB, docs/feishu-rules.md §5.1).
 """
 
 from __future__ import annotations

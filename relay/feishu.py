@@ -18,7 +18,7 @@ Timeouts: ``request_timeout`` bounds the whole request; ``connect_timeout`` boun
 half of ``request_timeout``, the whole connect step (DNS, pool, TLS), so a connect that is too slow fails as
 ConnectionTimeoutError (known not written) before the total timeout could fire in it (``relay.outcomes``).
 
-Store apps (``[[apps]] type = "store"``, feishu-next §B): a call names its ``tenant``. Its
+Store apps (``[[apps]] type = "store"``, docs/feishu-rules.md §1.1): a call names its ``tenant``. Its
 ``tenant_access_token`` is cached per (app, tenant) and fetched from ``POST /open-apis/auth/v3/tenant_access_token``
 with the app's ``app_access_token``, itself cached once per app and fetched from ``POST
 /open-apis/auth/v3/app_access_token`` with the latest ``app_ticket`` (:mod:`relay.tickets`). Each is refreshed

@@ -131,3 +131,18 @@ def test_no_link_leaves_the_repository_and_every_link_resolves(page: Path) -> No
         if anchor and resolved.suffix == ".md":
             headings = [slug(h) for h in re.findall(r"^#+ (.*)$", resolved.read_text(), re.MULTILINE)]
             assert anchor in headings, (page.name, target)
+
+
+def test_no_source_file_cites_a_file_users_do_not_have() -> None:
+    """Docstrings and comments cite the repository's docs (docs/feishu-rules.md, docs/intents.md, ...), never the
+    notes this project was started from, which no user has."""
+    forbidden = re.compile(r"\.\./shared|/work/shared|feishu-facts|feishu-next|SPEC\.md|\bseeds/|facts §")
+    found = []
+    for folder in ("relay", "tests", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "test_docs.py":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if forbidden.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert found == [], "\n".join(found)

@@ -1,6 +1,6 @@
 """The sandbox's store apps (商店应用): app_tickets pushed to the app's event URL, app and tenant tokens.
 
-Feishu's flow (feishu-next §B; auth-v3 pages ``app_ticket_resend``, ``app_access_token``,
+Feishu's flow (docs/feishu-rules.md §1.1; auth-v3 pages ``app_ticket_resend``, ``app_access_token``,
 ``tenant_access_token/create``; event page ``app_ticket-events``), played as strictly as the custom-app token:
 
 - every ``ticket_interval`` (1 h; 0 = only on demand) and at once after ``POST
