@@ -27,6 +27,7 @@ from aiohttp import web
 from relay.backoff import RetryPolicy
 from relay.calls import check_share
 from relay.config import AppConfig, Config, Secret, check_inbound, load_config
+from relay.coordination import Coordinator
 from relay.errors import ConfigError, ListenError, RelayError
 from relay.executor import Executor
 from relay.feishu import FeishuClient
@@ -69,8 +70,9 @@ def check_limits(config: Config) -> None:
     fails at startup in one line instead of inside the limiter once the first such intent arrives.
     """
     f = config.feishu
-    try:
-        check_share(f.quota_share, f.time_scale, f.limit_jitter, f.limit_utilization)
+    try:  # a group's shares vary (relay.shares): only the whole quota must be sizeable
+        check_share(f.quota_share if f.share_mode == "static" else 1.0, f.time_scale, f.limit_jitter,
+                    f.limit_utilization)
     except ValueError as err:
         raise ConfigError("feishu.quota_share", str(err)) from None
 
@@ -99,6 +101,10 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
+    if config.feishu.share_mode == "group":
+        from relay.coordination import COORDINATION_TOPIC_CONFIG
+
+        topics[k.coordination_topic] = dict(COORDINATION_TOPIC_CONFIG)
     # a Finished entry carries a result: as large as the results topic allows
     topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
     return topics
@@ -188,11 +194,13 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             client = FeishuClient(config)
             await client.start()
             stack.push_async_callback(client.close)
-            outbound, previews = await start_outbound(config, client, producer, metrics, stack)
+            outbound, previews, coordinator = await start_outbound(config, client, producer, metrics, stack)
             health.checks.append(outbound.problem)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
             # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
             watched.append(asyncio.create_task(previews.wait(), name="previews"))
+            if coordinator is not None:  # dead, the share would fence itself to 0: every call would wait
+                watched.append(asyncio.create_task(coordinator.wait(), name="coordination"))
         health.ready = True
         log.info("relay running (apps: %s)", ", ".join(a.name for a in config.apps) or "none")
         stopper = asyncio.create_task(stop.wait())
@@ -219,9 +227,16 @@ def died(health: Health, task: asyncio.Task[Any]) -> None:
 
 
 async def start_outbound(config: Config, client: FeishuClient, producer: Any, metrics: Metrics,
-                         stack: contextlib.AsyncExitStack) -> tuple[Outbound, PreviewCoalescer]:
+                         stack: contextlib.AsyncExitStack) -> tuple[Outbound, PreviewCoalescer, Coordinator | None]:
     feishu = config.feishu
     limiter = Limiter.from_config(feishu, clock=time.monotonic, sleep=asyncio.sleep)
+    consumers: list[Any] = []  # the outbound consumer, made below: the coordinator's demand reads it
+    coordinator: Coordinator | None = None
+    if feishu.share_mode == "group":
+        coordinator = Coordinator(config, producer, limiter, functools.partial(demand, consumers))
+        await coordinator.start()
+        stack.push_async_callback(coordinator.stop)  # after the consumer stopped: its "left" beat follows no call
+        metrics.collect(lambda m: export_coordination(m, coordinator))
     out = config.outbound
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
@@ -240,13 +255,40 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     await journal.start()
     stack.push_async_callback(journal.stop)
     metrics.collect(lambda m: export_previews(m, previews))
+    static = {} if config.kafka.group_instance_id is None else {"group_instance_id": config.kafka.group_instance_id}
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
-                             rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
+                             rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500, **static)
+    consumers.append(consumer)
     outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
                         previews=previews, membership=membership, journal=journal,
                         new_producer=lambda: make_producer(config.kafka))
-    return outbound, previews
+    return outbound, previews, coordinator
+
+
+async def demand(consumers: list[Any]) -> tuple[int, int]:
+    """(intent partitions owned, records fetched by nobody yet on them): what this replica's beats publish."""
+    if not consumers:
+        return 0, 0
+    consumer = consumers[0]
+    assigned = consumer.assignment()
+    lag = 0
+    for tp in assigned:
+        with contextlib.suppress(Exception):  # revoked meanwhile, position unknown yet: counts nothing
+            high = consumer.highwater(tp)
+            if high is not None:
+                async with asyncio.timeout(0.05):
+                    lag += max(0, high - await consumer.position(tp))
+    return len(assigned), lag
+
+
+def export_coordination(metrics: Metrics, coordinator: Coordinator) -> None:
+    book = coordinator.book
+    metrics.set("relay_quota_share", book.share(), help="share of each app-wide quota this replica uses now")
+    metrics.set("relay_quota_share_target", book.target(), help="this replica's part of the group's split")
+    metrics.set("relay_coordination_members", len(book.live()), help="live replicas on the coordination topic")
+    metrics.set_total("relay_coordination_remote_throttles_total", coordinator.applied_throttles,
+                      help="throttles other replicas reported and this one applied")
 
 
 def heartbeat_interval_ms(session_timeout_ms: int) -> int:

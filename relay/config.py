@@ -27,7 +27,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -91,6 +91,12 @@ class KafkaConfig(_Section, frozen=True):
     preview_memory_topic: str = "feishu.relay.preview-memory"
     # write-ahead journal of calls not safe to repeat, so a kill between call and commit never repeats one
     journal_topic: str = "feishu.relay.journal"
+    # compacted single-partition topic where replicas publish their demand and derive their quota shares
+    # (feishu.share_mode = "group"), report throttles to each other and share the inbound dedup memory
+    coordination_topic: str = "feishu.relay.coordination"
+    # static group membership (KIP-345): a stable id per replica (e.g. the pod name); a restart within
+    # outbound.session_timeout_ms keeps its partitions without a rebalance. Unset: dynamic membership
+    group_instance_id: str | None = None
     client_id: str = "feishu-relay"
     # headers copied from an intent record onto its result record, besides ``traceparent``
     forward_headers: list[str] = msgspec.field(default_factory=list)
@@ -130,8 +136,15 @@ class FeishuConfig(_Section, frozen=True):
     max_connections: PositiveInt = 100
     # refresh a tenant_access_token this many seconds before it expires
     token_refresh_margin: PositiveFloat = 600.0
-    # the share of each app's quota this replica may use (several replicas in one group: 1/N each)
+    # the share of each app's quota this replica may use (several replicas in one group: 1/N each);
+    # only with share_mode = "static"
     quota_share: Fraction = 1.0
+    # "static": quota_share, fixed. "group": every replica derives its share from the coordination topic
+    # (relay.shares): share_floor of the quota by owned intent partitions, the rest by waiting demand
+    share_mode: Literal["static", "group"] = "static"
+    share_floor: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    # real seconds between two beats of a replica on the coordination topic (share_mode = "group")
+    beat_interval: Annotated[float, Meta(gt=0, le=10)] = 0.5
     # buckets are sized so that burst + rate * (window + limit_jitter) <= limit for every window: the
     # jitter covers timer overshoot, event-loop lag and network variance compressing calls at Feishu
     limit_jitter: Annotated[float, Meta(ge=0, le=1)] = 0.15

@@ -159,14 +159,20 @@ class Limiter:
         recovery: float = 30.0,
         max_api_buckets: int = MAX_API_BUCKETS,
         target_memory: int = TARGET_MEMORY,
+        dynamic: bool = False,
     ) -> None:
         """``default_pause`` (when Feishu gives no reset) and ``recovery`` are Feishu durations: divided by
-        ``time_scale`` like the windows."""
+        ``time_scale`` like the windows. ``dynamic``: the share follows the group (:meth:`set_share`,
+        :mod:`relay.shares`) and starts at 0, so a call is admissible when the whole quota leaves it one."""
         if max_api_buckets < 1:
             raise ValueError(f"Limiter: max_api_buckets {max_api_buckets} must be >= 1")
         self._jitter = jitter
         self._utilization = utilization
-        self._share = share
+        self._dynamic = dynamic
+        self._share = 0.0 if dynamic else share
+        self._share_changed = asyncio.Event()
+        self.on_throttle: Callable[[str, str, float | None], None] | None = None  # app-wide throttles (app, api, pause)
+        self._waiting = 0  # acquires in progress (the demand a replica publishes)
         self._time_scale = time_scale
         self._clock = clock
         self._sleep = sleep
@@ -196,15 +202,44 @@ class Limiter:
         max_api_buckets and target_memory."""
         return cls(jitter=feishu.limit_jitter, utilization=feishu.limit_utilization, share=feishu.quota_share,
                    time_scale=feishu.time_scale, clock=clock, sleep=sleep, max_api_buckets=feishu.max_api_buckets,
-                   target_memory=feishu.target_memory)
+                   target_memory=feishu.target_memory, dynamic=feishu.share_mode == "group")
 
     @property
     def share(self) -> float:
         return self._share
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting in :meth:`acquire` now."""
+        return self._waiting
+
+    def set_share(self, share: float) -> None:
+        """This replica's share of every app-wide quota is now ``share`` (in [0, 1]; :mod:`relay.shares`).
+
+        Every app-wide bucket and send log is resized at once: a smaller share lowers the rate, the burst (the
+        tokens saved are cut to it) and the send log's limit on the sends already made, so it binds the very next
+        send; a call granted before and not yet sent is held by that send log. While the share leaves an API no
+        call in one of its windows, its calls wait (none is sent, none is refused). The caller grows a share only
+        once the old shares can no longer overlap a window (:class:`relay.shares.ShareBook`).
+        """
+        share = min(1.0, max(0.0, share))
+        if share == self._share:
+            return
+        self._share = share
+        now = self._clock()
+        for entry in self._apps.values():
+            if share_leaves_no_call(entry.windows, share) is None:
+                shape = self.shape(entry.windows)
+                entry.bucket.set_shape(shape.rate, shape.burst, now)
+            entry.log.spans = tuple(self._spans(entry.windows, target=False))
+        self._share_changed.set()
+        self._share_changed = asyncio.Event()
+
     def shape(self, windows: Sequence[Window], *, target: bool = False) -> BucketShape:
         """The bucket this limiter sizes for ``windows``: app-wide at its share, a ``target``'s at the whole."""
         share = 1.0 if target else self._share
+        if share_leaves_no_call(windows, share) is not None and self._dynamic:
+            share = 1.0  # its calls wait for a larger share (set_share); the bucket is resized then
         key = (tuple(windows), share)
         shape = self._shapes.get(key)
         if shape is None:
@@ -225,7 +260,7 @@ class Limiter:
         """
         if not api_windows:
             return f"{api} has no rate limit window"
-        window = share_leaves_no_call(api_windows, self._share)
+        window = share_leaves_no_call(api_windows, 1.0 if self._dynamic else self._share)
         if window is not None:
             return (f"{api}: quota_share {self._share:g} of {window.limit} calls per {window.seconds:g} s leaves "
                     f"no call at this replica (needs a share of at least {1 / window.limit:.3g})")
@@ -281,7 +316,11 @@ class Limiter:
         if target is not None and not target_windows:
             raise ValueError(f"acquire: target {target!r} of {api} needs its windows")
         grant = Grant(app, api, tuple(api_windows), target, tuple(target_windows), learns)
-        await self._grant(grant)
+        self._waiting += 1
+        try:
+            await self._grant(grant)
+        finally:
+            self._waiting -= 1
         grant.waited = waited = self._clock() - start
         self._acquires += 1
         if waited > 0:
@@ -302,7 +341,7 @@ class Limiter:
         """
         while True:
             live = self._live(grant)
-            if live is None:
+            if live is None or share_leaves_no_call(live[0].windows, self._share) is not None:
                 self._voided += 1
                 raise Requeue(self, grant)
             app_log = live[0].log
@@ -320,7 +359,7 @@ class Limiter:
             await self._sleep(wait)
 
     def throttled(self, app: str, api: str, target: str | None = None, retry_after: float | None = None, *,
-                  grant: Grant | None = None) -> None:
+                  grant: Grant | None = None, remote: bool = False) -> None:
         """Feishu throttled a call: pause and slow the bucket it counts against.
 
         Give ``target`` for a per-target refusal (230020: that chat or user is over 5/s, perhaps because other
@@ -330,10 +369,16 @@ class Limiter:
         bucket's rate recovers gradually. With the call's ``grant``: when the bucket was penalized after that
         call was sent, its answer belongs to the burst already paid for (it left before the first answer was
         read), so the pause may grow but the rate is not cut again; without it every answer cuts the rate.
+
+        An app-wide throttle is also told to :attr:`on_throttle` (the other replicas share the quota: they pause
+        and slow too); ``remote``: it is one another replica was told, applied here, not told again nor counted.
         """
         now = self._clock()
         pause = self._default_pause if retry_after is None else retry_after
-        self._throttles += 1
+        if not remote:
+            self._throttles += 1
+            if target is None and self.on_throttle is not None:
+                self.on_throttle(app, api, retry_after)
         entry: _Entry | None
         sent_epoch: int | None = None
         if target is not None:
@@ -347,7 +392,8 @@ class Limiter:
             if grant is not None and grant._app is entry:
                 sent_epoch = grant._app_epoch
         if entry is None:
-            log.warning("throttled %s %s target=%s but no bucket was ever used for it", app, api, target)
+            if not remote:  # another replica's throttle of an API this one never called: nothing to slow
+                log.warning("throttled %s %s target=%s but no bucket was ever used for it", app, api, target)
             return
         again = sent_epoch is not None and sent_epoch != entry.bucket.epoch
         entry.bucket.penalize(now, pause, slow_factor=1.0 if again else self._slow_factor, recovery=self._recovery)
@@ -381,7 +427,7 @@ class Limiter:
         if target is None:
             app_entry.users += 1
             try:
-                await self._take(app_entry.bucket)
+                await self._take(app_entry.bucket, app_entry.windows)
             finally:
                 app_entry.users -= 1
             grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
@@ -400,7 +446,7 @@ class Limiter:
                         if wait > DUE:
                             await self._sleep(wait)
                             continue  # look again: a penalty or a merge may have come meanwhile
-                        await self._take(app_entry.bucket)
+                        await self._take(app_entry.bucket, app_entry.windows)
                         if self._current(app, target, key, entry) and entry.bucket.take(self._clock()):
                             grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
                             grant._target, grant._target_epoch = entry, entry.bucket.epoch
@@ -410,8 +456,11 @@ class Limiter:
                 entry.users -= 1
                 app_entry.users -= 1
 
-    async def _take(self, bucket: TokenBucket) -> None:
-        """Reserve a token and sleep until it is due; again if a penalty voided it meanwhile."""
+    async def _take(self, bucket: TokenBucket, windows: tuple[Window, ...] | None = None) -> None:
+        """Reserve a token and sleep until it is due; again if a penalty voided it meanwhile. With an app-wide
+        bucket's ``windows``: first wait while this replica's share leaves them no call."""
+        while windows is not None and share_leaves_no_call(windows, self._share) is not None:
+            await self._share_changed.wait()
         while True:
             epoch = bucket.epoch
             wait = bucket.reserve(self._clock())

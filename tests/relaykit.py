@@ -42,6 +42,7 @@ def config_data(bootstrap: str, prefix: str, base_url: str, *, time_scale: float
             "callbacks_topic": f"{prefix}.callbacks",
             "preview_memory_topic": f"{prefix}.preview-memory",
             "journal_topic": f"{prefix}.journal",
+            "coordination_topic": f"{prefix}.coordination",
             "topic_partitions": 4,
         },
         "feishu": {"base_url": base_url, "time_scale": time_scale, "token_refresh_margin": 60.0},
