@@ -242,6 +242,8 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
                          cap=out.backoff_cap)
     # the group-membership lease: no Feishu call and no result once this replica may have lost its partitions
     membership = Membership(out.session_timeout_ms / 1000, out.rebalance_timeout_ms / 1000)
+    # a partition's previous owner called its targets until just before this assignment (relay.limits)
+    membership.on_assigned.append(functools.partial(limiter.hold_targets, target_hold(config)))
     executor = Executor(client, limiter, policy, rng=random.Random(), gate=membership)
     metrics.collect(lambda m: export_membership(m, membership))
     metrics.collect(lambda m: export_outbound(m, limiter, client))
@@ -264,6 +266,11 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
                         previews=previews, membership=membership, journal=journal,
                         new_producer=lambda: make_producer(config.kafka))
     return outbound, previews, coordinator
+
+
+def target_hold(config: Config) -> float:
+    """One per-target window (Feishu's 1 s, scaled) plus the jitter margin: see Limiter.hold_targets."""
+    return 1.0 / config.feishu.time_scale + config.feishu.limit_jitter
 
 
 async def demand(consumers: list[Any]) -> tuple[int, int]:

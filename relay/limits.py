@@ -173,6 +173,7 @@ class Limiter:
         self._share_changed = asyncio.Event()
         self.on_throttle: Callable[[str, str, float | None], None] | None = None  # app-wide throttles (app, api, pause)
         self._waiting = 0  # acquires in progress (the demand a replica publishes)
+        self._targets_held_until = -math.inf  # target buckets made before then start then (hold_targets)
         self._time_scale = time_scale
         self._clock = clock
         self._sleep = sleep
@@ -528,11 +529,22 @@ class Limiter:
                     return True
         return False
 
+    def hold_targets(self, seconds: float) -> None:
+        """Partitions were just assigned: a target bucket made within ``seconds`` from now starts then.
+
+        A target reached through one ordering key is called by the replica owning its partition only, and the
+        previous owner made its last call before this assignment (it drained before rejoining, or it was out of
+        the group and its membership lease had stopped its calls first). A fresh bucket would admit a call at
+        once, in the same second as the previous owner's last ones; held for one target window (plus the jitter
+        margin) it cannot. Buckets that exist already counted this replica's own calls and are left alone.
+        """
+        self._targets_held_until = max(self._targets_held_until, self._clock() + seconds)
+
     def _target_entry(self, key: BucketKey, windows: tuple[Window, ...]) -> _Entry:
         now = self._clock()
         entry = self._targets.get(key)
         if entry is None:
-            entry = self._targets[key] = self._new_entry(windows, target=True)
+            entry = self._targets[key] = self._new_entry(windows, target=True, start=self._targets_held_until)
         else:
             self._targets.move_to_end(key)
             if windows is not entry.given and windows is not entry.windows:
@@ -567,10 +579,10 @@ class Limiter:
         if old.windows != entry.windows:
             self._tighten(entry, old.windows, target=True)
 
-    def _new_entry(self, given: tuple[Window, ...], *, target: bool) -> _Entry:
+    def _new_entry(self, given: tuple[Window, ...], *, target: bool, start: float = -math.inf) -> _Entry:
         windows = stricter(given)
         shape = self.shape(windows, target=target)
-        entry = _Entry(TokenBucket(shape.rate, shape.burst, self._clock()), windows,
+        entry = _Entry(TokenBucket(shape.rate, shape.burst, max(self._clock(), start)), windows,
                        SendLog(self._spans(windows, target=target)))
         entry.given = given  # the caller's own object: the next call with it takes the fast path
         return entry

@@ -993,3 +993,20 @@ def test_a_share_swinging_between_replicas_keeps_every_window() -> None:
     # the price of safety: after each swing the newly hot replica waits a horizon (a minute) to grow, so demand
     # that moves faster than that wastes quota (bench/shares.py measures it)
     assert len([t for t in calls if 60 <= t < 480]) >= 0.35 * 7 * 1000
+
+
+def test_target_buckets_made_just_after_an_assignment_wait_one_window() -> None:
+    async def main() -> tuple[float, float, float]:
+        limiter = _limiter()
+        start = now()
+        limiter.hold_targets(1.15)
+        await limiter.acquire("app", "im.message", IM, "chat:new", PER_TARGET)
+        held = now() - start
+        await asyncio.sleep(2)
+        t = now()
+        await limiter.acquire("app", "im.message", IM, "chat:later", PER_TARGET)  # made after the hold
+        return held, now() - t, start
+
+    held, later, _ = run_virtual(main)
+    assert held == pytest.approx(1.15)
+    assert later == 0.0
