@@ -101,6 +101,10 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics.update({k.results_topic: dict(large), k.dead_letter_topic: dict(large)})
     topics.update(inbound_topics(config))  # events may be as large as the body cap
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
+    if config.kafka.dedup_topic and config.inbound.enabled and config.http.enabled:
+        from relay.seenlog import seen_topic_config
+
+        topics[k.dedup_topic] = seen_topic_config(config)
     if config.feishu.share_mode == "group":
         from relay.coordination import COORDINATION_TOPIC_CONFIG
 
@@ -172,13 +176,22 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
         stack.push_async_callback(producer.stop)  # safe even if start() failed half-way
         await producer.start()
 
+        seen_tail: asyncio.Task[None] | None = None
         if config.http.enabled:
             web_app = web.Application(client_max_size=config.inbound.max_body_bytes + 1)
             health.install(web_app)
             if config.inbound.enabled:
                 from relay.inbound import Inbound, KafkaPublisher
 
-                Inbound(config, KafkaPublisher(producer), metrics).install(web_app)
+                inbound = Inbound(config, KafkaPublisher(producer), metrics)
+                if config.kafka.dedup_topic:  # read before the server takes a request (relay.seenlog)
+                    from relay.seenlog import KafkaSeen
+
+                    seen = KafkaSeen(config, producer, inbound.dedup)
+                    await seen.start()
+                    stack.push_async_callback(seen.stop)
+                    seen_tail = seen.wait()
+                inbound.install(web_app)
             runner = web.AppRunner(web_app, access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
@@ -190,6 +203,8 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
 
         tasks: list[asyncio.Task[Any]] = []  # run until stop; serve ends when one of them does
         watched: list[asyncio.Task[Any]] = []  # watch a part that runs on its own; cancelled at stop
+        if seen_tail is not None:  # dead, a redelivery another replica published would go out again
+            watched.append(seen_tail)
         if config.outbound.enabled:
             client = FeishuClient(config)
             await client.start()

@@ -94,6 +94,9 @@ class KafkaConfig(_Section, frozen=True):
     # compacted single-partition topic where replicas publish their demand and derive their quota shares
     # (feishu.share_mode = "group"), report throttles to each other and share the inbound dedup memory
     coordination_topic: str = "feishu.relay.coordination"
+    # compacted topic of the inbound event keys published (digests), so that every replica and restart
+    # answers a redelivery as a duplicate (relay.seenlog); "" keeps the dedup memory per process
+    dedup_topic: str = "feishu.relay.dedup"
     # static group membership (KIP-345): a stable id per replica (e.g. the pod name); a restart within
     # outbound.session_timeout_ms keeps its partitions without a rebalance. Unset: dynamic membership
     group_instance_id: str | None = None
