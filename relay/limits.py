@@ -11,9 +11,13 @@ arithmetic of :mod:`relay.buckets`, with the clock and sleep injected.
     learn      a create/reply/forward answer named the chat: every name of that chat shares one bucket from now
 
 A replica's ``share`` of the quota applies to app-wide buckets only: Feishu counts those over every replica of
-the consumer group. A target (a chat, a user, a message) is reached through one ordering key, so one partition,
-so one replica: its bucket is sized for the whole per-target limit. (Two *names* of one target may sit on two
-replicas; within one replica they share, see :mod:`relay.targets`.)
+the consumer group. It is fixed (``feishu.quota_share``) or follows the group (:meth:`Limiter.set_share`, fed by
+:mod:`relay.coordination` with what :mod:`relay.shares` derives; a share too small to leave an API one call in a
+window holds that API's calls until it grows). A target (a chat, a user, a message) is reached through one
+ordering key, so one partition, so one replica: its bucket is sized for the whole per-target limit, and after a
+rebalance a new target bucket starts one target window late (:meth:`Limiter.hold_targets`), after the previous
+owner's last call. (Two *names* or two *keys* of one target may sit on two replicas; within one replica they
+share, see :mod:`relay.targets`.)
 """
 
 from __future__ import annotations

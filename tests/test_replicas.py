@@ -51,12 +51,10 @@ def intents() -> list[dict[str, Any]]:
     for i in range(max(SENDS, REACTIONS)):
         if i < SENDS:
             out.append({"kind": "message.send", "id": f"s-{i}", "receive_id_type": "chat_id",
-                        "receive_id": f"oc_{i % 300}", "msg_type": "text", "content": {"text": f"n {i}"},
-                        "uuid": f"u-s-{i}"})
+                        "receive_id": f"oc_{i % 300}", "msg_type": "text", "content": {"text": f"n {i}"}})
         if i < HOT:
             out.append({"kind": "message.send", "id": f"h-{i}", "receive_id_type": "chat_id",
-                        "receive_id": f"oc_hot_{i % 4}", "msg_type": "text", "content": {"text": f"h {i}"},
-                        "uuid": f"u-h-{i}"})
+                        "receive_id": f"oc_hot_{i % 4}", "msg_type": "text", "content": {"text": f"h {i}"}})
         if i < REACTIONS:
             out.append({"kind": "reaction.add", "id": f"r-{i}", "message_id": f"om_r_{i}", "emoji_type": "SMILE"})
     return out
