@@ -280,6 +280,7 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
                         previews=previews, membership=membership, journal=journal,
                         new_producer=lambda: make_producer(config.kafka))
+    consumers.append(outbound)
     return outbound, previews, coordinator
 
 
@@ -289,10 +290,12 @@ def target_hold(config: Config) -> float:
 
 
 async def demand(consumers: list[Any]) -> tuple[int, int]:
-    """(intent partitions owned, records fetched by nobody yet on them): what this replica's beats publish."""
+    """(intent partitions owned, records on them not finished: not fetched yet, or in flight): what this
+    replica's beats publish. ``consumers``: the outbound consumer, then the Outbound (once made)."""
     if not consumers:
         return 0, 0
     consumer = consumers[0]
+    in_flight = consumers[1].in_flight if len(consumers) > 1 else 0
     assigned = consumer.assignment()
     lag = 0
     for tp in assigned:
@@ -301,7 +304,7 @@ async def demand(consumers: list[Any]) -> tuple[int, int]:
             if high is not None:
                 async with asyncio.timeout(0.05):
                     lag += max(0, high - await consumer.position(tp))
-    return len(assigned), lag
+    return len(assigned), lag + in_flight
 
 
 def export_coordination(metrics: Metrics, coordinator: Coordinator) -> None:

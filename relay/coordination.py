@@ -174,8 +174,7 @@ class Coordinator:
         throttles, self._throttles = self._throttles, []
         n = next(self._beats)
         self.book.wrote(n)
-        beat = Beat(partitions=partitions, demand=demand + self._limiter.waiting, view=self.book.view,
-                    throttles=throttles, n=n)
+        beat = Beat(partitions=partitions, demand=demand, view=self.book.view, throttles=throttles, n=n)
         try:
             await self._send(beat)
         except KafkaError as err:  # the fence stops our calls if this lasts (relay.shares)

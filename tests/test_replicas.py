@@ -7,7 +7,8 @@ A backlog on two APIs (message create to many chats plus four hot chats, and rea
   of the minute quota of each API over a minute once their shares have settled;
 - one replica SIGKILLed mid-run: the survivors take its partitions and its share; every intent gets its result,
   no reaction (uuid-less) is performed twice, still 0 violations;
-- a rolling restart (SIGTERM one at a time, start it again): 0 throttled, one result per intent.
+- a rolling restart with static membership (``kafka.group_instance_id``; SIGTERM one at a time, start it
+  again): 0 throttled, one result per intent, no reaction performed twice.
 
 These runs are long (minutes: a share grows only a horizon, Feishu's minute, after the others acknowledged
 it): run them by name, once.
@@ -42,7 +43,7 @@ from tests.relaykit import (
 pytestmark = pytest.mark.integration
 
 HORIZON = 60.15  # relay.coordination.horizon at time scale 1
-SENDS, HOT, REACTIONS = 1800, 4 * 100, 2200
+SENDS, HOT, REACTIONS = 3000, 4 * 100, 3000
 
 
 def intents() -> list[dict[str, Any]]:
@@ -71,11 +72,12 @@ def performed_twice(calls: list[CallRecord]) -> dict[str, int]:
 
 
 class Group:
-    def __init__(self, tmp_path: Path, data: dict[str, Any], n: int) -> None:
+    def __init__(self, tmp_path: Path, data: dict[str, Any], n: int, *, static: bool = False) -> None:
         self.relays: list[RelayProcess] = []
         for i in range(n):
             path = tmp_path / f"r{i}.toml"
-            path.write_text(to_toml(data))
+            kafka = {**data["kafka"], **({"group_instance_id": f"replica-{i}"} if static else {})}
+            path.write_text(to_toml({**data, "kafka": kafka}))
             self.relays.append(RelayProcess(path, tmp_path / f"r{i}.log"))
 
     def check_alive(self, *skip: RelayProcess) -> None:
@@ -89,7 +91,7 @@ class Group:
 
 
 async def run_group(tmp_path: Path, kafka_bootstrap: str, topic_prefix: str,
-                    during: Callable[[Group, SandboxProcess, float], Awaitable[None]]
+                    during: Callable[[Group, SandboxProcess, float], Awaitable[None]], *, static: bool = False
                     ) -> tuple[list[CallRecord], dict[str, list[dict[str, Any]]], float]:
     """Start the sandbox and three relays, produce the backlog, run ``during``, wait for every result."""
     sandbox = SandboxProcess(apps={APP_ID: APP_SECRET}, log_bodies=False, seed=1)
@@ -97,9 +99,8 @@ async def run_group(tmp_path: Path, kafka_bootstrap: str, topic_prefix: str,
     data = config_data(kafka_bootstrap, topic_prefix, sandbox.url)
     data["kafka"]["topic_partitions"] = 6
     data["feishu"].update({"share_mode": "group"})
-    data["outbound"].update({"max_in_flight": 400, "max_in_flight_per_partition": 200})
     await create_relay_topics(to_config(data))
-    group = Group(tmp_path, data, 3)
+    group = Group(tmp_path, data, 3, static=static)
     work = intents()
     try:
         async with Collector(kafka_bootstrap, data["kafka"]["results_topic"]) as results:
@@ -169,7 +170,7 @@ async def test_a_rolling_restart_throttles_nothing_and_writes_one_result_each(ka
             await relay.start()
             await asyncio.sleep(10)
 
-    calls, by_id, _ = await run_group(tmp_path, kafka_bootstrap, topic_prefix, during)
+    calls, by_id, _ = await run_group(tmp_path, kafka_bootstrap, topic_prefix, during, static=True)
     assert [c for c in calls if c.violation] == []
     assert sum(c.throttled for c in calls) == 0
     assert {id: len(rs) for id, rs in by_id.items() if len(rs) > 1} == {}
