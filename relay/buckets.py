@@ -175,6 +175,18 @@ class TokenBucket:
         self._tokens -= 1.0
         return True
 
+    def refund(self, now: float) -> None:
+        """A reservation whose caller gave up before its instant (cancelled: a revoked partition's job) returns
+        its token while the bucket is in debt, so the next callers do not queue behind calls that never go.
+
+        A refund puts the bucket in a state it could have reached without the reservation (fewer tokens owed,
+        never above zero), so the bound ``burst + rate * T`` on the calls scheduled in any window holds; the
+        reservations already made keep their instants (later than needed, never earlier).
+        """
+        self._advance(now)
+        if self._tokens < 0:
+            self._tokens = min(0.0, self._tokens + 1.0)
+
     def penalize(self, now: float, pause: float, *, slow_factor: float = 0.5, recovery: float = 30.0) -> None:
         """Feishu said "too many": nothing is due before ``now + pause``, then the rate recovers from slow.
 

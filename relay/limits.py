@@ -470,7 +470,12 @@ class Limiter:
             epoch = bucket.epoch
             wait = bucket.reserve(self._clock())
             if wait > DUE:
-                await self._sleep(wait)
+                try:
+                    await self._sleep(wait)
+                except asyncio.CancelledError:
+                    if bucket.epoch == epoch:  # not used: the callers behind must not wait for it
+                        bucket.refund(self._clock())
+                    raise
             if bucket.epoch == epoch:
                 return
             self._retakes += 1
