@@ -4,7 +4,7 @@
 
 Three replicas own two of six intent partitions each; 90 % of the backlog sits on one partition (so on one
 replica). Each replica's limiter (:mod:`relay.limits`) is driven by its :class:`relay.shares.ShareBook` over one
-shared coordination log, beats every 0.5 s with its remaining backlog as demand, and reads the log with up to
+shared coordination log, beats every 0.5 s with its calls waiting for a token as demand, and reads the log with up to
 0.3 s of lag; IM's real windows (50/s and 1000/min), in virtual time (a loop whose clock jumps to the next timer),
 so ten minutes take a second. Two splits:
 
@@ -95,14 +95,14 @@ async def drain(backlogs: dict[str, int], floor: float, seed: int) -> list[float
         while any(left.values()) or not all(w.done() for w in workers):
             n += 1
             book.wrote(n)
-            records.append((now(), me, Beat(partitions=2, demand=left[me], view=book.view, n=n)))
+            records.append((now(), me, Beat(partitions=2, apis=limiter.waiting_by_api(), view=book.view, n=n)))
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             for offset in range(read, len(records)):
                 book.read(offset, *records[offset])
             read = len(records)
-            limiter.set_share(book.share())
+            limiter.set_shares(book.share(), {"im.message": book.share("im.message")})
             await asyncio.sleep(0.5)
-            limiter.set_share(book.share())
+            limiter.set_shares(book.share(), {"im.message": book.share("im.message")})
         await asyncio.gather(*workers)
 
     await asyncio.gather(*(replica(me) for me in backlogs))

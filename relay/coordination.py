@@ -6,7 +6,7 @@ and the safety argument); this is its I/O shell. :class:`Coordinator`:
 * at :meth:`start`, reads the topic from the beginning (a plain ``assign()``-ed consumer: no group, everyone
   reads everything), then follows it live in a task of its own, feeding every record to the
   :class:`~relay.shares.ShareBook`;
-* writes a beat every ``feishu.beat_interval`` (owned partitions, waiting demand, the view), and one at once
+* writes a beat every ``feishu.beat_interval`` (owned partitions, calls waiting per API, the view), and one at once
   when the limiter reports an app-wide throttle (:attr:`relay.limits.Limiter.on_throttle`), so the others
   pause and slow that API too: they share its quota;
 * sets the limiter's share (:meth:`relay.limits.Limiter.set_share`) after every record and every tenth of a
@@ -174,7 +174,8 @@ class Coordinator:
         throttles, self._throttles = self._throttles, []
         n = next(self._beats)
         self.book.wrote(n)
-        beat = Beat(partitions=partitions, demand=demand, view=self.book.view, throttles=throttles, n=n)
+        beat = Beat(partitions=partitions, demand=demand, apis=self._limiter.waiting_by_api(), view=self.book.view,
+                    throttles=throttles, n=n)
         try:
             await self._send(beat)
         except KafkaError as err:  # the fence stops our calls if this lasts (relay.shares)
@@ -191,7 +192,7 @@ class Coordinator:
             for records in (await consumer.getmany(timeout_ms=int(tick * 1000) + 1)).values():
                 for record in records:
                     self._apply(record)
-            self._limiter.set_share(self.book.share())
+            self._apply_shares()
 
     def _apply(self, record: Any) -> None:
         if record.key is None:
@@ -211,4 +212,9 @@ class Coordinator:
                 self.applied_throttles += 1
                 self._limiter.throttled(throttle.app, throttle.api, retry_after=throttle.pause, remote=True)
         if self._live:
-            self._limiter.set_share(self.book.share())
+            self._apply_shares()
+
+    def _apply_shares(self) -> None:
+        shares = self.book.shares()
+        default = shares.pop("")
+        self._limiter.set_shares(default, shares)

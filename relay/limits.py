@@ -72,9 +72,10 @@ class LimiterStats(msgspec.Struct, frozen=True):
 
 
 class _Entry:
-    __slots__ = ("bucket", "given", "lock", "log", "users", "windows")
+    __slots__ = ("api", "bucket", "given", "lock", "log", "users", "windows")
 
-    def __init__(self, bucket: TokenBucket, windows: tuple[Window, ...], log: SendLog) -> None:
+    def __init__(self, bucket: TokenBucket, windows: tuple[Window, ...], log: SendLog, api: str = "") -> None:
+        self.api = api  # app-wide buckets: the API (its share, set_shares); "" for a target's
         self.bucket = bucket
         self.log = log
         self.windows = windows  # the stricter of all windows its callers gave
@@ -173,7 +174,9 @@ class Limiter:
         self._jitter = jitter
         self._utilization = utilization
         self._dynamic = dynamic
-        self._share = 0.0 if dynamic else share
+        self._share = 0.0 if dynamic else share  # every API's, unless _api_shares names it
+        self._api_shares: dict[str, float] = {}
+        self._waiting_api: dict[str, int] = {}  # calls waiting for an API's app-wide token
         self._share_changed = asyncio.Event()
         self.on_throttle: Callable[[str, str, float | None], None] | None = None  # app-wide throttles (app, api, pause)
         self._waiting = 0  # acquires in progress (the demand a replica publishes)
@@ -218,6 +221,24 @@ class Limiter:
         """Calls waiting in :meth:`acquire` now."""
         return self._waiting
 
+    def share_of(self, api: str) -> float:
+        """This replica's share of ``api``'s app-wide quota."""
+        return self._api_shares.get(api, self._share)
+
+    def waiting_by_api(self) -> dict[str, int]:
+        """Calls waiting for each API's app-wide token now (their target's token, if any, already had)."""
+        return {api: n for api, n in self._waiting_api.items() if n > 0}
+
+    def set_shares(self, share: float, by_api: dict[str, float]) -> None:
+        """Like :meth:`set_share`, with ``by_api`` overriding ``share`` for the APIs it names."""
+        by_api = {api: min(1.0, max(0.0, s)) for api, s in by_api.items()}
+        share = min(1.0, max(0.0, share))
+        if share == self._share and by_api == self._api_shares:
+            return
+        self._share = share
+        self._api_shares = by_api
+        self._resize()
+
     def set_share(self, share: float) -> None:
         """This replica's share of every app-wide quota is now ``share`` (in [0, 1]; :mod:`relay.shares`).
 
@@ -228,21 +249,28 @@ class Limiter:
         once the old shares can no longer overlap a window (:class:`relay.shares.ShareBook`).
         """
         share = min(1.0, max(0.0, share))
-        if share == self._share:
+        if share == self._share and not self._api_shares:
             return
         self._share = share
+        self._api_shares = {}
+        self._resize()
+
+    def _resize(self) -> None:
         now = self._clock()
         for entry in self._apps.values():
+            share = self.share_of(entry.api)
             if share_leaves_no_call(entry.windows, share) is None:
-                shape = self.shape(entry.windows)
-                entry.bucket.set_shape(shape.rate, shape.burst, now)
-            entry.log.spans = tuple(self._spans(entry.windows, target=False))
+                shape = self.shape(entry.windows, api=entry.api)
+                if (shape.rate, shape.burst) != (entry.bucket.rate, entry.bucket.burst):
+                    entry.bucket.set_shape(shape.rate, shape.burst, now)
+            entry.log.spans = tuple(self._spans(entry.windows, target=False, api=entry.api))
         self._share_changed.set()
         self._share_changed = asyncio.Event()
 
-    def shape(self, windows: Sequence[Window], *, target: bool = False) -> BucketShape:
-        """The bucket this limiter sizes for ``windows``: app-wide at its share, a ``target``'s at the whole."""
-        share = 1.0 if target else self._share
+    def shape(self, windows: Sequence[Window], *, target: bool = False, api: str = "") -> BucketShape:
+        """The bucket this limiter sizes for ``windows``: app-wide at ``api``'s share, a ``target``'s at the
+        whole."""
+        share = 1.0 if target else self.share_of(api)
         if share_leaves_no_call(windows, share) is not None and self._dynamic:
             share = 1.0  # its calls wait for a larger share (set_share); the bucket is resized then
         key = (tuple(windows), share)
@@ -346,7 +374,7 @@ class Limiter:
         """
         while True:
             live = self._live(grant)
-            if live is None or share_leaves_no_call(live[0].windows, self._share) is not None:
+            if live is None or share_leaves_no_call(live[0].windows, self.share_of(grant.api)) is not None:
                 self._voided += 1
                 raise Requeue(self, grant)
             app_log = live[0].log
@@ -432,7 +460,7 @@ class Limiter:
         if target is None:
             app_entry.users += 1
             try:
-                await self._take(app_entry.bucket, app_entry.windows)
+                await self._take(app_entry.bucket, app_entry.windows, grant.api)
             finally:
                 app_entry.users -= 1
             grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
@@ -451,7 +479,7 @@ class Limiter:
                         if wait > DUE:
                             await self._sleep(wait)
                             continue  # look again: a penalty or a merge may have come meanwhile
-                        await self._take(app_entry.bucket, app_entry.windows)
+                        await self._take(app_entry.bucket, app_entry.windows, grant.api)
                         if self._current(app, target, key, entry) and entry.bucket.take(self._clock()):
                             grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
                             grant._target, grant._target_epoch = entry, entry.bucket.epoch
@@ -461,10 +489,19 @@ class Limiter:
                 entry.users -= 1
                 app_entry.users -= 1
 
-    async def _take(self, bucket: TokenBucket, windows: tuple[Window, ...] | None = None) -> None:
-        """Reserve a token and sleep until it is due; again if a penalty voided it meanwhile. With an app-wide
-        bucket's ``windows``: first wait while this replica's share leaves them no call."""
-        while windows is not None and share_leaves_no_call(windows, self._share) is not None:
+    async def _take(self, bucket: TokenBucket, windows: tuple[Window, ...], api: str) -> None:
+        """Reserve an app-wide token and sleep until it is due; again if a penalty voided it meanwhile. First
+        wait while this replica's share of ``api`` leaves its ``windows`` no call."""
+        self._waiting_api[api] = self._waiting_api.get(api, 0) + 1
+        try:
+            await self._take_app(bucket, windows, api)
+        finally:
+            self._waiting_api[api] -= 1
+            if not self._waiting_api[api]:
+                del self._waiting_api[api]
+
+    async def _take_app(self, bucket: TokenBucket, windows: tuple[Window, ...], api: str) -> None:
+        while share_leaves_no_call(windows, self.share_of(api)) is not None:
             await self._share_changed.wait()
         while True:
             epoch = bucket.epoch
@@ -511,7 +548,7 @@ class Limiter:
         entry = self._apps.get(key)
         if entry is None:
             self._make_room()  # never refuses here: a call already admitted is not stopped
-            entry = self._apps[key] = self._new_entry(windows, target=False)
+            entry = self._apps[key] = self._new_entry(windows, target=False, api=api)
             self._api_users[api] = self._api_users.get(api, 0) + 1
         else:
             self._apps.move_to_end(key)
@@ -569,10 +606,10 @@ class Limiter:
         entry.given = windows
         merged = stricter(entry.windows, windows)
         if merged != entry.windows:
-            shape = self.shape(merged, target=target)
+            shape = self.shape(merged, target=target, api=entry.api)
             entry.bucket.set_shape(shape.rate, shape.burst, self._clock())
             entry.windows = merged
-            entry.log.spans = tuple(self._spans(merged, target=target))
+            entry.log.spans = tuple(self._spans(merged, target=target, api=entry.api))
 
     def _merge(self, name: BucketKey, chat: BucketKey) -> None:
         """``name`` turned out to count in ``chat``: its bucket becomes the chat's, or is merged into it."""
@@ -588,18 +625,19 @@ class Limiter:
         if old.windows != entry.windows:
             self._tighten(entry, old.windows, target=True)
 
-    def _new_entry(self, given: tuple[Window, ...], *, target: bool, start: float = -math.inf) -> _Entry:
+    def _new_entry(self, given: tuple[Window, ...], *, target: bool, start: float = -math.inf,
+                   api: str = "") -> _Entry:
         windows = stricter(given)
-        shape = self.shape(windows, target=target)
+        shape = self.shape(windows, target=target, api=api)
         entry = _Entry(TokenBucket(shape.rate, shape.burst, max(self._clock(), start)), windows,
-                       SendLog(self._spans(windows, target=target)))
+                       SendLog(self._spans(windows, target=target, api=api)), api)
         entry.given = given  # the caller's own object: the next call with it takes the fast path
         return entry
 
-    def _spans(self, windows: Sequence[Window], *, target: bool) -> list[tuple[int, float]]:
+    def _spans(self, windows: Sequence[Window], *, target: bool, api: str = "") -> list[tuple[int, float]]:
         """The send log's (limit, span) per window: this replica's share of the limit (app-wide windows only),
         over the scaled window plus the jitter margin, like the bucket's sizing."""
-        share = 1.0 if target else self._share
+        share = 1.0 if target else self.share_of(api)
         return [(max(1, math.floor(w.limit * share)), w.seconds / self._time_scale + self._jitter) for w in windows]
 
     def _evict(self, now: float, budget: int) -> None:

@@ -5,12 +5,13 @@ Pure: no I/O, the clock injected. The Kafka shell that feeds it (and publishes t
 
 Feishu counts an app's calls per API over every replica. Each replica publishes a *beat* every
 ``beat_interval`` to a single-partition compacted topic (key: its member id): how many intent partitions it owns,
-how many records it has waiting (its *demand*), and its *view* (the offset of the last coordination record it
-had applied when it wrote the beat). Every replica reads every record in log order, so every replica knows, for
-every prefix (a *view* ``v``) of the log, the same set of beats.
+how many calls wait for each API's app-wide token (its *demand*), and its *view* (the offset of the last
+coordination record it had applied when it wrote the beat). Each API's quota is split on its own (a replica
+whose queue is all sends must not hold the reactions' quota). Every replica reads every record in log order, so
+every replica knows, for every prefix (a *view* ``v``) of the log, the same set of beats.
 
-**The split at a view** (:func:`split`) is a function of the latest beat of each *live* member in that view
-(a beat stamped by the broker at most ``member_ttl`` before the view's newest record, and not a "left" beat):
+**The split at a view** (:func:`split`, one per API) is a function of the latest beat of each *live* member in
+that view (a beat stamped by the broker at most ``member_ttl`` before the view's newest record, not a "left" one):
 ``floor`` of the quota is shared in proportion to owned partitions (the minimum: an owner of partitions can start
 at once when work arrives), the rest in proportion to demand, rounded to a power of two and capped (:func:`weight`:
 a split that wobbles wastes quota, see below), in proportion to partitions when nobody waits. The
@@ -69,7 +70,8 @@ class Beat(msgspec.Struct, frozen=True):
     """The value of a coordination record (key: the member id). Lenient: a newer relay's fields are ignored."""
 
     partitions: int = 0  # intent partitions this member owns
-    demand: int = 0  # records it has waiting (lag on its partitions plus calls waiting for a token)
+    demand: int = 0  # records it has not finished (lag on its partitions plus in flight): for metrics and logs
+    apis: dict[str, int] = msgspec.field(default_factory=dict)  # calls waiting for each API's app-wide token
     view: int = -1  # the last coordination offset it had applied when it wrote this beat
     left: bool = False  # it stopped: no call of it follows this beat
     n: int = 0  # the writer's count of its beats (it recognises its own when they come back)
@@ -84,22 +86,23 @@ def weight(demand: int) -> int:
     """The weight of a member's demand: the power of two at or below it, at most :data:`SATURATED`.
 
     A share that changes costs quota (a growth waits a horizon; a shrink is at once), so the split must not
-    follow every wobble of a backlog: rounded down to a power of two, a weight changes only when the backlog
-    halves or doubles. Past :data:`SATURATED` (a minute of IM's quota: more than the whole quota sends within a
-    horizon) every member is equally hungry, so a group under a backlog splits evenly and stays put.
+    follow every wobble of a queue: rounded down to a power of two, a weight changes only when the queue halves
+    or doubles. Past :data:`SATURATED` calls waiting for an API's token a member is as hungry as can be, so a
+    group under a backlog splits evenly and stays put.
     """
     if demand <= 0:
         return 0
     return min(SATURATED, 1 << (demand.bit_length() - 1))
 
 
-# records waiting past which a member counts as saturated (see weight)
-SATURATED: Final = 1024
+# calls waiting for an API's token past which a member counts as saturated (see weight)
+SATURATED: Final = 64
 
 
-def split(beats: Mapping[str, Beat], floor: float) -> dict[str, float]:
-    """The share of each member in ``beats`` (the live ones): ``floor`` by partitions, the rest by demand
-    (:func:`weight`).
+def split(beats: Mapping[str, Beat], floor: float, api: str = "") -> dict[str, float]:
+    """The share of ``api``'s quota of each member in ``beats`` (the live ones): ``floor`` by partitions, the
+    rest by the calls waiting for its token (:func:`weight`). An API no member waits for (``""``: any such API)
+    is split by partitions alone.
 
     Deterministic in its input (every replica computes the same), each share in [0, 1], their sum at most 1.
     """
@@ -107,7 +110,7 @@ def split(beats: Mapping[str, Beat], floor: float) -> dict[str, float]:
         return {}
     members = sorted(beats)
     partitions = {m: max(0, beats[m].partitions) for m in members}
-    demand = {m: weight(beats[m].demand) for m in members}
+    demand = {m: weight(beats[m].apis.get(api, 0)) for m in members}
     total_p = sum(partitions.values())
     total_d = sum(demand.values())
 
@@ -149,11 +152,12 @@ class ShareBook:
         self._beats: dict[str, tuple[Beat, float, int]] = {}  # member -> (latest beat, broker time, offset)
         self._view = -1
         self._view_time = -math.inf
-        self._targets: deque[tuple[int, float]] = deque()  # (view, my target from it on), views ascending
+        # per API ("": every API no member waits for): (view, my target from it on), views ascending
+        self._targets: dict[str, deque[tuple[int, float]]] = {"": deque()}
         self._lows: deque[tuple[float, int]] = deque()  # (read instant, L then), instants ascending
         self._written: dict[int, float] = {}  # own beat number -> when written (monotonic)
         self._fence_from = -math.inf  # when my last read-back beat was written
-        self.split: dict[str, float] = {}  # the split at the current view
+        self.split: dict[str, float] = {}  # the split at the current view of an API nobody waits for
 
     @property
     def view(self) -> int:
@@ -186,9 +190,14 @@ class ShareBook:
                     del self._written[n]
         live = self.live()
         self.split = split(live, self.floor)
-        target = self.split.get(self.me, 0.0)
-        if not self._targets or self._targets[-1][1] != target:
-            self._targets.append((offset, target))
+        default = self._targets[""]
+        for api in {a for b in live.values() for a in b.apis}:
+            if api not in self._targets:  # unnamed until now: its targets were the default's
+                self._targets[api] = deque(default)
+        for api, targets in self._targets.items():
+            target = (self.split if not api else split(live, self.floor, api)).get(self.me, 0.0)
+            if not targets or targets[-1][1] != target:
+                targets.append((offset, target))
         if first and all(self._quiet(m) for m in self._beats if m != self.me):
             self._lows.clear()  # nothing in the log could overlap us: start at once (module doc)
             self._lows.append((-math.inf, offset))
@@ -213,23 +222,31 @@ class ShareBook:
             return None
         return self._lows[0][1]
 
-    def target(self) -> float:
-        """This replica's part of the split at the current view."""
-        return self._targets[-1][1] if self._targets else 0.0
+    def target(self, api: str = "") -> float:
+        """This replica's part of the split of ``api`` at the current view."""
+        targets = self._targets.get(api) or self._targets[""]
+        return targets[-1][1] if targets else 0.0
 
-    def share(self) -> float:
-        """The share this replica may use now: the least target over ``[lo, view]``; 0 before a horizon of
-        reading, and once fenced (its own beats not read back for ``member_ttl - horizon - margin``)."""
+    def share(self, api: str = "") -> float:
+        """The share of ``api`` this replica may use now: the least target over ``[lo, view]``; 0 before a
+        horizon of reading, and once fenced (its own beats not read back for ``member_ttl - horizon - margin``).
+        """
+        return self.shares().get(api, self.shares()[""]) if api else self.shares()[""]
+
+    def shares(self) -> dict[str, float]:
+        """:meth:`share` of every API named in a beat, and of the others under ``""``."""
         now = self._clock()
-        if now >= self._fence_from + self.member_ttl - self.horizon - self.margin:
-            return 0.0
         lo = self.lo()
-        if lo is None:
-            return 0.0
-        targets = self._targets
-        while len(targets) > 1 and targets[1][0] <= lo:
-            targets.popleft()  # the entry in effect at lo is kept; older ones can bind nobody any more
-        return min((t for _, t in targets), default=0.0)
+        fenced = now >= self._fence_from + self.member_ttl - self.horizon - self.margin
+        out: dict[str, float] = {}
+        for api, targets in self._targets.items():
+            if fenced or lo is None:
+                out[api] = 0.0
+                continue
+            while len(targets) > 1 and targets[1][0] <= lo:
+                targets.popleft()  # the entry in effect at lo is kept; older ones can bind nobody any more
+            out[api] = min((t for _, t in targets), default=0.0)
+        return out
 
     def throttles_from_others(self, member: str, beat: Beat) -> list[Throttle]:
         """The throttles ``beat`` carries when another member wrote it (ours are applied already)."""

@@ -917,14 +917,15 @@ def test_replicas_sharing_one_quota_through_the_log_keep_every_window_while_shar
                 while now() < end:
                     n += 1
                     book.wrote(n)
-                    records.append((now(), me, Beat(partitions=2, demand=demand(me), view=book.view, n=n)))
+                    records.append((now(), me, Beat(partitions=2, apis={"im.message": demand(me)}, view=book.view,
+                                                    n=n)))
                     await asyncio.sleep(rng.uniform(0.0, 0.3))  # the produce and the read lag
                     for offset in range(read, len(records)):
                         book.read(offset, *records[offset])
                     read = len(records)
-                    limiter.set_share(book.share())
+                    limiter.set_shares(book.share(), {"im.message": book.share("im.message")})
                     await asyncio.sleep(0.5)
-                    limiter.set_share(book.share())
+                    limiter.set_shares(book.share(), {"im.message": book.share("im.message")})
             finally:  # killed: its calls stop, its beats stop
                 for task in workers:
                     task.cancel()
@@ -968,14 +969,15 @@ def _swinging_demand(horizon: float) -> list[float]:
                     hot = (int(now() // 90) % 2 == 0) == hot_first
                     n += 1
                     book.wrote(n)
-                    records.append((now(), me, Beat(partitions=3, demand=5000 if hot else 1, view=book.view, n=n)))
+                    records.append((now(), me, Beat(partitions=3, apis={"im.message": 500 if hot else 1},
+                                                    view=book.view, n=n)))
                     await asyncio.sleep(rng.uniform(0.0, 0.3))
                     for offset in range(read, len(records)):
                         book.read(offset, *records[offset])
                     read = len(records)
-                    limiter.set_share(book.share())
+                    limiter.set_shares(book.share(), {"im.message": book.share("im.message")})
                     await asyncio.sleep(0.5)
-                    limiter.set_share(book.share())
+                    limiter.set_shares(book.share(), {"im.message": book.share("im.message")})
             finally:
                 for task in workers:
                     task.cancel()

@@ -21,17 +21,18 @@ class Clock:
 
 
 def test_split_floor_by_partitions_rest_by_demand() -> None:
-    shares = split({"a": Beat(partitions=2, demand=900), "b": Beat(partitions=1, demand=100),
-                    "c": Beat(partitions=3, demand=0)}, floor=0.3)
-    assert shares["a"] == pytest.approx(0.3 * 2 / 6 + 0.7 * 512 / 576)  # weights 512 and 64
-    assert shares["b"] == pytest.approx(0.3 * 1 / 6 + 0.7 * 64 / 576)
+    shares = split({"a": Beat(partitions=2, apis={"im": 40}), "b": Beat(partitions=1, apis={"im": 10}),
+                    "c": Beat(partitions=3, apis={"pins": 50})}, floor=0.3, api="im")
+    assert shares["a"] == pytest.approx(0.3 * 2 / 6 + 0.7 * 32 / 40)  # weights 32 and 8
+    assert shares["b"] == pytest.approx(0.3 * 1 / 6 + 0.7 * 8 / 40)
     assert shares["c"] == pytest.approx(0.3 * 3 / 6)
     assert sum(shares.values()) <= 1.0
 
 
 def test_weight_is_a_power_of_two_capped_so_that_the_split_does_not_wobble() -> None:
-    assert [weight(d) for d in (0, 1, 2, 3, 4, 1000, 1023, 1024, 10**6)] == [0, 1, 2, 2, 4, 512, 512, 1024, 1024]
-    saturated = split({"a": Beat(partitions=1, demand=5000), "b": Beat(partitions=1, demand=90000)}, 0.2)
+    assert [weight(d) for d in (0, 1, 2, 3, 4, 63, 64, 1000, 10**6)] == [0, 1, 2, 2, 4, 32, 64, 64, 64]
+    saturated = split({"a": Beat(partitions=1, apis={"im": 100}), "b": Beat(partitions=1, apis={"im": 900})}, 0.2,
+                      "im")
     assert saturated["a"] == pytest.approx(0.5)
 
 
@@ -44,13 +45,13 @@ def test_split_without_demand_follows_partitions_and_without_partitions_is_even(
 def test_split_sum_never_exceeds_one() -> None:
     rng = random.Random(7)
     for _ in range(2000):
-        beats = {f"m{i}": Beat(partitions=rng.randrange(0, 7), demand=rng.randrange(0, 10**6))
+        beats = {f"m{i}": Beat(partitions=rng.randrange(0, 7), apis={"im": rng.randrange(0, 10**3)})
                  for i in range(rng.randrange(1, 9))}
-        assert sum(split(beats, rng.random()).values()) <= 1.0
+        assert sum(split(beats, rng.random(), "im").values()) <= 1.0
 
 
 def test_beat_round_trips_and_ignores_unknown_fields() -> None:
-    beat = Beat(partitions=3, demand=5, view=7, n=2)
+    beat = Beat(partitions=3, demand=5, apis={"im": 3}, view=7, n=2)
     assert decode_beat(encode_beat(beat)) == beat
     assert decode_beat(b'{"partitions": 1, "future": true}').partitions == 1
 
@@ -75,7 +76,9 @@ class Log:
     def beat(self, me: str, **fields: object) -> None:
         self.n[me] += 1
         self.books[me].wrote(self.n[me])
-        self.records.append((self.clock.now, me, Beat(view=self.books[me].view, n=self.n[me], **fields)))  # type: ignore[arg-type]
+        demand = fields.pop("demand", 0)
+        self.records.append((self.clock.now, me, Beat(view=self.books[me].view, n=self.n[me],  # type: ignore[arg-type]
+                                                       apis={"im": demand} if demand else {}, **fields)))
 
     def rounds(self, seconds: float, **partitions: int) -> None:
         """Every member named beats and reads all every half second for ``seconds``."""
@@ -209,7 +212,8 @@ def _peak_share_sum(book_horizon: float) -> float:
 
     for me in members:
         book(me)
-    used: dict[str, list[tuple[float, float]]] = {m: [] for m in "abcd"}
+    used: dict[str, list[tuple[float, float]]] = {m: [] for m in "abcd"}  # the share of "im" (demand-following)
+    used_default: dict[str, list[tuple[float, float]]] = {m: [] for m in "abcd"}  # of others (by partitions)
     alive = set(members)
     worst = 0.0
     for step in range(1500):
@@ -224,9 +228,11 @@ def _peak_share_sum(book_horizon: float) -> float:
                 log.beat(me, partitions=rng.randrange(0, 4), demand=rng.randrange(0, 1000))
             if rng.random() < 0.5:
                 log.catch_up(me)
-            used[me].append((clock.now, log.books[me].share()))
-        peak = sum(max((s for t, s in points if t >= clock.now - H), default=0.0) for points in used.values())
-        worst = max(worst, peak)
+            used[me].append((clock.now, log.books[me].share("im")))
+            used_default[me].append((clock.now, log.books[me].share()))
+        for series in (used, used_default):
+            peak = sum(max((s for t, s in points if t >= clock.now - H), default=0.0) for points in series.values())
+            worst = max(worst, peak)
     assert max(s for _, s in used["d"]) > 0.0  # the joiner did get a share
     return worst
 
