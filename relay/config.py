@@ -143,7 +143,7 @@ class FeishuConfig(_Section, frozen=True):
     # only with share_mode = "static"
     quota_share: Fraction = 1.0
     # "static": quota_share, fixed. "group": every replica derives its share from the coordination topic
-    # (relay.shares): share_floor of the quota by owned intent partitions, the rest by waiting demand
+    # (relay.shares): share_floor of each API's quota by owned intent partitions, the rest by calls waiting
     share_mode: Literal["static", "group"] = "static"
     share_floor: Annotated[float, Meta(ge=0, le=1)] = 0.2
     # real seconds between two beats of a replica on the coordination topic (share_mode = "group")
