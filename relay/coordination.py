@@ -30,6 +30,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -92,6 +93,7 @@ class Coordinator:
                               floor=config.feishu.share_floor, margin=fence_margin(config), clock=clock)
         self._beats = itertools.count(1)
         self._throttles: list[Throttle] = []
+        self._history: deque[tuple[float, dict[str, int]]] = deque()  # (beat time, calls waiting per API)
         self._wake = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -174,12 +176,30 @@ class Coordinator:
         throttles, self._throttles = self._throttles, []
         n = next(self._beats)
         self.book.wrote(n)
-        beat = Beat(partitions=partitions, demand=demand, apis=self._limiter.waiting_by_api(), view=self.book.view,
+        beat = Beat(partitions=partitions, demand=demand, apis=self._peaks(), view=self.book.view,
                     throttles=throttles, n=n)
         try:
             await self._send(beat)
         except KafkaError as err:  # the fence stops our calls if this lasts (relay.shares)
             log.warning("coordination: a beat could not be written: %s", err)
+
+    def _peaks(self) -> dict[str, int]:
+        """The most calls that waited for each API's token at any beat within the last horizon.
+
+        A share that shrinks applies at once and one that grows waits a horizon, so a demand reported as it
+        wobbles (a fetch that brought only sends, a queue that drained for a second) would keep every share at
+        its lowest point. Reported as its peak over the horizon, a replica's demand falls only after it has
+        really had none for that long; it rises at once.
+        """
+        now = self._clock()
+        self._history.append((now, self._limiter.waiting_by_api()))
+        while self._history and self._history[0][0] < now - self.book.horizon:
+            self._history.popleft()
+        peaks: dict[str, int] = {}
+        for _, waiting in self._history:
+            for api, n in waiting.items():
+                peaks[api] = max(peaks.get(api, 0), n)
+        return peaks
 
     async def _send(self, beat: Beat) -> None:
         await self._producer.send_and_wait(self.topic, encode_beat(beat), key=self.member.encode(), partition=0)

@@ -5,7 +5,8 @@ Pure: no I/O, the clock injected. The Kafka shell that feeds it (and publishes t
 
 Feishu counts an app's calls per API over every replica. Each replica publishes a *beat* every
 ``beat_interval`` to a single-partition compacted topic (key: its member id): how many intent partitions it owns,
-how many calls wait for each API's app-wide token (its *demand*), and its *view* (the offset of the last
+how many calls waited for each API's app-wide token (its *demand*: the peak over the last horizon, so that it
+falls only after a horizon without), and its *view* (the offset of the last
 coordination record it had applied when it wrote the beat). Each API's quota is split on its own (a replica
 whose queue is all sends must not hold the reactions' quota). Every replica reads every record in log order, so
 every replica knows, for every prefix (a *view* ``v``) of the log, the same set of beats.
