@@ -125,7 +125,7 @@ class TokenBucket:
     twice).
     """
 
-    __slots__ = ("_burst", "_epoch", "_last", "_rate", "_slow", "_tokens")
+    __slots__ = ("_burst", "_epoch", "_last", "_rate", "_reshapes", "_slow", "_tokens")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         if rate <= 0 or burst < 1:
@@ -137,6 +137,20 @@ class TokenBucket:
         # (start, duration, factor): the rate is nominal * factor at start, rising linearly to nominal
         self._slow: tuple[float, float, float] | None = None
         self._epoch = 0
+        self._reshapes = 0
+
+    @property
+    def reshapes(self) -> int:
+        """Moves on at every :meth:`reshape`: a reservation made before it is to be made again."""
+        return self._reshapes
+
+    def reshape(self, rate: float, burst: int, now: float) -> None:
+        """A new rate and burst for the reservations to come *and* those waiting: the debt of the reservations
+        handed out is forgiven and :attr:`reshapes` moves on, so that each holder not yet due reserves again
+        (in turn, at the new rate); calls already granted (due) are not touched (:attr:`epoch` stays)."""
+        self.set_shape(rate, burst, now)
+        self._tokens = max(self._tokens, 0.0)
+        self._reshapes += 1
 
     @property
     def epoch(self) -> int:

@@ -262,7 +262,7 @@ class Limiter:
             if share_leaves_no_call(entry.windows, share) is None:
                 shape = self.shape(entry.windows, api=entry.api)
                 if (shape.rate, shape.burst) != (entry.bucket.rate, entry.bucket.burst):
-                    entry.bucket.set_shape(shape.rate, shape.burst, now)
+                    entry.bucket.reshape(shape.rate, shape.burst, now)  # the queued calls reserve again
             entry.log.spans = tuple(self._spans(entry.windows, target=False, api=entry.api))
         self._share_changed.set()
         self._share_changed = asyncio.Event()
@@ -501,21 +501,39 @@ class Limiter:
                 del self._waiting_api[api]
 
     async def _take_app(self, bucket: TokenBucket, windows: tuple[Window, ...], api: str) -> None:
-        while share_leaves_no_call(windows, self.share_of(api)) is not None:
-            await self._share_changed.wait()
+        """A reservation is made at the bucket's rate of the moment: when the share changes meanwhile its
+        sleeper wakes, gives the token back and reserves again at the new rate (a grown share is used at once by
+        the calls already queued, a shrunk one binds them at once)."""
         while True:
-            epoch = bucket.epoch
-            wait = bucket.reserve(self._clock())
-            if wait > DUE:
-                try:
-                    await self._sleep(wait)
-                except asyncio.CancelledError:
-                    if bucket.epoch == epoch:  # not used: the callers behind must not wait for it
-                        bucket.refund(self._clock())
-                    raise
+            while share_leaves_no_call(windows, self.share_of(api)) is not None:
+                await self._share_changed.wait()
+            epoch, shapes = bucket.epoch, bucket.reshapes
+            now = self._clock()
+            due = now + bucket.reserve(now)
+            try:
+                while (wait := due - self._clock()) > DUE and bucket.reshapes == shapes:
+                    await self._sleep_unless(self._share_changed, wait)
+            except asyncio.CancelledError:
+                if bucket.epoch == epoch and bucket.reshapes == shapes:  # the callers behind must not wait for it
+                    bucket.refund(self._clock())
+                raise
+            if bucket.reshapes != shapes:
+                continue  # resized while waiting: its debt was forgiven, reserve again at the new rate
             if bucket.epoch == epoch:
                 return
             self._retakes += 1
+
+    async def _sleep_unless(self, event: asyncio.Event, seconds: float) -> bool:
+        """Sleep ``seconds``; True if ``event`` was set first (the sleep is then cut short)."""
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waiter):
+                task.cancel()
+            await asyncio.gather(sleeper, waiter, return_exceptions=True)
+        return event.is_set()  # (set at the very instant the sleep ended: reserving again is as good)
 
     def _current(self, app: str, target: str, key: BucketKey, entry: _Entry) -> bool:
         """``entry`` is still the bucket ``target`` counts in (not merged into another name's, not forgotten)."""

@@ -1040,3 +1040,32 @@ def test_refund_never_lifts_a_bucket_above_zero() -> None:
     bucket.refund(0.0)
     bucket.refund(0.0)
     assert bucket.tokens(0.0) == 0.0
+
+
+def test_calls_queued_at_a_small_share_go_at_the_new_rate_once_it_grows() -> None:
+    """800 calls queued at share 0.04 (0.6/s): the share grows to a third, and they go at its 5.4/s at once,
+    not at the instants reserved at 0.6/s (they waited minutes in the 3-replica run). A shrink binds them too."""
+
+    async def main() -> tuple[int, int]:
+        limiter = _limiter(dynamic=True)
+        limiter.set_shares(0.04, {})
+        sent: list[float] = []
+
+        async def call() -> None:
+            sent.append(await _send(limiter, "im.message", IM))
+
+        tasks = [asyncio.create_task(call()) for _ in range(800)]
+        await asyncio.sleep(10)
+        slow = len(sent)
+        limiter.set_shares(0.0, {"im.message": 1 / 3})
+        await asyncio.sleep(60)
+        grown = len(sent) - slow
+        limiter.set_shares(0.0, {"im.message": 0.04})
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return slow, grown
+
+    slow, grown = run_virtual(main)
+    assert slow <= 10
+    assert grown >= 0.9 * 333  # a third of the minute quota within the minute after the growth
