@@ -7,6 +7,7 @@ The tree is the architecture (leaves first):
     intents          the intent union (msgspec, tagged on ``kind``)
     buckets          pure limit arithmetic: Feishu's windows, bucket sizing, the token bucket, the send log
     targets          which chat a per-target name counts in, learnt from Feishu's answers (bounded)
+    shares           pure share arithmetic: every replica derives the same split of the quota from one log
     limits           the limiter: per-target then app-wide buckets, awaited before every call, voided by a 429
     media            what Feishu refuses of an upload (size, image type), checked before it is made
     calls            intent -> Feishu HTTP call (path, body, which limits apply); CardKit sequences from offsets
@@ -24,11 +25,13 @@ The tree is the architecture (leaves first):
     previews/        url_preview.update under the 1-per-5-s token rule, across replicas: planner and claims
                      (pure), memory (Kafka, followed live), coalescer
     membership       the group-membership lease: no Feishu call or result once the partitions may be lost
+    coordination     the replicas' beats on a compacted topic: quota shares, throttles told to the others
     outbound         the consumer: keyed lanes, limits, retries, results, dead letters, commits
     events           inbound crypto, signatures, envelopes and typed event views
     dedup            the inbound seen-set
     answers          the answers Feishu takes to callbacks (toast, card, inline preview), checked (pure)
     replies          callbacks answered by services: request–reply over Kafka, correlation, the reply reader
+    seenlog          the seen-set shared by replicas and restarts through a compacted topic
     inbound          the webhook server: verify, publish, dedup, answer
     ws/              Feishu's long connection (WebSocket event mode): frame codec, protocol rules (pure),
                      the client that publishes through inbound's path

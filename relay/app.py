@@ -27,6 +27,7 @@ from relay import logs
 from relay.backoff import RetryPolicy
 from relay.calls import check_share
 from relay.config import AppConfig, Config, Secret, check_inbound, load_config
+from relay.coordination import Coordinator
 from relay.errors import ConfigError, ListenError, RelayError
 from relay.executor import Executor
 from relay.feishu import FAILED_TOKEN_HOLD, FeishuClient
@@ -76,8 +77,9 @@ def check_limits(config: Config) -> None:
     fails at startup in one line instead of inside the limiter once the first such intent arrives.
     """
     f = config.feishu
-    try:
-        check_share(f.quota_share, f.time_scale, f.limit_jitter, f.limit_utilization)
+    try:  # a group's shares vary (relay.shares): only the whole quota must be sizeable
+        check_share(f.quota_share if f.share_mode == "static" else 1.0, f.time_scale, f.limit_jitter,
+                    f.limit_utilization)
     except ValueError as err:
         raise ConfigError("feishu.quota_share", str(err)) from None
 
@@ -113,6 +115,14 @@ def topics_to_create(config: Config) -> dict[str, dict[str, str]]:
     topics[k.preview_memory_topic] = dict(MEMORY_TOPIC_CONFIG)
     if any(app.type == "store" for app in config.apps):
         topics[k.app_tickets_topic] = dict(TICKETS_TOPIC_CONFIG)
+    if config.kafka.dedup_topic and config.inbound.enabled and config.http.enabled:
+        from relay.seenlog import seen_topic_config
+
+        topics[k.dedup_topic] = seen_topic_config(config)
+    if config.feishu.share_mode == "group":
+        from relay.coordination import COORDINATION_TOPIC_CONFIG
+
+        topics[k.coordination_topic] = dict(COORDINATION_TOPIC_CONFIG)
     # a Finished entry carries a result: as large as the results topic allows
     topics[k.journal_topic] = {**JOURNAL_TOPIC_CONFIG, **large}
     return topics
@@ -168,6 +178,13 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
 
             replies = await start_replies(config, metrics, stack, watched)
             inbound = Inbound(config, KafkaPublisher(producer), metrics, replies=replies)
+            if config.kafka.dedup_topic and config.http.enabled:  # read before the server takes a request
+                from relay.seenlog import KafkaSeen
+
+                seen = KafkaSeen(config, producer, inbound.dedup)
+                await seen.start()
+                stack.push_async_callback(seen.stop)  # after inbound.close: its last publishes are marked too
+                watched.append(seen.wait())  # dead, a redelivery another replica published would go out again
             stack.push_async_callback(inbound.close)  # after the server and the long connections stopped
         if config.http.enabled:
             web_app = web.Application(client_max_size=config.inbound.max_body_bytes + 1)
@@ -194,11 +211,13 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
             stack.push_async_callback(client.close)
             health.checks.append(functools.partial(token_problem, client))
             watched.append(asyncio.create_task(retry_tokens(client, FAILED_TOKEN_HOLD), name="token retry"))
-            outbound, previews = await start_outbound(config, client, producer, metrics, stack)
+            outbound, previews, coordinator = await start_outbound(config, client, producer, metrics, stack)
             health.checks.append(outbound.problem)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
             # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
             watched.append(asyncio.create_task(previews.wait(), name="previews"))
+            if coordinator is not None:  # dead, the share would fence itself to 0: every call would wait
+                watched.append(asyncio.create_task(coordinator.wait(), name="coordination"))
         if inbound is None and any(a.inbound.mode == "websocket" for a in config.apps):
             log.warning("inbound.enabled = false: the apps with inbound.mode = \"websocket\" get no connection")
         if inbound is not None:  # apps in websocket mode: one long connection each, watched like the parts above
@@ -271,14 +290,23 @@ async def start_websockets(config: Config, inbound: Any, metrics: Metrics,
 
 
 async def start_outbound(config: Config, client: FeishuClient, producer: Any, metrics: Metrics,
-                         stack: contextlib.AsyncExitStack) -> tuple[Outbound, PreviewCoalescer]:
+                         stack: contextlib.AsyncExitStack) -> tuple[Outbound, PreviewCoalescer, Coordinator | None]:
     feishu = config.feishu
     limiter = Limiter.from_config(feishu, clock=time.monotonic, sleep=asyncio.sleep)
+    consumers: list[Any] = []  # the outbound consumer, made below: the coordinator's demand reads it
+    coordinator: Coordinator | None = None
+    if feishu.share_mode == "group":
+        coordinator = Coordinator(config, producer, limiter, functools.partial(demand, consumers))
+        await coordinator.start()
+        stack.push_async_callback(coordinator.stop)  # after the consumer stopped: its "left" beat follows no call
+        metrics.collect(lambda m: export_coordination(m, coordinator))
     out = config.outbound
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
                          cap=out.backoff_cap)
     # the group-membership lease: no Feishu call and no result once this replica may have lost its partitions
     membership = Membership(out.session_timeout_ms / 1000, out.rebalance_timeout_ms / 1000)
+    # a partition's previous owner called its targets until just before this assignment (relay.limits)
+    membership.on_assigned.append(functools.partial(limiter.hold_targets, target_hold(config)))
     executor = Executor(client, limiter, policy, rng=random.Random(), gate=membership, metrics=metrics)
     metrics.collect(lambda m: export_membership(m, membership))
     metrics.collect(lambda m: export_outbound(m, limiter, client))
@@ -292,9 +320,11 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     await journal.start()
     stack.push_async_callback(journal.stop)
     metrics.collect(lambda m: export_previews(m, previews))
+    static = {} if config.kafka.group_instance_id is None else {"group_instance_id": config.kafka.group_instance_id}
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
-                             rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500)
+                             rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500, **static)
+    consumers.append(consumer)
     fetcher = Fetcher(out.fetch_allowed_networks, out.fetch_timeout)  # uploads by url (relay.fetch)
     await fetcher.start()
     stack.push_async_callback(fetcher.close)
@@ -302,7 +332,40 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
                         previews=previews, membership=membership, journal=journal, fetcher=fetcher,
                         new_producer=lambda: make_producer(config.kafka))
     metrics.collect(lambda m: m.consumer_lag(outbound.lag()))
-    return outbound, previews
+    consumers.append(outbound)
+    return outbound, previews, coordinator
+
+
+def target_hold(config: Config) -> float:
+    """One per-target window (Feishu's 1 s, scaled) plus the jitter margin: see Limiter.hold_targets."""
+    return 1.0 / config.feishu.time_scale + config.feishu.limit_jitter
+
+
+async def demand(consumers: list[Any]) -> tuple[int, int]:
+    """(intent partitions owned, records on them not finished: not fetched yet, or in flight): what this
+    replica's beats publish. ``consumers``: the outbound consumer, then the Outbound (once made)."""
+    if not consumers:
+        return 0, 0
+    consumer = consumers[0]
+    in_flight = consumers[1].in_flight if len(consumers) > 1 else 0
+    assigned = consumer.assignment()
+    lag = 0
+    for tp in assigned:
+        with contextlib.suppress(Exception):  # revoked meanwhile, position unknown yet: counts nothing
+            high = consumer.highwater(tp)
+            if high is not None:
+                async with asyncio.timeout(0.05):
+                    lag += max(0, high - await consumer.position(tp))
+    return len(assigned), lag + in_flight
+
+
+def export_coordination(metrics: Metrics, coordinator: Coordinator) -> None:
+    book = coordinator.book
+    metrics.set("relay_quota_share", book.share(), help="share of each app-wide quota this replica uses now")
+    metrics.set("relay_quota_share_target", book.target(), help="this replica's part of the group's split")
+    metrics.set("relay_coordination_members", len(book.live()), help="live replicas on the coordination topic")
+    metrics.set_total("relay_coordination_remote_throttles_total", coordinator.applied_throttles,
+                      help="throttles other replicas reported and this one applied")
 
 
 def heartbeat_interval_ms(session_timeout_ms: int) -> int:

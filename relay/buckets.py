@@ -125,7 +125,7 @@ class TokenBucket:
     twice).
     """
 
-    __slots__ = ("_burst", "_epoch", "_last", "_rate", "_slow", "_tokens")
+    __slots__ = ("_burst", "_epoch", "_last", "_rate", "_reshapes", "_slow", "_tokens")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         if rate <= 0 or burst < 1:
@@ -137,6 +137,20 @@ class TokenBucket:
         # (start, duration, factor): the rate is nominal * factor at start, rising linearly to nominal
         self._slow: tuple[float, float, float] | None = None
         self._epoch = 0
+        self._reshapes = 0
+
+    @property
+    def reshapes(self) -> int:
+        """Moves on at every :meth:`reshape`: a reservation made before it is to be made again."""
+        return self._reshapes
+
+    def reshape(self, rate: float, burst: int, now: float) -> None:
+        """A new rate and burst for the reservations to come *and* those waiting: the debt of the reservations
+        handed out is forgiven and :attr:`reshapes` moves on, so that each holder not yet due reserves again
+        (in turn, at the new rate); calls already granted (due) are not touched (:attr:`epoch` stays)."""
+        self.set_shape(rate, burst, now)
+        self._tokens = max(self._tokens, 0.0)
+        self._reshapes += 1
 
     @property
     def epoch(self) -> int:
@@ -174,6 +188,18 @@ class TokenBucket:
             return False
         self._tokens -= 1.0
         return True
+
+    def refund(self, now: float) -> None:
+        """A reservation whose caller gave up before its instant (cancelled: a revoked partition's job) returns
+        its token while the bucket is in debt, so the next callers do not queue behind calls that never go.
+
+        A refund puts the bucket in a state it could have reached without the reservation (fewer tokens owed,
+        never above zero), so the bound ``burst + rate * T`` on the calls scheduled in any window holds; the
+        reservations already made keep their instants (later than needed, never earlier).
+        """
+        self._advance(now)
+        if self._tokens < 0:
+            self._tokens = min(0.0, self._tokens + 1.0)
 
     def penalize(self, now: float, pause: float, *, slow_factor: float = 0.5, recovery: float = 30.0) -> None:
         """Feishu said "too many": nothing is due before ``now + pause``, then the rate recovers from slow.

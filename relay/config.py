@@ -97,6 +97,15 @@ class KafkaConfig(_Section, frozen=True):
     journal_topic: str = "feishu.relay.journal"
     # compacted topic keeping each store app's latest app_ticket (any replica may receive Feishu's hourly push)
     app_tickets_topic: str = "feishu.relay.app-tickets"
+    # compacted single-partition topic where replicas publish their demand and derive their quota shares
+    # (feishu.share_mode = "group"), report throttles to each other and share the inbound dedup memory
+    coordination_topic: str = "feishu.relay.coordination"
+    # compacted topic of the inbound event keys published (digests), so that every replica and restart
+    # answers a redelivery as a duplicate (relay.seenlog); "" keeps the dedup memory per process
+    dedup_topic: str = "feishu.relay.dedup"
+    # static group membership (KIP-345): a stable id per replica (e.g. the pod name); a restart within
+    # outbound.session_timeout_ms keeps its partitions without a rebalance. Unset: dynamic membership
+    group_instance_id: str | None = None
     client_id: str = "feishu-relay"
     # headers copied from an intent record onto its result record, besides ``traceparent``
     forward_headers: list[str] = msgspec.field(default_factory=list)
@@ -138,8 +147,15 @@ class FeishuConfig(_Section, frozen=True):
     max_connections: PositiveInt = 100
     # refresh a tenant_access_token this many seconds before it expires
     token_refresh_margin: PositiveFloat = 600.0
-    # the share of each app's quota this replica may use (several replicas in one group: 1/N each)
+    # the share of each app's quota this replica may use (several replicas in one group: 1/N each);
+    # only with share_mode = "static"
     quota_share: Fraction = 1.0
+    # "static": quota_share, fixed. "group": every replica derives its share from the coordination topic
+    # (relay.shares): share_floor of each API's quota by owned intent partitions, the rest by calls waiting
+    share_mode: Literal["static", "group"] = "static"
+    share_floor: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    # real seconds between two beats of a replica on the coordination topic (share_mode = "group")
+    beat_interval: Annotated[float, Meta(gt=0, le=10)] = 0.5
     # buckets are sized so that burst + rate * (window + limit_jitter) <= limit for every window: the
     # jitter covers timer overshoot, event-loop lag and network variance compressing calls at Feishu
     limit_jitter: Annotated[float, Meta(ge=0, le=1)] = 0.15

@@ -24,7 +24,13 @@ it again. Rules, and why:
   an entry (``test_dedup.test_memory_per_entry`` holds it under 110). A digest collision (2^-128 per pair)
   would make two events one: never in practice.
 
-The memory is per process: consumers finish the job across restarts and replicas with the ``event_id`` header.
+* **Shared between replicas and restarts** when given a :class:`SeenStore` (:meth:`Dedup.share`; the relay's is
+  a compacted Kafka topic, :mod:`relay.seenlog`): a publish that succeeded is written there before the request
+  is answered, and every replica learns what the others wrote (:meth:`Dedup.learn`), from the topic's beginning
+  at start. So a redelivery or a replay landing on another replica, or on this one after a restart, is answered
+  as a duplicate. What stays open: two copies arriving at two replicas within the same fraction of a second
+  (the publishes in flight are per process), and a crash between the event's acknowledgement and the seen
+  record's (the redelivery is then published again): consumers still have the ``event_id`` header.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +61,17 @@ def digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
+class SeenStore(Protocol):
+    """Where a replica tells the others which keys it published (their digests), durably."""
+
+    async def add(self, digests: Sequence[bytes]) -> None: ...
+
+
 class Dedup:
     """Seen-keys memory with TTL and a size bound, and the map of publishes in flight."""
 
-    __slots__ = ("_clock", "_expiry", "_in_flight", "_max_entries", "_next_expiry", "_seen", "_ttl", "evicted")
+    __slots__ = ("_clock", "_expiry", "_in_flight", "_max_entries", "_next_expiry", "_seen", "_store", "_ttl",
+                 "evicted", "share_failures")
 
     def __init__(self, ttl: float, max_entries: int, clock: Callable[[], float]) -> None:
         self._ttl = ttl
@@ -67,7 +81,17 @@ class Dedup:
         self._expiry = 0.0  # the last expiry stamped: shared by every entry marked in the same second
         self._next_expiry = math.inf  # no entry expires before this: no sweep needed until then
         self._in_flight: dict[bytes, asyncio.Task[BaseException | None]] = {}
+        self._store: SeenStore | None = None
         self.evicted = 0  # entries dropped by the size bound before their TTL
+        self.share_failures = 0  # published keys that could not be written to the store
+
+    def share(self, store: SeenStore) -> None:
+        """Write every key published from now on to ``store`` too (module doc)."""
+        self._store = store
+
+    def learn(self, digests: Iterable[bytes]) -> None:
+        """Another replica (or an earlier process) published these: remember them for the TTL from now."""
+        self._mark_digests(digests)
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -122,6 +146,12 @@ class Dedup:
             return exc
         else:
             self._mark_digests(digests)
+            if self._store is not None:
+                try:  # before the answer: a redelivery to another replica must find it
+                    await self._store.add(digests)
+                except Exception as exc:  # published all the same: at worst a redelivery goes out again
+                    self.share_failures += 1
+                    log.warning("dedup: published keys not shared with the other replicas: %s", exc)
             return None
         finally:
             for key in digests:

@@ -13,9 +13,13 @@ only sequences awaits around the pure arithmetic of :mod:`relay.buckets`, with t
     learn      a create/reply/forward answer named the chat: every name of that chat shares one bucket from now
 
 A replica's ``share`` of the quota applies to app-wide buckets only: Feishu counts those over every replica of
-the consumer group. A target (a chat, a user, a message) is reached through one ordering key, so one partition,
-so one replica: its bucket is sized for the whole per-target limit. (Two *names* of one target may sit on two
-replicas; within one replica they share, see :mod:`relay.targets`.)
+the consumer group. It is fixed (``feishu.quota_share``) or follows the group (:meth:`Limiter.set_share`, fed by
+:mod:`relay.coordination` with what :mod:`relay.shares` derives; a share too small to leave an API one call in a
+window holds that API's calls until it grows). A target (a chat, a user, a message) is reached through one
+ordering key, so one partition, so one replica: its bucket is sized for the whole per-target limit, and after a
+rebalance a new target bucket starts one target window late (:meth:`Limiter.hold_targets`), after the previous
+owner's last call. (Two *names* or two *keys* of one target may sit on two replicas; within one replica they
+share, see :mod:`relay.targets`.)
 """
 
 from __future__ import annotations
@@ -75,9 +79,10 @@ class LimiterStats(msgspec.Struct, frozen=True):
 
 
 class _Entry:
-    __slots__ = ("bucket", "given", "lock", "log", "users", "windows")
+    __slots__ = ("api", "bucket", "given", "lock", "log", "users", "windows")
 
-    def __init__(self, bucket: TokenBucket, windows: tuple[Window, ...], log: SendLog) -> None:
+    def __init__(self, bucket: TokenBucket, windows: tuple[Window, ...], log: SendLog, api: str = "") -> None:
+        self.api = api  # app-wide buckets: the API (its share, set_shares); "" for a target's
         self.bucket = bucket
         self.log = log
         self.windows = windows  # the stricter of all windows its callers gave
@@ -168,14 +173,23 @@ class Limiter:
         recovery: float = 30.0,
         max_api_buckets: int = MAX_API_BUCKETS,
         target_memory: int = TARGET_MEMORY,
+        dynamic: bool = False,
     ) -> None:
         """``default_pause`` (when Feishu gives no reset) and ``recovery`` are Feishu durations: divided by
-        ``time_scale`` like the windows."""
+        ``time_scale`` like the windows. ``dynamic``: the share follows the group (:meth:`set_share`,
+        :mod:`relay.shares`) and starts at 0, so a call is admissible when the whole quota leaves it one."""
         if max_api_buckets < 1:
             raise ValueError(f"Limiter: max_api_buckets {max_api_buckets} must be >= 1")
         self._jitter = jitter
         self._utilization = utilization
-        self._share = share
+        self._dynamic = dynamic
+        self._share = 0.0 if dynamic else share  # every API's, unless _api_shares names it
+        self._api_shares: dict[str, float] = {}
+        self._waiting_api: dict[str, int] = {}  # calls waiting for an API's app-wide token
+        self._share_changed = asyncio.Event()
+        self.on_throttle: Callable[[str, str, float | None], None] | None = None  # app-wide throttles (app, api, pause)
+        self._waiting = 0  # acquires in progress (the demand a replica publishes)
+        self._targets_held_until = -math.inf  # target buckets made before then start then (hold_targets)
         self._time_scale = time_scale
         self._clock = clock
         self._sleep = sleep
@@ -206,15 +220,69 @@ class Limiter:
         max_api_buckets and target_memory."""
         return cls(jitter=feishu.limit_jitter, utilization=feishu.limit_utilization, share=feishu.quota_share,
                    time_scale=feishu.time_scale, clock=clock, sleep=sleep, max_api_buckets=feishu.max_api_buckets,
-                   target_memory=feishu.target_memory)
+                   target_memory=feishu.target_memory, dynamic=feishu.share_mode == "group")
 
     @property
     def share(self) -> float:
         return self._share
 
-    def shape(self, windows: Sequence[Window], *, target: bool = False) -> BucketShape:
-        """The bucket this limiter sizes for ``windows``: app-wide at its share, a ``target``'s at the whole."""
-        share = 1.0 if target else self._share
+    @property
+    def waiting(self) -> int:
+        """Calls waiting in :meth:`acquire` now."""
+        return self._waiting
+
+    def share_of(self, api: str) -> float:
+        """This replica's share of ``api``'s app-wide quota."""
+        return self._api_shares.get(api, self._share)
+
+    def waiting_by_api(self) -> dict[str, int]:
+        """Calls waiting for each API's app-wide token now (their target's token, if any, already had)."""
+        return {api: n for api, n in self._waiting_api.items() if n > 0}
+
+    def set_shares(self, share: float, by_api: dict[str, float]) -> None:
+        """Like :meth:`set_share`, with ``by_api`` overriding ``share`` for the APIs it names."""
+        by_api = {api: min(1.0, max(0.0, s)) for api, s in by_api.items()}
+        share = min(1.0, max(0.0, share))
+        if share == self._share and by_api == self._api_shares:
+            return
+        self._share = share
+        self._api_shares = by_api
+        self._resize()
+
+    def set_share(self, share: float) -> None:
+        """This replica's share of every app-wide quota is now ``share`` (in [0, 1]; :mod:`relay.shares`).
+
+        Every app-wide bucket and send log is resized at once: a smaller share lowers the rate, the burst (the
+        tokens saved are cut to it) and the send log's limit on the sends already made, so it binds the very next
+        send; a call granted before and not yet sent is held by that send log. While the share leaves an API no
+        call in one of its windows, its calls wait (none is sent, none is refused). The caller grows a share only
+        once the old shares can no longer overlap a window (:class:`relay.shares.ShareBook`).
+        """
+        share = min(1.0, max(0.0, share))
+        if share == self._share and not self._api_shares:
+            return
+        self._share = share
+        self._api_shares = {}
+        self._resize()
+
+    def _resize(self) -> None:
+        now = self._clock()
+        for entry in self._apps.values():
+            share = self.share_of(entry.api)
+            if share_leaves_no_call(entry.windows, share) is None:
+                shape = self.shape(entry.windows, api=entry.api)
+                if (shape.rate, shape.burst) != (entry.bucket.rate, entry.bucket.burst):
+                    entry.bucket.reshape(shape.rate, shape.burst, now)  # the queued calls reserve again
+            entry.log.spans = tuple(self._spans(entry.windows, target=False, api=entry.api))
+        self._share_changed.set()
+        self._share_changed = asyncio.Event()
+
+    def shape(self, windows: Sequence[Window], *, target: bool = False, api: str = "") -> BucketShape:
+        """The bucket this limiter sizes for ``windows``: app-wide at ``api``'s share, a ``target``'s at the
+        whole."""
+        share = 1.0 if target else self.share_of(api)
+        if share_leaves_no_call(windows, share) is not None and self._dynamic:
+            share = 1.0  # its calls wait for a larger share (set_share); the bucket is resized then
         key = (tuple(windows), share)
         shape = self._shapes.get(key)
         if shape is None:
@@ -235,7 +303,7 @@ class Limiter:
         """
         if not api_windows:
             return f"{api} has no rate limit window"
-        window = share_leaves_no_call(api_windows, self._share)
+        window = share_leaves_no_call(api_windows, 1.0 if self._dynamic else self._share)
         if window is not None:
             return (f"{api}: quota_share {self._share:g} of {window.limit} calls per {window.seconds:g} s leaves "
                     f"no call at this replica (needs a share of at least {1 / window.limit:.3g})")
@@ -293,7 +361,11 @@ class Limiter:
             raise ValueError(f"acquire: target {target!r} of {api} needs its windows")
         grant = Grant(app, api, tuple(api_windows), target, tuple(target_windows), learns)
         grant.tenant = tenant
-        await self._grant(grant)
+        self._waiting += 1
+        try:
+            await self._grant(grant)
+        finally:
+            self._waiting -= 1
         grant.waited = waited = self._clock() - start
         self._acquires += 1
         if waited > 0:
@@ -315,7 +387,7 @@ class Limiter:
         """
         while True:
             live = self._live(grant)
-            if live is None:
+            if live is None or share_leaves_no_call(live[0].windows, self.share_of(grant.api)) is not None:
                 self._voided += 1
                 raise Requeue(self, grant)
             app_log = live[0].log
@@ -351,7 +423,7 @@ class Limiter:
         released.set()
 
     def throttled(self, app: str, api: str, target: str | None = None, retry_after: float | None = None, *,
-                  grant: Grant | None = None, tenant: str | None = None) -> None:
+                  grant: Grant | None = None, tenant: str | None = None, remote: bool = False) -> None:
         """Feishu throttled a call: pause and slow the bucket it counts against.
 
         Give ``target`` for a per-target refusal (230020: that chat or user is over 5/s, perhaps because other
@@ -361,10 +433,16 @@ class Limiter:
         bucket's rate recovers gradually. With the call's ``grant``: when the bucket was penalized after that
         call was sent, its answer belongs to the burst already paid for (it left before the first answer was
         read), so the pause may grow but the rate is not cut again; without it every answer cuts the rate.
+
+        An app-wide throttle is also told to :attr:`on_throttle` (the other replicas share the quota: they pause
+        and slow too); ``remote``: it is one another replica was told, applied here, not told again nor counted.
         """
         now = self._clock()
         pause = self._default_pause if retry_after is None else retry_after
-        self._throttles += 1
+        if not remote:
+            self._throttles += 1
+            if target is None and self.on_throttle is not None:
+                self.on_throttle(app, api, retry_after)
         entry: _Entry | None
         sent_epoch: int | None = None
         if target is not None:
@@ -378,7 +456,8 @@ class Limiter:
             if grant is not None and grant._app is entry:
                 sent_epoch = grant._app_epoch
         if entry is None:
-            log.warning("throttled %s %s target=%s but no bucket was ever used for it", app, api, target)
+            if not remote:  # another replica's throttle of an API this one never called: nothing to slow
+                log.warning("throttled %s %s target=%s but no bucket was ever used for it", app, api, target)
             return
         again = sent_epoch is not None and sent_epoch != entry.bucket.epoch
         entry.bucket.penalize(now, pause, slow_factor=1.0 if again else self._slow_factor, recovery=self._recovery)
@@ -412,7 +491,7 @@ class Limiter:
         if target is None:
             app_entry.users += 1
             try:
-                await self._take(app_entry.bucket)
+                await self._take(app_entry.bucket, app_entry.windows, grant.api)
             finally:
                 app_entry.users -= 1
             grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
@@ -431,7 +510,7 @@ class Limiter:
                         if wait > DUE:
                             await self._sleep(wait)
                             continue  # look again: a penalty or a merge may have come meanwhile
-                        await self._take(app_entry.bucket)
+                        await self._take(app_entry.bucket, app_entry.windows, grant.api)
                         if self._current(app, target, key, entry) and entry.bucket.take(self._clock()):
                             grant._app, grant._app_epoch = app_entry, app_entry.bucket.epoch
                             grant._target, grant._target_epoch = entry, entry.bucket.epoch
@@ -441,16 +520,51 @@ class Limiter:
                 entry.users -= 1
                 app_entry.users -= 1
 
-    async def _take(self, bucket: TokenBucket) -> None:
-        """Reserve a token and sleep until it is due; again if a penalty voided it meanwhile."""
+    async def _take(self, bucket: TokenBucket, windows: tuple[Window, ...], api: str) -> None:
+        """Reserve an app-wide token and sleep until it is due; again if a penalty voided it meanwhile. First
+        wait while this replica's share of ``api`` leaves its ``windows`` no call."""
+        self._waiting_api[api] = self._waiting_api.get(api, 0) + 1
+        try:
+            await self._take_app(bucket, windows, api)
+        finally:
+            self._waiting_api[api] -= 1
+            if not self._waiting_api[api]:
+                del self._waiting_api[api]
+
+    async def _take_app(self, bucket: TokenBucket, windows: tuple[Window, ...], api: str) -> None:
+        """A reservation is made at the bucket's rate of the moment: when the share changes meanwhile its
+        sleeper wakes, gives the token back and reserves again at the new rate (a grown share is used at once by
+        the calls already queued, a shrunk one binds them at once)."""
         while True:
-            epoch = bucket.epoch
-            wait = bucket.reserve(self._clock())
-            if wait > DUE:
-                await self._sleep(wait)
+            while share_leaves_no_call(windows, self.share_of(api)) is not None:
+                await self._share_changed.wait()
+            epoch, shapes = bucket.epoch, bucket.reshapes
+            now = self._clock()
+            due = now + bucket.reserve(now)
+            try:
+                while (wait := due - self._clock()) > DUE and bucket.reshapes == shapes:
+                    await self._sleep_unless(self._share_changed, wait)
+            except asyncio.CancelledError:
+                if bucket.epoch == epoch and bucket.reshapes == shapes:  # the callers behind must not wait for it
+                    bucket.refund(self._clock())
+                raise
+            if bucket.reshapes != shapes:
+                continue  # resized while waiting: its debt was forgiven, reserve again at the new rate
             if bucket.epoch == epoch:
                 return
             self._retakes += 1
+
+    async def _sleep_unless(self, event: asyncio.Event, seconds: float) -> bool:
+        """Sleep ``seconds``; True if ``event`` was set first (the sleep is then cut short)."""
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waiter):
+                task.cancel()
+            await asyncio.gather(sleeper, waiter, return_exceptions=True)
+        return event.is_set()  # (set at the very instant the sleep ended: reserving again is as good)
 
     def _current(self, app: str, target: str, key: BucketKey, entry: _Entry) -> bool:
         """``entry`` is still the bucket ``target`` counts in (not merged into another name's, not forgotten)."""
@@ -483,7 +597,7 @@ class Limiter:
         entry = self._apps.get(key)
         if entry is None:
             self._make_room()  # never refuses here: a call already admitted is not stopped
-            entry = self._apps[key] = self._new_entry(windows, target=False)
+            entry = self._apps[key] = self._new_entry(windows, target=False, api=api)
             self._api_users[api] = self._api_users.get(api, 0) + 1
         else:
             self._apps.move_to_end(key)
@@ -510,11 +624,22 @@ class Limiter:
                     return True
         return False
 
+    def hold_targets(self, seconds: float) -> None:
+        """Partitions were just assigned: a target bucket made within ``seconds`` from now starts then.
+
+        A target reached through one ordering key is called by the replica owning its partition only, and the
+        previous owner made its last call before this assignment (it drained before rejoining, or it was out of
+        the group and its membership lease had stopped its calls first). A fresh bucket would admit a call at
+        once, in the same second as the previous owner's last ones; held for one target window (plus the jitter
+        margin) it cannot. Buckets that exist already counted this replica's own calls and are left alone.
+        """
+        self._targets_held_until = max(self._targets_held_until, self._clock() + seconds)
+
     def _target_entry(self, key: BucketKey, windows: tuple[Window, ...]) -> _Entry:
         now = self._clock()
         entry = self._targets.get(key)
         if entry is None:
-            entry = self._targets[key] = self._new_entry(windows, target=True)
+            entry = self._targets[key] = self._new_entry(windows, target=True, start=self._targets_held_until)
         else:
             self._targets.move_to_end(key)
             if windows is not entry.given and windows is not entry.windows:
@@ -530,10 +655,10 @@ class Limiter:
         entry.given = windows
         merged = stricter(entry.windows, windows)
         if merged != entry.windows:
-            shape = self.shape(merged, target=target)
+            shape = self.shape(merged, target=target, api=entry.api)
             entry.bucket.set_shape(shape.rate, shape.burst, self._clock())
             entry.windows = merged
-            entry.log.spans = tuple(self._spans(merged, target=target))
+            entry.log.spans = tuple(self._spans(merged, target=target, api=entry.api))
 
     def _merge(self, name: BucketKey, chat: BucketKey) -> None:
         """``name`` turned out to count in ``chat``: its bucket becomes the chat's, or is merged into it."""
@@ -549,18 +674,19 @@ class Limiter:
         if old.windows != entry.windows:
             self._tighten(entry, old.windows, target=True)
 
-    def _new_entry(self, given: tuple[Window, ...], *, target: bool) -> _Entry:
+    def _new_entry(self, given: tuple[Window, ...], *, target: bool, start: float = -math.inf,
+                   api: str = "") -> _Entry:
         windows = stricter(given)
-        shape = self.shape(windows, target=target)
-        entry = _Entry(TokenBucket(shape.rate, shape.burst, self._clock()), windows,
-                       SendLog(self._spans(windows, target=target)))
+        shape = self.shape(windows, target=target, api=api)
+        entry = _Entry(TokenBucket(shape.rate, shape.burst, max(self._clock(), start)), windows,
+                       SendLog(self._spans(windows, target=target, api=api)), api)
         entry.given = given  # the caller's own object: the next call with it takes the fast path
         return entry
 
-    def _spans(self, windows: Sequence[Window], *, target: bool) -> list[tuple[int, float]]:
+    def _spans(self, windows: Sequence[Window], *, target: bool, api: str = "") -> list[tuple[int, float]]:
         """The send log's (limit, span) per window: this replica's share of the limit (app-wide windows only),
         over the scaled window plus the jitter margin, like the bucket's sizing."""
-        share = 1.0 if target else self._share
+        share = 1.0 if target else self.share_of(api)
         return [(max(1, math.floor(w.limit * share)), w.seconds / self._time_scale + self._jitter) for w in windows]
 
     def _evict(self, now: float, budget: int) -> None:

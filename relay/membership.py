@@ -170,6 +170,7 @@ class Membership:
         self.clock = clock
         self._changed = asyncio.Event()
         self._waiting_logged = False
+        self.on_assigned: list[Callable[[], None]] = []  # told at each SyncGroup answered (partitions given)
         self.losses = 0  # times the lease was lost while it held partitions
         self.waits = 0  # times a call or write had to wait for the coordinator's answer
 
@@ -181,6 +182,8 @@ class Membership:
     def assigned(self, generation: int, sent_at: float) -> None:
         self.lease.assigned(generation, sent_at)
         log.info("member of generation %d: lease valid for %.1fs", generation, self.lease.valid_until() - sent_at)
+        for hook in self.on_assigned:
+            hook()
         self._notify()
 
     def heartbeat(self, generation: int, sent_at: float, *, rebalancing: bool) -> None:

@@ -322,6 +322,11 @@ class Outbound(ConsumerRebalanceListener):
             await asyncio.gather(*self._stopping, return_exceptions=True)  # their errors do not matter now
         log.info("outbound stopped: %d records finished", self.finished)
 
+    @property
+    def in_flight(self) -> int:
+        """Records read and not finished yet (the demand a replica publishes, with the lag: relay.coordination)."""
+        return self._inflight
+
     def problem(self) -> str | None:
         """Why records cannot finish right now, for ``/readyz`` (None when all is well); see the module doc."""
         now = self._clock()

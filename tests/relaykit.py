@@ -43,6 +43,8 @@ def config_data(bootstrap: str, prefix: str, base_url: str, *, time_scale: float
             "replies_topic": f"{prefix}.replies",
             "preview_memory_topic": f"{prefix}.preview-memory",
             "journal_topic": f"{prefix}.journal",
+            "coordination_topic": f"{prefix}.coordination",
+            "dedup_topic": f"{prefix}.dedup",
             "topic_partitions": 4,
         },
         "feishu": {"base_url": base_url, "time_scale": time_scale, "token_refresh_margin": 60.0},

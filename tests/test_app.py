@@ -54,12 +54,16 @@ def test_topics_to_create_cover_every_topic_with_its_settings() -> None:
     topics = topics_to_create(config)
     k = config.kafka
     assert {*k.intents_topics, k.results_topic, k.dead_letter_topic, k.events_topic, k.callbacks_topic, "msgs",
-            k.preview_memory_topic, k.journal_topic, k.replies_topic} == set(topics)
+            k.preview_memory_topic, k.journal_topic, k.replies_topic, k.dedup_topic} == set(topics)
     # replies matter for seconds: kept an hour, not the broker's week
     assert int(topics[k.replies_topic]["retention.ms"]) == 3600 * 1000
     off = parse_config({"inbound": {"callback_replies": False}}, env={})
     assert off.kafka.replies_topic not in topics_to_create(off)
     assert "compact" in topics[k.preview_memory_topic]["cleanup.policy"]
+    assert "compact" in topics[k.dedup_topic]["cleanup.policy"]
+    assert int(topics[k.dedup_topic]["retention.ms"]) == config.inbound.dedup_ttl * 1000
+    group = topics_to_create(parse_config({"feishu": {"share_mode": "group"}}, env={}))
+    assert group[k.coordination_topic]["message.timestamp.type"] == "LogAppendTime"
     journal = topics[k.journal_topic]  # deleted by age, never compacted; holds a Finished entry with a result
     assert journal["cleanup.policy"] == "delete" and int(journal["retention.ms"]) >= 7 * 24 * 3600 * 1000
     assert journal["max.message.bytes"] == topics[k.results_topic]["max.message.bytes"]
