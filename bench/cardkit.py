@@ -82,7 +82,10 @@ async def main() -> int:
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--updates", type=int, default=500)
     parser.add_argument("--rates", default="20,50,200,0")
+    parser.add_argument("--quick", action="store_true", help="100 updates at two speeds (make bench --quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.updates, args.rates = 100, "50,0"
     rows = [await one(args.bootstrap, args.updates, float(rate)) for rate in args.rates.split(",")]
     columns = list(rows[0])
     print(f"\n{args.updates} updates of one answer into one card (sandbox at real time, 10 calls/s per card)")
