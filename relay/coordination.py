@@ -104,7 +104,7 @@ class Coordinator:
     async def start(self, load_timeout: float = 60.0) -> None:
         from aiokafka import TopicPartition
 
-        from relay.kafka import ensure_topics, make_consumer
+        from relay.kafka import ensure_topics, make_consumer, read_to_end
 
         if self._config.kafka.create_topics:
             await ensure_topics(self._config.kafka, {self.topic: dict(COORDINATION_TOPIC_CONFIG)})
@@ -113,13 +113,13 @@ class Coordinator:
         consumer = self._consumer = make_consumer(self._config.kafka, group_id=None, enable_auto_commit=False)
         await consumer.start()
         consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
+
+        def take(records: list[Any]) -> None:
+            for record in records:
+                self._apply(record)
+
         async with asyncio.timeout(load_timeout):
-            while await consumer.position(tp) < end:
-                for records in (await consumer.getmany(tp, timeout_ms=500)).values():
-                    for record in records:
-                        self._apply(record)
+            await read_to_end(consumer, [tp], take)
         self._live = True
         self._limiter.on_throttle = self._throttled
         await self._beat()

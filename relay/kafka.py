@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
@@ -68,6 +69,20 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
 # to come back: the broker answers as soon as a record arrives whatever this is, and an idle follower asks once a
 # second instead of ten times (measured: the idle relay's fetches were most of its idle CPU)
 FOLLOWER_FETCH_WAIT_MS: Final = 1000
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
+                      take: Callable[[list[Any]], object]) -> None:
+    """Read the assigned ``tps`` from their beginning up to their end offsets as of now, handing ``take`` one
+    partition's fetched records at a time: a compacted topic's state, read whole before it is followed live. The
+    caller bounds the time (``asyncio.timeout``)."""
+    await consumer.seek_to_beginning(*tps)
+    end: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))
+    todo = {tp for tp in tps if await consumer.position(tp) < end[tp]}
+    while todo:
+        for records in (await consumer.getmany(*todo, timeout_ms=500)).values():
+            take(records)
+        todo = {tp for tp in todo if await consumer.position(tp) < end[tp]}
 
 
 def make_consumer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:

@@ -52,7 +52,7 @@ class KafkaSeen:
         """Read every key there now, then follow; only then is :meth:`add` handed to the dedup memory."""
         from aiokafka import TopicPartition
 
-        from relay.kafka import ensure_topics, make_consumer
+        from relay.kafka import ensure_topics, make_consumer, read_to_end
 
         if self._config.kafka.create_topics:
             await ensure_topics(self._config.kafka, {self.topic: seen_topic_config(self._config)})
@@ -61,14 +61,8 @@ class KafkaSeen:
         consumer = self._consumer = make_consumer(self._config.kafka, group_id=None, enable_auto_commit=False)
         await consumer.start()
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
         async with asyncio.timeout(load_timeout):
-            todo = {tp for tp in tps if await consumer.position(tp) < end[tp]}
-            while todo:
-                for records in (await consumer.getmany(*todo, timeout_ms=500)).values():
-                    self._apply(records)
-                todo = {tp for tp in todo if await consumer.position(tp) < end[tp]}
+            await read_to_end(consumer, tps, self._apply)
         self._dedup.share(self)
         self._tail = asyncio.create_task(self._follow(consumer), name="dedup-tail")
         log.info("dedup: %d published keys read from %s; following it", self.read, self.topic)

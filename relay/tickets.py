@@ -138,7 +138,7 @@ class KafkaTickets(TicketBook):
         returns that task (it ends only with an error, or :meth:`stop`)."""
         from aiokafka import TopicPartition
 
-        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, ensure_topics, make_consumer
+        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, ensure_topics, make_consumer, read_to_end
 
         if self._cfg.create_topics:
             await ensure_topics(self._cfg, {self.topic: dict(TICKETS_TOPIC_CONFIG)})
@@ -149,12 +149,7 @@ class KafkaTickets(TicketBook):
             partitions: set[int] = await self._producer.partitions_for(self.topic)
             tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-            todo = {tp for tp in tps if await consumer.position(tp) < end[tp]}
-            while todo:
-                self._apply_batch(await consumer.getmany(*todo, timeout_ms=500))
-                todo = {tp for tp in todo if await consumer.position(tp) < end[tp]}
+            await read_to_end(consumer, tps, self._apply_records)
         log.info("app tickets: %d read from %s; following it", self.read, self.topic)
         self._tail = asyncio.create_task(self._follow(consumer), name="app-tickets")
         return self._tail
@@ -174,5 +169,8 @@ class KafkaTickets(TicketBook):
 
     def _apply_batch(self, batch: dict[Any, list[Any]]) -> None:
         for records in batch.values():
-            for record in records:
-                self.apply(record.key, record.value)
+            self._apply_records(records)
+
+    def _apply_records(self, records: list[Any]) -> None:
+        for record in records:
+            self.apply(record.key, record.value)

@@ -226,7 +226,7 @@ class KafkaPreviewMemory:
     async def follow(self, arbiter: ClaimArbiter, seen: Seen) -> asyncio.Task[None]:
         from aiokafka import TopicPartition
 
-        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, make_consumer
+        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, make_consumer, read_to_end
 
         if self._producer is None:
             raise RuntimeError("KafkaPreviewMemory.follow without a producer: pass one or start() first")
@@ -239,16 +239,13 @@ class KafkaPreviewMemory:
                                                   fetch_max_wait_ms=FOLLOWER_FETCH_WAIT_MS)
         await consumer.start()
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+
+        def take(records: list[Any]) -> None:
+            for record in records:
+                self._apply(record, arbiter, seen)
+
         async with asyncio.timeout(self._load_timeout):
-            todo = {tp for tp in tps if await consumer.position(tp) < end[tp]}
-            while todo:
-                batch = await consumer.getmany(*todo, timeout_ms=500)
-                for records in batch.values():
-                    for record in records:
-                        self._apply(record, arbiter, seen)
-                todo = {tp for tp in todo if await consumer.position(tp) < end[tp]}
+            await read_to_end(consumer, tps, take)
         log.info("preview memory: %d records of %d tokens read from %s; following it", self.read, len(arbiter),
                  self.topic)
         self._tail = asyncio.create_task(self._follow(consumer, arbiter, seen), name="preview-memory")
