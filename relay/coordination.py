@@ -104,13 +104,14 @@ class Coordinator:
     async def start(self, load_timeout: float = 60.0) -> None:
         from aiokafka import TopicPartition
 
-        from relay.kafka import ensure_topics, make_consumer, read_to_end
+        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, ensure_topics, make_consumer, read_to_end
 
         if self._config.kafka.create_topics:
             await ensure_topics(self._config.kafka, {self.topic: dict(COORDINATION_TOPIC_CONFIG)})
         await self._producer.partitions_for(self.topic)
         tp = TopicPartition(self.topic, 0)
-        consumer = self._consumer = make_consumer(self._config.kafka, group_id=None, enable_auto_commit=False)
+        consumer = self._consumer = make_consumer(self._config.kafka, group_id=None, enable_auto_commit=False,
+                                                  fetch_max_wait_ms=FOLLOWER_FETCH_WAIT_MS)
         await consumer.start()
         consumer.assign([tp])
 

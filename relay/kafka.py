@@ -65,9 +65,10 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**settings)
 
 
-# a follower of a compacted topic (preview memory, app tickets) is never paused, so nothing waits for its fetch
-# to come back: the broker answers as soon as a record arrives whatever this is, and an idle follower asks once a
-# second instead of ten times (measured: the idle relay's fetches were most of its idle CPU)
+# a follower of a compacted topic (preview memory, app tickets, dedup seen-log, coordination) is never paused, so
+# nothing waits for its fetch to come back: the broker answers as soon as a record arrives whatever this is, and an
+# idle follower asks once a second instead of ten times (measured: the idle relay's fetches were most of its idle
+# CPU)
 FOLLOWER_FETCH_WAIT_MS: Final = 1000
 
 

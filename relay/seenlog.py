@@ -52,13 +52,14 @@ class KafkaSeen:
         """Read every key there now, then follow; only then is :meth:`add` handed to the dedup memory."""
         from aiokafka import TopicPartition
 
-        from relay.kafka import ensure_topics, make_consumer, read_to_end
+        from relay.kafka import FOLLOWER_FETCH_WAIT_MS, ensure_topics, make_consumer, read_to_end
 
         if self._config.kafka.create_topics:
             await ensure_topics(self._config.kafka, {self.topic: seen_topic_config(self._config)})
         partitions: set[int] = await self._producer.partitions_for(self.topic)
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer = self._consumer = make_consumer(self._config.kafka, group_id=None, enable_auto_commit=False)
+        consumer = self._consumer = make_consumer(self._config.kafka, group_id=None, enable_auto_commit=False,
+                                                  fetch_max_wait_ms=FOLLOWER_FETCH_WAIT_MS)
         await consumer.start()
         consumer.assign(tps)
         async with asyncio.timeout(load_timeout):
