@@ -4,9 +4,11 @@
 #   deploy/kafka/kafka.sh start    fetch jars if missing, format once, start in the background, wait until ready
 #   deploy/kafka/kafka.sh stop     stop the broker started from this state dir
 #   deploy/kafka/kafka.sh status   exit 0 if a broker answers on the port
+#   deploy/kafka/kafka.sh format   fetch jars if missing and format the state dir (start does this itself)
 #
 # Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_STATE_DIR (deploy/kafka/state),
-# KAFKA_MAJOR (4; 3 = the 3.9.x fallback), KAFKA_HEAP_OPTS, KAFKA_START_TIMEOUT (seconds, 90), PYTHON.
+# KAFKA_MAJOR (4; 3 = the 3.9.x fallback), KAFKA_HEAP_OPTS, KAFKA_START_TIMEOUT (seconds, 90),
+# KAFKA_CLUSTER_ID (a new random one when the state dir is first formatted), PYTHON.
 # A broker already answering on the port is reused. Failures print the tail of the broker log and exit 1.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -59,6 +61,38 @@ fetch_jars() {
 
 tail_log() { [ -f "$LOG" ] && { say "last lines of $LOG:"; tail -n 40 "$LOG" >&2; }; return 0; }
 
+log_option() {
+  if [ "$MAJOR" = 4 ]; then echo "-Dlog4j2.configurationFile=$HERE/log4j2.properties"
+  else echo "-Dlog4j.configuration=file:$HERE/log4j.properties"; fi
+}
+
+configure() {
+  mkdir -p "$STATE/data" "$STATE/logs"
+  sed -e "s#@DATA@#$STATE/data#" -e "s#@PORT@#$PORT#g" -e "s#@CPORT@#$CPORT#g" \
+    "$HERE/server.properties.in" > "$STATE/server.properties"
+}
+
+# A cluster id as Kafka's own Uuid.randomUuid makes it: url-safe base64 of 16 random bytes, never starting with
+# "-" (an id such as "-Xy..." would read as an option). It is passed as --cluster-id=ID all the same.
+cluster_id() {
+  if [ -n "${KAFKA_CLUSTER_ID:-}" ]; then echo "$KAFKA_CLUSTER_ID"; return; fi
+  "$PYTHON" -c '
+import base64, uuid
+while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+    pass
+print(cid)'
+}
+
+# Format the state dir once (a formatted one is kept as it is).
+format_storage() {
+  if [ -f "$STATE/data/meta.properties" ]; then return; fi
+  local cid; cid="$(cluster_id)"
+  # shellcheck disable=SC2086
+  java $JAVA_OPTS "$(log_option)" -cp "$LIBS/*" kafka.tools.StorageTool format "--cluster-id=$cid" \
+    -c "$STATE/server.properties" --ignore-formatted > "$STATE/logs/format.log" 2>&1 \
+    || { say "formatting the storage failed"; tail -n 40 "$STATE/logs/format.log" >&2; exit 1; }
+}
+
 start() {
   if port_open "$PORT" && ready; then say "reusing the broker already up on 127.0.0.1:$PORT"; return 0; fi
   if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
@@ -66,20 +100,10 @@ start() {
   else
     fetch_jars
     ensure_java
-    mkdir -p "$STATE/data" "$STATE/logs"
-    sed -e "s#@DATA@#$STATE/data#" -e "s#@PORT@#$PORT#g" -e "s#@CPORT@#$CPORT#g" \
-      "$HERE/server.properties.in" > "$STATE/server.properties"
-    if [ "$MAJOR" = 4 ]; then LOGOPT="-Dlog4j2.configurationFile=$HERE/log4j2.properties"
-    else LOGOPT="-Dlog4j.configuration=file:$HERE/log4j.properties"; fi
-    if [ ! -f "$STATE/data/meta.properties" ]; then
-      CID="$("$PYTHON" -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
-      # shellcheck disable=SC2086
-      java $JAVA_OPTS $LOGOPT -cp "$LIBS/*" kafka.tools.StorageTool format -t "$CID" \
-        -c "$STATE/server.properties" --ignore-formatted > "$STATE/logs/format.log" 2>&1 \
-        || { say "formatting the storage failed"; tail -n 40 "$STATE/logs/format.log" >&2; exit 1; }
-    fi
+    configure
+    format_storage
     # shellcheck disable=SC2086
-    nohup java $JAVA_OPTS $LOGOPT -Dkafka.logs.dir="$STATE/logs" -cp "$LIBS/*" kafka.Kafka \
+    nohup java $JAVA_OPTS "$(log_option)" -Dkafka.logs.dir="$STATE/logs" -cp "$LIBS/*" kafka.Kafka \
       "$STATE/server.properties" > "$LOG" 2>&1 < /dev/null &
     echo $! > "$PIDFILE"
   fi
@@ -108,5 +132,6 @@ case "${1:-start}" in
   stop) stop ;;
   status) port_open "$PORT" && ready ;;
   fetch) fetch_jars ;;
-  *) echo "usage: $0 start|stop|status|fetch" >&2; exit 2 ;;
+  format) fetch_jars; ensure_java; configure; format_storage ;;
+  *) echo "usage: $0 start|stop|status|fetch|format" >&2; exit 2 ;;
 esac
