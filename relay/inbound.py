@@ -203,6 +203,8 @@ class Inbound:
             budget = self._cfg.reply_timeout - (time.perf_counter() - started)
             pending = self._replies.open(event.event_type, int(1000 * (self._clock() + budget)))
         try:
+            if pending is not None and self._replies is not None:
+                await self._replies.ready()  # a parked reply reader wakes at the end first (relay.replies)
             return await self._publish_and_answer(name, event, started, topic, callback, pending)
         finally:
             if pending is not None and self._replies is not None:

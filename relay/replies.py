@@ -35,6 +35,14 @@ flight (the constant's comment says when). The reader looks for partitions added
 started); a reply landing there before it is noticed may come too late for its request, so add partitions
 when clicks are few.
 
+**Parked while nobody waits.** A reader fetching every 20 ms was most of an idle relay's CPU. After
+:data:`PARK_AFTER` seconds with no request waiting, the reader pauses every partition (no fetch at all). The next
+callback's handler awaits :meth:`Replies.ready` before it publishes: the reader moves to the end of each partition
+(positions resolved by the broker) and resumes, one offsets round trip. Its reply is written after its callback
+record, so it is after that end, and read. What lands while parked is never read: replies for requests that
+ended at least :data:`PARK_AFTER` seconds ago, or other replicas' (so ``late`` and ``foreign`` are counted only
+while the reader is awake). If moving to the end fails (the broker away), the reader resumes where it stopped.
+
 Guarantee: one HTTP answer per callback, by the deadline; each reply is used at most once, only by the request
 it names, only before that request's deadline. A reply lost on its way (responder down, broker slow) costs the
 user the fallback answer, never an error.
@@ -55,6 +63,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from relay.answers import Malformed, ToastType, check_answer, fallback
 from relay.config import Config
@@ -73,6 +82,10 @@ DEADLINE_HEADER: Final = "relay.reply_deadline"
 # were still being handed over when that fetch left is not in it: a reply landing there waits for the fetch
 # to come back, up to this long (aiokafka's default 500 ms would be a fifth of the whole budget)
 FETCH_MAX_WAIT_MS: Final = 20
+# the reader parks (pauses its partitions) after this long with no request waiting (module doc)
+PARK_AFTER: Final = 10.0
+# moving to the end when a request wakes a parked reader gives up after this long (then it reads from where it was)
+UNPARK_TIMEOUT: Final = 1.0
 # how often the reader looks for partitions added to the replies topic (one metadata request)
 PARTITION_CHECK_SECONDS: Final = 10.0
 # correlation ids remembered after their request ended, to tell a late or second reply from a stray one
@@ -190,7 +203,7 @@ class Replies:
 
     def __init__(self, config: Config, metrics: Metrics, *, consumer: AIOKafkaConsumer | None = None,
                  replica: str | None = None, partition_check: float = PARTITION_CHECK_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 park_after: float = PARK_AFTER, clock: Callable[[], float] = time.monotonic) -> None:
         self._cfg = config.inbound
         self._topic = config.kafka.replies_topic
         self._metrics = metrics
@@ -201,6 +214,11 @@ class Replies:
         self._partitions: list[TopicPartition] = []
         self._partition_check = partition_check
         self._clock = clock
+        self._park_after = park_after
+        self._parked = False
+        self._idle_since = clock()  # when the table last changed (a request opened or ended)
+        self._unparking: asyncio.Task[None] | None = None
+        self._assigning = asyncio.Lock()  # an unpark and a change of the assignment never overlap
         self.run_task: asyncio.Task[None] | None = None
         metrics.collect(self._export)
 
@@ -208,6 +226,8 @@ class Replies:
         metrics.set("relay_callback_waiting", len(self._correlator), help="callbacks waiting for their reply")
         metrics.set("relay_callback_reply_partitions", len(self._partitions),
                     help="partitions of kafka.replies_topic this replica reads")
+        metrics.set("relay_callback_replies_parked", int(self._parked),
+                    help="1 while the reply reader is parked (no request has waited for a while: no fetches)")
 
     @property
     def replica(self) -> str:
@@ -237,6 +257,10 @@ class Replies:
         log.info("callback replies: replica %s reading %d partition(s) of %s", self.replica, len(tps), self._topic)
 
     async def stop(self) -> None:
+        if self._unparking is not None:
+            self._unparking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._unparking
         if self.run_task is not None:
             self.run_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -251,7 +275,9 @@ class Replies:
         while True:
             if self._clock() - checked >= self._partition_check:
                 checked = self._clock()
-                await self._follow_new_partitions()
+                async with self._assigning:
+                    await self._follow_new_partitions()
+            self._park_if_idle()
             batch = await self._consumer.getmany(timeout_ms=min(1000, int(1000 * self._partition_check)))
             for records in batch.values():
                 for record in records:
@@ -261,6 +287,43 @@ class Replies:
                                       "them", outcome=outcome.value)
                     if outcome in (Delivery.LATE, Delivery.DUPLICATE, Delivery.UNKNOWN, Delivery.UNREADABLE):
                         log.info("callback reply %.80s dropped: %s", correlation, outcome.value)
+
+    @property
+    def parked(self) -> bool:
+        return self._parked
+
+    def _park_if_idle(self) -> None:
+        if (self._parked or self._unparking is not None or len(self._correlator)
+                or self._clock() - self._idle_since < self._park_after):
+            return
+        self._consumer.pause(*self._partitions)
+        self._parked = True
+        log.debug("callback replies: parked (no request for %.0fs)", self._park_after)
+
+    async def ready(self) -> None:
+        """Await before publishing a callback: the reader is awake, so the reply to it will be read."""
+        if not self._parked:
+            return
+        if self._unparking is None:
+            self._unparking = asyncio.create_task(self._unpark(), name="callback-replies-unpark")
+        await asyncio.shield(self._unparking)
+
+    async def _unpark(self) -> None:
+        try:
+            async with self._assigning:
+                try:
+                    async with asyncio.timeout(UNPARK_TIMEOUT):
+                        await self._consumer.seek_to_end(*self._partitions)
+                        for tp in self._partitions:
+                            await self._consumer.position(tp)
+                except (TimeoutError, KafkaError) as err:
+                    log.warning("callback replies: could not move to the end of %s (%s); reading on from where the "
+                                "reader stopped", self._topic, str(err) or type(err).__name__)
+                self._consumer.resume(*self._partitions)
+                self._parked = False
+                self._idle_since = self._clock()
+        finally:
+            self._unparking = None
 
     async def _follow_new_partitions(self) -> None:
         """Read partitions added to the replies topic since the last look, each from its beginning."""
@@ -277,19 +340,23 @@ class Replies:
             self._consumer.seek(tp, offset)
         await self._consumer.seek_to_beginning(*new)
         self._partitions = [*self._partitions, *new]
+        if self._parked:  # a new assignment is not paused
+            self._consumer.pause(*self._partitions)
         log.info("callback replies: reading %d new partition(s) of %s from their beginning", len(new), self._topic)
 
     def open(self, event_type: str, deadline_ms: int) -> Pending:
         """Register a callback before publishing it; put ``pending.headers`` on its record.
 
         ``deadline_ms`` (Unix ms) travels in ``relay.reply_deadline`` so a responder can skip a dead request.
-        The caller must end with :meth:`answer` or :meth:`close`.
+        The caller must end with :meth:`answer` or :meth:`close`, and await :meth:`ready` before publishing.
         """
+        self._idle_since = self._clock()
         return self._correlator.open(event_type, deadline_ms)
 
     def close(self, pending: Pending) -> None:
         """Forget a request without waiting (its publish failed): a reply to it counts as late."""
         self._correlator.close(pending)
+        self._idle_since = self._clock()
 
     def fallback(self, event_type: str) -> bytes:
         return fallback(event_type, self._cfg.fallback_toast, self._cfg.fallback_toast_type)
@@ -302,7 +369,7 @@ class Replies:
         except TimeoutError:
             return Answer(self.fallback(pending.event_type), "timeout")
         finally:
-            self._correlator.close(pending)
+            self.close(pending)
         try:
             return Answer(check_answer(pending.event_type, reply, self._cfg.max_answer_bytes), "reply")
         except Malformed as err:

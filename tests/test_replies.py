@@ -352,6 +352,25 @@ async def test_late_second_and_stray_replies_are_dropped_and_counted(kafka_boots
     assert relay.answers("timeout") == 1 and relay.answers("reply") == 1
 
 
+@pytest.mark.integration
+async def test_a_parked_reader_wakes_at_the_end_for_the_next_callback(kafka_bootstrap: str, topics: Topics) -> None:
+    """With no request waiting the reader parks (no fetches); the next callback wakes it at the end of the topic
+    before it is published, so its reply is read, and what was written while it slept is not."""
+    config = make_config(kafka_bootstrap, topics)
+    async with running(config, park_after=0.3) as relay, Manual(kafka_bootstrap, topics) as manual:
+        for n in range(3):
+            await eventually(lambda: relay.replies.parked)
+            stray = f"someone-else.{n}".encode()  # written while parked
+            await manual.producer.send_and_wait(topics.replies, b"{}", key=stray, headers=[(CORRELATION_HEADER, stray)])
+            click = asyncio.create_task(relay.click(f"p{n}"))
+            record = await manual.next_callback()
+            assert not relay.replies.parked
+            await manual.reply(record, b'{"toast":{"type":"info","content":"awake"}}')
+            assert (await click)[:2] == (200, {"toast": {"type": "info", "content": "awake"}})
+            assert relay.replies_read("answered") == n + 1
+    assert relay.replies_read("foreign") == 0  # never read: each was before the end the reader woke at
+
+
 @pytest.mark.parametrize(("reply", "reason"), [
     (b'{"toast":{"type":"loud","content":"x"}}', "shape: Invalid enum value 'loud' - at `$.toast.type`"),
     (b'{"tost":{"type":"info","content":"x"}}', "shape: Object contains unknown field `tost`"),
