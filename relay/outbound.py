@@ -116,7 +116,15 @@ from relay.intents import (
     ordering_key,
 )
 from relay.journal import DeadLetter, Entry, Finished, Journal
-from relay.kafka import BATCH_OVERHEAD, MAX_BATCH_SIZE, client_settings, max_message_bytes
+from relay.kafka import (
+    BATCH_OVERHEAD,
+    IDLE_FETCH_WAIT_MS,
+    MAX_BATCH_SIZE,
+    PAUSED_FETCH_WAIT_MS,
+    client_settings,
+    max_message_bytes,
+    set_fetch_wait,
+)
 from relay.media import FILE_MAX_BYTES, IMAGE_MAX_BYTES, send_with_key, upload_for, upload_refusal
 from relay.membership import Membership, MembershipLost, Standing, watch
 from relay.metrics import Metrics, kind_label
@@ -476,7 +484,8 @@ class Outbound(ConsumerRebalanceListener):
         """One round: read each partition up to the room it has left, or wait for room or records."""
         rooms = self._backpressure()
         left = min(self._out.max_in_flight - self._inflight, self._preview_room())
-        wait = 0.02 if self._paused else 0.2  # while anything is paused, come back soon to resume it
+        # while anything is paused, come back soon to resume it; else records (or the stop) end the wait anyway
+        wait = 0.02 if self._paused else 1.0
         if not rooms or left <= 0:
             self._progress.clear()
             progress = asyncio.ensure_future(self._progress.wait())
@@ -614,6 +623,8 @@ class Outbound(ConsumerRebalanceListener):
             self._consumer.pause(*pause)
         if resume := (self._paused - wanted) & assigned:
             self._consumer.resume(*resume)
+        if bool(wanted) != bool(self._paused):
+            set_fetch_wait(self._consumer, PAUSED_FETCH_WAIT_MS if wanted else IDLE_FETCH_WAIT_MS)
         self._paused = wanted
         self._metrics.set("relay_outbound_in_flight", self._inflight, help="records read but not finished")
         self._metrics.set("relay_outbound_paused_partitions", len(wanted), help="partitions paused for backpressure")

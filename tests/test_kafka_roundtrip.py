@@ -94,3 +94,38 @@ async def test_a_topic_the_broker_refuses_is_an_error_naming_it(kafka_bootstrap:
     with pytest.raises(RelayError) as caught:
         await ensure_topics(cfg, {name: {}})
     assert name in str(caught.value) and "replication" in str(caught.value).lower()
+
+
+async def test_set_fetch_wait_changes_the_wait_of_the_next_fetches(
+    kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]
+) -> None:
+    """relay.kafka.set_fetch_wait reaches into aiokafka (no public way): the fetches sent after it carry the new
+    max wait. Sent fetches are seen at the connection, so an aiokafka that stops reading the attribute fails this."""
+    import aiokafka.conn
+
+    from relay.kafka import set_fetch_wait
+
+    topic = await new_topic("fetchwait", partitions=1)
+    waits: list[int] = []
+    send = aiokafka.conn.AIOKafkaConnection.send
+
+    def spy(conn: aiokafka.conn.AIOKafkaConnection, request: object, *args: object, **kwargs: object) -> object:
+        if type(request).__name__ == "FetchRequest":
+            waits.append(request._max_wait_ms)  # type: ignore[attr-defined]
+        return send(conn, request, *args, **kwargs)  # type: ignore[arg-type]
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, fetch_max_wait_ms=300)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(aiokafka.conn.AIOKafkaConnection, "send", spy)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(topic, 0)])
+            await consumer.getmany(timeout_ms=700)
+            set_fetch_wait(consumer, 40)
+            before = len(waits)
+            await consumer.getmany(timeout_ms=1000)
+        finally:
+            await consumer.stop()
+    assert 300 in waits[:before]
+    # the fetch in flight at the change still waits 300 ms; every one after it 40 ms (several in 1 s)
+    assert waits[before + 1:] and set(waits[before + 1:]) == {40}, waits
