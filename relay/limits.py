@@ -191,6 +191,9 @@ class Limiter:
         self._waiting = 0  # acquires in progress (the demand a replica publishes)
         self._targets_held_until = -math.inf  # target buckets made before then start then (hold_targets)
         self._time_scale = time_scale
+        # a target's windows -> (stricter windows, shape, send-log spans): targets always count whole (share 1)
+        self._target_made: dict[tuple[Window, ...], tuple[tuple[Window, ...], BucketShape,
+                                                          tuple[tuple[int, float], ...]]] = {}
         self._clock = clock
         self._sleep = sleep
         self._default_pause = default_pause / time_scale
@@ -676,10 +679,20 @@ class Limiter:
 
     def _new_entry(self, given: tuple[Window, ...], *, target: bool, start: float = -math.inf,
                    api: str = "") -> _Entry:
-        windows = stricter(given)
-        shape = self.shape(windows, target=target, api=api)
-        entry = _Entry(TokenBucket(shape.rate, shape.burst, max(self._clock(), start)), windows,
-                       SendLog(self._spans(windows, target=target, api=api)), api)
+        if target:  # a fan-out makes one per chat: what depends only on the windows is made once per windows
+            made = self._target_made.get(given)
+            if made is None:
+                if len(self._target_made) >= _MAX_SHAPES:
+                    self._target_made.clear()
+                windows = stricter(given)
+                made = self._target_made[given] = (
+                    windows, self.shape(windows, target=True), tuple(self._spans(windows, target=True)))
+            windows, shape, spans = made
+        else:
+            windows = stricter(given)
+            shape = self.shape(windows, target=False, api=api)
+            spans = tuple(self._spans(windows, target=False, api=api))
+        entry = _Entry(TokenBucket(shape.rate, shape.burst, max(self._clock(), start)), windows, SendLog(spans), api)
         entry.given = given  # the caller's own object: the next call with it takes the fast path
         return entry
 
