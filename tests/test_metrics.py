@@ -75,6 +75,7 @@ def test_label_values_never_come_from_producer_input() -> None:
     m.inbound_event("default", "my.custom.type_v1", "published", 0.001)
     got = samples(m)
     assert got[("relay_intents_total", (("kind", "unknown"), ("status", "rejected")))] == 1
+    assert m.intents_finished == {("unknown", "rejected"): 1}  # the same count, readable without a scrape
     assert got[("relay_inbound_events_total", (("app", "default"), ("outcome", "published"), ("type", "other")))] == 1
     assert got[("relay_inbound_events_total",
                 (("app", "default"), ("outcome", "published"), ("type", "my.custom.type_v1")))] == 1
