@@ -155,6 +155,8 @@ _NOTHING: Final = OffsetRanges()
 _CAREFUL_READS: Final = 500
 # the most tokens one url_preview intent names (relay.intents.UrlPreviewUpdate: 1..10)
 _TOKENS_PER_PREVIEW: Final = 10
+# with no partition readable, the loop waits for progress (a job ended, a commit landed), looking again after this
+_NO_ROOM_RECHECK: Final = 0.2
 # an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
 _MIN_METADATA_CAP: Final = 64
 
@@ -487,9 +489,11 @@ class Outbound(ConsumerRebalanceListener):
         # while anything is paused, come back soon to resume it; else records (or the stop) end the wait anyway
         wait = 0.02 if self._paused else 1.0
         if not rooms or left <= 0:
+            # nothing may be read: room opens when a job ends or a commit lands (both set progress), so the
+            # timeout is only a backstop (a 20 ms poll here woke a relay at quota 50 times a second for nothing)
             self._progress.clear()
             progress = asyncio.ensure_future(self._progress.wait())
-            await asyncio.wait([progress, stopped], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([progress, stopped], timeout=_NO_ROOM_RECHECK, return_when=asyncio.FIRST_COMPLETED)
             progress.cancel()
             return
         order = list(rooms)
@@ -1279,6 +1283,7 @@ class Outbound(ConsumerRebalanceListener):
                     committed.committed, committed.committed_metadata = point, metadata
                 if self._journal is not None:
                     self._journal.committed(tp, point)
+            self._progress.set()  # committed records leave the commit metadata: a full partition may read again
             return
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
