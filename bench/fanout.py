@@ -69,6 +69,12 @@ def child_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def run_delay(pid: int) -> float:
+    """Seconds a live process's main thread has spent runnable but waiting for a CPU, from /proc (schedstat's
+    second field, nanoseconds): what other processes on the machine took from it."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def finished(metrics: Metrics) -> dict[str, int]:
     return {s: int(metrics.value("relay_intents_total", kind="message.send", status=s)) for s in STATUSES}
 
@@ -144,8 +150,10 @@ async def step(bootstrap: str, tenants_n: int, warmup: float, seconds: float, be
             await until(lambda: finished(metrics)["ok"] > 0, 0.01, 60.0, "result")
             await asyncio.sleep(warmup)  # every tenant's burst spent, the connection pool and producer hot
             t0, cpu0, box0, done0 = time.monotonic(), time.process_time(), child_cpu(box.proc.pid), finished(metrics)
+            wait0 = run_delay(os.getpid())
             await asyncio.sleep(seconds)
             t1, cpu1, box1, done1 = time.monotonic(), time.process_time(), child_cpu(box.proc.pid), finished(metrics)
+            wait1 = run_delay(os.getpid())
         after_drain = finished(metrics)
         calls = await box.calls()
     finally:
@@ -161,7 +169,9 @@ async def step(bootstrap: str, tenants_n: int, warmup: float, seconds: float, be
     return {
         "tenants": tenants_n, "available": tenants_n * shape.rate, "rate": ok / span, "per_tenant": shape.rate,
         "burst": shape.burst,
+        "partitions": config.kafka.topic_partitions,
         "relay_cpu_1k": 1000 * (cpu1 - cpu0) / max(1, ok), "relay_core": (cpu1 - cpu0) / span,
+        "relay_wait": (wait1 - wait0) / span,
         "box_cpu_1k": 1000 * (box1 - box0) / max(1, ok), "box_core": (box1 - box0) / span,
         "throttled": sum(1 for c in calls if c.throttled), "violations": sum(1 for c in calls if c.violation),
         "min_share": min(shares), "max_share": max(shares), "backlog": per_tenant * tenants_n,
@@ -177,14 +187,16 @@ def report(rows: list[dict[str, Any]], warmup: float, seconds: float) -> bool:
     print(f"\nfan-out: a store app in N tenants, message.send round-robin over them (each to its own chat), real "
           f"time, Feishu's IM limits enforced per tenant, measured for {seconds:g} s after a {warmup:g} s "
           f"warm-up\n")
-    print(f"{'tenants':>7} {'available/s':>11} {'achieved/s':>10} {'ratio':>6} {'':4} {'relay CPU-s/1k':>14} "
-          f"{'% core':>6} {'sandbox CPU-s/1k':>16} {'% core':>6} {'throttled':>9} {'violations':>10} "
-          f"{'tenant share min':>16} {'max':>5}")
+    print(f"{'':7} {'':11} {'':10} {'':6} {'':4} {'relay':^22} {'sandbox':^14}")
+    print(f"{'tenants':>7} {'available/s':>11} {'achieved/s':>10} {'ratio':>6} {'':4} {'CPU-s/1k':>8} {'core%':>6} "
+          f"{'wait%':>6} {'CPU-s/1k':>8} {'core%':>5} {'throttled':>9} {'violations':>10} {'tenant share min':>16} "
+          f"{'max':>5}")
     for r in rows:
         ratio = r["rate"] / r["available"]
         print(f"{r['tenants']:>7d} {r['available']:>11,.0f} {r['rate']:>10,.0f} {ratio:>6.3f} "
-              f"{mark(ratio >= QUOTA_BOUND):4} {r['relay_cpu_1k']:>14.2f} {100 * r['relay_core']:>6.0f} "
-              f"{r['box_cpu_1k']:>16.2f} {100 * r['box_core']:>6.0f} {r['throttled']:>9d} {r['violations']:>10d} "
+              f"{mark(ratio >= QUOTA_BOUND):4} {r['relay_cpu_1k']:>8.2f} {100 * r['relay_core']:>6.0f} "
+              f"{100 * r['relay_wait']:>6.0f} {r['box_cpu_1k']:>8.2f} {100 * r['box_core']:>5.0f} "
+              f"{r['throttled']:>9d} {r['violations']:>10d} "
               f"{r['min_share']:>16.3f} {r['max_share']:>5.3f}" + ("  (a backlog ran dry)" if r["dry"] else ""))
 
     valid = [r for r in rows if not r["dry"]]
@@ -196,6 +208,11 @@ def report(rows: list[dict[str, Any]], warmup: float, seconds: float) -> bool:
         line = (f"saturates at about {peak['rate']:,.0f} intents/s ({knee:.0f} tenants' quotas; the most, measured "
                 f"with {peak['tenants']} tenants, the relay at {100 * peak['relay_core']:.0f} % of a core): "
                 f"beyond it the relay, not Feishu's quota, is the limit")
+        if peak not in saturated:
+            line += (f"\n(the steps where the relay was the limit finished "
+                     f"{min(r['rate'] for r in saturated):,.0f}-{max(r['rate'] for r in saturated):,.0f} intents/s, "
+                     f"the relay waiting for a CPU {min(100 * r['relay_wait'] for r in saturated):.0f}-"
+                     f"{max(100 * r['relay_wait'] for r in saturated):.0f} % of the span)")
         if peak["box_core"] >= 0.9:
             line += (f" (the sandbox used {100 * peak['box_core']:.0f} % of a core there: part of that ceiling may "
                      f"be the referee's)")
@@ -210,33 +227,34 @@ def report(rows: list[dict[str, Any]], warmup: float, seconds: float) -> bool:
     print("backlog per step (intents): " + ", ".join(f"{r['tenants']}: {r['backlog']:,}" for r in rows)
           + "; ok results after each drain: " + ", ".join(f"{r['after_drain']['ok']:,}" for r in rows))
     print(
-        f"\nWhat this measured: each step is a fresh sandbox (a child process, time_scale 1, every IM limit "
-        f"enforced per app and tenant, call bodies not logged) with a store app installed in N tenants, and a "
-        f"fresh relay (app.serve in this process, the integration kit's config: default [feishu] "
-        f"limit_utilization 0.975 and limit_jitter 0.15 s, so each tenant's message.send bucket refills at "
-        f"{per_tenant:.2f}/s with a burst; its event URL served so that the sandbox can push the app_ticket it "
-        f"asks for). The backlog (message.send round-robin over the tenants, each to its own chat, so the "
-        f"5-per-second chat limit never binds and the keys spread over 4 partitions) is produced before the relay "
-        f"starts, so the producer's CPU is outside every measurement; it holds more than the step can drain "
-        f"(every tenant's quota for the whole step, or {CAPACITY_GUESS:g} intents/s or twice the best rate so far, "
-        f"whichever is smaller, with a {BACKLOG_MARGIN:g}x margin); a row marked 'a backlog ran dry' had a "
-        f"tenant without a call in the span's last second and is left out of the saturation line. The clock "
-        f"starts {warmup:g} s after the first result (the ticket resent and pushed, the tokens fetched, every "
-        f"bucket's burst spent, unless the relay is close to saturation: N tenants' bursts of {rows[0]['burst']} "
-        f"drain only at the relay's rate less N x {per_tenant:.2f}/s, so a step just below the knee can show a "
-        f"ratio and tenant shares above 1, which Feishu's 1 s window allows) and runs {seconds:g} s. 'available' "
-        f"is N x {per_tenant:.2f} calls/s, what the relay allows itself with N tenants' quotas; 'achieved' is "
-        f"the relay's ok results per second over the span (counted when the broker acknowledged them); 'ratio' "
-        f"is achieved / available (PASS at >= "
-        f"{QUOTA_BOUND}: the quotas, not the relay, set the rate). CPU is per 1,000 ok results and as a share "
-        f"of one core over the span: the relay's is this process's time.process_time(), the sandbox's from "
-        f"/proc/<pid>/stat (10 ms ticks); both share this machine's cores with the Kafka broker and whatever "
-        f"else runs. Throttled (429/99991400 or 230020) and violations (a call over a documented limit, as the "
-        f"sandbox referees it) count every call of the step, drain included. The tenant shares are each "
-        f"tenant's ok message.send arrivals at the sandbox in the span (the sandbox's clock is the same "
-        f"CLOCK_MONOTONIC) per second, over Feishu's {FEISHU_QUOTA:.2f}/s; at the quota they are "
-        f"about {per_tenant / FEISHU_QUOTA:.3f}. The saturation line takes the highest achieved rate and says "
-        f"how many tenants' quotas it equals."
+        f"\nWhat this measured: each step is a fresh sandbox (a child process, time_scale 1, every IM limit enforced "
+        f"per app and tenant, call bodies not logged) with a store app installed in N tenants, and a fresh relay "
+        f"(app.serve in this process, the integration kit's config: default [feishu] limit_utilization 0.975 and "
+        f"limit_jitter 0.15 s, so each tenant's message.send bucket refills at {per_tenant:.2f}/s after a burst of "
+        f"{rows[0]['burst']}; its event URL served, so that the sandbox can push the app_ticket the relay asks for). "
+        f"The backlog (message.send round-robin over the tenants, each to its own chat, so the 5-per-second chat "
+        f"limit never binds and the keys spread over {rows[0]['partitions']} partitions) is produced before the "
+        f"relay starts, so the producer's CPU is outside every measurement; it holds more than the step can drain "
+        f"(every tenant's quota "
+        f"for the whole step, or {CAPACITY_GUESS:g} intents/s or twice the best rate so far if that is smaller, with "
+        f"a {BACKLOG_MARGIN:g}x margin); a row marked 'a backlog ran dry' had a tenant without a call in the span's "
+        f"last second and is left out of the saturation line. The clock starts {warmup:g} s after the first result "
+        f"(the ticket resent and pushed, the tokens fetched, the bursts spent; close to saturation N bursts drain "
+        f"only at the relay's rate less N x {per_tenant:.2f}/s, so a step just below the knee can show a ratio and "
+        f"tenant shares above 1, which Feishu's 1 s window allows) and runs {seconds:g} s. 'available' is N x "
+        f"{per_tenant:.2f} calls/s, what the relay allows itself with N tenants' quotas; 'achieved' is the relay's ok "
+        f"results per second over the span (counted when the broker acknowledged them); 'ratio' is achieved / "
+        f"available (PASS at >= {QUOTA_BOUND}: the quotas, not the relay, set the rate). CPU is per 1,000 ok results "
+        f"and as a share of one core over the span: the relay's is this process's time.process_time(), the sandbox's "
+        f"from /proc/<pid>/stat (10 ms ticks). Both share this machine's cores with the Kafka broker and whatever "
+        f"else runs: the relay's wait% is the share of the span its main thread was runnable but waiting for a CPU "
+        f"(/proc/<pid>/schedstat), so a relay-bound row with a high wait% was held back by the machine, not by its "
+        f"own cost. Throttled (429/99991400 or 230020) and violations (a call over a documented limit, as the sandbox "
+        f"referees it) count every call of the step, drain included. The tenant shares are each tenant's ok "
+        f"message.send arrivals at the sandbox in the span (the sandbox stamps them with the same CLOCK_MONOTONIC) "
+        f"per second, over Feishu's {FEISHU_QUOTA:.2f}/s; at the relay's bucket rate they are "
+        f"{per_tenant / FEISHU_QUOTA:.3f}. The saturation line takes the highest achieved rate of all steps and "
+        f"says how many tenants' quotas it equals."
     )
     ok = True
     for r in rows:
@@ -262,6 +280,8 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="10, 25 and 200 tenants, 4 s each")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # the bench's store app has no encrypt_key (the sandbox pushes its tickets in plain JSON): one warning a step
+    logging.getLogger("relay.inbound").setLevel(logging.ERROR)
     steps = [10, 25, 200] if args.quick else [int(n) for n in args.tenants.split(",")]
     seconds, warmup = (4.0, 3.0) if args.quick else (args.seconds, args.warmup)
     rows: list[dict[str, Any]] = []
