@@ -3,9 +3,9 @@
     .venv/bin/python bench/run.py [--quick]
 
 Runs bench/outbound.py, bench/previews.py, bench/inbound.py, bench/websocket.py, bench/callbacks.py,
-bench/cardkit.py and bench/shares.py (a script that is not there is skipped and said so), passing ``--quick``
-through. Each prints its own tables and what it measured; a benchmark fails only on a broken invariant or a
-crash, never on a missed performance target.
+bench/cardkit.py, bench/shares.py and bench/fanout.py (a script that is not there is skipped and said so),
+passing ``--quick`` through. Each prints its own tables and what it measured; a benchmark fails only on a broken
+invariant or a crash, never on a missed performance target.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("outbound.py", "previews.py", "inbound.py", "websocket.py", "callbacks.py", "cardkit.py", "shares.py")
+SCRIPTS = ("outbound.py", "previews.py", "inbound.py", "websocket.py", "callbacks.py", "cardkit.py", "shares.py",
+           "fanout.py")
 
 
 def main() -> int:
