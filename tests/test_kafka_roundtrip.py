@@ -129,3 +129,26 @@ async def test_set_fetch_wait_changes_the_wait_of_the_next_fetches(
     assert 300 in waits[:before]
     # the fetch in flight at the change still waits 300 ms; every one after it 40 ms (several in 1 s)
     assert waits[before + 1:] and set(waits[before + 1:]) == {40}, waits
+
+
+async def test_the_relays_consumers_fetch_routine_looks_for_work_every_fetcher_timeout(
+    kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]
+) -> None:
+    """relay.kafka.Consumer sets aiokafka's Fetcher ``_fetcher_timeout`` after start (no public way): the routine's
+    wait with nothing in flight is that long. An aiokafka that renames the attribute fails this."""
+    from relay.config import KafkaConfig
+    from relay.kafka import FETCHER_TIMEOUT, make_consumer
+
+    topic = await new_topic("fetchertimeout", partitions=1)
+    consumer = make_consumer(KafkaConfig(bootstrap_servers=kafka_bootstrap), group_id=None)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        await consumer.getmany(timeout_ms=300)
+        consumer.pause(TopicPartition(topic, 0))  # nothing to fetch: the routine waits its timeout
+        fetcher = consumer._fetcher
+        assignment = consumer._subscription.subscription.assignment
+        _, _, timeout, _, _ = fetcher._get_actions_per_node(assignment)
+    finally:
+        await consumer.stop()
+    assert timeout == FETCHER_TIMEOUT != 0.2  # aiokafka's own default
