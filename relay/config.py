@@ -161,6 +161,10 @@ class FeishuConfig(_Section, frozen=True):
     limit_jitter: Annotated[float, Meta(ge=0, le=1)] = 0.15
     # sustained rate as a share of the longest window's limit (16.25/s of 1000/min at 0.975)
     limit_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.975
+    # real seconds: a call that must wait for its app-wide token goes at the next multiple of this at or after
+    # its due time, with the others due by then (fewer wake-ups, shared writes; up to this much more latency for
+    # a waiting call, never a call over a limit). 0: each waiting call goes at its own due time
+    grant_tick: Annotated[float, Meta(ge=0, le=1)] = 0.2
     # divides every Feishu duration (limit windows, preview 5 s rule); only for sandbox tests, 1 for Feishu
     time_scale: PositiveFloat = 1.0
     # app-wide buckets (one per app and API, api.call templates included) alive at once; past it idle ones are

@@ -1105,3 +1105,22 @@ def test_calls_queued_at_a_small_share_go_at_the_new_rate_once_it_grows() -> Non
     slow, grown = run_virtual(main)
     assert slow <= 10
     assert grown >= 0.9 * 333  # a third of the minute quota within the minute after the growth
+
+
+def test_waiting_calls_go_together_on_the_grant_tick_and_still_use_the_quota() -> None:
+    """``tick``: a call that must wait for its app-wide token goes at the first multiple of the tick at or after
+    its due time, with the others due by then; calls with a token at hand go at once. The rate is the same."""
+    calls = run_virtual(lambda: _backlog(_limiter(tick=0.25), IM, workers=64, duration=120.0))
+    times = _all(calls)
+    waited = [t for t in times if t > 1.0]  # past the first burst every call waited for its token
+    assert waited and all(math.isclose(t / 0.25, round(t / 0.25), abs_tol=1e-6) for t in waited)
+    assert len({round(t, 6) for t in waited}) < len(waited) / 3  # about four calls per tick at 16.25/s
+    assert len(times) >= 0.97 * 2 * 1000
+    untimed = run_virtual(lambda: _backlog(_limiter(), IM, workers=64, duration=120.0))
+    assert not all(math.isclose(t / 0.25, round(t / 0.25), abs_tol=1e-6) for t in _all(untimed) if t > 1.0)
+    assert abs(len(times) - len(_all(untimed))) <= 5  # the tick moves calls, it does not lose any
+
+
+def test_a_negative_grant_tick_is_refused() -> None:
+    with pytest.raises(ValueError, match="tick"):
+        _limiter(tick=-0.1)
