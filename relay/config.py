@@ -163,7 +163,8 @@ class FeishuConfig(_Section, frozen=True):
     limit_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.975
     # real seconds: a call that must wait for its app-wide token goes at the next multiple of this at or after
     # its due time, with the others due by then (fewer wake-ups, shared writes; up to this much more latency for
-    # a waiting call, never a call over a limit). 0: each waiting call goes at its own due time
+    # a waiting call, never a call over a limit). 0: each waiting call goes at its own due time. Only with
+    # share_mode = "static" (group shares reshape the buckets too often for calls to wait for a tick)
     grant_tick: Annotated[float, Meta(ge=0, le=1)] = 0.2
     # divides every Feishu duration (limit windows, preview 5 s rule); only for sandbox tests, 1 for Feishu
     time_scale: PositiveFloat = 1.0

@@ -183,7 +183,10 @@ class Limiter:
             raise ValueError(f"Limiter: max_api_buckets {max_api_buckets} must be >= 1")
         if tick < 0:
             raise ValueError(f"Limiter: tick {tick} must be >= 0")
-        self._tick = tick
+        # not with shares that follow the group: they reshape the buckets every few beats, and a reshape makes
+        # every queued call reserve again, so calls sleeping towards a tick were sent back to the queue before it
+        # came (three replicas used 0.87 of the quota instead of 0.975, measured)
+        self._tick = 0.0 if dynamic else tick
         self._jitter = jitter
         self._utilization = utilization
         self._dynamic = dynamic

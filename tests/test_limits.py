@@ -1121,6 +1121,19 @@ def test_waiting_calls_go_together_on_the_grant_tick_and_still_use_the_quota() -
     assert abs(len(times) - len(_all(untimed))) <= 5  # the tick moves calls, it does not lose any
 
 
+def test_shares_that_follow_the_group_grant_at_the_due_time_whatever_the_tick() -> None:
+    """With ``dynamic`` shares the tick is off: reshapes send queued calls back to reserve again, and calls
+    waiting for a tick were sent back before it came (tests/test_replicas.py lost an eighth of the quota)."""
+
+    async def main() -> dict[str | None, list[float]]:
+        limiter = _limiter(tick=0.25, dynamic=True)
+        limiter.set_share(1.0)
+        return await _backlog(limiter, IM, workers=64, duration=30.0)
+
+    waited = [t for t in _all(run_virtual(main)) if t > 1.0]
+    assert waited and not all(math.isclose(t / 0.25, round(t / 0.25), abs_tol=1e-6) for t in waited)
+
+
 def test_a_negative_grant_tick_is_refused() -> None:
     with pytest.raises(ValueError, match="tick"):
         _limiter(tick=-0.1)
