@@ -39,16 +39,14 @@ from aiokafka import AIOKafkaProducer
 # runnable as a plain script from anywhere: the package (and tests.relaykit) live in the parent directory
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.outbound import child_cpu, finished, mark
 from relay.buckets import Window, size_bucket
 from relay.config import Config
-from relay.metrics import Metrics
 from tests.relaykit import SandboxProcess, config_data, create_relay_topics, relay_in_process, to_config
 
 IM = (Window(50, 1.0), Window(1000, 60.0))  # message.send = im.message.create, per app and tenant
 FEISHU_QUOTA = 1000 / 60  # calls/s per tenant that Feishu's minute window allows on average
 STORE_ID, STORE_SECRET, VERIFY = "cli_fanout", "fanout-secret", "fanout-verification-token"
-STATUSES = ("ok", "partial", "superseded", "expired", "failed", "rejected")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUOTA_BOUND = 0.95  # achieved / available at or above this: Feishu's quotas, not the relay, set the rate
 # the backlog is sized for the step: every tenant's quota for the whole step when that is smaller, else this
 # many intents/s (or twice the best rate measured so far, if more) for the whole step, with a margin either way
@@ -63,24 +61,10 @@ def free_port() -> int:
         return port
 
 
-def child_cpu(pid: int) -> float:
-    """User + system CPU seconds of a live process, from /proc (clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def run_delay(pid: int) -> float:
     """Seconds a live process's main thread has spent runnable but waiting for a CPU, from /proc (schedstat's
     second field, nanoseconds): what other processes on the machine took from it."""
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
-
-
-def finished(metrics: Metrics) -> dict[str, int]:
-    return {s: int(metrics.value("relay_intents_total", kind="message.send", status=s)) for s in STATUSES}
-
-
-def mark(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 async def until(done: Callable[[], bool], interval: float, timeout: float, what: str) -> None:
