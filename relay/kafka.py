@@ -93,13 +93,18 @@ IDLE_FETCH_WAIT_MS: Final = 500
 PAUSED_FETCH_WAIT_MS: Final = 100
 
 
-def set_fetch_wait(consumer: AIOKafkaConsumer, wait_ms: int) -> None:
-    """Change the ``fetch_max_wait_ms`` of the fetches ``consumer`` sends from now on. aiokafka has no public way:
-    its fetcher reads ``_fetch_max_wait_ms`` as it builds each request (aiokafka is pinned; a test checks that
-    the attribute is there and used)."""
+def _set_fetcher(consumer: AIOKafkaConsumer, attribute: str, value: float) -> None:
+    """Set an option of a started consumer's ``Fetcher``, which aiokafka exposes no other way (aiokafka is pinned;
+    tests check each attribute used is there and used). Without a fetcher (not started) nothing changes."""
     fetcher = getattr(consumer, "_fetcher", None)
-    if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
-        fetcher._fetch_max_wait_ms = wait_ms
+    if fetcher is not None and hasattr(fetcher, attribute):
+        setattr(fetcher, attribute, value)
+
+
+def set_fetch_wait(consumer: AIOKafkaConsumer, wait_ms: int) -> None:
+    """Change the ``fetch_max_wait_ms`` of the fetches ``consumer`` sends from now on (the fetcher reads
+    ``_fetch_max_wait_ms`` as it builds each request)."""
+    _set_fetcher(consumer, "_fetch_max_wait_ms", wait_ms)
 
 
 # aiokafka's fetch routine also wakes every ``fetcher_timeout`` (0.2 s) when nothing happened: everything that
@@ -116,9 +121,7 @@ class Consumer(AIOKafkaConsumer):
 
     async def start(self) -> None:
         await super().start()  # type: ignore[no-untyped-call]
-        fetcher = getattr(self, "_fetcher", None)
-        if fetcher is not None and hasattr(fetcher, "_fetcher_timeout"):
-            fetcher._fetcher_timeout = FETCHER_TIMEOUT
+        _set_fetcher(self, "_fetcher_timeout", FETCHER_TIMEOUT)
 
 
 def make_consumer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
