@@ -100,6 +100,7 @@ class Coordinator:
         self._live = False  # the initial read is done: throttles read from now on are applied
         self.read = 0
         self.applied_throttles = 0
+        self._shown: dict[str, float] = {}  # the shares last logged, rounded
 
     async def start(self, load_timeout: float = 60.0) -> None:
         from aiokafka import TopicPartition
@@ -237,5 +238,16 @@ class Coordinator:
 
     def _apply_shares(self) -> None:
         shares = self.book.shares()
+        self._show(shares)
         default = shares.pop("")
         self._limiter.set_shares(default, shares)
+
+    def _show(self, shares: dict[str, float]) -> None:
+        """One line each time this replica's share of some API changes (to 3 places): how the group split the
+        quota, and when a share that grew took effect (a horizon after the others acknowledged it)."""
+        shown = {api: round(share, 3) for api, share in shares.items()}
+        if shown == self._shown:
+            return
+        self._shown = shown
+        parts = [f"{api} {share:.3f}" for api, share in sorted(shown.items()) if api]
+        log.info("coordination: quota shares now %s", ", ".join([*parts, f"other APIs {shown.get('', 0.0):.3f}"]))

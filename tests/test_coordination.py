@@ -4,6 +4,7 @@ one's share returns after its expiry, and a throttle on one replica slows the ot
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -51,7 +52,9 @@ class Replica:
         return self.limiter.share
 
 
-async def test_shares_follow_joins_leaves_and_deaths(kafka_bootstrap: str, topic_prefix: str) -> None:
+async def test_shares_follow_joins_leaves_and_deaths(kafka_bootstrap: str, topic_prefix: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "relay.coordination")
     config = _config(kafka_bootstrap, topic_prefix)
     h, ttl = horizon(config), member_ttl(config)
     producer = make_producer(config.kafka)
@@ -68,6 +71,9 @@ async def test_shares_follow_joins_leaves_and_deaths(kafka_bootstrap: str, topic
         grew = await _until(lambda: b.share > 0.49, h + 5, "b grows to its half")
         assert grew >= h - 0.5, f"b grew after {grew:.2f}s, before the horizon {h:.2f}s"
         assert a.share + b.share <= 1.0
+        shown = [r.getMessage() for r in caplog.records if "quota shares now" in r.getMessage()]
+        assert shown[0].endswith("other APIs 1.000") and sum(m.endswith("other APIs 0.500") for m in shown) == 2, \
+            shown  # a alone, then a shrunk and b grown: one line each when a share changes
 
         c = Replica(config, producer, 2)
         await c.coordinator.start()
