@@ -115,7 +115,7 @@ from relay.intents import (
     decode_intent,
     ordering_key,
 )
-from relay.journal import DeadLetter, Entry, Finished, Journal
+from relay.journal import REFRESH_SECONDS, DeadLetter, Entry, Finished, Journal
 from relay.kafka import (
     BATCH_OVERHEAD,
     IDLE_FETCH_WAIT_MS,
@@ -287,8 +287,10 @@ class Outbound(ConsumerRebalanceListener):
         self._paused: set[TopicPartition] = set()
         self._admin = admin
         self._rebalancing = False  # between revoke and assign: no periodic commits
-        self._periodic: asyncio.Task[None] | None = None  # the periodic commit in flight
+        self._periodic: asyncio.Task[bool] | None = None  # the periodic commit in flight
         self._progress = asyncio.Event()  # a job ended: room may have opened
+        # a record was finished since the last periodic commit: an idle relay's commit loop sleeps until one is
+        self._finished_since = asyncio.Event()
         self._careful: dict[TopicPartition, int] = {}  # partition -> single-record reads left (see _read)
         self._round = 0  # rotates which partition is read first, so none starves under the global cap
         self._writes: dict[Write, None] = {}  # results and dead letters being written, oldest first
@@ -642,6 +644,7 @@ class Outbound(ConsumerRebalanceListener):
         skip = self._skip.get(tp)
         if skip and record.offset in skip:
             offsets.done(record.offset)
+            self._finished_since.set()
             return
         received = self._wall()
         job = Job(tp, record, received)
@@ -776,6 +779,7 @@ class Outbound(ConsumerRebalanceListener):
             offsets = self._offsets.get(job.tp)
             if offsets is not None:
                 offsets.done(job.offset)
+                self._finished_since.set()
             self.finished += 1
         finally:
             if job.counted:
@@ -1228,18 +1232,33 @@ class Outbound(ConsumerRebalanceListener):
     # commits ------------------------------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
+        """Every ``commit_interval`` while records are being finished; asleep while none is (an idle relay
+        wakes for nothing), except every :data:`relay.journal.REFRESH_SECONDS` with a journal, whose known end
+        moves with other partitions' calls: an idle partition still commits a recent journal position. A commit
+        that did not land is tried again at the next interval."""
         while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if self._journal is None else REFRESH_SECONDS):
+                    await self._finished_since.wait()
             await asyncio.sleep(self._out.commit_interval)
+            self._finished_since.clear()  # what finishes from here on is for the next round
             if self._rebalancing:
+                self._finished_since.set()
                 continue  # the revoke listener commits what it owns; nothing stale may land after it
             self._periodic = asyncio.create_task(self._commit(list(self._offsets)))
             await asyncio.wait([self._periodic])  # returns, never raises, also when revocation cancels it
-            if not self._periodic.cancelled() and (err := self._periodic.exception()) is not None:
+            if self._periodic.cancelled():
+                self._finished_since.set()
+            elif (err := self._periodic.exception()) is not None:
+                self._finished_since.set()
                 log.error("periodic commit failed; retrying at the next interval", exc_info=err)
+            elif not self._periodic.result():
+                self._finished_since.set()
 
-    async def _commit(self, tps: list[TopicPartition]) -> None:
+    async def _commit(self, tps: list[TopicPartition]) -> bool:
+        """Commit what ``tps`` finished; False if some of it could not be committed (it stays to commit)."""
         if self._standing() is Standing.LOST:
-            return  # the broker would refuse it (or, after a reset generation, take it from a non-member)
+            return False  # the broker would refuse it (or, after a reset generation, take it from a non-member)
         while True:
             cap = self._metadata_cap
             moves: dict[TopicPartition, tuple[int, str]] = {}
@@ -1254,7 +1273,7 @@ class Outbound(ConsumerRebalanceListener):
                 if move is not None:
                     moves[tp] = move
             if not moves:
-                return
+                return True
             try:
                 await self._consumer.commit(moves)
             except OffsetMetadataTooLargeError:
@@ -1265,7 +1284,7 @@ class Outbound(ConsumerRebalanceListener):
                                   help="commits refused with OFFSET_METADATA_TOO_LARGE (the cap was halved)")
                 if longest <= _MIN_METADATA_CAP:
                     log.error("the broker refuses commit metadata of %d characters; commits fail", longest)
-                    return
+                    return False
                 self._metadata_cap = max(_MIN_METADATA_CAP, min(cap, longest) // 2)
                 self._metrics.set("relay_outbound_metadata_cap", self._metadata_cap,
                                   help="characters of commit metadata in use (outbound.commit_metadata_max_bytes)")
@@ -1276,7 +1295,7 @@ class Outbound(ConsumerRebalanceListener):
             except (CommitFailedError, IllegalStateError, KafkaError) as err:
                 # ownership moved (a rebalance) or the broker is away: the next owner re-reads from the last commit
                 log.warning("commit of %d partition(s) failed: %s", len(moves), err)
-                return
+                return False
             for tp, (point, metadata) in moves.items():
                 committed = self._offsets.get(tp)
                 if committed is not None:
@@ -1284,7 +1303,7 @@ class Outbound(ConsumerRebalanceListener):
                 if self._journal is not None:
                     self._journal.committed(tp, point)
             self._progress.set()  # committed records leave the commit metadata: a full partition may read again
-            return
+            return True
 
     async def _drain(self, tps: list[TopicPartition]) -> None:
         """Abandon jobs that have not started; give started ones ``drain_timeout`` to finish.

@@ -308,6 +308,29 @@ async def test_a_key_runs_in_partition_order_while_other_keys_pass_it() -> None:
     assert consumer.committed[TopicPartition(TOPIC, 0)] == (4, "")
 
 
+async def test_an_idle_relay_does_not_wake_to_commit_and_commits_the_next_finished_record() -> None:
+    """The commit loop sleeps while nothing is finished (it used to wake, and look, every ``commit_interval``)."""
+    consumer = FakeConsumer()
+    consumer.append(0, "A", intent("a1", "A"))
+    async with running(consumer) as h:
+        rounds = 0
+        commit = h.outbound._commit
+
+        async def counted(tps: list[TopicPartition]) -> bool:
+            nonlocal rounds
+            rounds += 1
+            return await commit(tps)
+
+        h.outbound._commit = counted  # type: ignore[method-assign]
+        await h.until(lambda: consumer.committed.get(TopicPartition(TOPIC, 0)) == (1, ""), "a1 committed")
+        await asyncio.sleep(0.1)  # the round that committed a1 is over
+        before = rounds
+        await asyncio.sleep(0.5)  # fifty commit intervals with nothing finished
+        assert rounds == before, f"{rounds - before} commit rounds while idle"
+        consumer.append(0, "A", intent("a2", "A"))
+        await h.until(lambda: consumer.committed.get(TopicPartition(TOPIC, 0)) == (2, ""), "a2 committed")
+
+
 @pytest.mark.parametrize(("per", "total"), [(7, 1000), (50, 80), (1, 2)])
 async def test_the_in_flight_caps_are_never_passed(per: int, total: int) -> None:
     """Records read but not finished, counted by the fakes themselves at every hand-out: never above
