@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -160,10 +161,12 @@ async def test_mixed_workload_one_result_each_no_throttling_order_per_key(
 
 
 async def _others_rate(kafka_bootstrap: str, prefix: str, throttle_hot: bool) -> tuple[float, float]:
-    """Run 200 sends to 100 receivers plus 5 to a hot receiver; (others' intents/s, hot key's last finish)."""
+    """Run 200 sends to 100 receivers plus 5 to a hot receiver; (others' intents/s, the hot key's last accepted
+    call, in seconds after the throttle began: the sandbox's clock is ``time.monotonic``, as its call records')."""
     box = Sandbox(SandboxOptions(apps={APP_ID: APP_SECRET}, time_scale=2.0))
     await box.start()
     try:
+        throttled_from = time.monotonic()
         if throttle_hot:
             box.throttle_target("receive:oc_hot", 20.0)  # sandbox seconds at time scale 2: 10 s of real time
         config = to_config(config_data(kafka_bootstrap, prefix, box.url, time_scale=2.0,
@@ -181,7 +184,7 @@ async def _others_rate(kafka_bootstrap: str, prefix: str, throttle_hot: bool) ->
         calls = sorted((c for c in box.calls if c.api == "message.send" and not c.throttled), key=lambda c: c.at)
         other_times = [c.at for c in calls if c.uuid and c.uuid.startswith("o-")]
         hot_done = max(c.at for c in calls if c.uuid and c.uuid.startswith("hot-"))
-        return len(other_times) / (other_times[-1] - other_times[0]), hot_done - other_times[0]
+        return len(other_times) / (other_times[-1] - other_times[0]), hot_done - throttled_from
     finally:
         await box.stop()
 
@@ -189,7 +192,9 @@ async def _others_rate(kafka_bootstrap: str, prefix: str, throttle_hot: bool) ->
 async def test_a_throttled_key_does_not_hold_back_the_others(kafka_bootstrap: str, topic_prefix: str) -> None:
     base_rate, _ = await _others_rate(kafka_bootstrap, topic_prefix + ".base", throttle_hot=False)
     rate, hot_done = await _others_rate(kafka_bootstrap, topic_prefix + ".hot", throttle_hot=True)
-    assert hot_done >= 9.0, "the hot key was not held by its 230020s"
+    # measured from the throttle, not from the others' first call: the relay's start-up lies between the two
+    # (measured from the first call, a slow start-up made a correct hold look 8.5 s long)
+    assert hot_done >= 10.0, f"the hot key was accepted {hot_done:.2f}s after its 10 s of 230020 began"
     assert rate >= 0.85 * base_rate, f"others ran at {rate:.1f}/s with a throttled key vs {base_rate:.1f}/s"
 
 
