@@ -1247,13 +1247,11 @@ class Outbound(ConsumerRebalanceListener):
                 continue  # the revoke listener commits what it owns; nothing stale may land after it
             self._periodic = asyncio.create_task(self._commit(list(self._offsets)))
             await asyncio.wait([self._periodic])  # returns, never raises, also when revocation cancels it
-            if self._periodic.cancelled():
-                self._finished_since.set()
-            elif (err := self._periodic.exception()) is not None:
-                self._finished_since.set()
+            err = None if self._periodic.cancelled() else self._periodic.exception()
+            if err is not None:
                 log.error("periodic commit failed; retrying at the next interval", exc_info=err)
-            elif not self._periodic.result():
-                self._finished_since.set()
+            if self._periodic.cancelled() or err is not None or not self._periodic.result():
+                self._finished_since.set()  # what did not land is tried again at the next interval
 
     async def _commit(self, tps: list[TopicPartition]) -> bool:
         """Commit what ``tps`` finished; False if some of it could not be committed (it stays to commit)."""
