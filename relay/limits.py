@@ -194,6 +194,7 @@ class Limiter:
         self._api_shares: dict[str, float] = {}
         self._waiting_api: dict[str, int] = {}  # calls waiting for an API's app-wide token
         self._share_changed = asyncio.Event()
+        self._reserved_sleeps: set[asyncio.Timeout] = set()  # calls sleeping towards a token (_sleep_reserved)
         self.on_throttle: Callable[[str, str, float | None], None] | None = None  # app-wide throttles (app, api, pause)
         self._waiting = 0  # acquires in progress (the demand a replica publishes)
         self._targets_held_until = -math.inf  # target buckets made before then start then (hold_targets)
@@ -287,6 +288,11 @@ class Limiter:
             entry.log.spans = tuple(self._spans(entry.windows, target=False, api=entry.api))
         self._share_changed.set()
         self._share_changed = asyncio.Event()
+        if self._reserved_sleeps:  # end those sleeps: the calls reserve again at the new rate
+            sleeps, self._reserved_sleeps = self._reserved_sleeps, set()  # a timeout is rescheduled only once
+            now = asyncio.get_running_loop().time()
+            for sleep in sleeps:
+                sleep.reschedule(now)
 
     def shape(self, windows: Sequence[Window], *, target: bool = False, api: str = "") -> BucketShape:
         """The bucket this limiter sizes for ``windows``: app-wide at ``api``'s share, a ``target``'s at the
@@ -554,7 +560,7 @@ class Limiter:
             due = self._on_tick(now, now + bucket.reserve(now))
             try:
                 while (wait := due - self._clock()) > DUE and bucket.reshapes == shapes:
-                    await self._sleep_unless(self._share_changed, wait)
+                    await self._sleep_reserved(wait)
             except asyncio.CancelledError:
                 if bucket.epoch == epoch and bucket.reshapes == shapes:  # the callers behind must not wait for it
                     bucket.refund(self._clock())
@@ -575,17 +581,19 @@ class Limiter:
             return due
         return math.ceil(due / self._tick) * self._tick
 
-    async def _sleep_unless(self, event: asyncio.Event, seconds: float) -> bool:
-        """Sleep ``seconds``; True if ``event`` was set first (the sleep is then cut short)."""
-        sleeper = asyncio.ensure_future(self._sleep(seconds))
-        waiter = asyncio.ensure_future(event.wait())
+    async def _sleep_reserved(self, seconds: float) -> None:
+        """Sleep ``seconds`` towards a reserved token, or until the shares change (:meth:`_resize` ends the sleep
+        through its timeout). One timer in the caller's own task: a sleep racing an event would cost two tasks, a
+        wait and a gather per call (some ten event-loop callbacks, measured)."""
         try:
-            await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waiter):
-                task.cancel()
-            await asyncio.gather(sleeper, waiter, return_exceptions=True)
-        return event.is_set()  # (set at the very instant the sleep ended: reserving again is as good)
+            async with asyncio.timeout(None) as sleep:
+                self._reserved_sleeps.add(sleep)
+                try:
+                    await self._sleep(seconds)
+                finally:
+                    self._reserved_sleeps.discard(sleep)
+        except TimeoutError:
+            pass  # the shares changed: the caller looks at its bucket again
 
     def _current(self, app: str, target: str, key: BucketKey, entry: _Entry) -> bool:
         """``entry`` is still the bucket ``target`` counts in (not merged into another name's, not forgotten)."""
