@@ -298,6 +298,10 @@ class Outbound(ConsumerRebalanceListener):
         self._metadata_cap = self._out.commit_metadata_max_bytes  # halved by OFFSET_METADATA_TOO_LARGE
         # the journal position's suffix needs room beside the finished set (offsets.JOURNAL_METADATA_ROOM)
         self._journal_room = JOURNAL_METADATA_ROOM if journal is not None else 0
+        # assigned partitions whose previous owner's finished records and journal are still being read: paused and
+        # never read, dispatched or committed until _load ends (on_partitions_assigned says why it is a task)
+        self._unloaded: set[TopicPartition] = set()
+        self._loader: asyncio.Task[None] | None = None
         self._partitioner = DefaultPartitioner()
         self._limits: dict[str, tuple[int | None, float]] = {}  # topic -> (max.message.bytes, when asked)
         self._limits_lock = asyncio.Lock()
@@ -372,6 +376,7 @@ class Outbound(ConsumerRebalanceListener):
         finally:
             stopped.cancel()
             committer.cancel()
+            await self._stop_loading()
             with contextlib.suppress(BaseException):  # its own errors are logged in the loop
                 await committer
             if self._periodic is not None and not self._periodic.done():
@@ -410,6 +415,7 @@ class Outbound(ConsumerRebalanceListener):
         # could land after ours and move an offset back: stop it first. A request already on the wire is shielded
         # inside aiokafka and completes under its lock before ours is sent; only its retry is prevented.
         self._rebalancing = True
+        await self._stop_loading()
         if self._periodic is not None and not self._periodic.done():
             self._periodic.cancel()
             await asyncio.wait([self._periodic])
@@ -428,23 +434,54 @@ class Outbound(ConsumerRebalanceListener):
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in owned))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        # aiokafka hands out records of the new partitions while this callback awaits: hold them (synchronously,
-        # before the first await) until we know which records the previous owner already finished
+        """Hold the new partitions and read what their previous owner finished (``_load``) in a task of its own.
+
+        aiokafka starts heartbeating only once this callback returns, so a callback that outlives
+        ``session_timeout_ms`` has the coordinator drop the member, and its next assignment fares no better: the
+        committed metadata and the journal of two dozen partitions took some 12 s to read, and such a relay never
+        made a call (measured). The partitions stay paused, unread and uncommitted until their load ends."""
+        # aiokafka hands out records of the new partitions once they are assigned: hold them synchronously, before
+        # the first await, until we know which records the previous owner already finished
         if assigned:
             self._consumer.pause(*assigned)
         for tp in assigned:
             self._offsets.setdefault(tp, PartitionOffsets())
             self._jobs.setdefault(tp, set())
-        try:
-            await self._load_finished(assigned)
-        finally:
-            self._rebalancing = False
-            # pauses do not survive a rebalance: those wanted for backpressure stay, the rest resume
-            if resume := set(assigned) - self._paused:
-                self._consumer.resume(*resume)
+        self._rebalancing = False
+        if assigned:
+            self._unloaded.update(assigned)
+            self._loader = asyncio.create_task(self._load(list(assigned)), name="relay-assignment-load")
         self._metrics.set("relay_outbound_assigned_partitions", len(self._consumer.assignment()),
                           help="intent partitions this replica owns")
         log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "-")
+
+    async def _load(self, assigned: list[TopicPartition]) -> None:
+        """Read what ``assigned``'s previous owner finished, then release them: the ones not paused for
+        backpressure resume (pauses do not survive a rebalance). A revocation cancels it (``_stop_loading``)."""
+        delay = 0.5
+        while True:
+            try:
+                await self._load_finished(assigned)
+                break
+            except Exception:  # a bug or an input nobody foresaw: the partitions must not be read unloaded
+                log.exception("reading what the previous owner finished failed; partitions stay paused, retrying "
+                              "in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        loaded = set(assigned) & self._unloaded
+        self._unloaded -= loaded
+        if resume := (loaded & self._consumer.assignment()) - self._paused:
+            self._consumer.resume(*resume)
+        self._progress.set()  # the read loop may be waiting for room: there is some now
+        log.info("partitions ready: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(
+            loaded, key=lambda tp: (tp.topic, tp.partition))) or "-")
+
+    async def _stop_loading(self) -> None:
+        """Cancel an assignment's load still running (a revocation, the stop): its partitions stay unread."""
+        loader, self._loader = self._loader, None
+        if loader is not None and not loader.done():
+            loader.cancel()
+            await asyncio.wait([loader])
 
     async def _load_finished(self, assigned: list[TopicPartition]) -> None:
         """Records a previous owner finished above its commit point: skip them (see ``offsets``); and the
@@ -613,6 +650,8 @@ class Outbound(ConsumerRebalanceListener):
         wanted: set[TopicPartition] = set()
         full = 0
         for tp in assigned:
+            if tp in self._unloaded:
+                continue  # paused by on_partitions_assigned until _load releases it
             n = self._inflight_by_tp.get(tp, 0)
             room = per - n
             offsets = self._offsets.get(tp)
@@ -1382,6 +1421,7 @@ class Outbound(ConsumerRebalanceListener):
     def _forget(self, tps: list[TopicPartition]) -> None:
         gone = set(tps)
         self._paused -= gone
+        self._unloaded -= gone
         for tp in gone:
             self._offsets.pop(tp, None)
             self._jobs.pop(tp, None)
