@@ -70,13 +70,19 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
 # idle follower asks once a second instead of ten times (measured: the idle relay's fetches were most of its idle
 # CPU)
 FOLLOWER_FETCH_WAIT_MS: Final = 1000
+# once a follower has read its topic whole (read_to_end) it asks only for what comes next, and it sends nothing
+# else on its connection but a metadata refresh, which a held fetch delays (a broker answers one request of a
+# connection at a time): the broker may hold its fetches this long (an idle relay: one fetch per follower every
+# 5 s, not every second)
+FOLLOWING_FETCH_WAIT_MS: Final = 5000
 
 
 async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
                       take: Callable[[list[Any]], object]) -> None:
     """Read the assigned ``tps`` from their beginning up to their end offsets as of now, handing ``take`` one
     partition's fetched records at a time: a compacted topic's state, read whole before it is followed live. The
-    caller bounds the time (``asyncio.timeout``)."""
+    caller bounds the time (``asyncio.timeout``). Its later fetches may be held :data:`FOLLOWING_FETCH_WAIT_MS`
+    (the offsets requests of the read are behind it)."""
     await consumer.seek_to_beginning(*tps)
     end: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))
     todo = {tp for tp in tps if await consumer.position(tp) < end[tp]}
@@ -84,12 +90,14 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
         for records in (await consumer.getmany(*todo, timeout_ms=500)).values():
             take(records)
         todo = {tp for tp in todo if await consumer.position(tp) < end[tp]}
+    set_fetch_wait(consumer, FOLLOWING_FETCH_WAIT_MS)
 
 
-# how long the broker may hold an outbound fetch: long while nothing is paused (an idle relay asks twice a second,
-# not ten times), short while partitions are paused for backpressure, because a partition resumed then waits
-# for the fetch in flight to come back (500 ms throughout cost the engine benchmark a fifth of its rate)
-IDLE_FETCH_WAIT_MS: Final = 500
+# how long the broker may hold an outbound fetch: long while nothing is paused (an idle relay asks once a second,
+# not ten times; records that arrive end the wait at once), short while partitions are paused for backpressure,
+# because a partition resumed then waits for the fetch in flight to come back (500 ms throughout cost the engine
+# benchmark a fifth of its rate)
+IDLE_FETCH_WAIT_MS: Final = 1000
 PAUSED_FETCH_WAIT_MS: Final = 100
 
 
@@ -108,10 +116,11 @@ def set_fetch_wait(consumer: AIOKafkaConsumer, wait_ms: int) -> None:
 
 
 # aiokafka's fetch routine also wakes every ``fetcher_timeout`` (0.2 s) when nothing happened: everything that
-# gives it work (a fetch answered, records taken, a seek, a resume, a new assignment) wakes it anyway. On a VM a
-# wake-up of an idle process costs a few hundred microseconds of CPU, so five a second per consumer showed in the
-# idle relay's CPU (1.3 % -> 0.7 % of a core with 1 s, measured)
-FETCHER_TIMEOUT: Final = 1.0
+# gives it work (a fetch answered, records taken, a seek, a resume, a new assignment, a metadata update, the
+# prefetch backoff of records not taken) wakes it anyway, so the timeout only ends waits with nothing in flight
+# (a paused reader). On a VM a wake-up of an idle process costs a few hundred microseconds of CPU, so five a
+# second per consumer showed in the idle relay's CPU (1.3 % -> 0.7 % of a core with 1 s, measured)
+FETCHER_TIMEOUT: Final = 5.0
 
 
 class Consumer(AIOKafkaConsumer):

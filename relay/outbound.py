@@ -157,6 +157,9 @@ _CAREFUL_READS: Final = 500
 _TOKENS_PER_PREVIEW: Final = 10
 # with no partition readable, the loop waits for progress (a job ended, a commit landed), looking again after this
 _NO_ROOM_RECHECK: Final = 0.2
+# with nothing paused and nothing to read, the loop waits for records, a new assignment or the stop, looking again
+# after this
+_IDLE_RECHECK: Final = 5.0
 # an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
 _MIN_METADATA_CAP: Final = 64
 
@@ -289,6 +292,7 @@ class Outbound(ConsumerRebalanceListener):
         self._rebalancing = False  # between revoke and assign: no periodic commits
         self._periodic: asyncio.Task[bool] | None = None  # the periodic commit in flight
         self._progress = asyncio.Event()  # a job ended: room may have opened
+        self._reassigned = asyncio.Event()  # partitions were revoked or assigned: an idle wait looks again
         # a record was finished since the last periodic commit: an idle relay's commit loop sleeps until one is
         self._finished_since = asyncio.Event()
         self._careful: dict[TopicPartition, int] = {}  # partition -> single-record reads left (see _read)
@@ -415,6 +419,7 @@ class Outbound(ConsumerRebalanceListener):
         # could land after ours and move an offset back: stop it first. A request already on the wire is shielded
         # inside aiokafka and completes under its lock before ours is sent; only its retry is prevented.
         self._rebalancing = True
+        self._reassigned.set()
         await self._stop_loading()
         if self._periodic is not None and not self._periodic.done():
             self._periodic.cancel()
@@ -473,6 +478,7 @@ class Outbound(ConsumerRebalanceListener):
         if resume := (loaded & self._consumer.assignment()) - self._paused:
             self._consumer.resume(*resume)
         self._progress.set()  # the read loop may be waiting for room: there is some now
+        self._reassigned.set()  # or idle on the partitions it could read before: these are readable now
         log.info("partitions ready: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(
             loaded, key=lambda tp: (tp.topic, tp.partition))) or "-")
 
@@ -523,10 +529,12 @@ class Outbound(ConsumerRebalanceListener):
 
     async def _fetch(self, stopped: asyncio.Future[Any]) -> None:
         """One round: read each partition up to the room it has left, or wait for room or records."""
+        self._reassigned.clear()
         rooms = self._backpressure()
         left = min(self._out.max_in_flight - self._inflight, self._preview_room())
-        # while anything is paused, come back soon to resume it; else records (or the stop) end the wait anyway
-        wait = 0.02 if self._paused else 1.0
+        # while anything is paused, come back soon to resume it; else records, a new assignment or the stop end
+        # the wait anyway (the timeout is a backstop: an idle relay woke every second for nothing)
+        wait = 0.02 if self._paused else _IDLE_RECHECK
         if not rooms or left <= 0:
             # nothing may be read: room opens when a job ends or a commit lands (both set progress), so the
             # timeout is only a backstop (a 20 ms poll here woke a relay at quota 50 times a second for nothing)
@@ -591,8 +599,10 @@ class Outbound(ConsumerRebalanceListener):
         costs no other partition's records (aiokafka moves a partition's position as it drains it). After one,
         which partition failed is unknown: each is read again from its position, one record, on its own."""
         reading = asyncio.ensure_future(self._consumer.getmany(*tps, timeout_ms=timeout_ms, max_records=1))
-        await asyncio.wait([reading, stopped], return_when=asyncio.FIRST_COMPLETED)
-        if not reading.done():  # stopping: aiokafka's wait is cancellable, and it had taken nothing
+        reassigned = asyncio.ensure_future(self._reassigned.wait())
+        await asyncio.wait([reading, stopped, reassigned], return_when=asyncio.FIRST_COMPLETED)
+        reassigned.cancel()
+        if not reading.done():  # stopping or reassigned: aiokafka's wait is cancellable, and it had taken nothing
             reading.cancel()
             await asyncio.wait([reading])
             return

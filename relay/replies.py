@@ -278,7 +278,10 @@ class Replies:
                 async with self._assigning:
                     await self._follow_new_partitions()
             self._park_if_idle()
-            batch = await self._consumer.getmany(timeout_ms=min(1000, int(1000 * self._partition_check)))
+            # awake, come back every second to park once idle; parked, only the partition check is due (a request
+            # that wakes the reader resumes the partitions, and the records that come end the wait)
+            wait = self._partition_check if self._parked else min(1.0, self._partition_check)
+            batch = await self._consumer.getmany(timeout_ms=int(1000 * wait))
             for records in batch.values():
                 for record in records:
                     correlation = record_correlation(record.key, record.headers)

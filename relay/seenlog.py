@@ -83,7 +83,7 @@ class KafkaSeen:
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
         while True:
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
+            for records in (await consumer.getmany(timeout_ms=10_000)).values():  # records end the wait
                 self._apply(records)
 
     def _apply(self, records: list[Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -129,6 +131,40 @@ async def test_set_fetch_wait_changes_the_wait_of_the_next_fetches(
     assert 300 in waits[:before]
     # the fetch in flight at the change still waits 300 ms; every one after it 40 ms (several in 1 s)
     assert waits[before + 1:] and set(waits[before + 1:]) == {40}, waits
+
+
+async def test_a_follower_that_read_its_topic_whole_lets_the_broker_hold_its_fetches_and_still_reads_at_once(
+    kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]
+) -> None:
+    """read_to_end leaves the follower's fetches at FOLLOWING_FETCH_WAIT_MS (an idle follower asks every 5 s), and a
+    record written later is read at once: the broker answers a held fetch when records arrive."""
+    from relay.config import KafkaConfig
+    from relay.kafka import FOLLOWER_FETCH_WAIT_MS, FOLLOWING_FETCH_WAIT_MS, make_consumer, make_producer, read_to_end
+
+    topic = await new_topic("following", partitions=1)
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    producer = make_producer(cfg)
+    await producer.start()
+    consumer = make_consumer(cfg, group_id=None, fetch_max_wait_ms=FOLLOWER_FETCH_WAIT_MS)
+    await consumer.start()
+    try:
+        await producer.send_and_wait(topic, b"before", key=b"k")
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        seen: list[bytes] = []
+        await read_to_end(consumer, [tp], lambda records: seen.extend(r.value for r in records))
+        assert seen == [b"before"]
+        assert consumer._fetcher._fetch_max_wait_ms == FOLLOWING_FETCH_WAIT_MS
+        await asyncio.sleep(1.5)  # a held fetch is in flight now
+        await producer.send_and_wait(topic, b"after", key=b"k")
+        sent = time.monotonic()
+        batch = await consumer.getmany(tp, timeout_ms=10_000)
+        took = time.monotonic() - sent
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    assert [r.value for r in batch[tp]] == [b"after"]
+    assert took < FOLLOWING_FETCH_WAIT_MS / 1000 - 1, f"read {took:.2f}s after it was written"
 
 
 async def test_the_relays_consumers_fetch_routine_looks_for_work_every_fetcher_timeout(

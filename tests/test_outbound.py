@@ -331,6 +331,30 @@ async def test_an_idle_relay_does_not_wake_to_commit_and_commits_the_next_finish
         await h.until(lambda: consumer.committed.get(TopicPartition(TOPIC, 0)) == (2, ""), "a2 committed")
 
 
+async def test_a_partition_assigned_while_the_idle_loop_waits_is_read_at_once() -> None:
+    """The idle loop waits for records of the partitions it owns for up to seconds (outbound._IDLE_RECHECK): a new
+    assignment ends that wait, so the new partition's records do not wait for it."""
+    from relay.outbound import _IDLE_RECHECK
+
+    first, later = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+
+    class OnePartitionFirst(FakeConsumer):
+        async def _join(self) -> None:
+            self.assigned = {first}
+            await self.listener.on_partitions_assigned([first])
+
+    consumer = OnePartitionFirst(partitions=2)
+    async with running(consumer) as h:
+        await asyncio.sleep(0.3)  # idle: waiting on partition 0 alone
+        consumer.append(1, "B", intent("b1", "B"))
+        consumer.assigned.add(later)
+        started = asyncio.get_running_loop().time()
+        await consumer.listener.on_partitions_assigned([later])
+        await h.until(lambda: "b1" in h.producer.results(), "b1 finished")
+        took = asyncio.get_running_loop().time() - started
+    assert took < _IDLE_RECHECK / 2, f"the new partition was read after {took:.2f}s"
+
+
 @pytest.mark.parametrize(("per", "total"), [(7, 1000), (50, 80), (1, 2)])
 async def test_the_in_flight_caps_are_never_passed(per: int, total: int) -> None:
     """Records read but not finished, counted by the fakes themselves at every hand-out: never above

@@ -255,7 +255,8 @@ class KafkaPreviewMemory:
         latest = 0.0
         last_prune = time.monotonic()
         while True:
-            batch = await consumer.getmany(timeout_ms=1000)
+            # records end the wait; without any there is nothing to do but the minutely prune
+            batch = await consumer.getmany(timeout_ms=10_000)
             for records in batch.values():
                 for record in records:
                     latest = max(latest, self._apply(record, arbiter, seen))
