@@ -35,7 +35,8 @@ from aiokafka import AIOKafkaProducer
 # runnable as a plain script from anywhere: the package (and tests.relaykit) live in the parent directory
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.config import OutboundConfig
+from relay.config import FeishuConfig, OutboundConfig
+from relay.kafka import make_producer
 from relay.metrics import Metrics
 from relay.sandbox import Sandbox, SandboxOptions
 from tests.relaykit import (
@@ -130,6 +131,8 @@ async def quota_use(bootstrap: str, seconds: float, chats: int, intents: int, id
     finally:
         await box.stop()
     cpu_per_1000 = 1000 * (cpu1 - cpu0) / max(1, done1 - done0)
+    feishu = FeishuConfig()
+    plain = await plain_at_quota(bootstrap, min(60.0, seconds - 5.0), feishu.grant_tick, feishu.limit_utilization)
 
     calls = [c for c in all_calls if c.api == "message.send"]
     first = calls[0].at if calls else 0.0
@@ -166,6 +169,9 @@ async def quota_use(bootstrap: str, seconds: float, chats: int, intents: int, id
           f"{mark(cpu_per_1000 <= 1.0)}")
     print(f"{'idle CPU, % of a core':<40} {100 * idle_cpu:>7.2f} {'<=0.3':>7} {100 * idle_cpu / 0.3:>6.2f} "
           f"{mark(100 * idle_cpu <= 0.3)}")
+    print(f"{'plain aiohttp + aiokafka, same work':<40} {plain['cpu_per_1000']:>7.2f} {'':>7} {'':>6} "
+          f"(CPU-seconds per 1,000 calls)")
+    print(f"{'relay / plain at quota':<40} {cpu_per_1000 / plain['cpu_per_1000']:>7.2f}")
     print(f"\nmessage.send calls in all: {len(calls)} ({len(in_run)} in the measured {seconds:g} s, "
           f"the rest while draining); token requests: {tokens}; results by status at the stop: "
           f"{ {k: v for k, v in done_at_stop.items() if v} }, after the drain: "
@@ -189,13 +195,71 @@ async def quota_use(bootstrap: str, seconds: float, chats: int, intents: int, id
         f"in it), and idle over {idle_seconds:g} s with the relay running and nothing to do, before producing, from "
         f"the moment its callback reply reader parked ({parked:.1f} s after the 2 s settling: relay.replies "
         f"parks it after PARK_AFTER s with no callback waiting); "
-        f"each also as a ratio to its target (<= 1.0 meets it), both from this one run."
+        f"each also as a ratio to its target (<= 1.0 meets it), both from this one run. 'plain aiohttp + "
+        f"aiokafka' ran next on a fresh sandbox for {min(60.0, seconds - 5.0):g} s ({plain['calls']:.0f} calls): "
+        f"one aiohttp session POSTing the same message.send at the relay's rate (limit_utilization "
+        f"{feishu.limit_utilization:g} of 1000/min), the calls due sent together every grant_tick "
+        f"({feishu.grant_tick:g} s) as the relay's limiter sends them, each answer written as one result record "
+        f"with the relay's own producer settings and awaited; no consumer, limiter, commits, journal or metrics. "
+        f"It is what this machine's Python, aiohttp and aiokafka cost for the calls alone at that rate: on a VM "
+        f"each wake-up of the process is dear, so CPU per call at quota is set mostly by how many calls share a "
+        f"wake-up."
     )
     ok = max_1s <= IM_PER_SECOND and max_60s <= IM_PER_MINUTE and not violations
     bad = done_after_drain["failed"] + done_after_drain["rejected"] + done_after_drain["expired"]
     if bad:
         print(f"\nFAIL: {bad} intents did not succeed")
     return ok and not bad
+
+
+async def plain_at_quota(bootstrap: str, seconds: float, tick: float, utilization: float) -> dict[str, float]:
+    """What the same work costs without the relay: a plain aiohttp session POSTing message.send at the rate the
+    relay holds (``utilization`` of 1000/min), the calls due in each ``tick`` sent together as the relay's grant
+    tick sends them, and each answer written as one record with the relay's own producer (``make_producer``:
+    acks=all, idempotent, linger 2 ms) and awaited. No Kafka consumer, limiter, commit or metrics."""
+    box = SandboxProcess(apps={APP_ID: APP_SECRET}, log_bodies=False)
+    await box.start()
+    run = f"bench.floor.{uuid.uuid4().hex[:8]}"
+    config = to_config(config_data(bootstrap, run, box.url))
+    await create_relay_topics(config)
+    producer = make_producer(config.kafka)
+    await producer.start()
+    rate = IM_PER_MINUTE / 60 * utilization
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{box.url}/open-apis/auth/v3/tenant_access_token/internal",
+                                    json={"app_id": APP_ID, "app_secret": APP_SECRET}) as resp:
+                token = (await resp.json())["tenant_access_token"]
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=utf-8"}
+            endpoint = f"{box.url}/open-apis/im/v1/messages"
+
+            async def call(i: int) -> None:
+                body = msgspec.json.encode({"receive_id": f"oc_{run}_{i}", "msg_type": "text",
+                                            "content": msgspec.json.encode({"text": f"bench {i}"}).decode(),
+                                            "uuid": f"{run}-{i}"})
+                async with session.post(endpoint, params={"receive_id_type": "chat_id"}, data=body,
+                                        headers=headers) as resp:
+                    answer = await resp.read()
+                result = msgspec.json.encode({"id": f"{run}-{i}", "status": "ok", "feishu": msgspec.Raw(answer)})
+                await (await producer.send(config.kafka.results_topic, result, key=f"{run}-{i}".encode()))
+
+            pending: set[asyncio.Task[None]] = set()
+            sent, credit = 0, 0.0
+            cpu0, t0 = time.process_time(), time.monotonic()
+            while (now := time.monotonic()) < t0 + seconds:
+                credit = rate * (now - t0) - sent
+                for _ in range(int(credit)):
+                    task = asyncio.create_task(call(sent))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    sent += 1
+                await asyncio.sleep(tick)
+            await asyncio.gather(*pending)
+            cpu = time.process_time() - cpu0
+    finally:
+        await producer.stop()
+        await box.stop()
+    return {"calls": sent, "cpu_per_1000": 1000 * cpu / max(1, sent), "tick": tick}
 
 
 # ---- engine overhead -----------------------------------------------------------------------------------------
