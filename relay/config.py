@@ -165,7 +165,7 @@ class FeishuConfig(_Section, frozen=True):
     # its due time, with the others due by then (fewer wake-ups, shared writes; up to this much more latency for
     # a waiting call, never a call over a limit). 0: each waiting call goes at its own due time. Only with
     # share_mode = "static" (group shares reshape the buckets too often for calls to wait for a tick)
-    grant_tick: Annotated[float, Meta(ge=0, le=1)] = 0.5
+    grant_tick: Annotated[float, Meta(ge=0, le=1)] = 0.2
     # divides every Feishu duration (limit windows, preview 5 s rule); only for sandbox tests, 1 for Feishu
     time_scale: PositiveFloat = 1.0
     # app-wide buckets (one per app and API, api.call templates included) alive at once; past it idle ones are
