@@ -90,6 +90,12 @@ def weight(demand: int) -> int:
     follow every wobble of a queue: rounded down to a power of two, a weight changes only when the queue halves
     or doubles. Past :data:`SATURATED` calls waiting for an API's token a member is as hungry as can be, so a
     group under a backlog splits evenly and stays put.
+
+    The count of calls waiting is not the backlog: a key's calls go one at a time, so at most one call per key
+    in the in-flight window waits, and a hot key whose records fill a partition's window
+    (``outbound.max_in_flight_per_partition``) makes a deep backlog look like a few dozen calls. A few calls
+    queued at once for the app-wide token already mean the member's share binds, so the cap is low: above it, a
+    member's weight would follow how its keys happen to be spread, not whether it could use more.
     """
     if demand <= 0:
         return 0
@@ -97,7 +103,7 @@ def weight(demand: int) -> int:
 
 
 # calls waiting for an API's token past which a member counts as saturated (see weight)
-SATURATED: Final = 64
+SATURATED: Final = 8
 
 
 def split(beats: Mapping[str, Beat], floor: float, api: str = "") -> dict[str, float]:
