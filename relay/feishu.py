@@ -132,6 +132,7 @@ class FeishuClient:
         # custom app -> why its last token refresh failed (until one succeeds); a store app's tenants come and go
         # with their installs, so one tenant's token does not make the relay unready
         self._unavailable: dict[str, str] = {}
+        self._became_unavailable = asyncio.Event()  # set when an app joins _unavailable
 
     async def start(self) -> None:
         feishu = self._config.feishu
@@ -172,6 +173,13 @@ class FeishuClient:
         """Apps whose last tenant_access_token refresh failed (and none has succeeded since), with why; a
         readiness check (``relay.readiness``) asks for their tokens again so a recovery is noticed unprompted."""
         return dict(self._unavailable)
+
+    async def token_problem_arises(self) -> None:
+        """Return once some app's tenant_access_token is unavailable (at once if one is): the readiness retry
+        sleeps here instead of waking every hold to find nothing to ask for."""
+        while not self._unavailable:
+            self._became_unavailable.clear()
+            await self._became_unavailable.wait()
 
     # tokens -------------------------------------------------------------------------------------------
 
@@ -272,6 +280,7 @@ class FeishuClient:
         app_name, tenant = key
         if tenant is None:
             self._unavailable[app_name] = outcome.msg or "no answer"
+            self._became_unavailable.set()
         if self._metrics is not None:
             self._metrics.token_refresh(app_name, ok=False)
         log.warning("tenant_access_token for app %s%s unavailable, held for %.1fs: %s", app_name,

@@ -117,6 +117,8 @@ class Tokens(Protocol):
 
     def token_problems(self) -> dict[str, str]: ...
 
+    async def token_problem_arises(self) -> None: ...
+
     async def token(self, app: str) -> str: ...
 
 
@@ -131,8 +133,10 @@ def token_problem(tokens: Tokens) -> str | None:
 async def retry_tokens(tokens: Tokens, interval: float, *,
                        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
     """Forever: ask again for each token whose last refresh failed (the client holds a failed one for a while,
-    so this sends at most one request per app per hold)."""
+    so this sends at most one request per app per hold). While every token is fine it sleeps until one is not
+    (an idle relay does not wake for it)."""
     while True:
+        await tokens.token_problem_arises()
         await sleep(interval)
         await asyncio.gather(*(_quietly(tokens.token(app)) for app in tokens.token_problems()))
 

@@ -132,6 +132,23 @@ async def test_a_wrong_secret_causes_one_token_request_per_hold(sandbox: Sandbox
         await feishu.close()
 
 
+async def test_a_failed_token_refresh_ends_the_wait_for_a_token_problem(sandbox: Sandbox) -> None:
+    data = config_data("127.0.0.1:9092", "unused", sandbox.url)
+    data["apps"][0]["app_secret"] = "wrong"
+    feishu = FeishuClient(to_config(data))
+    await feishu.start()
+    try:
+        waiting = asyncio.create_task(feishu.token_problem_arises())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # every token fine so far: the readiness retry sleeps
+        await feishu.send("default", send_call(0))
+        await asyncio.wait_for(waiting, 1.0)
+        assert set(feishu.token_problems()) == {"default"}
+        await asyncio.wait_for(feishu.token_problem_arises(), 1.0)  # at once while one is unavailable
+    finally:
+        await feishu.close()
+
+
 class TokenServer:
     """A real HTTP token endpoint: 429 / 99991400 with a 3 s reset, or hanging while ``hang`` is set."""
 

@@ -68,6 +68,10 @@ class Tokens:
     def token_problems(self) -> dict[str, str]:
         return dict(self.failing)
 
+    async def token_problem_arises(self) -> None:
+        if not self.failing:
+            await asyncio.Event().wait()  # none arises in these tests
+
     async def token(self, app: str) -> str:
         self.asked.append(app)
         if app == "a":
@@ -93,6 +97,29 @@ async def test_token_problem_and_retry() -> None:
     assert tokens.failing == {"a": "app_secret invalid"}
     tokens.failing.clear()
     assert token_problem(tokens) is None
+
+
+async def test_token_retry_sleeps_until_a_token_problem_arises() -> None:
+    tokens = Tokens()
+    tokens.failing.clear()
+    arises = asyncio.Event()
+    sleeps: list[float] = []
+
+    async def until_problem() -> None:
+        await arises.wait()
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        raise asyncio.CancelledError
+
+    tokens.token_problem_arises = until_problem  # type: ignore[method-assign]
+    retry = asyncio.create_task(retry_tokens(tokens, 1.0, sleep=sleep))
+    await asyncio.sleep(0.05)
+    assert sleeps == [] and tokens.asked == []  # no wake-up while every token is fine
+    arises.set()
+    with pytest.raises(asyncio.CancelledError):
+        await retry
+    assert sleeps == [1.0]
 
 
 def test_health_reason() -> None:
