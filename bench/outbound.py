@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay.config import FeishuConfig, OutboundConfig
-from relay.kafka import make_producer
+from relay.kafka import IDLE_FETCH_WAIT_MS, QUIET_FETCH_WAIT_MS, make_producer
 from relay.metrics import Metrics
 from relay.sandbox import Sandbox, SandboxOptions
 from tests.relaykit import (
@@ -113,6 +113,11 @@ async def quota_use(bootstrap: str, seconds: float, chats: int, intents: int, id
             # steady idle: the callback reply reader parks once no callback has waited for a while
             parked = time.monotonic()
             await until(lambda: metrics.value("relay_callback_replies_parked") == 1.0, 0.1)
+            # and the outbound consumer's fetches are held 5 s (relay.outbound.QUIET_AFTER after the last read);
+            # the last 1 s fetch comes back within a second of that
+            await until(lambda: metrics.value("relay_outbound_fetch_wait_seconds") == QUIET_FETCH_WAIT_MS / 1000,
+                        0.1)
+            await asyncio.sleep(IDLE_FETCH_WAIT_MS / 1000)
             parked = time.monotonic() - parked
             idle0, idle_t0 = time.process_time(), time.monotonic()
             await asyncio.sleep(idle_seconds)
@@ -193,8 +198,9 @@ async def quota_use(bootstrap: str, seconds: float, chats: int, intents: int, id
         f"(throttled). CPU: the sandbox runs in a child process, so this process's CPU is the relay's; "
         f"per 1,000 calls over the window from 5 s after the backlog was produced to the stop (results written "
         f"in it), and idle over {idle_seconds:g} s with the relay running and nothing to do, before producing, from "
-        f"the moment its callback reply reader parked ({parked:.1f} s after the 2 s settling: relay.replies "
-        f"parks it after PARK_AFTER s with no callback waiting); "
+        f"the moment its callback reply reader had parked and its outbound fetches were held 5 s ({parked:.1f} s "
+        f"after the 2 s settling: relay.replies parks after PARK_AFTER s with no callback waiting, "
+        f"relay.outbound.QUIET_AFTER after the last record read, then one 1 s fetch); "
         f"each also as a ratio to its target (<= 1.0 meets it), both from this one run. 'plain aiohttp + "
         f"aiokafka' ran next on a fresh sandbox for {min(60.0, seconds - 5.0):g} s ({plain['calls']:.0f} calls): "
         f"one aiohttp session POSTing the same message.send at the relay's rate (limit_utilization "

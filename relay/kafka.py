@@ -99,6 +99,11 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
 # benchmark a fifth of its rate)
 IDLE_FETCH_WAIT_MS: Final = 1000
 PAUSED_FETCH_WAIT_MS: Final = 100
+# an outbound consumer that has read nothing for a while (relay.outbound.QUIET_AFTER), with nothing in flight,
+# lets the broker hold its fetches this long: records that arrive still end the wait at once. The price is paid
+# only at a rebalance: the broker answers one request of a connection at a time, so the first fetch for newly
+# assigned partitions may wait behind the one held (up to this long, once)
+QUIET_FETCH_WAIT_MS: Final = 5000
 
 
 def _set_fetcher(consumer: AIOKafkaConsumer, attribute: str, value: float) -> None:

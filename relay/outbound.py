@@ -121,6 +121,7 @@ from relay.kafka import (
     IDLE_FETCH_WAIT_MS,
     MAX_BATCH_SIZE,
     PAUSED_FETCH_WAIT_MS,
+    QUIET_FETCH_WAIT_MS,
     client_settings,
     max_message_bytes,
     set_fetch_wait,
@@ -160,6 +161,10 @@ _NO_ROOM_RECHECK: Final = 0.2
 # with nothing paused and nothing to read, the loop waits for records, a new assignment or the stop, looking again
 # after this
 _IDLE_RECHECK: Final = 5.0
+# seconds without a record read, nothing in flight, after which the broker may hold the outbound fetches
+# QUIET_FETCH_WAIT_MS instead of IDLE_FETCH_WAIT_MS (an idle relay: one fetch every 5 s, not every second; it
+# was a third of the idle relay's event-loop turns, measured)
+QUIET_AFTER = 10.0
 # an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
 _MIN_METADATA_CAP: Final = 64
 
@@ -288,6 +293,8 @@ class Outbound(ConsumerRebalanceListener):
         self._inflight_by_tp: dict[TopicPartition, int] = {}
         self._all_paused = False  # the global cap was reached; cleared at half
         self._paused: set[TopicPartition] = set()
+        self._fetch_wait = IDLE_FETCH_WAIT_MS  # the consumer's fetch_max_wait_ms now (make_consumer's default)
+        self._last_read = clock()  # when records were last taken (or partitions assigned or revoked)
         self._admin = admin
         self._rebalancing = False  # between revoke and assign: no periodic commits
         self._periodic: asyncio.Task[bool] | None = None  # the periodic commit in flight
@@ -420,6 +427,7 @@ class Outbound(ConsumerRebalanceListener):
         # inside aiokafka and completes under its lock before ours is sent; only its retry is prevented.
         self._rebalancing = True
         self._reassigned.set()
+        self._awake()
         await self._stop_loading()
         if self._periodic is not None and not self._periodic.done():
             self._periodic.cancel()
@@ -453,6 +461,7 @@ class Outbound(ConsumerRebalanceListener):
             self._offsets.setdefault(tp, PartitionOffsets())
             self._jobs.setdefault(tp, set())
         self._rebalancing = False
+        self._awake()
         if assigned:
             self._unloaded.update(assigned)
             self._loader = asyncio.create_task(self._load(list(assigned)), name="relay-assignment-load")
@@ -555,6 +564,9 @@ class Outbound(ConsumerRebalanceListener):
         if not read:
             calm = [tp for tp in order if tp not in self._careful]
             if calm:
+                if (not self._inflight and self._fetch_wait == IDLE_FETCH_WAIT_MS
+                        and self._clock() - self._last_read >= QUIET_AFTER):
+                    self._wait_fetches(QUIET_FETCH_WAIT_MS)
                 await self._read_any(calm, int(wait * 1000), stopped)
             else:  # only partitions being read one by one: wait on one of them (rare, and short)
                 await self._read(order[0], 1, timeout_ms=20)
@@ -618,9 +630,25 @@ class Outbound(ConsumerRebalanceListener):
             return
         self._take(batch)
 
+    def _wait_fetches(self, wait_ms: int) -> None:
+        """Let the broker hold the consumer's next fetches up to ``wait_ms`` (relay.kafka: paused, idle, quiet)."""
+        if wait_ms != self._fetch_wait:
+            set_fetch_wait(self._consumer, wait_ms)
+            self._fetch_wait = wait_ms
+            self._metrics.set("relay_outbound_fetch_wait_seconds", wait_ms / 1000,
+                              help="how long the broker may hold an outbound fetch with nothing new")
+
+    def _awake(self) -> None:
+        """Records were read, or the assignment changes: the quiet wait ends (the next fetch is held 1 s)."""
+        self._last_read = self._clock()
+        if self._fetch_wait == QUIET_FETCH_WAIT_MS:
+            self._wait_fetches(IDLE_FETCH_WAIT_MS)
+
     def _take(self, batch: dict[TopicPartition, list[Any]]) -> bool:
         """Dispatch fetched records; unless the membership stopped being valid during the fetch: then they are
         read again later (``_unread``) and False."""
+        if batch:
+            self._awake()
         if batch and self._standing() is not Standing.VALID:
             self._unread(batch)
             return False
@@ -679,7 +707,7 @@ class Outbound(ConsumerRebalanceListener):
         if resume := (self._paused - wanted) & assigned:
             self._consumer.resume(*resume)
         if bool(wanted) != bool(self._paused):
-            set_fetch_wait(self._consumer, PAUSED_FETCH_WAIT_MS if wanted else IDLE_FETCH_WAIT_MS)
+            self._wait_fetches(PAUSED_FETCH_WAIT_MS if wanted else IDLE_FETCH_WAIT_MS)
         self._paused = wanted
         self._metrics.set("relay_outbound_in_flight", self._inflight, help="records read but not finished")
         self._metrics.set("relay_outbound_paused_partitions", len(wanted), help="partitions paused for backpressure")
