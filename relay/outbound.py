@@ -165,6 +165,9 @@ _IDLE_RECHECK: Final = 5.0
 # QUIET_FETCH_WAIT_MS instead of IDLE_FETCH_WAIT_MS (an idle relay: one fetch every 5 s, not every second; it
 # was a third of the idle relay's event-loop turns, measured)
 QUIET_AFTER = 10.0
+# results and dead letters are sent in groups: a write waits up to this long for the others finishing with it
+# (see Gather; the calls of one grant tick are answered within a few milliseconds of each other)
+RESULT_GATHER = 0.005
 # an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
 _MIN_METADATA_CAP: Final = 64
 
@@ -245,6 +248,40 @@ class Write:
         self.stuck = False  # the error cannot be retried into success: an operator must act
 
 
+class Gather:
+    """Lets the callers that arrive within ``window`` seconds of the first go on together, in one event-loop turn,
+    in the order they came.
+
+    For result writes: aiokafka lingers each partition's batch on its own timer and a produce request takes only
+    the batches whose linger is over, so results to different partitions finishing a few milliseconds apart went
+    as one request each (about one per call at quota, measured), each a handful of event-loop turns for the
+    request, its answer and its callbacks. Sent in one turn, their batches ripen together and share a request.
+    """
+
+    __slots__ = ("_waiters", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    async def wait(self) -> None:
+        if self.window <= 0:
+            return
+        waiter = asyncio.get_running_loop().create_future()  # one each: a cancelled caller cancels only its own
+        if self._waiters is None:
+            self._waiters = []
+            asyncio.get_running_loop().call_later(self.window, self._release, self._waiters)
+        self._waiters.append(waiter)
+        await waiter
+
+    def _release(self, waiters: list[asyncio.Future[None]]) -> None:
+        if self._waiters is waiters:
+            self._waiters = None
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class _TooLarge(Exception):
     """A record its topic's known ``max.message.bytes`` cannot take even cut (never sent: see ``_send``)."""
 
@@ -305,6 +342,7 @@ class Outbound(ConsumerRebalanceListener):
         self._careful: dict[TopicPartition, int] = {}  # partition -> single-record reads left (see _read)
         self._round = 0  # rotates which partition is read first, so none starves under the global cap
         self._writes: dict[Write, None] = {}  # results and dead letters being written, oldest first
+        self._gather = Gather(RESULT_GATHER)  # results and dead letters finishing together are sent together
         self._reports_failing = 0  # internal errors whose report cannot be built (see _internal_failure)
         self._metadata_cap = self._out.commit_metadata_max_bytes  # halved by OFFSET_METADATA_TOO_LARGE
         # the journal position's suffix needs room beside the finished set (offsets.JOURNAL_METADATA_ROOM)
@@ -1196,6 +1234,8 @@ class Outbound(ConsumerRebalanceListener):
                     if alone or (limit is not None and limit < MAX_BATCH_SIZE + BATCH_OVERHEAD):
                         future = await self._send_alone(topic, key, value, headers)
                     else:
+                        if write.error is None:  # a retry goes at once
+                            await self._gather.wait()
                         future = await self._producer.send(topic, value, key=key, headers=headers)
                     await future
                     return
