@@ -167,7 +167,7 @@ _IDLE_RECHECK: Final = 5.0
 QUIET_AFTER = 10.0
 # results and dead letters are sent in groups: a write waits up to this long for the others finishing with it
 # (see Gather; the calls of one grant tick are answered within a few milliseconds of each other)
-RESULT_GATHER = 0.005
+RESULT_GATHER: Final = 0.005
 # an ``OFFSET_METADATA_TOO_LARGE`` halves the metadata cap down to this (a journal position still fits)
 _MIN_METADATA_CAP: Final = 64
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -57,15 +59,22 @@ async def test_hundred_calls_on_an_expired_token_cause_one_refresh(client: Feish
     assert sandbox.token_requests == 2  # the first fetch and exactly one refresh
 
 
-async def test_bad_credentials_are_a_permanent_outcome_naming_the_token(sandbox: Sandbox) -> None:
+@contextlib.asynccontextmanager
+async def wrong_secret_client(sandbox: Sandbox, **options: Any) -> AsyncIterator[FeishuClient]:
+    """A started client whose one app's secret the sandbox refuses."""
     data = config_data("127.0.0.1:9092", "unused", sandbox.url)
     data["apps"][0]["app_secret"] = "wrong"
-    feishu = FeishuClient(to_config(data))
+    feishu = FeishuClient(to_config(data), **options)
     await feishu.start()
     try:
-        outcome = await feishu.send("default", send_call(1))
+        yield feishu
     finally:
         await feishu.close()
+
+
+async def test_bad_credentials_are_a_permanent_outcome_naming_the_token(sandbox: Sandbox) -> None:
+    async with wrong_secret_client(sandbox) as feishu:
+        outcome = await feishu.send("default", send_call(1))
     assert outcome.verdict is Verdict.PERMANENT and outcome.code == 10014
     assert outcome.msg.startswith("tenant_access_token:") and "wrong" not in outcome.msg
 
@@ -110,12 +119,8 @@ class FakeClock:
 
 
 async def test_a_wrong_secret_causes_one_token_request_per_hold(sandbox: Sandbox) -> None:
-    data = config_data("127.0.0.1:9092", "unused", sandbox.url)
-    data["apps"][0]["app_secret"] = "wrong"
     clock = FakeClock()
-    feishu = FeishuClient(to_config(data), clock=clock)
-    await feishu.start()
-    try:
+    async with wrong_secret_client(sandbox, clock=clock) as feishu:
         first = await asyncio.gather(*(feishu.send("default", send_call(i)) for i in range(200)))
         assert {(o.verdict, o.code) for o in first} == {(Verdict.PERMANENT, 10014)}
         assert sandbox.token_requests == 1
@@ -128,16 +133,10 @@ async def test_a_wrong_secret_causes_one_token_request_per_hold(sandbox: Sandbox
         again = await asyncio.gather(*(feishu.send("default", send_call(i)) for i in range(200)))
         assert {o.code for o in again} == {10014}
         assert sandbox.token_requests == 2 and feishu.token_requests == 2
-    finally:
-        await feishu.close()
 
 
 async def test_a_failed_token_refresh_ends_the_wait_for_a_token_problem(sandbox: Sandbox) -> None:
-    data = config_data("127.0.0.1:9092", "unused", sandbox.url)
-    data["apps"][0]["app_secret"] = "wrong"
-    feishu = FeishuClient(to_config(data))
-    await feishu.start()
-    try:
+    async with wrong_secret_client(sandbox) as feishu:
         waiting = asyncio.create_task(feishu.token_problem_arises())
         await asyncio.sleep(0.05)
         assert not waiting.done()  # every token fine so far: the readiness retry sleeps
@@ -145,8 +144,6 @@ async def test_a_failed_token_refresh_ends_the_wait_for_a_token_problem(sandbox:
         await asyncio.wait_for(waiting, 1.0)
         assert set(feishu.token_problems()) == {"default"}
         await asyncio.wait_for(feishu.token_problem_arises(), 1.0)  # at once while one is unavailable
-    finally:
-        await feishu.close()
 
 
 class TokenServer:

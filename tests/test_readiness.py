@@ -64,13 +64,14 @@ class Tokens:
     def __init__(self) -> None:
         self.failing = {"b": "gateway 503", "a": "app_secret invalid"}
         self.asked: list[str] = []
+        self.arises = asyncio.Event()  # a problem arises (while none is failing)
 
     def token_problems(self) -> dict[str, str]:
         return dict(self.failing)
 
     async def token_problem_arises(self) -> None:
         if not self.failing:
-            await asyncio.Event().wait()  # none arises in these tests
+            await self.arises.wait()
 
     async def token(self, app: str) -> str:
         self.asked.append(app)
@@ -102,21 +103,16 @@ async def test_token_problem_and_retry() -> None:
 async def test_token_retry_sleeps_until_a_token_problem_arises() -> None:
     tokens = Tokens()
     tokens.failing.clear()
-    arises = asyncio.Event()
     sleeps: list[float] = []
-
-    async def until_problem() -> None:
-        await arises.wait()
 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
         raise asyncio.CancelledError
 
-    tokens.token_problem_arises = until_problem  # type: ignore[method-assign]
     retry = asyncio.create_task(retry_tokens(tokens, 1.0, sleep=sleep))
     await asyncio.sleep(0.05)
     assert sleeps == [] and tokens.asked == []  # no wake-up while every token is fine
-    arises.set()
+    tokens.arises.set()
     with pytest.raises(asyncio.CancelledError):
         await retry
     assert sleeps == [1.0]
