@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -353,10 +354,15 @@ class SendLog:
     It costs a bisect per send and binds only after such a stall, or while ``limit`` calls are in flight at once.
     """
 
-    __slots__ = ("_into", "_longest", "_open", "_spans", "_start", "_times")
+    __slots__ = ("_into", "_longest", "_open", "_spans", "_start", "_times", "answer", "head", "waiters")
 
     def __init__(self, spans: Sequence[tuple[int, float]]) -> None:
         self.spans = spans
+        # the limiter's callers held back by this log (relay.limits.Limiter.admit): whether one heads them, the
+        # future that head awaits an answer on, and the others' futures, in order
+        self.head = False
+        self.answer: Any = None
+        self.waiters: deque[Any] = deque()
         self._times: list[float] = []  # releases, in order
         self._start = 0  # releases before it are older than the longest span
         self._open = 0  # recorded, not yet released
@@ -406,15 +412,21 @@ class SendLog:
         other._open = 0
         other._into = self
 
+    @property
+    def root(self) -> SendLog:
+        """The log this one's calls count in: itself, or the one it was merged into."""
+        log = self
+        while log._into is not None:
+            log = log._into
+        return log
+
     def record(self) -> None:
         """A call is about to be sent: it counts from now until its :meth:`release`."""
         self._open += 1
 
     def release(self, now: float) -> None:
         """A recorded call was answered (or given up) at ``now``: it counts until ``now + span``."""
-        log = self
-        while log._into is not None:
-            log = log._into
+        log = self.root
         log._open = max(0, log._open - 1)
         times = log._times
         if times and now < times[-1]:

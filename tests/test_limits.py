@@ -871,6 +871,110 @@ def test_a_grant_that_waits_long_for_a_connection_still_goes(time_scale: float) 
     assert run_virtual(main) == 200
 
 
+def test_a_target_bucket_forgotten_between_grant_and_send_is_taken_back_not_made_again() -> None:
+    """A chat's bucket is idle and full again soon after its grant (a short window, a wait for a connection);
+    forgotten meanwhile, the send takes that same bucket back instead of making a new one (which, forgotten
+    again, was made anew on every look: five buckets per call in the engine benchmark)."""
+
+    async def main() -> None:
+        limiter = _limiter()
+        key = ("target", "a", "chat:x")
+        grant = await limiter.acquire("a", "im", IM, "chat:x", PER_TARGET)
+        bucket = limiter.bucket(key)
+        assert bucket is not None
+        await asyncio.sleep(2.0)  # idle and full again
+        for i in range(5):  # newer chats' grants forget the oldest idle ones
+            await limiter.acquire("a", "im", IM, f"chat:{i}", PER_TARGET)
+        assert limiter.bucket(key) is None
+        await limiter.admit(grant)
+        assert limiter.bucket(key) is bucket
+        limiter.answered(grant)
+
+    run_virtual(main)
+
+
+def _in_flight(limiter: Limiter, grants: list[Grant]) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def admit_all() -> None:
+        for grant in grants:
+            await limiter.admit(grant)
+
+    return admit_all
+
+
+def test_an_answer_wakes_one_caller_waiting_for_room_not_all() -> None:
+    """100 callers find the 1 s window's 50 calls in flight: each answer wakes one of them (which sends, and is
+    answered at once, waking the next). Waking them all on every answer made each look again, find the room
+    taken, and wait again: thousands of wake-ups instead of two or three per caller."""
+
+    async def main() -> None:
+        limiter = _limiter()
+        windows = (Window(50, 1.0), Window(10_000, 60.0))
+        grants = [await limiter.acquire("a", "im", windows) for _ in range(150)]
+        await _in_flight(limiter, grants[:50])()
+        sent: list[float] = []
+
+        async def send(grant: Grant) -> None:
+            await limiter.admit(grant)
+            sent.append(now())
+            limiter.answered(grant)
+
+        waiting = [asyncio.create_task(send(grant)) for grant in grants[50:]]
+        await asyncio.sleep(0.1)
+        assert not sent
+        for grant in grants[:50]:
+            limiter.answered(grant)
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*waiting), 60.0)
+        assert len(sent) == 100 and busiest(sent, 1.0) <= 50
+        assert limiter.stats().guarded <= 3 * 100
+
+    run_virtual(main)
+
+
+@pytest.mark.parametrize("cancel_after", [0.0, 0.5])
+def test_a_woken_caller_cancelled_hands_its_room_to_the_next(cancel_after: float) -> None:
+    """One answer makes room for one of two waiting callers; the first is cancelled (before it ran, or while it
+    sleeps out the window after that answer): the second goes, with no other answer to come."""
+
+    async def main() -> None:
+        limiter = _limiter()
+        windows = (Window(50, 1.0), Window(10_000, 60.0))
+        grants = [await limiter.acquire("a", "im", windows) for _ in range(52)]
+        await _in_flight(limiter, grants[:50])()
+        first = asyncio.create_task(limiter.admit(grants[50]))
+        second = asyncio.create_task(limiter.admit(grants[51]))
+        await asyncio.sleep(0.1)
+        limiter.answered(grants[0])
+        if cancel_after:
+            await asyncio.sleep(cancel_after)
+        first.cancel()
+        await asyncio.wait_for(second, 10.0)
+        assert first.cancelled()
+
+    run_virtual(main)
+
+
+def test_a_woken_caller_whose_grant_was_voided_hands_its_room_to_the_next() -> None:
+    """The caller an answer woke finds its chat throttled meanwhile (its grant void: it queues again); the room
+    goes to the next caller, which sends without waiting for another answer."""
+
+    async def main() -> None:
+        limiter = _limiter()
+        windows = (Window(50, 1.0), Window(10_000, 60.0))
+        grants = [await limiter.acquire("a", "im", windows, f"chat:{i}", PER_TARGET) for i in range(52)]
+        await _in_flight(limiter, grants[:50])()
+        first = asyncio.create_task(limiter.admit(grants[50]))
+        second = asyncio.create_task(limiter.admit(grants[51]))
+        await asyncio.sleep(0.1)
+        limiter.answered(grants[0])
+        limiter.throttled("a", "im", "chat:50")
+        await asyncio.wait_for(second, 10.0)
+        with pytest.raises(Requeue):
+            await first
+
+    run_virtual(main)
+
+
 # --- shares that follow the group (relay.shares) -----------------------------------------------------------
 
 
