@@ -1175,6 +1175,8 @@ class Outbound(ConsumerRebalanceListener):
         """The metrics and the one log line of a finished record (its fields, never its content)."""
         latency = self._wall() - received  # read -> result acknowledged
         self._metrics.intent_finished(kind, status, latency)
+        if not log.isEnabledFor(logging.INFO):
+            return  # not even the line's fields are built (a dict per record)
         kind = kind_label(kind)  # the producer's own word only when it is a kind (it may be anything)
         log.info("%s[%d]@%d id=%.80r kind=%s app=%.40r status=%s attempts=%s code=%s log_id=%s latency_ms=%.0f%s",
                  record.topic, record.partition, record.offset, id, kind, app, status, fields.get("attempts"),
