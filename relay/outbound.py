@@ -337,6 +337,9 @@ class Outbound(ConsumerRebalanceListener):
         self._periodic: asyncio.Task[bool] | None = None  # the periodic commit in flight
         self._progress = asyncio.Event()  # a job ended: room may have opened
         self._reassigned = asyncio.Event()  # partitions were revoked or assigned: an idle wait looks again
+        # a paused partition may be read again (its in-flight count fell to half, the global cap's to half, or a
+        # commit landed): a wait for records on the others looks again
+        self._resumable = asyncio.Event()
         # a record was finished since the last periodic commit: an idle relay's commit loop sleeps until one is
         self._finished_since = asyncio.Event()
         self._careful: dict[TopicPartition, int] = {}  # partition -> single-record reads left (see _read)
@@ -577,11 +580,13 @@ class Outbound(ConsumerRebalanceListener):
     async def _fetch(self, stopped: asyncio.Future[Any]) -> None:
         """One round: read each partition up to the room it has left, or wait for room or records."""
         self._reassigned.clear()
+        self._resumable.clear()
         rooms = self._backpressure()
         left = min(self._out.max_in_flight - self._inflight, self._preview_room())
-        # while anything is paused, come back soon to resume it; else records, a new assignment or the stop end
-        # the wait anyway (the timeout is a backstop: an idle relay woke every second for nothing)
-        wait = 0.02 if self._paused else _IDLE_RECHECK
+        # records, a new assignment, the stop, or room for a paused partition end the wait (_resumable); the
+        # timeout is a backstop (an idle relay woke every second for nothing, and a 20 ms poll while a partition
+        # was paused made 50 rounds a second at quota once the others' backlogs were read: 5 per call)
+        wait = _NO_ROOM_RECHECK if self._paused else _IDLE_RECHECK
         if not rooms or left <= 0:
             # nothing may be read: room opens when a job ends or a commit lands (both set progress), so the
             # timeout is only a backstop (a 20 ms poll here woke a relay at quota 50 times a second for nothing)
@@ -650,8 +655,12 @@ class Outbound(ConsumerRebalanceListener):
         which partition failed is unknown: each is read again from its position, one record, on its own."""
         reading = asyncio.ensure_future(self._consumer.getmany(*tps, timeout_ms=timeout_ms, max_records=1))
         reassigned = asyncio.ensure_future(self._reassigned.wait())
-        await asyncio.wait([reading, stopped, reassigned], return_when=asyncio.FIRST_COMPLETED)
-        reassigned.cancel()
+        waits: list[asyncio.Future[Any]] = [reading, stopped, reassigned]
+        if self._paused:  # room for a paused partition ends the wait too
+            waits.append(asyncio.ensure_future(self._resumable.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits[2:]:
+            wait.cancel()
         if not reading.done():  # stopping or reassigned: aiokafka's wait is cancellable, and it had taken nothing
             reading.cancel()
             await asyncio.wait([reading])
@@ -904,6 +913,9 @@ class Outbound(ConsumerRebalanceListener):
                     self._inflight_by_tp[job.tp] = left
                 else:
                     self._inflight_by_tp.pop(job.tp, None)
+                if self._paused and ((left <= self._out.max_in_flight_per_partition // 2 and job.tp in self._paused)
+                                     or (self._all_paused and self._inflight <= self._out.max_in_flight // 2)):
+                    self._resumable.set()  # _backpressure would resume it now
             jobs = self._jobs.get(job.tp)
             if jobs is not None:
                 jobs.discard(job)
@@ -1420,6 +1432,7 @@ class Outbound(ConsumerRebalanceListener):
                 if self._journal is not None:
                     self._journal.committed(tp, point)
             self._progress.set()  # committed records leave the commit metadata: a full partition may read again
+            self._resumable.set()
             return True
 
     async def _drain(self, tps: list[TopicPartition]) -> None:

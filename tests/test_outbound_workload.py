@@ -242,6 +242,45 @@ async def test_a_hot_key_backlog_pauses_only_its_own_partition(
     assert sandbox.violations() == []
 
 
+async def test_a_paused_partition_does_not_make_the_read_loop_poll(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One partition paused (its key's backlog over its in-flight share), the others read to their end: the read
+    loop waits for records or for room to resume the paused one, not on a 20 ms timer (50 rounds a second at
+    quota, five per call, in bench/outbound.py once the other partitions' backlogs were read)."""
+    from relay.outbound import Outbound
+
+    rounds = 0
+    backpressure = Outbound._backpressure
+
+    def counted(self: Outbound) -> dict[Any, int]:
+        nonlocal rounds
+        rounds += 1
+        return backpressure(self)
+
+    monkeypatch.setattr(Outbound, "_backpressure", counted)
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE,
+                                   kafka={"topic_partitions": 4},
+                                   outbound={"max_in_flight": 300, "max_in_flight_per_partition": 100}))
+    hot = [{"kind": "message.send", "id": f"hot-{j}", "receive_id_type": "chat_id", "receive_id": "oc_hot",
+            "msg_type": "text", "content": {"text": "x"}} for j in range(400)]
+    async with relay_in_process(config) as metrics, Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0], hot)
+        for _ in range(400):
+            if metrics.value("relay_outbound_paused_partitions") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert metrics.value("relay_outbound_paused_partitions") == 1
+        rounds, done = 0, len(results.by_id())
+        await asyncio.sleep(3.0)
+        looked, finished = rounds, len(results.by_id()) - done
+        assert metrics.value("relay_outbound_paused_partitions") == 1  # still paused throughout (100 of 400 went)
+    assert finished > 0
+    # a look per 0.2 s backstop and per commit (every 0.2 s in the kit), none per finished call: about 30 in 3 s;
+    # the 20 ms poll made 150 and more
+    assert looked <= 60, f"{looked} read rounds in 3 s while one partition was paused ({finished} calls finished)"
+
+
 async def test_send_reply_and_forward_to_one_group_share_its_five_per_second(
     kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox
 ) -> None:
