@@ -120,10 +120,10 @@ from relay.kafka import (
     BATCH_OVERHEAD,
     IDLE_FETCH_WAIT_MS,
     MAX_BATCH_SIZE,
-    PAUSED_FETCH_WAIT_MS,
     QUIET_FETCH_WAIT_MS,
     client_settings,
     max_message_bytes,
+    paused_fetch_wait_ms,
     set_fetch_wait,
 )
 from relay.media import FILE_MAX_BYTES, IMAGE_MAX_BYTES, send_with_key, upload_for, upload_refusal
@@ -158,6 +158,8 @@ _CAREFUL_READS: Final = 500
 _TOKENS_PER_PREVIEW: Final = 10
 # with no partition readable, the loop waits for progress (a job ended, a commit landed), looking again after this
 _NO_ROOM_RECHECK: Final = 0.2
+# the span over which the finishing rate is measured while partitions are paused (see paused_fetch_wait_ms)
+_RATE_SPAN: Final = 1.0
 # with nothing paused and nothing to read, the loop waits for records, a new assignment or the stop, looking again
 # after this
 _IDLE_RECHECK: Final = 5.0
@@ -331,6 +333,8 @@ class Outbound(ConsumerRebalanceListener):
         self._all_paused = False  # the global cap was reached; cleared at half
         self._paused: set[TopicPartition] = set()
         self._fetch_wait = IDLE_FETCH_WAIT_MS  # the consumer's fetch_max_wait_ms now (make_consumer's default)
+        # records finished a second, measured over a second or two (inf: not known); from when, and the count then
+        self._finish_rate, self._rate_at, self._rate_finished = math.inf, clock(), 0
         self._last_read = clock()  # when records were last taken (or partitions assigned or revoked)
         self._admin = admin
         self._rebalancing = False  # between revoke and assign: no periodic commits
@@ -528,6 +532,7 @@ class Outbound(ConsumerRebalanceListener):
         if resume := (loaded & self._consumer.assignment()) - self._paused:
             self._consumer.resume(*resume)
         self._progress.set()  # the read loop may be waiting for room: there is some now
+        self._resumable.set()
         self._reassigned.set()  # or idle on the partitions it could read before: these are readable now
         log.info("partitions ready: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(
             loaded, key=lambda tp: (tp.topic, tp.partition))) or "-")
@@ -588,12 +593,19 @@ class Outbound(ConsumerRebalanceListener):
         # was paused made 50 rounds a second at quota once the others' backlogs were read: 5 per call)
         wait = _NO_ROOM_RECHECK if self._paused else _IDLE_RECHECK
         if not rooms or left <= 0:
-            # nothing may be read: room opens when a job ends or a commit lands (both set progress), so the
-            # timeout is only a backstop (a 20 ms poll here woke a relay at quota 50 times a second for nothing)
-            self._progress.clear()
-            progress = asyncio.ensure_future(self._progress.wait())
-            await asyncio.wait([progress, stopped], timeout=_NO_ROOM_RECHECK, return_when=asyncio.FIRST_COMPLETED)
-            progress.cancel()
+            # nothing may be read. With every partition paused (or loading), room comes when one may resume or
+            # the assignment changes; under the global cap or the preview budget, when a job ends or a commit
+            # lands (progress: each job's end woke this loop while all were paused). The timeout is a backstop
+            # (a 20 ms poll here woke a relay at quota 50 times a second for nothing)
+            if rooms:
+                self._progress.clear()
+                waits = [asyncio.ensure_future(self._progress.wait())]
+            else:
+                waits = [asyncio.ensure_future(self._resumable.wait()),
+                         asyncio.ensure_future(self._reassigned.wait())]
+            await asyncio.wait([*waits, stopped], timeout=_NO_ROOM_RECHECK, return_when=asyncio.FIRST_COMPLETED)
+            for pending in waits:
+                pending.cancel()
             return
         order = list(rooms)
         self._round += 1
@@ -753,8 +765,17 @@ class Outbound(ConsumerRebalanceListener):
             self._consumer.pause(*pause)
         if resume := (self._paused - wanted) & assigned:
             self._consumer.resume(*resume)
-        if bool(wanted) != bool(self._paused):
-            self._wait_fetches(PAUSED_FETCH_WAIT_MS if wanted else IDLE_FETCH_WAIT_MS)
+        if wanted:
+            now = self._clock()
+            if now - self._rate_at >= _RATE_SPAN:
+                # over a longer span (no round meanwhile) the average says nothing of the rate now: not known
+                stale = now - self._rate_at > 2 * _RATE_SPAN
+                self._finish_rate = math.inf if stale else (self.finished - self._rate_finished) / (now - self._rate_at)
+                self._rate_at, self._rate_finished = now, self.finished
+            refill = 0 if full else (cap // 2 if self._all_paused else per // 2)  # in flight when one resumes
+            self._wait_fetches(paused_fetch_wait_ms(self._finish_rate, refill))
+        elif self._paused:
+            self._wait_fetches(IDLE_FETCH_WAIT_MS)
         self._paused = wanted
         self._metrics.set("relay_outbound_in_flight", self._inflight, help="records read but not finished")
         self._metrics.set("relay_outbound_paused_partitions", len(wanted), help="partitions paused for backpressure")

@@ -649,3 +649,17 @@ async def test_stream_updates_read_behind_a_call_are_superseded_by_the_last_whic
     assert [(results[f"s{i}"]["status"], results[f"s{i}"]["superseded_by"]) for i in range(4)] == [
         ("ok", None), ("superseded", "s3"), ("superseded", "s3"), ("ok", None)]
     assert results["bad-key"]["status"] == "rejected" and results["bad-key"]["msg"].startswith("key: ")
+
+
+def test_the_broker_holds_fetches_long_while_paused_only_if_a_resumed_partition_cannot_run_dry() -> None:
+    """A resumed partition waits for the fetch in flight: the 1 s hold only while the calls in flight when it
+    resumes last at least 2 s at the recent rate (one app's quota), else 100 ms (a fast fan-out; a partition
+    paused for its commit metadata, which may resume with nothing in flight; a rate not measured yet)."""
+    from relay.kafka import IDLE_FETCH_WAIT_MS, PAUSED_FETCH_WAIT_MS, paused_fetch_wait_ms
+
+    assert paused_fetch_wait_ms(16.25, 250) == IDLE_FETCH_WAIT_MS
+    assert paused_fetch_wait_ms(125.0, 250) == IDLE_FETCH_WAIT_MS
+    assert paused_fetch_wait_ms(126.0, 250) == PAUSED_FETCH_WAIT_MS
+    assert paused_fetch_wait_ms(3000.0, 1000) == PAUSED_FETCH_WAIT_MS
+    assert paused_fetch_wait_ms(1.0, 0) == PAUSED_FETCH_WAIT_MS
+    assert paused_fetch_wait_ms(float("inf"), 250) == PAUSED_FETCH_WAIT_MS

@@ -275,10 +275,54 @@ async def test_a_paused_partition_does_not_make_the_read_loop_poll(
         await asyncio.sleep(3.0)
         looked, finished = rounds, len(results.by_id()) - done
         assert metrics.value("relay_outbound_paused_partitions") == 1  # still paused throughout (100 of 400 went)
+        # 14 calls a second against the 50 the partition resumes with: the broker may hold the fetches 1 s
+        assert metrics.value("relay_outbound_fetch_wait_seconds") == 1.0
     assert finished > 0
     # a look per 0.2 s backstop and per commit (every 0.2 s in the kit), none per finished call: about 30 in 3 s;
     # the 20 ms poll made 150 and more
     assert looked <= 60, f"{looked} read rounds in 3 s while one partition was paused ({finished} calls finished)"
+
+
+async def test_every_partition_paused_by_the_global_cap_wakes_the_read_loop_to_resume_not_per_call(
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog over the global in-flight cap pauses every partition until half the cap is left: the read loop
+    looks again when that comes (or a commit lands, or its backstop), not at each of the 60 or more calls a
+    second that finish meanwhile (184 rounds in 3 s before, with no grant tick grouping the calls' ends)."""
+    from relay.outbound import Outbound
+
+    rounds = 0
+    backpressure = Outbound._backpressure
+
+    def counted(self: Outbound) -> dict[Any, int]:
+        nonlocal rounds
+        rounds += 1
+        return backpressure(self)
+
+    monkeypatch.setattr(Outbound, "_backpressure", counted)
+    partitions = 4
+    # no grant tick (as with group shares): calls, and so their ends, come one by one, not five times a second
+    config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE,
+                                   kafka={"topic_partitions": partitions}, feishu={"grant_tick": 0.0},
+                                   outbound={"max_in_flight": 100, "max_in_flight_per_partition": 100}))
+    partitioner, everyone = DefaultPartitioner(), list(range(partitions))
+    chats = [c for c in (f"oc_{i}" for i in range(40_000))
+             if partitioner(c.encode(), everyone, everyone) == 0][:3000]
+    backlog = [{"kind": "message.send", "id": f"s-{c}", "receive_id_type": "chat_id", "receive_id": c,
+                "msg_type": "text", "content": {"text": "x"}} for c in chats]
+    async with relay_in_process(config) as metrics, Collector(kafka_bootstrap, config.kafka.results_topic) as results:
+        await produce(kafka_bootstrap, config.kafka.intents_topics[0], backlog)
+        for _ in range(400):
+            if metrics.value("relay_outbound_paused_partitions") == partitions:
+                break
+            await asyncio.sleep(0.05)
+        rounds, done = 0, len(results.by_id())
+        await asyncio.sleep(3.0)
+        looked, finished = rounds, len(results.by_id()) - done
+    assert finished >= 100  # some 65 a second (the minute window at 4x), 3,000 to go
+    # a look per 50 calls finished (the cap's half), per 0.2 s backstop and per commit (0.2 s): about 35 in 3 s;
+    # waking at each call's end made one round per call
+    assert looked <= 60, f"{looked} read rounds in 3 s with every partition paused ({finished} calls finished)"
 
 
 async def test_send_reply_and_forward_to_one_group_share_its_five_per_second(
