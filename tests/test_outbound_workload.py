@@ -242,23 +242,28 @@ async def test_a_hot_key_backlog_pauses_only_its_own_partition(
     assert sandbox.violations() == []
 
 
+def count_read_rounds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The outbound read loop's rounds from now (each looks at the backpressure once), counted in ``[0]``."""
+    from relay.outbound import Outbound
+
+    rounds = [0]
+    backpressure = Outbound._backpressure
+
+    def counted(self: Outbound) -> dict[Any, int]:
+        rounds[0] += 1
+        return backpressure(self)
+
+    monkeypatch.setattr(Outbound, "_backpressure", counted)
+    return rounds
+
+
 async def test_a_paused_partition_does_not_make_the_read_loop_poll(
     kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One partition paused (its key's backlog over its in-flight share), the others read to their end: the read
     loop waits for records or for room to resume the paused one, not on a 20 ms timer (50 rounds a second at
     quota, five per call, in bench/outbound.py once the other partitions' backlogs were read)."""
-    from relay.outbound import Outbound
-
-    rounds = 0
-    backpressure = Outbound._backpressure
-
-    def counted(self: Outbound) -> dict[Any, int]:
-        nonlocal rounds
-        rounds += 1
-        return backpressure(self)
-
-    monkeypatch.setattr(Outbound, "_backpressure", counted)
+    rounds = count_read_rounds(monkeypatch)
     config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE,
                                    kafka={"topic_partitions": 4},
                                    outbound={"max_in_flight": 300, "max_in_flight_per_partition": 100}))
@@ -271,9 +276,9 @@ async def test_a_paused_partition_does_not_make_the_read_loop_poll(
                 break
             await asyncio.sleep(0.05)
         assert metrics.value("relay_outbound_paused_partitions") == 1
-        rounds, done = 0, len(results.by_id())
+        before, done = rounds[0], len(results.by_id())
         await asyncio.sleep(3.0)
-        looked, finished = rounds, len(results.by_id()) - done
+        looked, finished = rounds[0] - before, len(results.by_id()) - done
         assert metrics.value("relay_outbound_paused_partitions") == 1  # still paused throughout (100 of 400 went)
         # 14 calls a second against the 50 the partition resumes with: the broker may hold the fetches 1 s
         assert metrics.value("relay_outbound_fetch_wait_seconds") == 1.0
@@ -289,17 +294,7 @@ async def test_every_partition_paused_by_the_global_cap_wakes_the_read_loop_to_r
     """A backlog over the global in-flight cap pauses every partition until half the cap is left: the read loop
     looks again when that comes (or a commit lands, or its backstop), not at each of the 60 or more calls a
     second that finish meanwhile (184 rounds in 3 s before, with no grant tick grouping the calls' ends)."""
-    from relay.outbound import Outbound
-
-    rounds = 0
-    backpressure = Outbound._backpressure
-
-    def counted(self: Outbound) -> dict[Any, int]:
-        nonlocal rounds
-        rounds += 1
-        return backpressure(self)
-
-    monkeypatch.setattr(Outbound, "_backpressure", counted)
+    rounds = count_read_rounds(monkeypatch)
     partitions = 4
     # no grant tick (as with group shares): calls, and so their ends, come one by one, not five times a second
     config = to_config(config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE,
@@ -316,9 +311,9 @@ async def test_every_partition_paused_by_the_global_cap_wakes_the_read_loop_to_r
             if metrics.value("relay_outbound_paused_partitions") == partitions:
                 break
             await asyncio.sleep(0.05)
-        rounds, done = 0, len(results.by_id())
+        before, done = rounds[0], len(results.by_id())
         await asyncio.sleep(3.0)
-        looked, finished = rounds, len(results.by_id()) - done
+        looked, finished = rounds[0] - before, len(results.by_id()) - done
     assert finished >= 100  # some 65 a second (the minute window at 4x), 3,000 to go
     # a look per 50 calls finished (the cap's half), per 0.2 s backstop and per commit (0.2 s): about 35 in 3 s;
     # waking at each call's end made one round per call
