@@ -1,6 +1,8 @@
 """A responder in a process of its own, for tests that kill it: ``python tests/responder_child.py BOOTSTRAP
 CALLBACKS_TOPIC GROUP``. Answers each click with a toast naming it; prints ``assigned`` once it has partitions;
-never commits on its own (a kill leaves everything it read uncommitted)."""
+commits once, where it starts, then never on its own (a kill leaves everything it read after ``assigned``
+uncommitted, and the next owner re-reads it: without that first commit a partition the group never committed
+would be taken over at its end, nothing re-read)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ async def main(bootstrap: str, topic: str, group: str) -> None:
                          commit_interval_ms=3_600_000) as responder:
         reading = asyncio.create_task(responder.run())
         await responder.assigned(timeout=120)
+        # where each partition starts, committed, whichever of the two responders joined first: the partitions
+        # this one was given may have come with no committed offset (both joined in the same generation)
+        await responder._consumer.commit()
         print("assigned", flush=True)
         await reading
 
