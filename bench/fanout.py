@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.outbound import child_cpu, finished, mark
+from relay.app import tune_gc
 from relay.buckets import Window, size_bucket
 from relay.config import Config
 from tests.relaykit import SandboxProcess, config_data, create_relay_topics, relay_in_process, to_config
@@ -213,7 +214,8 @@ def report(rows: list[dict[str, Any]], warmup: float, seconds: float) -> bool:
     print(
         f"\nWhat this measured: each step is a fresh sandbox (a child process, time_scale 1, every IM limit enforced "
         f"per app and tenant, call bodies not logged) with a store app installed in N tenants, and a fresh relay "
-        f"(app.serve in this process, the integration kit's config: default [feishu] limit_utilization 0.975 and "
+        f"(app.serve in this process, with the collector thresholds `relay run` sets, relay.app.tune_gc; the "
+        f"integration kit's config: default [feishu] limit_utilization 0.975 and "
         f"limit_jitter 0.15 s, so each tenant's message.send bucket refills at {per_tenant:.2f}/s after a burst of "
         f"{rows[0]['burst']}; its event URL served, so that the sandbox can push the app_ticket the relay asks for). "
         f"The backlog (message.send round-robin over the tenants, each to its own chat, so the 5-per-second chat "
@@ -264,6 +266,7 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="10, 25 and 200 tenants, 4 s each")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    tune_gc()  # the collector's thresholds of a `relay run` process (relay.app.tune_gc), for every run here
     # the bench's store app has no encrypt_key (the sandbox pushes its tickets in plain JSON): one warning a step
     logging.getLogger("relay.inbound").setLevel(logging.ERROR)
     steps = [10, 25, 200] if args.quick else [int(n) for n in args.tenants.split(",")]

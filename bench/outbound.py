@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaProducer
 # runnable as a plain script from anywhere: the package (and tests.relaykit) live in the parent directory
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from relay.app import GC_YOUNG_THRESHOLD, tune_gc
 from relay.config import FeishuConfig, OutboundConfig
 from relay.kafka import IDLE_FETCH_WAIT_MS, QUIET_FETCH_WAIT_MS, make_producer
 from relay.metrics import Metrics
@@ -206,7 +207,8 @@ async def quota_use(bootstrap: str, seconds: float, chats: int, intents: int, id
         f"one aiohttp session POSTing the same message.send at the relay's rate (limit_utilization "
         f"{feishu.limit_utilization:g} of 1000/min), the calls due sent together every grant_tick "
         f"({feishu.grant_tick:g} s) as the relay's limiter sends them, each answer written as one result record "
-        f"with the relay's own producer settings and awaited; no consumer, limiter, commits, journal or metrics. "
+        f"with the relay's own producer settings and awaited; no consumer, limiter, commits, journal or metrics "
+        f"(both runs with the collector thresholds `relay run` sets, relay.app.tune_gc). "
         f"It is what this machine's Python, aiohttp and aiokafka cost for the calls alone at that rate: on a VM "
         f"each wake-up of the process is dear, so CPU per call at quota is set mostly by how many calls share a "
         f"wake-up."
@@ -420,7 +422,9 @@ async def engine_overhead(bootstrap: str, count: int, concurrency: int) -> bool:
         f"k = 1000 leaves burst 1 and caps the IM bucket at 49 / 0.151 s = 324/s). CPU us/intent is "
         f"time.process_time() of this process over the measured span / intents (for 'relay': consumer, "
         f"engine, HTTP client, result producer and the 5 ms poll; the producer's CPU is its own line), and "
-        f"the sandbox's from /proc/<pid>/stat (10 ms ticks). All of it shares this machine's cores with the "
+        f"the sandbox's from /proc/<pid>/stat (10 ms ticks). The whole benchmark, plain loops included, runs "
+        f"with the collector thresholds `relay run` sets (relay.app.tune_gc: young generation "
+        f"{GC_YOUNG_THRESHOLD:,}). All of it shares this machine's cores with the "
         f"Kafka broker (and whatever else runs), so the rates are floors, not ceilings."
     )
     return relay["errors"] == 0 and plain1["errors"] == 0 and plain2["errors"] == 0
@@ -440,6 +444,7 @@ async def main() -> int:
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    tune_gc()  # the collector's thresholds of a `relay run` process (relay.app.tune_gc), for every run here
     if args.sandbox_child:
         await sandbox_child()
         return 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gc
 import json
 import socket
 import subprocess
@@ -12,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from relay.app import Health, check_limits, serve, topics_to_create, uses_sandbox, with_sandbox_url
+from relay import app
+from relay.app import GC_YOUNG_THRESHOLD, Health, check_limits, serve, topics_to_create, uses_sandbox, with_sandbox_url
 from relay.config import check_inbound, parse_config
 from relay.errors import ConfigError
 from relay.metrics import Metrics
@@ -38,6 +41,29 @@ def test_run_with_kafka_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: Kafka: ")
+
+
+def test_run_raises_the_collectors_young_threshold_before_it_starts(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text("[http]\nenabled = false\n")
+    seen: list[tuple[int, int, int]] = []
+
+    async def started(config: Any, *, with_sandbox: bool) -> int:
+        seen.append(gc.get_threshold())
+        return 0
+
+    monkeypatch.setattr(app, "run", started)
+    monkeypatch.setattr(app.logs, "configure", lambda *args, **kwargs: None)
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *before[1:])
+        args = argparse.Namespace(command="run", config=str(path), log_level="INFO", log_format=None,
+                                  with_sandbox=False)
+        assert app.main(args) == 0
+    finally:
+        gc.set_threshold(*before)
+    assert seen == [(GC_YOUNG_THRESHOLD, before[1], before[2])]
 
 
 def test_sandbox_only_without_real_credentials() -> None:
