@@ -361,14 +361,16 @@ class Limiter:
     ) -> Grant:
         """Wait until a call of ``api`` by ``app`` (to ``target``, if given) may go; the grant says how long.
 
-        The target comes first: a caller waits for its target's token *before* it reserves an app-wide token,
-        so a key held back by its own chat does not burn app quota meanwhile. The target's token is then taken
-        when the call actually goes, after the app wait: a token taken earlier and spent after a long app-wide
-        queue would let a chat's calls bunch up (several target tokens taken 0.29 s apart, all sent together
-        when the app queue drains). One caller per target holds the target's lock through both waits, so the
-        token it waited for is still there; only a penalty arriving meanwhile, or the target turning out to be
-        another name of a chat, sends it round again, and the app token it took is then lost (under-use, never
-        over-use). A reservation a penalty voided while its caller slept on it is made again, behind the pause.
+        The target comes first: a caller waits for its target's token *before* it reserves an app-wide token, so a
+        key held back by its own chat does not burn app quota meanwhile; unless no app-wide token is free before
+        the target's anyway (the app's queue is longer), when it reserves at once and sleeps once. The target's
+        token is then taken when the call actually goes, after the app wait: a token taken earlier and spent after
+        a long app-wide queue would let a chat's calls bunch up (several target tokens taken 0.29 s apart, all
+        sent together when the app queue drains). One caller per target holds the target's lock through both
+        waits, so the token it waited for is still there; only a penalty arriving meanwhile, or the target turning
+        out to be another name of a chat, sends it round again, and the app token it took is then lost (under-use,
+        never over-use). A reservation a penalty voided while its caller slept on it is made again, behind the
+        pause.
 
         ``learns``: the call's answer names the chat of its target (:meth:`learn`). Raises ValueError for windows
         no bucket can keep (see :meth:`admissible`). Cancellation is safe at every await: a reservation already
@@ -598,8 +600,11 @@ class Limiter:
             try:
                 async with entry.lock:
                     while self._current(app, target, key, entry):
-                        wait = entry.bucket.delay(self._clock())
-                        if wait > DUE:
+                        now = self._clock()
+                        wait = entry.bucket.delay(now)
+                        # no app-wide token is free before the target's: reserving one now burns nothing, and
+                        # the call sleeps once instead of twice (a chat's next call, behind a queue of others)
+                        if wait > DUE and wait > app_entry.bucket.delay(now):
                             await self._sleep(wait)
                             continue  # look again: a penalty or a merge may have come meanwhile
                         await self._take(app_entry.bucket, app_entry.windows, grant.api)

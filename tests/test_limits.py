@@ -316,6 +316,38 @@ def test_target_first_does_not_burn_app_tokens() -> None:
     run_virtual(main)
 
 
+def test_a_chats_next_call_behind_a_longer_app_queue_sleeps_once() -> None:
+    """Its chat's token comes before an app-wide one would: it reserves the app token at once and sleeps once
+    (twice before: for the chat, then for the app queue), and still takes the chat's token only as it goes."""
+    async def main() -> None:
+        sleeps: list[float] = []
+        tested: list[asyncio.Task[Any] | None] = [None]
+
+        async def sleep(seconds: float) -> None:
+            if asyncio.current_task() is tested[0]:
+                sleeps.append(seconds)
+            await asyncio.sleep(seconds)
+
+        limiter = _limiter(sleep)
+        await limiter.acquire("a", "im", IM, "chat", PER_TARGET)  # the chat's token is spent
+        queued = [asyncio.create_task(limiter.acquire("a", "im", IM)) for _ in range(60)]  # others' calls
+        for _ in range(5):
+            await asyncio.sleep(0)
+        app = limiter.bucket(("app", "a", "im"))
+        assert app is not None
+        ahead, gap = app.delay(now()), 1 / limiter.shape(PER_TARGET).rate
+        assert ahead > 2 * gap
+        tested[0] = task = asyncio.create_task(limiter.acquire("a", "im", IM, "chat", PER_TARGET))
+        grant = await task
+        assert sleeps == [pytest.approx(ahead, abs=1e-5)]
+        assert grant.waited == pytest.approx(ahead, abs=1e-5)
+        chat = limiter.bucket(("target", "a", "chat"))
+        assert chat is not None and chat.tokens(now()) < 1  # its token taken as it went
+        await asyncio.gather(*queued)
+
+    run_virtual(main)
+
+
 def test_app_throttle_pauses_and_slows_the_app_bucket_only() -> None:
     async def main() -> None:
         limiter = _limiter()
