@@ -55,7 +55,11 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
         **client_settings(cfg),
         "acks": "all",
         "enable_idempotence": True,
-        "linger_ms": 2,
+        # no linger: the outbound's results finishing together are already sent in one event-loop turn (its
+        # Gather), and aiokafka holds new batches for a broker while a request to it is in flight; a 2 ms linger
+        # only woke the process once more per batch (0.31 blocking wake-ups per call at quota, the same 0.31
+        # produce requests per call without it)
+        "linger_ms": 0,
         # the default 16 KiB batch fills when ~100 results finish together, and every sender then waits on the
         # drain with a timer of its own (6,518 waits for 6,000 records in the engine benchmark; 2 with 1 MiB)
         "max_batch_size": MAX_BATCH_SIZE,

@@ -254,10 +254,10 @@ class Gather:
     """Lets the callers that arrive within ``window`` seconds of the first go on together, in one event-loop turn,
     in the order they came.
 
-    For result writes: aiokafka lingers each partition's batch on its own timer and a produce request takes only
-    the batches whose linger is over, so results to different partitions finishing a few milliseconds apart went
-    as one request each (about one per call at quota, measured), each a handful of event-loop turns for the
-    request, its answer and its callbacks. Sent in one turn, their batches ripen together and share a request.
+    For result writes: results to different partitions finishing a few milliseconds apart went as one produce
+    request each (about one per call at quota, measured, with a linger: aiokafka lingers each partition's batch on
+    its own timer), each a handful of event-loop turns for the request, its answer and its callbacks. Sent in one
+    turn, their batches are ready together and share a request (the producer has no linger: relay.kafka).
     """
 
     __slots__ = ("_waiters", "window")

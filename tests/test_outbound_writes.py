@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -161,12 +162,25 @@ async def test_a_dead_letter_or_result_larger_than_its_topic_allows_is_written_c
 
 @pytest.mark.parametrize("fault", ["too-small", "refusing"])
 async def test_an_unwritable_results_topic_turns_readyz_503_and_recovers_in_order_once_fixed(
-    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox, fault: str
+    kafka_bootstrap: str, topic_prefix: str, sandbox: Sandbox, fault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``too-small``: the topic takes 100 bytes, less than any result even cut (the relay knows its limit and
     sends nothing it would refuse). ``refusing``: the broker refuses every record's timestamp (INVALID_TIMESTAMP,
     not retriable); a refused batch also breaks the idempotent producer's sequence numbers for that partition
     (OUT_OF_ORDER_SEQUENCE_NUMBER ever after), so recovering needs a new producer."""
+    if fault == "refusing":
+        # message.timestamp.before.max.ms = 0 refuses a record stamped before the broker's clock, not one stamped
+        # in its current millisecond, as a producer without a linger may send it on loopback: every record of this
+        # process (the relay's among them) is stamped a second back
+        unstamped = AIOKafkaProducer.send
+
+        async def stamped_a_second_back(self: AIOKafkaProducer, topic: str, value: Any = None, key: Any = None,
+                                        partition: Any = None, timestamp_ms: int | None = None,
+                                        headers: Any = None) -> Any:
+            stamp = int(time.time() * 1000) - 1000 if timestamp_ms is None else timestamp_ms
+            return await unstamped(self, topic, value, key, partition, stamp, headers)
+
+        monkeypatch.setattr(AIOKafkaProducer, "send", stamped_a_second_back)
     port = free_port()
     data = config_data(kafka_bootstrap, topic_prefix, sandbox.url, time_scale=SCALE, http={"enabled": True,
                        "port": port})
