@@ -99,6 +99,7 @@ class Executor:
         self._rng = rng or random.Random()
         self._gate = gate
         self._metrics = metrics
+        self.sending = 0  # attempts between the limiter's grant and their answer (or failure): calls on their way
 
     def admissible(self, call: Call) -> str | None:
         """Why ``call`` can never go at this replica (one line, for a ``rejected`` result), or None when it can.
@@ -140,9 +141,11 @@ class Executor:
             if before_attempt is not None:
                 await before_attempt()
             admit = functools.partial(self._admit, grant, before_write, before_send)
+            self.sending += 1
             try:
                 outcome = await self._sender.send(app, call, admit, tenant=tenant)
             finally:
+                self.sending -= 1
                 self._limiter.answered(grant)  # its place in the send logs expires from now (SendLog)
             if outcome.token_unavailable:
                 unsent += 1

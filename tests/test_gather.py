@@ -45,3 +45,32 @@ async def test_a_cancelled_caller_does_not_cancel_the_others_and_no_window_means
     with pytest.raises(asyncio.CancelledError):
         await first
     await asyncio.wait_for(Gather(0).wait(), 0.01)
+
+
+async def test_the_last_of_a_group_releases_it_at_once_and_leaves_no_timer() -> None:
+    on_their_way = 3
+    gather = Gather(10.0, coming=lambda: on_their_way > 0)
+    went: list[str] = []
+
+    async def caller(name: str) -> None:
+        nonlocal on_their_way
+        on_their_way -= 1  # its answer is in: it is no longer on its way
+        await gather.wait()
+        went.append(name)
+
+    loop = asyncio.get_running_loop()
+    timers = len(loop._scheduled)  # type: ignore[attr-defined]
+    tasks = [asyncio.create_task(caller(name)) for name in ("a", "b")]
+    await asyncio.sleep(0.01)
+    assert went == []  # one more is on its way: the window holds them
+    last = asyncio.create_task(caller("c"))
+    await asyncio.wait_for(asyncio.gather(*tasks, last), 0.5)  # not the 10 s window
+    assert went == ["a", "b", "c"]
+    assert sum(not h.cancelled() for h in loop._scheduled) == timers  # type: ignore[attr-defined]
+
+
+async def test_a_caller_alone_with_none_coming_goes_on_without_a_turn() -> None:
+    gather = Gather(10.0, coming=lambda: False)
+    waited = gather.wait()
+    with pytest.raises(StopIteration):
+        waited.send(None)  # finished on its first step: it never waited

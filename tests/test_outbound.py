@@ -219,6 +219,8 @@ class FakeProducer:
 class FakeExecutor:
     """Every call succeeds; ``hold(id)`` keeps that intent's call waiting until ``release(id)``."""
 
+    sending = 0  # Executor.sending: no call is ever on its way here, so a result write never waits to gather
+
     def __init__(self) -> None:
         self.calls: list[str] = []  # intent ids (the uuid of a message.send), in call order
         self.held: dict[str, asyncio.Event] = {}

@@ -147,6 +147,8 @@ class HoldingExecutor:
     """Calls succeed at once, except those of the intents in ``held`` until ``release``: Feishu is not the point
     here, the commit metadata is (the consumer, the producer and the broker are real)."""
 
+    sending = 0  # Executor.sending: no call is ever on its way here, so a result write never waits to gather
+
     def __init__(self, held: set[str]) -> None:
         self.held = held
         self.released = asyncio.Event()
