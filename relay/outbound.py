@@ -916,7 +916,9 @@ class Outbound(ConsumerRebalanceListener):
             self._previews.forget(ticket)
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
-        self._turns.pop(task, None)
+        turn = self._turns.pop(task, None)
+        if turn is not None and not turn.done():
+            turn.set_result(None)  # a backstop: _run_job's end sets it (a task cancelled before it ran is done already)
         if self._lanes.get(lane) is task:
             del self._lanes[lane]
 
@@ -957,6 +959,11 @@ class Outbound(ConsumerRebalanceListener):
             if jobs is not None:
                 jobs.discard(job)
             self._progress.set()
+            # the lane's next job goes on now, in the next turn, not through this task's done callbacks and
+            # asyncio.wait (two turns more per call with a predecessor; _lane_done is the backstop)
+            turn = self._turns.get(job.task) if job.task is not None else None
+            if turn is not None and not turn.done():
+                turn.set_result(None)
 
     # the three kinds of job -----------------------------------------------------------------------------
 
@@ -964,12 +971,16 @@ class Outbound(ConsumerRebalanceListener):
                        previous: asyncio.Task[None] | None, lane: tuple[TopicPartition, str],
                        turn: asyncio.Future[None]) -> None:
         """``turn`` is set when this job is decided superseded: the next job of the lane may then go before this
-        one's result is written (it made no call); otherwise the next job waits for this one's task to end."""
+        one's result is written (it made no call); otherwise when its job ends (``_run_job``, or ``_lane_done``
+        for a task cancelled before it ran), and the next job waits for that."""
         try:
-            if previous is not None:  # order per key; its outcome (even a cancellation) is its own
+            if previous is not None and not previous.done():  # order per key; its outcome is its own
                 before = self._turns.get(previous)
-                await asyncio.wait([previous] if before is None else [previous, before],
-                                   return_when=asyncio.FIRST_COMPLETED)
+                if before is None:  # a recovered job's (it has no turn)
+                    await asyncio.wait([previous])
+                elif not before.done():
+                    # cancelling this job cancels ``before`` too: every set_result on a turn checks done() first
+                    await before
             problem = self._app_problem(intent)
             if problem is not None:
                 await self._reject(job, record, problem, received)
@@ -977,7 +988,8 @@ class Outbound(ConsumerRebalanceListener):
             superseded_by = self._folding.superseded_by(lane, record.offset)
             if superseded_by is not None:  # a later update waiting behind it replaces it whole (relay.folding)
                 self._folding.done(lane, record.offset)
-                turn.set_result(None)  # it makes no call: the lane goes on while its result is written
+                if not turn.done():  # (a successor cancelled while waiting for it cancelled it)
+                    turn.set_result(None)  # it makes no call: the lane goes on while its result is written
                 job.started = True
                 fields = {"attempts": 0, "superseded_by": superseded_by,
                           "msg": f"superseded by {superseded_by}, a later full update of the same target"}

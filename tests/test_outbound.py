@@ -310,6 +310,40 @@ async def test_a_key_runs_in_partition_order_while_other_keys_pass_it() -> None:
     assert consumer.committed[TopicPartition(TOPIC, 0)] == (4, "")
 
 
+async def test_a_keys_next_job_starts_as_the_previous_one_ends_not_after_its_task_callbacks() -> None:
+    """The lane's next job is woken by the previous job's own end (its turn), not by asyncio.wait on its task,
+    which took two event-loop turns more per call with a predecessor."""
+    consumer = FakeConsumer()
+    for id in ("a1", "a2"):
+        consumer.append(0, "A", intent(id, "A"))
+    async with running(consumer) as h:
+        h.executor.hold("a1")
+        await h.until(lambda: h.executor.calls == ["a1"], "a1 called")
+        await h.until(lambda: len(h.outbound._jobs[TopicPartition(TOPIC, 0)]) == 2, "a2 waiting behind a1")
+        first = next(job.task for job in h.outbound._jobs[TopicPartition(TOPIC, 0)] if job.offset == 0)
+        assert first is not None
+        seen: list[list[str]] = []
+        first.add_done_callback(lambda _: seen.append(list(h.executor.calls)))
+        h.executor.release("a1")
+        await h.until(lambda: len(h.producer.results()) == 2, "both results")
+    assert seen == [["a1", "a2"]]  # a2 was called before a1's task callbacks ran
+
+
+async def test_a_keys_next_job_goes_on_when_the_previous_was_cancelled_before_it_ran() -> None:
+    consumer = FakeConsumer()
+    async with running(consumer) as h:
+        tp = TopicPartition(TOPIC, 0)
+        await h.until(lambda: tp in consumer.assigned, "the partition assigned")
+        # dispatched here, not read: the first job's task can be cancelled in the step that made it
+        for offset, id in enumerate(("a1", "a2")):
+            h.outbound._dispatch(tp, Rec(TOPIC, 0, offset, b"A", intent(id, "A")))  # type: ignore[arg-type]
+        first = next(job for job in h.outbound._jobs[tp] if job.offset == 0)
+        assert first.task is not None
+        first.task.cancel()  # before it ever ran: its coroutine never reaches its end
+        await h.until(lambda: "a2" in h.producer.results(), "a2's result")
+    assert h.executor.calls == ["a2"]
+
+
 async def test_an_idle_relay_does_not_wake_to_commit_and_commits_the_next_finished_record() -> None:
     """The commit loop sleeps while nothing is finished (it used to wake, and look, every ``commit_interval``)."""
     consumer = FakeConsumer()
