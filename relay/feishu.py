@@ -65,6 +65,9 @@ RESEND_PATH: Final = "/open-apis/auth/v3/app_ticket/resend"
 # the app_access_token endpoint's "app_ticket invalid" (the Go SDK's core/constants.go: resend on it)
 TICKET_INVALID: Final = 10012
 JSON_CONTENT: Final = "application/json; charset=utf-8"
+# request URLs kept for reuse: most calls are of a few paths (message.send's is one), and yarl's URL with its
+# query costs more to build than to look up; paths with ids in them churn it, so it is cleared when full
+_MAX_URLS: Final = 1024
 # seconds (real, not scaled by time_scale) a failed token refresh is answered from memory when Feishu gave no reset
 FAILED_TOKEN_HOLD: Final = 2.0
 
@@ -123,6 +126,7 @@ class FeishuClient:
         self._resent: dict[str, float] = {}  # store app -> when a resend was last asked for
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[str, tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+        self._urls: dict[tuple[object, ...], URL] = {}
         # at most one request per pooled connection: waiting here is cheaper than in aiohttp's connector, whose
         # waiters each carry a timeout and are woken one by one on every release
         self._slots = asyncio.Semaphore(config.feishu.max_connections)
@@ -422,9 +426,7 @@ class FeishuClient:
         headers = {"Authorization": f"Bearer {token}"}
         if not call.form:
             headers["Content-Type"] = JSON_CONTENT  # a form sets its own, with the boundary
-        # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked in
-        # relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
-        url = URL(base + call.path, encoded=True)
+        url = self._url(base, call)
         sent: float | None = None  # when the request left (its latency is measured from there)
         try:
             while True:
@@ -434,7 +436,7 @@ class FeishuClient:
                             await admit()
                         sent = time.perf_counter()
                         async with self._session.request(
-                                call.method, url, params=call.query or None, headers=headers,
+                                call.method, url, headers=headers,
                                 data=_form(call.form) if call.form else call.body,
                                 proxy=proxy, proxy_auth=proxy_auth) as resp:
                             raw = await resp.read()
@@ -450,6 +452,21 @@ class FeishuClient:
         if outcome.verdict is Verdict.REFRESH:
             self.drop_token(app, token, tenant)
         return outcome
+
+    def _url(self, base: str, call: Call) -> URL:
+        """The request URL, query included (what aiohttp would make of ``params``), built once per distinct one."""
+        key: tuple[object, ...] = (base, call.path, *call.query.items())
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= _MAX_URLS:
+                self._urls.clear()
+            # encoded=True: the path is sent exactly as relay.calls built it (quoted, and for api.call checked in
+            # relay.intents); yarl would otherwise re-decode it and collapse "%2e%2e" segments
+            url = URL(base + call.path, encoded=True)
+            if call.query:
+                url = url.extend_query(call.query)
+            self._urls[key] = url
+        return url
 
     def _count(self, app: str, call: Call, outcome: Outcome, sent: float | None) -> None:
         if self._metrics is not None and sent is not None:  # None: it failed before the request left

@@ -349,3 +349,19 @@ async def test_an_app_token_feishu_refuses_is_fetched_again_once(
     assert (await client.send("shop", send_call(1), tenant="t2")).verdict is Verdict.OK
     assert [c.code for c in box.calls_for("auth.tenant_access_token")] == [0, 99991664, 0]
     assert [c.code for c in box.calls_for("auth.app_access_token")] == [0, 0]
+
+
+async def test_calls_of_one_path_with_other_queries_each_send_their_own(client: FeishuClient) -> None:
+    """Request URLs are built once per path and query (FeishuClient._url): the query is part of what is kept."""
+    def to(receive_id_type: str, receive_id: str) -> Call:
+        return build_call(decode_intent(msgspec.json.encode({
+            "kind": "message.send", "id": f"q-{receive_id}", "receive_id_type": receive_id_type,
+            "receive_id": receive_id, "msg_type": "text", "content": {"text": "x"}})))
+
+    for _ in range(2):  # the second round from the kept URLs
+        chat = await client.send("default", to("chat_id", "oc_q1"))
+        person = await client.send("default", to("open_id", "ou_q1"))
+        assert chat.verdict is Verdict.OK and person.verdict is Verdict.OK
+        assert chat.data["chat_id"] == "oc_q1"
+        assert person.data["chat_id"] != "oc_q1"  # sent as an open_id: the person's p2p chat
+    assert len(client._urls) == 2
