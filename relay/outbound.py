@@ -274,18 +274,18 @@ class Gather:
     async def wait(self) -> None:
         if self.window <= 0:
             return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()  # one each: a cancelled caller cancels only its own
+        last = self.coming is not None and not self.coming()  # no other is on its way
         if self._waiters is None:
-            if self.coming is not None and not self.coming():
-                return  # alone, and no other coming: nothing to gather
+            if last:
+                return  # alone: nothing to gather
             self._waiters = []
-            self._timer = loop.call_later(self.window, self._release, self._waiters)
-        self._waiters.append(waiter)
-        if self.coming is not None and not self.coming():  # the last of its group: all go on in the next turn
+            self._timer = asyncio.get_running_loop().call_later(self.window, self._release, self._waiters)
+        elif last:  # the last of its group: all go on in the next turn
             self._release(self._waiters)
             await asyncio.sleep(0)  # behind the others, who came first
             return
+        waiter = asyncio.get_running_loop().create_future()  # one each: a cancelled caller cancels only its own
+        self._waiters.append(waiter)
         await waiter
 
     def _release(self, waiters: list[asyncio.Future[None]]) -> None:
@@ -916,9 +916,7 @@ class Outbound(ConsumerRebalanceListener):
             self._previews.forget(ticket)
 
     def _lane_done(self, lane: tuple[TopicPartition, str], task: asyncio.Task[None]) -> None:
-        turn = self._turns.pop(task, None)
-        if turn is not None and not turn.done():
-            turn.set_result(None)  # a backstop: _run_job's end sets it (a task cancelled before it ran is done already)
+        self._turns.pop(task, None)
         if self._lanes.get(lane) is task:
             del self._lanes[lane]
 
@@ -945,6 +943,11 @@ class Outbound(ConsumerRebalanceListener):
                 self._finished_since.set()
             self.finished += 1
         finally:
+            # the lane's next job goes on in the next turn, after the rest of this step (not through this task's
+            # done callbacks and asyncio.wait: two turns more per call with a predecessor)
+            turn = self._turns.get(job.task) if job.task is not None else None
+            if turn is not None and not turn.done():
+                turn.set_result(None)
             if job.counted:
                 self._inflight -= 1
                 left = self._inflight_by_tp.get(job.tp, 0) - 1
@@ -959,11 +962,6 @@ class Outbound(ConsumerRebalanceListener):
             if jobs is not None:
                 jobs.discard(job)
             self._progress.set()
-            # the lane's next job goes on now, in the next turn, not through this task's done callbacks and
-            # asyncio.wait (two turns more per call with a predecessor; _lane_done is the backstop)
-            turn = self._turns.get(job.task) if job.task is not None else None
-            if turn is not None and not turn.done():
-                turn.set_result(None)
 
     # the three kinds of job -----------------------------------------------------------------------------
 
@@ -971,8 +969,8 @@ class Outbound(ConsumerRebalanceListener):
                        previous: asyncio.Task[None] | None, lane: tuple[TopicPartition, str],
                        turn: asyncio.Future[None]) -> None:
         """``turn`` is set when this job is decided superseded: the next job of the lane may then go before this
-        one's result is written (it made no call); otherwise when its job ends (``_run_job``, or ``_lane_done``
-        for a task cancelled before it ran), and the next job waits for that."""
+        one's result is written (it made no call); otherwise when its job ends (``_run_job``), and the next job waits
+        for that (a job cancelled before it ran is done before its successor's first step)."""
         try:
             if previous is not None and not previous.done():  # order per key; its outcome is its own
                 before = self._turns.get(previous)
