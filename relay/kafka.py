@@ -149,11 +149,29 @@ FETCHER_TIMEOUT: Final = 5.0
 class Consumer(AIOKafkaConsumer):
     """An ``AIOKafkaConsumer`` whose fetch routine looks for work every :data:`FETCHER_TIMEOUT` seconds without
     an event. aiokafka takes ``fetcher_timeout`` only in its ``Fetcher``, which ``start()`` makes (pinned; a test
-    checks the routine uses it)."""
+    checks the routine uses it).
+
+    A ``start()`` that fails or is cancelled half-way stops the consumer before it raises: aiokafka's leaves its
+    connections and routines open, and a caller that only stops what started would leak them. ``stop()`` right
+    after ``start()`` closes everything too (aio-libs/aiokafka#647, below)."""
 
     async def start(self) -> None:
-        await super().start()  # type: ignore[no-untyped-call]
+        try:
+            await super().start()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await self.stop()
+            raise
         _set_fetcher(self, "_fetcher_timeout", FETCHER_TIMEOUT)
+
+    async def stop(self) -> None:
+        # without a group, the consumer's coordinator runs a routine it cancels and awaits on close: one that has
+        # not taken its first step yet (stop in the turn start returned) raises CancelledError out of stop(), which
+        # then ends before closing the fetcher and the connections (aio-libs/aiokafka#647). One turn lets it start
+        # and take its cancellation as it means to
+        routine = getattr(self._coordinator, "_reset_committed_task", None)
+        if routine is not None and not routine.done():
+            await asyncio.sleep(0)
+        await super().stop()  # type: ignore[no-untyped-call]
 
 
 def make_consumer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
@@ -168,6 +186,11 @@ def make_consumer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
         "fetch_max_wait_ms": IDLE_FETCH_WAIT_MS,
         **overrides,
     }
+    return new_consumer(**settings)
+
+
+def new_consumer(**settings: Any) -> AIOKafkaConsumer:
+    """A :class:`Consumer` of aiokafka's own ``settings`` (the client library's, without a relay config)."""
     return Consumer(**settings)  # type: ignore[no-untyped-call]
 
 

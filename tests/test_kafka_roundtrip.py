@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from tests.relaykit import unclosed_resources
+
 pytestmark = pytest.mark.integration
 
 
@@ -188,3 +190,57 @@ async def test_the_relays_consumers_fetch_routine_looks_for_work_every_fetcher_t
     finally:
         await consumer.stop()
     assert timeout == FETCHER_TIMEOUT != 0.2  # aiokafka's own default
+
+
+async def test_the_relays_consumer_stopped_in_the_turn_it_started_closes_without_an_error(
+    kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]
+) -> None:
+    """aiokafka's consumer without a group raises CancelledError from a stop() right after start() and leaves its
+    connections open (aio-libs/aiokafka#647); the relay's parts stop at once when a later part fails to start."""
+    from relay.config import KafkaConfig
+    from relay.kafka import make_consumer
+
+    topic = await new_topic("stopatonce", partitions=1)
+    unclosed_resources()
+    for assign in (False, True):
+        consumer = make_consumer(KafkaConfig(bootstrap_servers=kafka_bootstrap), group_id=None)
+        await consumer.start()
+        if assign:
+            consumer.assign([TopicPartition(topic, 0)])
+        await consumer.stop()
+        del consumer
+    assert unclosed_resources() == []
+
+
+async def test_the_relays_consumer_whose_start_fails_is_closed_before_the_error_reaches_its_caller() -> None:
+    """No broker at the address: start() raises, and nothing of the consumer is left open for its caller to stop."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from relay.config import KafkaConfig
+    from relay.kafka import make_consumer
+
+    unclosed_resources()
+    consumer = make_consumer(KafkaConfig(bootstrap_servers="127.0.0.1:9"), group_id=None)
+    with pytest.raises(KafkaConnectionError):
+        await consumer.start()
+    assert consumer._closed is True
+    del consumer
+    assert unclosed_resources() == []
+
+
+async def test_the_relays_consumer_cancelled_while_it_starts_is_closed(kafka_bootstrap: str) -> None:
+    from relay.config import KafkaConfig
+    from relay.kafka import make_consumer
+
+    unclosed_resources()
+    for turns in range(1, 7):  # cancelled at each point of the bootstrap in turn, once it has begun
+        consumer = make_consumer(KafkaConfig(bootstrap_servers=kafka_bootstrap), group_id=None)
+        starting = asyncio.create_task(consumer.start())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert consumer._closed is True
+        del consumer, starting
+    assert unclosed_resources() == []
