@@ -39,7 +39,7 @@ from relay.kafka import MAX_REQUEST_SIZE, ensure_topics, make_consumer, make_pro
 from relay.limits import Limiter
 from relay.membership import Membership, Standing
 from relay.metrics import Metrics
-from relay.outbound import Outbound
+from relay.outbound import CONSUMER_STOP_SECONDS, Outbound
 from relay.previews import KafkaPreviewMemory, PreviewCoalescer
 from relay.readiness import BrokerWatch, Health, probe_interval, retry_tokens, token_problem, watch_broker
 from relay.replies import Replies
@@ -201,8 +201,8 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
                 from relay.seenlog import KafkaSeen
 
                 seen = KafkaSeen(config, producer, inbound.dedup)
-                await seen.start()
                 stack.push_async_callback(seen.stop)  # after inbound.close: its last publishes are marked too
+                await seen.start()
                 watched.append(seen.wait())  # dead, a redelivery another replica published would go out again
             stack.push_async_callback(inbound.close)  # after the server and the long connections stopped
         if config.http.enabled:
@@ -226,13 +226,16 @@ async def serve(config: Config, stop: asyncio.Event, *, with_sandbox: bool = Fal
                 stack.push_async_callback(tickets.stop)
                 watched.append(await tickets.start())
             client = FeishuClient(config, metrics=metrics, tickets=tickets)
-            await client.start()
             stack.push_async_callback(client.close)
+            await client.start()
             health.checks.append(functools.partial(token_problem, client))
             watched.append(asyncio.create_task(retry_tokens(client, FAILED_TOKEN_HOLD), name="token retry"))
             outbound, previews, coordinator = await start_outbound(config, client, producer, metrics, stack)
             health.checks.append(outbound.problem)
             tasks.append(asyncio.create_task(outbound.run(stop), name="outbound"))
+            # when serve ends another way (a later part failed to start, or serve itself was cancelled) it is told
+            # to stop too: left running, it would consume and call Feishu with no one to stop it
+            stack.push_async_callback(wind_down, tasks, stop, stop_seconds(config))
             # the preview loop and its memory tail: dead, they would leave every preview intent waiting forever
             watched.append(asyncio.create_task(previews.wait(), name="previews"))
             if coordinator is not None:  # dead, the share would fence itself to 0: every call would wait
@@ -264,6 +267,16 @@ async def cancel(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def wind_down(tasks: list[asyncio.Task[Any]], stop: asyncio.Event, timeout: float) -> None:
+    """Set ``stop`` and give ``tasks`` up to ``timeout`` to end as they do on it (the outbound drains and commits),
+    then cancel what is left. Nothing to do after a clean stop: they have ended."""
+    stop.set()
+    pending = [task for task in tasks if not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    await cancel(tasks)
 
 
 async def start_replies(config: Config, metrics: Metrics, stack: contextlib.AsyncExitStack,
@@ -316,8 +329,8 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     coordinator: Coordinator | None = None
     if feishu.share_mode == "group":
         coordinator = Coordinator(config, producer, limiter, functools.partial(demand, consumers))
-        await coordinator.start()
         stack.push_async_callback(coordinator.stop)  # after the consumer stopped: its "left" beat follows no call
+        await coordinator.start()
         metrics.collect(lambda m: export_coordination(m, coordinator))
     out = config.outbound
     policy = RetryPolicy(max_attempts=out.max_attempts, max_seconds=out.max_retry_seconds, base=out.backoff_base,
@@ -330,29 +343,37 @@ async def start_outbound(config: Config, client: FeishuClient, producer: Any, me
     metrics.collect(lambda m: export_membership(m, membership))
     metrics.collect(lambda m: export_outbound(m, limiter, client))
     memory = KafkaPreviewMemory(config.kafka, producer)
-    await memory.start()
     stack.push_async_callback(memory.stop)
+    await memory.start()
     previews = PreviewCoalescer(executor, memory, config)
-    await previews.start()  # reads the memory before any intent is read, then follows it live
     stack.push_async_callback(previews.stop)
+    await previews.start()  # reads the memory before any intent is read, then follows it live
     journal = KafkaJournal(config.kafka, producer)
-    await journal.start()
     stack.push_async_callback(journal.stop)
+    await journal.start()
     metrics.collect(lambda m: export_previews(m, previews))
     static = {} if config.kafka.group_instance_id is None else {"group_instance_id": config.kafka.group_instance_id}
     consumer = make_consumer(config.kafka, session_timeout_ms=out.session_timeout_ms,
                              heartbeat_interval_ms=heartbeat_interval_ms(out.session_timeout_ms),
                              rebalance_timeout_ms=out.rebalance_timeout_ms, max_poll_records=500, **static)
     consumers.append(consumer)
+    # Outbound.run starts and stops it; this stops it when serve ends before run began (a no-op after run)
+    stack.push_async_callback(consumer.stop)
     fetcher = Fetcher(out.fetch_allowed_networks, out.fetch_timeout)  # uploads by url (relay.fetch)
-    await fetcher.start()
     stack.push_async_callback(fetcher.close)
+    await fetcher.start()
     outbound = Outbound(config, consumer, producer, executor, metrics, known_apps=[a.name for a in config.apps],
                         previews=previews, membership=membership, journal=journal, fetcher=fetcher,
                         new_producer=lambda: make_producer(config.kafka))
     metrics.collect(lambda m: m.consumer_lag(outbound.lag()))
     consumers.append(outbound)
     return outbound, previews, coordinator
+
+
+def stop_seconds(config: Config) -> float:
+    """The longest the outbound takes to end once told to stop: the lease check and the drain (each up to
+    ``drain_timeout``), then the consumer leaving its group."""
+    return 2 * config.outbound.drain_timeout + CONSUMER_STOP_SECONDS + 5.0
 
 
 def target_hold(config: Config) -> float:

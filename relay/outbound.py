@@ -151,6 +151,8 @@ log = logging.getLogger(__name__)
 
 # seconds between two looks, during a drain, for preview jobs that stopped being started (see Outbound._drain)
 DRAIN_RECHECK = 0.25
+# how long the consumer may take to leave its group and close at the end of run()
+CONSUMER_STOP_SECONDS: Final = 30.0
 _NOTHING: Final = OffsetRanges()
 # after a record the client could not parse, its partition is read one record at a time for this many records
 _CAREFUL_READS: Final = 500
@@ -400,7 +402,7 @@ class Outbound(ConsumerRebalanceListener):
                 self._consumer.subscribe(self._config.kafka.intents_topics, listener=self)
                 await self._consume(stop)
             finally:
-                await asyncio.wait_for(self._consumer.stop(), 30)
+                await asyncio.wait_for(self._consumer.stop(), CONSUMER_STOP_SECONDS)
         finally:
             if own_admin:
                 await admin.close()
