@@ -38,6 +38,7 @@ from aiokafka.structs import RecordMetadata
 
 from relay.errors import RelayError
 from relay.intents import Intent, ordering_key
+from relay.kafka import new_consumer
 from relay.results import Result
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class RelayClient:
         async with self._reader_ready:
             if self._reader is not None:
                 return
-            consumer = AIOKafkaConsumer(**self._settings, group_id=None, enable_auto_commit=False)
+            # a relay.kafka.Consumer: closed whole when its start fails, or when it is stopped at once below
+            consumer = new_consumer(**self._settings, group_id=None, enable_auto_commit=False)
             await consumer.start()
             try:
                 # a consumer without assignments has no topic metadata yet, and consumer.topics() (public) keeps

@@ -47,11 +47,12 @@ from types import TracebackType
 from typing import Any, Final, TypeAlias
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from relay.answers import Malformed, check_answer
+from relay.kafka import new_consumer
 from relay.replies import CORRELATION_HEADER, DEADLINE_HEADER, REPLY_TOPIC_HEADER
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,11 @@ class Responder:
         self._producer = AIOKafkaProducer(**settings, acks=1, linger_ms=0)
         # a responder that dies holds its partitions until session_timeout_ms passes (their clicks get the relay's
         # fallback meanwhile); the next owner re-reads up to commit_interval_ms of callbacks, already expired
-        self._consumer = AIOKafkaConsumer(**settings, group_id=group_id, auto_offset_reset="latest",
-                                          enable_auto_commit=True, auto_commit_interval_ms=commit_interval_ms,
-                                          session_timeout_ms=session_timeout_ms,
-                                          heartbeat_interval_ms=max(1, min(3000, session_timeout_ms // 4)),
-                                          fetch_max_wait_ms=20)
+        self._consumer = new_consumer(**settings, group_id=group_id, auto_offset_reset="latest",
+                                      enable_auto_commit=True, auto_commit_interval_ms=commit_interval_ms,
+                                      session_timeout_ms=session_timeout_ms,
+                                      heartbeat_interval_ms=max(1, min(3000, session_timeout_ms // 4)),
+                                      fetch_max_wait_ms=20)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._producer_started = self._consumer_started = False
@@ -168,12 +169,18 @@ class Responder:
         await self.stop()
 
     async def start(self) -> None:
-        """Start the producer and join the group (``assigned()`` waits for the partitions)."""
-        await self._producer.start()
-        self._producer_started = True
-        await self._consumer.start()
-        self._consumer_started = True
-        self._consumer.subscribe([self.callbacks_topic], listener=_Assigned(self._assigned))
+        """Start the producer and join the group (``assigned()`` waits for the partitions). A start that fails
+        stops what it started: nothing is left open for a caller whose ``async with`` never entered."""
+        try:
+            self._producer_started = True  # stopping a producer whose start failed half-way is safe
+            await self._producer.start()
+            await self._consumer.start()  # relay.kafka.Consumer: closes itself when its start fails
+            self._consumer_started = True
+            self._consumer.subscribe([self.callbacks_topic], listener=_Assigned(self._assigned))
+        except BaseException:
+            await self.stop()
+            await self._consumer.stop()  # also one never started: aiokafka counts it open from its making
+            raise
 
     async def assigned(self, timeout: float = 30.0) -> None:
         """Wait until the group gave this responder partitions, positioned (callbacks after this are read).

@@ -88,3 +88,20 @@ async def test_callbacks_past_their_deadline_are_not_handled(kafka_bootstrap: st
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
     assert seen == [] and responder.stats.answered == 0
+
+
+async def test_a_responder_whose_start_fails_leaves_nothing_open() -> None:
+    """No broker at the address: ``async with Responder(...)`` raises, and neither its producer nor its consumer is
+    left for the collector to find unclosed (the ``async with`` never entered, so nobody would stop them)."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from relay.responder import Responder
+    from tests.relaykit import unclosed_resources
+
+    unclosed_resources()
+    responder = Responder("127.0.0.1:9", echo)
+    with pytest.raises(KafkaConnectionError):
+        async with responder:
+            pass
+    del responder
+    assert unclosed_resources() == []
