@@ -103,16 +103,22 @@ def test_decrypts_what_the_sdk_cipher_produces(size: int) -> None:
 
 
 def test_decrypt_rejects_bad_base64_padding_and_wrong_key_with_one_reason() -> None:
-    good = encrypt(b'{"a":1}')
-    raw = base64.b64decode(good)
-    bad_values = ["not base64!!", good[:-2] + "!!", good + "\n"]
-    bad_values += [base64.b64encode(r).decode() for r in (raw[:16], raw[:-1], raw + b"x" * 16, raw[:16] + bytes(16))]
-    # a pad byte wrong but the last one plausible: strict PKCS#7 checks every pad byte
+    # a fixed IV: with encrypt()'s random one, the extra block and the zero block below decrypt to bytes that end
+    # in a valid pad about one time in 256 (no MAC in Feishu's scheme), and the test failed at random
     from Crypto.Cipher import AES
+    from Crypto.Util.Padding import pad
 
     iv = b"\1" * 16
     key = hashlib.sha256(ENCRYPT_KEY.encode()).digest()
-    bad_values.append(base64.b64encode(iv + AES.new(key, AES.MODE_CBC, iv).encrypt(b"0123456789abc\1\3\3")).decode())
+    raw = iv + AES.new(key, AES.MODE_CBC, iv).encrypt(pad(b'{"a":1}', 16))
+    good = base64.b64encode(raw).decode()
+    assert decrypt(good, ENCRYPT_KEY) == b'{"a":1}'
+    bad_values = ["not base64!!", good[:-2] + "!!", good + "\n"]
+    bad_values += [base64.b64encode(r).decode() for r in (raw[:16], raw[:-1], raw + b"x" * 16)]
+    # a last byte that is no pad length (0), and a pad byte wrong but the last one plausible: strict PKCS#7 checks
+    # every pad byte
+    for plain in (b"0123456789abcde\0", b"0123456789abc\1\3\3"):
+        bad_values.append(base64.b64encode(iv + AES.new(key, AES.MODE_CBC, iv).encrypt(plain)).decode())
     for bad in bad_values:
         with pytest.raises(SignatureError) as info:
             decrypt(bad, ENCRYPT_KEY)
