@@ -157,7 +157,6 @@ class Responder:
                                       fetch_max_wait_ms=20)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._producer_started = self._consumer_started = False
         self._assigned = asyncio.Event()
 
     async def __aenter__(self) -> Responder:
@@ -172,14 +171,11 @@ class Responder:
         """Start the producer and join the group (``assigned()`` waits for the partitions). A start that fails
         stops what it started: nothing is left open for a caller whose ``async with`` never entered."""
         try:
-            self._producer_started = True  # stopping a producer whose start failed half-way is safe
             await self._producer.start()
-            await self._consumer.start()  # relay.kafka.Consumer: closes itself when its start fails
-            self._consumer_started = True
+            await self._consumer.start()
             self._consumer.subscribe([self.callbacks_topic], listener=_Assigned(self._assigned))
         except BaseException:
             await self.stop()
-            await self._consumer.stop()  # also one never started: aiokafka counts it open from its making
             raise
 
     async def assigned(self, timeout: float = 30.0) -> None:
@@ -192,15 +188,12 @@ class Responder:
                 await self._consumer.position(tp)
 
     async def stop(self) -> None:
-        """Finish the callbacks being handled, then leave the group and flush."""
+        """Finish the callbacks being handled, then leave the group and flush. Both clients' stop does nothing the
+        second time and is safe on one never (or half) started: aiokafka counts a client open from its making."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._consumer_started:
-            self._consumer_started = False
-            await self._consumer.stop()
-        if self._producer_started:
-            self._producer_started = False
-            await self._producer.stop()
+        await self._consumer.stop()
+        await self._producer.stop()
 
     async def run(self) -> None:
         """Read and answer callbacks until cancelled."""
