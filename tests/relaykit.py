@@ -92,6 +92,13 @@ def to_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def unclosed_resources() -> list[str]:
     """What the collector finds left open now: the ResourceWarnings of sockets and of Kafka clients never closed
     (aiokafka's ``__del__`` warns). Call it once first to clear what earlier tests left."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,19 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.sandbox import Sandbox, SandboxOptions
 from relay.sandbox.emit import envelope, post
-from tests.relaykit import APP_ID, APP_SECRET, Collector, config_data, produce, relay_in_process, to_config
+from tests.relaykit import APP_ID, APP_SECRET, Collector, config_data, free_port, produce, relay_in_process, to_config
 
 pytestmark = pytest.mark.integration
 
 HOSTILE_KIND = 'message.send"} 1\nrelay_pwned{x="'
 HOSTILE_TYPE = "pwned.by_producer_v1"  # a well-formed event type no Feishu app sends: "other"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

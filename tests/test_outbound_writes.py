@@ -5,7 +5,6 @@ turns ``/readyz`` to 503 with the reason, keeps its key waiting, and recovers in
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +24,7 @@ from tests.relaykit import (
     Collector,
     config_data,
     create_relay_topics,
+    free_port,
     relay_in_process,
     to_config,
 )
@@ -45,13 +45,6 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 def send(id: str, receiver: str) -> dict[str, Any]:
     return {"kind": "message.send", "id": id, "receive_id_type": "chat_id", "receive_id": receiver,
             "msg_type": "text", "content": {"text": id}}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def create_topic(bootstrap: str, name: str, **configs: str) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from tests.relaykit import (
     Collector,
     RelayProcess,
     config_data,
+    free_port,
     produce,
     relay_in_process,
     to_config,
@@ -44,12 +44,6 @@ pytestmark = pytest.mark.integration
 UNREACHABLE_AFTER = 3.0
 REPEAT_INTERVAL = 10.0
 OUTAGE = 20.0  # seconds the broker stays down after /readyz said 503 (then its restart adds its start time)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class OwnBroker:

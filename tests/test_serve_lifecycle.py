@@ -5,7 +5,6 @@ and sandbox; the leftovers are read from the garbage collector's ResourceWarning
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -17,15 +16,9 @@ from relay.errors import RelayError
 from relay.fetch import Fetcher
 from relay.metrics import Metrics
 from relay.sandbox import Sandbox, SandboxOptions
-from tests.relaykit import APP_ID, APP_SECRET, config_data, to_config, unclosed_resources
+from tests.relaykit import APP_ID, APP_SECRET, config_data, free_port, to_config, unclosed_resources
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def outbound_tasks() -> list[asyncio.Task[Any]]:
