@@ -417,7 +417,8 @@ class Limiter:
         try:
             while True:
                 live = self._live(grant)
-                if live is None or share_leaves_no_call(live[0].windows, self.share_of(grant.api)) is not None:
+                share = self.share_of(grant.api)  # a whole share (one replica) always leaves a call
+                if live is None or (share < 1.0 and share_leaves_no_call(live[0].windows, share) is not None):
                     self._voided += 1
                     raise Requeue(self, grant)
                 app_log = live[0].log
@@ -754,15 +755,14 @@ class Limiter:
         self._targets_held_until = max(self._targets_held_until, self._clock() + seconds)
 
     def _target_entry(self, key: BucketKey, windows: tuple[Window, ...]) -> _Entry:
-        now = self._clock()
         entry = self._targets.get(key)
         if entry is None:
             entry = self._targets[key] = self._new_entry(windows, target=True, start=self._targets_held_until)
+            self._evict(self._clock(), 2)  # only a new bucket adds to the memory (see _evict)
         else:
             self._targets.move_to_end(key)
             if windows is not entry.given and windows is not entry.windows:
                 self._tighten(entry, windows, target=True)
-        self._evict(now, 2)
         return entry
 
     def _tighten(self, entry: _Entry, windows: tuple[Window, ...], *, target: bool) -> None:
@@ -833,8 +833,9 @@ class Limiter:
     def _evict(self, now: float, budget: int) -> None:
         """Look at the ``budget`` least recently used targets: forget the idle full ones, requeue the rest.
 
-        Each call adds at most one target and looks at two, so idle targets go at least as fast as new ones come;
-        a busy or penalized one moves to the back instead of blocking the scan.
+        Each new target looks at two, so idle targets go at least as fast as new ones come (a call to a known
+        target adds nothing and looks at none); a busy or penalized one moves to the back instead of blocking the
+        scan.
         """
         for _ in range(min(budget, len(self._targets) - 1)):
             key, entry = next(iter(self._targets.items()))
